@@ -20,28 +20,38 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "replay": ("simspec.commands.replay", "replay", "Replay a request trace through the simulated cluster."),
     "compare": ("simspec.commands.replay", "compare", "Replay one trace under every scheduler and compare."),
     "profiles": ("simspec.commands.profiles", "profiles", "List the bundled profiles."),
+    "profile": ("simspec.commands.profile", "profile", "Show, compare or build (analytic) profiles."),
+    "calibrate": ("simspec.commands.calibrate", "calibrate", "Measure latencies and acceptance of real models (torch)."),
+    "trace": ("simspec.commands.trace", "trace", "Inspect, convert and synthesise request traces."),
 }
 
 
 class LazyGroup(click.Group):
-    """A click group whose subcommands are imported on first use."""
+    """A click group whose subcommands are imported on first use.
+
+    ``lazy_commands`` maps name -> (module, attribute, one-line help).
+    """
+
+    def __init__(self, *args, lazy_commands: dict[str, tuple[str, str, str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands if lazy_commands is not None else {}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted(self.lazy_commands)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
+        if name not in self.lazy_commands:
             return None
-        module, attr, _ = COMMANDS[name]
+        module, attr, _ = self.lazy_commands[name]
         return getattr(importlib.import_module(module), attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        rows = [(name, self.lazy_commands[name][2]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="simspec")
 def cli() -> None:
     """simspec: simulate speculative-decoding LLM serving, calibrated on real hardware.

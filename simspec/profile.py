@@ -37,6 +37,28 @@ An acceptance entry (per method, per class)::
               | {"kind": "empirical", "values": [..]},     # per-request per-token acceptance α
      "position_conditional": [a_1, ..., a_K]?,  # P(draft i accepted | drafts < i accepted), pop. mean
      "mean_tokens_per_step": τ?, "n_requests": n?, "n_tokens": n?, ... method-specific keys}
+
+A request draws its own level α_r from ``alpha`` at arrival; its per-position conditional acceptance
+is ``min(1, α_r * s_i)`` with shape ``s_i = position_conditional[i] / mean(position_conditional)``
+(``s_i = 1``, i.i.d., when absent; positions past the list reuse its last value).
+
+Method-specific keys (acceptance[METHOD][CLASS]):
+
+- ``draft``: the keys above (k the entry was measured at may be kept in ``settings``).
+- ``kangaroo``: the keys above for draft-vs-full acceptance, plus optional ``confidence``::
+
+      "confidence": {"bin_edges": [0.0, 0.05, ..., 1.0],       # top-1 probability bins
+                     "accepted": [[count per bin], ...],          # one row per draft position
+                     "rejected": [[count per bin], ...]}
+
+  The simulator derives P(confident ≥ η | accepted, position i) and P(confident ≥ η | rejected, i)
+  for any η, so the number of drafts per step is sampled. Without ``confidence`` drafting stops
+  only at γ.
+- ``hispec``: the keys above describe intermediate-verifier vs full-model agreement (what the full
+  pass commits), plus ``draft_vs_inter``: ``{"alpha": ..., "position_conditional": [...]}`` for
+  draft-exit vs intermediate-exit agreement.
+
+``settings`` (free-form object) records what the entry was measured with (k, γ, η, exit layers).
 """
 
 from __future__ import annotations
