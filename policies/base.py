@@ -1,0 +1,149 @@
+"""Policy interfaces and registries.
+
+Policies are plain objects that return decisions: a :class:`Scheduler` orders a replica's requests
+each step (the engine takes the longest prefix that fits the batch and KV limits); a
+:class:`SpecLenPolicy` chooses how many drafts each batch member gets. Neither yields SimPy events
+or writes metrics, so each is unit-testable with a hand-made :class:`RequestTable`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from simspec.errors import ConfigError
+from simspec.simulator.state import RequestTable
+
+SCHEDULERS: dict[str, type["Scheduler"]] = {}
+SPEC_LEN_POLICIES: dict[str, type["SpecLenPolicy"]] = {}
+
+
+def register_scheduler(name: str):
+    """Class decorator: make a :class:`Scheduler` available as ``--policy NAME``."""
+
+    def deco(cls):
+        cls.name = name
+        SCHEDULERS[name] = cls
+        return cls
+
+    return deco
+
+
+def register_spec_len(name: str):
+    """Class decorator: make a :class:`SpecLenPolicy` available as ``--spec-len NAME``."""
+
+    def deco(cls):
+        cls.name = name
+        SPEC_LEN_POLICIES[name] = cls
+        return cls
+
+    return deco
+
+
+def get_scheduler_class(name: str) -> type["Scheduler"]:
+    if name not in SCHEDULERS:
+        raise ConfigError(f"--policy: unknown scheduler {name!r} (choose from {', '.join(sorted(SCHEDULERS))})")
+    return SCHEDULERS[name]
+
+
+def get_spec_len_class(name: str) -> type["SpecLenPolicy"]:
+    if name not in SPEC_LEN_POLICIES:
+        raise ConfigError(f"--spec-len: unknown policy {name!r} (choose from {', '.join(sorted(SPEC_LEN_POLICIES))})")
+    return SPEC_LEN_POLICIES[name]
+
+
+@dataclass
+class PolicyContext:
+    """What a policy may know about the run: the request table, the method (for stage-time
+    estimates), capacities and the run seed (policies draw from ``simspec.rng.stream(seed, name)``)."""
+
+    table: RequestTable
+    method: Any  # simspec.simulator.methods.base.Method
+    max_batch_size: int
+    kv_budget_tokens: int
+    seed: int
+    replica: int = -1
+
+
+@dataclass
+class StepRecord:
+    """What happened in one step, given to policies after it ends.
+
+    ``idx``: batch members; ``prefill``: which ran a prefill; ``drafted``/``accepted``/``committed``:
+    per member; ``step_ms``: the step's duration; ``end_s``: simulated time at its end.
+    """
+
+    idx: np.ndarray
+    prefill: np.ndarray
+    drafted: np.ndarray
+    accepted: np.ndarray
+    committed: np.ndarray
+    step_ms: float
+    end_s: float
+
+
+class _Configurable:
+    name: ClassVar[str] = ""
+    param_defaults: ClassVar[dict[str, Any]] = {}
+    flag: ClassVar[str] = ""
+
+    def _params(self, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(params) - set(self.param_defaults)
+        if unknown:
+            raise ConfigError(f"{self.flag} {self.name}: unknown parameter(s) {', '.join(sorted(unknown))} "
+                              f"(known: {', '.join(sorted(self.param_defaults)) or 'none'})")
+        return {**self.param_defaults, **params}
+
+
+class Scheduler(_Configurable):
+    """Orders a replica's unfinished requests each step (highest priority first)."""
+
+    flag = "--policy"
+    #: whether a running request may be displaced by a higher-priority one (documentation; the
+    #: engine takes whatever order :meth:`order` returns)
+    preemptive: ClassVar[bool] = False
+
+    def __init__(self, params: dict[str, Any], ctx: PolicyContext):
+        self.params = self._params(params)
+        self.ctx = ctx
+        self.table = ctx.table
+
+    def order(self, active: np.ndarray, now_s: float) -> np.ndarray:
+        """``active`` (request indices, in arrival order) sorted by priority."""
+        raise NotImplementedError
+
+    def observe(self, record: StepRecord) -> None:
+        """Called after every step of every replica."""
+
+    def extra_columns(self) -> dict[str, np.ndarray]:
+        """Per-request output columns this policy adds (name → array over all requests)."""
+        return {}
+
+
+class SpecLenPolicy(_Configurable):
+    """Chooses each decode member's speculation length for one replica's next step."""
+
+    flag = "--spec-len"
+
+    def __init__(self, params: dict[str, Any], ctx: PolicyContext):
+        self.params = self._params(params)
+        self.ctx = ctx
+        self.method = ctx.method
+
+    def k_reserve(self) -> int:
+        """Drafts per decode request to reserve KV for when forming the batch."""
+        return self.method.k_max
+
+    def choose_k(self, idx: np.ndarray, kv_tokens: float, kv_free_tokens: int, step_index: int) -> np.ndarray:
+        """k for each decode member ``idx`` (≥ 0). ``kv_tokens``: their context in total;
+        ``kv_free_tokens``: KV room left beyond one token each (the sum of k must fit it)."""
+        raise NotImplementedError
+
+    def observe(self, record: StepRecord) -> None:
+        """Called after each step of this policy's replica."""
+
+    def log_value(self) -> float:
+        """A number for the steps log (e.g. the current acceptance estimate); NaN if none."""
+        return float("nan")

@@ -1,0 +1,126 @@
+"""Run configuration: everything a replay needs besides the trace and the profile."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from simspec.errors import ConfigError
+
+ROUTERS = ("round-robin", "least-outstanding")
+PREEMPT_MODES = ("recompute", "keep")
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A registry name plus its parameters, e.g. ``draft:k=4`` → ``("draft", {"k": 4})``."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str, what: str) -> "ComponentSpec":
+        """Parse ``NAME[:key=value,key=value]``; values become int, float or str."""
+        text = text.strip()
+        if not text:
+            raise ConfigError(f"{what}: empty value")
+        name, _, rest = text.partition(":")
+        params: dict[str, Any] = {}
+        if rest.strip():
+            for item in rest.split(","):
+                key, eq, val = item.partition("=")
+                key, val = key.strip(), val.strip()
+                if not eq or not key or not val:
+                    raise ConfigError(f"{what}: bad parameter {item!r} in {text!r} (expected key=value)")
+                params[key] = _coerce(val)
+        return cls(name=name.strip().lower(), params=params)
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+
+
+def _coerce(val: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(val)
+        except ValueError:
+            pass
+    return val
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One simulated run.
+
+    Attributes:
+        scheduler: request scheduler (``fcfs``, ``srpt:predictor=oracle``, ``laps-sd``, …).
+        method: speculation method (``none``, ``draft:k=4``, ``kangaroo:exit=2,gamma=6,eta=0.6``, …).
+        spec_len: speculation-length policy (``fixed`` uses the method's k; ``smartspec``, …).
+        replicas: number of model replicas behind the router.
+        router: ``round-robin`` or ``least-outstanding`` (fewest outstanding tokens).
+        max_batch_size: most requests in one step of one replica (None: the profile's capacity).
+        kv_budget_tokens: KV-cache capacity of one replica in tokens (None: the profile's capacity).
+        max_batched_tokens: most tokens fed in one step of one replica (prefill tokens plus k+1 per
+            decode request), like vLLM's ``max_num_batched_tokens``; the first request in priority
+            order always runs, even if its prompt alone is larger (None: the profile's capacity,
+            else unlimited).
+        preempt_mode: what happens to the KV of a request pushed out of the batch: ``keep``
+            (default: kept while memory allows, lowest priority evicted first) or ``recompute``
+            (always dropped). An evicted request re-prefills its whole context on resume.
+        seed: run seed; every random stream derives from it.
+        slo_ttft_ms / slo_tpot_ms: optional SLO thresholds for attainment metrics.
+        allow_extrapolation: permit latency lookups outside the profile's measured range.
+    """
+
+    scheduler: ComponentSpec = ComponentSpec("fcfs")
+    method: ComponentSpec = ComponentSpec("none")
+    spec_len: ComponentSpec = ComponentSpec("fixed")
+    replicas: int = 1
+    router: str = "round-robin"
+    max_batch_size: int | None = None
+    kv_budget_tokens: int | None = None
+    max_batched_tokens: int | None = None
+    preempt_mode: str = "keep"
+    seed: int = 0
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    allow_extrapolation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"replicas: must be >= 1, got {self.replicas}")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"router: unknown {self.router!r} (choose from {', '.join(ROUTERS)})")
+        if self.preempt_mode not in PREEMPT_MODES:
+            raise ConfigError(f"preempt_mode: unknown {self.preempt_mode!r} (choose from {', '.join(PREEMPT_MODES)})")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size: must be >= 1, got {self.max_batch_size}")
+        if self.max_batched_tokens is not None and self.max_batched_tokens < 1:
+            raise ConfigError(f"max_batched_tokens: must be >= 1, got {self.max_batched_tokens}")
+        if self.kv_budget_tokens is not None and self.kv_budget_tokens < 1:
+            raise ConfigError(f"kv_budget_tokens: must be >= 1, got {self.kv_budget_tokens}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"{name}: must be > 0, got {v}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("scheduler", "method", "spec_len"):
+            d[key] = str(getattr(self, key))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """Inverse of :meth:`to_dict` (component fields given as ``name:k=v`` strings)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"config: unknown field(s) {', '.join(sorted(unknown))}")
+        kw = dict(d)
+        for key, what in (("scheduler", "policy"), ("method", "spec"), ("spec_len", "spec-len")):
+            if key in kw and not isinstance(kw[key], ComponentSpec):
+                kw[key] = ComponentSpec.parse(str(kw[key]), what)
+        return cls(**kw)

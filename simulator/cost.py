@@ -1,0 +1,76 @@
+"""Cost model: profile latency stages → milliseconds for one batch step.
+
+Cost depends on the batch's shape only (batch size, tokens fed, context in the KV cache, which layers
+run), never on which tokens get accepted. Every stage function takes
+``(batch_size, batched_tokens, kv_tokens)`` — tokens fed this step and context tokens already cached,
+each summed over the requests that run the stage.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from simspec.errors import ProfileError
+from simspec.profile import Profile
+from simspec.simulator.latency_models import compile_stage
+
+StageFn = Callable[[float, float, float], float]
+
+
+class CostModel:
+    """Stage latencies of one profile, composed into target / draft / layer-slice costs (ms)."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        stages = profile.stages
+        self.fns: dict[str, StageFn] = {name: compile_stage(doc, stages) for name, doc in stages.items()}
+        self.c_spec = {name: float(doc["coef"].get("c_spec", 0.0))
+                       for name, doc in stages.items() if doc.get("kind") == "linear"}
+        ov = profile.overhead
+        self.overhead_fraction = ov["fraction"]
+        self.overhead_fixed_ms = ov["fixed_ms"]
+        self.whole_model = "target_step" in self.fns
+        target = profile.models.get("target", {})
+        self.num_layers = int(target["num_layers"]) if "num_layers" in target else None
+        if not self.whole_model and self.num_layers is None:
+            raise ProfileError(f"profile {profile.path}: field models.target.num_layers: needed to compose "
+                               f"layer-level stages")
+
+    def has(self, stage: str) -> bool:
+        return stage in self.fns
+
+    def stage_ms(self, stage: str, batch_size: float, batched_tokens: float, kv_tokens: float,
+                 speculating: bool = False) -> float:
+        """Time of one stage (ms), with the linear fit's speculation term when ``speculating``."""
+        if batch_size <= 0:
+            return 0.0
+        fn = self.fns.get(stage)
+        if fn is None:
+            raise ProfileError(f"profile {self.profile.path}: field latency.stages.{stage}: missing stage")
+        ms = fn(batch_size, batched_tokens, kv_tokens)
+        if speculating:
+            ms += self.c_spec.get(stage, 0.0)
+        return max(ms, 0.0)
+
+    def layers_ms(self, n_layers: int, batch_size: float, batched_tokens: float, kv_tokens: float) -> float:
+        """``n_layers`` decoder layers over the batch (layer-level profiles)."""
+        if n_layers <= 0 or batch_size <= 0:
+            return 0.0
+        return n_layers * self.stage_ms("layer", batch_size, batched_tokens, kv_tokens)
+
+    def target_ms(self, batch_size: float, batched_tokens: float, kv_tokens: float,
+                  speculating: bool = False) -> float:
+        """One full target forward (embedding, all layers, LM head) over the batch."""
+        if batch_size <= 0:
+            return 0.0
+        if self.whole_model:
+            return self.stage_ms("target_step", batch_size, batched_tokens, kv_tokens, speculating)
+        ms = self.layers_ms(self.num_layers, batch_size, batched_tokens, kv_tokens)
+        ms += self.stage_ms("lm_head", batch_size, batched_tokens, kv_tokens)
+        if self.has("embed"):
+            ms += self.stage_ms("embed", batch_size, batched_tokens, kv_tokens)
+        return ms
+
+    def finish(self, ms: float) -> float:
+        """Add the profile's scheduling overhead to a step's compute time."""
+        return ms * (1.0 + self.overhead_fraction) + self.overhead_fixed_ms

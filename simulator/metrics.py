@@ -1,0 +1,114 @@
+"""Per-request and per-run metrics (algorithms.md §6). Times in seconds unless the name says ms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from simspec.simulator.engine import STEP_COLUMNS
+from simspec.simulator.state import RequestTable
+
+PERCENTILES = (50, 90, 99)
+
+
+def requests_frame(t: RequestTable, extra: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per request, in trace (arrival) order."""
+    latency = t.completion_s - t.arrival_s
+    ttft = t.first_token_s - t.arrival_s
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(t.output_tokens > 1, (t.completion_s - t.first_token_s) / (t.output_tokens - 1), np.nan)
+        # tokens committed per verification step: the prefill step commits one token
+        decode_tokens = t.generated - (t.steps - t.decode_steps)
+        mean_acc = np.where(t.decode_steps > 0, decode_tokens / np.maximum(t.decode_steps, 1), np.nan)
+    cols: dict[str, Any] = {
+        "request_id": t.request_id.astype(str),
+        "replica": t.replica,
+        "acceptance_class": np.asarray(t.class_names, dtype=object)[t.class_idx].astype(str),
+        "slo_class": t.slo_class.astype(str),
+        "arrival_s": t.arrival_s,
+        "prompt_tokens": t.prompt_tokens,
+        "output_tokens": t.output_tokens,
+        "generated_tokens": t.generated,
+        "start_s": t.start_s,
+        "first_token_s": t.first_token_s,
+        "completion_s": t.completion_s,
+        "latency_s": latency,
+        "ttft_s": ttft,
+        "tpot_s": tpot,
+        "queueing_delay_s": t.start_s - t.arrival_s,
+        "steps": t.steps,
+        "decode_steps": t.decode_steps,
+        "drafted": t.drafted,
+        "accepted": t.accepted,
+        "mean_accepted_len": mean_acc,
+        "preemptions": t.preemptions,
+        "recomputes": t.recomputes,
+        "alpha": t.alpha,
+    }
+    for name, arr in extra.items():
+        cols[name] = arr
+    return pd.DataFrame(cols)
+
+
+def steps_frame(logs: list[list[tuple]]) -> pd.DataFrame:
+    rows = [r for log in logs for r in log]
+    df = pd.DataFrame.from_records(rows, columns=list(STEP_COLUMNS))
+    if df.empty:
+        return df
+    return df.sort_values(["start_s", "replica"], kind="stable").reset_index(drop=True)
+
+
+def _stats(x: np.ndarray, prefix: str, scale: float = 1.0) -> dict[str, float | None]:
+    x = x[~np.isnan(x)] * scale
+    if x.size == 0:
+        return {f"{prefix}_mean": None, **{f"{prefix}_p{p}": None for p in PERCENTILES}}
+    out = {f"{prefix}_mean": float(x.mean())}
+    for p in PERCENTILES:
+        out[f"{prefix}_p{p}"] = float(np.percentile(x, p))
+    return out
+
+
+def summary(req: pd.DataFrame, steps: pd.DataFrame, busy_s: list[float], slo_ttft_ms: float | None,
+            slo_tpot_ms: float | None) -> dict[str, Any]:
+    """Run-level metrics: latency/TTFT/TPOT/queueing percentiles (ms), throughput, goodput,
+    acceptance, waste, preemptions, utilisation, SLO attainment."""
+    first_arrival = float(req["arrival_s"].min())
+    makespan = float(req["completion_s"].max()) - first_arrival
+    tokens = int(req["output_tokens"].sum())
+    drafted = int(req["drafted"].sum())
+    accepted = int(req["accepted"].sum())
+    s: dict[str, Any] = {"n_requests": int(len(req)), "output_tokens": tokens, "makespan_s": makespan}
+    s.update(_stats(req["latency_s"].to_numpy(float), "latency_ms", 1000.0))
+    s.update(_stats(req["ttft_s"].to_numpy(float), "ttft_ms", 1000.0))
+    s.update(_stats(req["tpot_s"].to_numpy(float), "tpot_ms", 1000.0))
+    s.update(_stats(req["queueing_delay_s"].to_numpy(float), "queueing_ms", 1000.0))
+    s["throughput_tokens_per_s"] = tokens / makespan if makespan > 0 else None
+    s["throughput_requests_per_s"] = len(req) / makespan if makespan > 0 else None
+    total_busy = float(sum(busy_s))
+    # SmartSpec's goodput: committed tokens per second of step time (per replica busy time)
+    s["goodput_tokens_per_busy_s"] = tokens / total_busy if total_busy > 0 else None
+    s["drafted_tokens"] = drafted
+    s["accepted_tokens"] = accepted
+    s["acceptance_rate"] = accepted / drafted if drafted else None
+    s["wasted_draft_tokens"] = drafted - accepted
+    dsteps = int(req["decode_steps"].sum())
+    decode_tokens = int((req["generated_tokens"] - (req["steps"] - req["decode_steps"])).sum())
+    s["mean_tokens_per_decode_step"] = decode_tokens / dsteps if dsteps else None
+    s["steps"] = int(len(steps))
+    s["request_steps"] = int(req["steps"].sum())
+    s["mean_batch_size"] = float(steps["batch_size"].mean()) if len(steps) else None
+    s["preemptions"] = int(req["preemptions"].sum())
+    s["recomputes"] = int(req["recomputes"].sum())
+    s["replica_utilisation"] = [b / makespan if makespan > 0 else None for b in busy_s]
+    if slo_ttft_ms is not None or slo_tpot_ms is not None:
+        ok = np.ones(len(req), dtype=bool)
+        if slo_ttft_ms is not None:
+            ok &= (req["ttft_s"].to_numpy(float) * 1000.0) <= slo_ttft_ms
+        if slo_tpot_ms is not None:
+            tp = req["tpot_s"].to_numpy(float) * 1000.0
+            ok &= np.isnan(tp) | (tp <= slo_tpot_ms)
+        s["slo_attainment"] = float(ok.mean())
+        s["goodput_requests_per_s"] = float(ok.sum()) / makespan if makespan > 0 else None
+    return s
