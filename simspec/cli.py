@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "profile": ("simspec.commands.profile", "profile", "Show, compare or build (analytic) profiles."),
     "calibrate": ("simspec.commands.calibrate", "calibrate", "Measure latencies and acceptance of real models (torch)."),
     "trace": ("simspec.commands.trace", "trace", "Inspect, convert and synthesise request traces."),
+    "sweep": ("simspec.commands.sweep", "sweep", "Run a grid of replays in parallel (local processes or Dask)."),
+    "capacity": ("simspec.commands.capacity", "capacity", "Find the highest request rate that meets an SLO."),
+    "report": ("simspec.commands.report", "report", "Compare runs or sweeps: tables and plots."),
+    "validate": ("simspec.commands.validate", "validate", "Measure the simulator against real execution (torch)."),
 }
 
 
