@@ -1,14 +1,42 @@
 """Readers for trace formats, each converting to the canonical :class:`~simspec.trace.Trace`.
 
 Formats are registered in :data:`FORMATS` (name → reader) and auto-detected from the header
-(CSV) or the first record (JSONL). Every reader refuses what it cannot parse with the file, line
-and column named; repairs it makes (sorting out-of-order rows) are listed in ``Trace.notes``.
+(CSV) or the keys of the first record (JSONL); ``load_trace(path, fmt=...)`` overrides detection.
+
+========== ================================================ =========================================
+format     detected by                                      arrival_s
+========== ================================================ =========================================
+canonical  ``request_id, arrival_s, prompt_tokens,          as written (seconds)
+           output_tokens[, acceptance_class][, slo_class]``
+azure2023  ``TIMESTAMP, ContextTokens, GeneratedTokens``,   wall clock → seconds since the earliest
+           first timestamp without a time zone
+azure2024  same header, first timestamp with a UTC offset   same; offsets honoured, naive → UTC
+mooncake   JSONL, first record has ``timestamp,             ``timestamp`` (ms) / 1000
+           input_length, output_length``
+burstgpt   ``Timestamp, Model, Request tokens,              ``Timestamp`` (s) as written
+           Response tokens, Total tokens, Log Type``
+vidur      ``arrived_at, num_prefill_tokens,                ``arrived_at`` (s) as written
+           num_decode_tokens``
+lengths    ``num_prefill_tokens, num_decode_tokens`` (or    none: needs an arrival process
+           ``prompt_tokens, output_tokens``) and no time
+========== ================================================ =========================================
+
+Repair policy (the same for every format): rows whose arrival times go backwards are sorted by
+arrival time (stable) and the count is reported in ``Trace.notes``; BurstGPT rows with zero
+``Response tokens`` (failed requests) are dropped and counted in ``Trace.notes``; Azure files that
+mix time-zone-aware and naive timestamps read the naive ones as UTC, counted in ``Trace.notes``.
+Everything else a reader cannot parse (truncated rows, wrong delimiter, unknown header or key,
+non-numbers, non-integers, lengths < 1, negative times, duplicate ids) is refused with one
+:class:`~simspec.errors.TraceError` naming the file, the line and the column.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -20,26 +48,49 @@ from simspec.trace import CANONICAL_COLUMNS, OPTIONAL_COLUMNS, Trace
 
 Reader = Callable[[Path], Trace]
 FORMATS: dict[str, Reader] = {}
-# detector: (format name, predicate over the lower-cased header field set)
+# detector: (format name, predicate over the lower-cased header field set / first record's key set)
 _DETECTORS: list[tuple[str, Callable[[set[str]], bool]]] = []
+_JSONL_DETECTORS: list[tuple[str, Callable[[set[str]], bool]]] = []
+# formats whose files carry lengths but no arrival times (need an arrival process)
+LENGTH_FORMATS: set[str] = set()
 
 
-def register_format(name: str, detect: Callable[[set[str]], bool] | None = None):
-    """Decorator: register a reader under ``name``; ``detect`` recognises its CSV header."""
+def register_format(name: str, detect: Callable[[set[str]], bool] | None = None, *, jsonl: bool = False):
+    """Decorator: register a reader under ``name``; ``detect`` recognises its CSV header (or, with
+    ``jsonl=True``, the key set of the first JSON record)."""
 
     def deco(fn: Reader) -> Reader:
         FORMATS[name] = fn
         if detect is not None:
-            _DETECTORS.append((name, detect))
+            (_JSONL_DETECTORS if jsonl else _DETECTORS).append((name, detect))
         return fn
 
     return deco
 
 
+# ---------------------------------------------------------------------------------------------
+# Bundled samples
+# ---------------------------------------------------------------------------------------------
+
+LENGTHS_SUFFIX = "_lengths"
+
+
+def _data_dir() -> Path:
+    return Path(str(resources.files("simspec.traces") / "data"))
+
+
 def bundled_traces() -> dict[str, Path]:
-    """Map bundled trace name (file stem) → path."""
-    d = Path(str(resources.files("simspec.traces") / "data"))
-    return {p.stem: p for p in sorted(list(d.glob("*.csv")) + list(d.glob("*.jsonl")))}
+    """Map bundled trace name (file stem) → path. Length-only tables (``*_lengths.csv``) are not
+    traces; see :func:`bundled_length_tables`."""
+    d = _data_dir()
+    return {p.stem: p for p in sorted(list(d.glob("*.csv")) + list(d.glob("*.jsonl")))
+            if not p.stem.endswith(LENGTHS_SUFFIX)}
+
+
+def bundled_length_tables() -> dict[str, Path]:
+    """Map bundled length table name (file stem without ``_lengths``, e.g. ``sharegpt``) → path."""
+    d = _data_dir()
+    return {p.stem[: -len(LENGTHS_SUFFIX)]: p for p in sorted(d.glob(f"*{LENGTHS_SUFFIX}.csv"))}
 
 
 DEFAULT_TRACE = "azure_code_2023"
@@ -52,33 +103,123 @@ def bundled_trace_path(name: str) -> Path:
     return traces[name]
 
 
-def _read_header(path: Path) -> list[str]:
+def resolve_trace_arg(text: str | Path) -> Path:
+    """A trace given on the command line: an existing file, else a bundled trace or length-table
+    name (``azure_code_2023``, ``sharegpt``, ...)."""
+    p = Path(text)
+    if p.exists():
+        return p
+    name = str(text)
+    traces, tables = bundled_traces(), bundled_length_tables()
+    if name in traces:
+        return traces[name]
+    if name in tables:
+        return tables[name]
+    if name.endswith(LENGTHS_SUFFIX) and name[: -len(LENGTHS_SUFFIX)] in tables:
+        return tables[name[: -len(LENGTHS_SUFFIX)]]
+    raise TraceError(f"{text}: no such file, and no bundled trace or length table of that name "
+                     f"(bundled: {', '.join(list(traces) + list(tables))})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection
+# ---------------------------------------------------------------------------------------------
+
+_DELIMS = {";": "';'", "\t": "tab", "|": "'|'"}
+
+
+def _delimiter_hint(header: list[str]) -> str:
+    if len(header) == 1:
+        for d, name in _DELIMS.items():
+            if d in header[0]:
+                return f" (the header looks {name}-delimited; simspec reads comma-separated files)"
+    return ""
+
+
+def _first_line(path: Path) -> str:
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            first = fh.readline()
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return fh.readline()
     except FileNotFoundError:
         raise TraceError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except IsADirectoryError:
+        raise TraceError(f"{path}: is a directory, not a trace file") from None
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
         raise TraceError(f"{path}: cannot read ({exc})") from None
+
+
+def _read_header(path: Path) -> list[str]:
+    first = _first_line(path)
     if not first.strip():
         raise TraceError(f"{path}: empty file (no header line)")
     return [h.strip() for h in next(csv.reader([first]))]
 
 
+def _json_record(path: Path, line: str, ln: int) -> dict:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"{path}: line {ln}: column {exc.colno}: not a complete JSON record "
+                         f"({exc.msg}; truncated file?)") from None
+    if not isinstance(rec, dict):
+        raise TraceError(f"{path}: line {ln}: column 1: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
+_TZ_RE = re.compile(r"(?:[zZ]|[+-]\d\d:?\d\d)$")
+
+
 def detect_format(path: Path) -> str:
-    """Name of the format of ``path``, from its header; raises :class:`TraceError` if unknown."""
+    """Name of the format of ``path``, from its header (CSV) or first record's keys (JSONL);
+    raises :class:`TraceError` if unknown."""
     path = Path(path)
-    header = _read_header(path)
+    first = _first_line(path)
+    if not first.strip():
+        raise TraceError(f"{path}: empty file (no header line)")
+    if first.lstrip().startswith("{"):
+        rec = _json_record(path, first, 1)
+        keys = {str(k).lower() for k in rec}
+        for name, pred in _JSONL_DETECTORS:
+            if pred(keys):
+                return name
+        raise TraceError(f"{path}: line 1: unknown JSONL record keys {','.join(rec)!r}; expected Mooncake's "
+                         f"timestamp,input_length,output_length[,hash_ids] (see docs/workloads.md)")
+    header = [h.strip() for h in next(csv.reader([first]))]
     fields = {h.lower() for h in header}
     for name, pred in _DETECTORS:
         if pred(fields):
+            if name == "azure2023":
+                return _azure_flavour(path)
             return name
-    raise TraceError(f"{path}: line 1: unknown header {','.join(header)!r}; expected the canonical columns "
-                     f"{','.join(CANONICAL_COLUMNS)} or a known public format (see `simspec trace --help`)")
+    raise TraceError(f"{path}: line 1: unknown header {','.join(header)!r}{_delimiter_hint(header)}; expected the "
+                     f"canonical columns {','.join(CANONICAL_COLUMNS)} or a known public format "
+                     f"(see docs/workloads.md)")
 
 
-def load_trace(path: str | Path, fmt: str | None = None) -> Trace:
-    """Read ``path`` (format auto-detected unless ``fmt`` is given) into a canonical trace."""
+def _azure_flavour(path: Path) -> str:
+    """azure2024 when the first data row's timestamp carries a time zone, else azure2023."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip().lower() for h in next(reader)]
+        for row in reader:
+            if any(c.strip() for c in row):
+                i = header.index("timestamp")
+                if i < len(row) and _TZ_RE.search(row[i].strip()):
+                    return "azure2024"
+                break
+    return "azure2023"
+
+
+def load_trace(path: str | Path, fmt: str | None = None, *, arrivals=None, seed: int = 0) -> Trace:
+    """Read ``path`` (format auto-detected unless ``fmt`` is given) into a canonical trace.
+
+    A length-only table (format ``lengths``) has no arrival times: it is refused unless
+    ``arrivals`` (a :mod:`simspec.traces.synthetic` arrival process, e.g. ``PoissonArrivals(4.0)``)
+    is given, in which case the table's rows, in order, arrive at times drawn from it with
+    ``simspec.rng.stream(seed, "arrivals")``.
+    """
     path = Path(path)
     if not path.exists():
         raise TraceError(f"{path}: no such file")
@@ -86,22 +227,48 @@ def load_trace(path: str | Path, fmt: str | None = None) -> Trace:
         fmt = detect_format(path)
     if fmt not in FORMATS:
         raise TraceError(f"{path}: unknown format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
+    if fmt in LENGTH_FORMATS:
+        if arrivals is None:
+            raise TraceError(length_table_refusal(path))
+        return _lengths_with_arrivals(path, arrivals, seed)
+    if arrivals is not None:
+        raise TraceError(f"{path}: has its own arrival times ({fmt}); an arrival process only goes with a "
+                         f"length-only table (use `simspec trace synth --arrivals replay:{path}` to replay "
+                         f"its timestamps, or --rate/--rate-scale to rescale them)")
     return FORMATS[fmt](path)
 
+
+def length_table_refusal(path: Path) -> str:
+    return (f"{path}: a length-only table (no arrival times); give an arrival process: --rate R "
+            f"(Poisson arrivals at R req/s) on replay/stats/convert, or "
+            f"`simspec trace synth --lengths empirical:{path} --arrivals poisson --rate R --n N --out FILE`")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared parsing helpers
+# ---------------------------------------------------------------------------------------------
 
 def read_csv_strings(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = (),
                      case_insensitive: bool = False) -> dict[str, list[str]]:
     """Read a CSV as strings, checking the header: every ``required`` column present, nothing outside
-    ``required + optional``. Returns column name (as in ``required``/``optional``) → values.
+    ``required + optional``. Returns column name (as in ``required``/``optional``) → values, plus
+    ``"__line__"`` → the file line number of each row.
 
     Errors name the file and line: a row with the wrong number of fields, a missing or unknown
-    column, a file with a header and no rows.
+    column, a file with a header and no rows. A UTF-8 byte-order mark is ignored.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise TraceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    rows = list(csv.reader(io.StringIO(text)))
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read ({exc})") from None
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise TraceError(f"{path}: not a readable CSV ({exc})") from None
     if not rows or not any(c.strip() for c in rows[0]):
         raise TraceError(f"{path}: empty file (no header line)")
     header = [h.strip() for h in rows[0]]
@@ -110,7 +277,8 @@ def read_csv_strings(path: Path, required: tuple[str, ...], optional: tuple[str,
     pos: dict[str, int] = {}
     for i, h in enumerate(header):
         if key(h) not in known:
-            raise TraceError(f"{path}: line 1: unexpected column {h!r} (expected {', '.join(required + optional)})")
+            raise TraceError(f"{path}: line 1: column {i + 1}: unexpected column {h!r}{_delimiter_hint(header)} "
+                             f"(expected {', '.join(required + optional)})")
         if known[key(h)] in pos:
             raise TraceError(f"{path}: line 1: column {h!r} appears twice")
         pos[known[key(h)]] = i
@@ -137,6 +305,17 @@ def read_csv_strings(path: Path, required: tuple[str, ...], optional: tuple[str,
 def parse_numeric(path: Path, column: str, values: list[str], lines: list[int], *,
                   integer: bool, min_value: float | None = None) -> np.ndarray:
     """Parse a column of strings as numbers; the first bad value is reported with its line."""
+    try:  # fast path; the loop below finds and reports the first bad value
+        out = np.asarray(values, dtype=np.float64)
+        ok = bool(np.isfinite(out).all())
+        if ok and integer:
+            ok = bool((out == np.trunc(out)).all())
+        if ok and min_value is not None:
+            ok = bool((out >= min_value).all())
+        if ok:
+            return out.astype(np.int64) if integer else out
+    except (ValueError, TypeError):
+        pass
     out = np.empty(len(values), dtype=np.float64)
     for j, v in enumerate(values):
         try:
@@ -153,21 +332,6 @@ def parse_numeric(path: Path, column: str, values: list[str], lines: list[int], 
     return out.astype(np.int64) if integer else out
 
 
-@register_format("canonical", detect=lambda f: {"request_id", "arrival_s", "prompt_tokens", "output_tokens"} <= f)
-def read_canonical(path: Path) -> Trace:
-    """The canonical CSV: ``request_id, arrival_s, prompt_tokens, output_tokens[, acceptance_class][, slo_class]``."""
-    cols = read_csv_strings(path, CANONICAL_COLUMNS, OPTIONAL_COLUMNS)
-    lines = cols["__line__"]
-    arr = parse_numeric(path, "arrival_s", cols["arrival_s"], lines, integer=False, min_value=0)
-    pt = parse_numeric(path, "prompt_tokens", cols["prompt_tokens"], lines, integer=True, min_value=1)
-    ot = parse_numeric(path, "output_tokens", cols["output_tokens"], lines, integer=True, min_value=1)
-    for j, v in enumerate(cols["request_id"]):
-        if v == "":
-            raise TraceError(f"{path}: line {lines[j]}: column request_id: empty")
-    return _finish(path, "canonical", lines, cols["request_id"], arr, pt, ot,
-                   cols.get("acceptance_class"), cols.get("slo_class"))
-
-
 def _finish(path: Path, fmt: str, lines: list[int], rid, arr, pt, ot, acc=None, slo=None,
             notes: list[str] | None = None) -> Trace:
     """Duplicate-id check with line numbers, then build (sorting out-of-order arrivals, reported)."""
@@ -182,25 +346,300 @@ def _finish(path: Path, fmt: str, lines: list[int], rid, arr, pt, ot, acc=None, 
                               notes=notes)
 
 
-@register_format("azure2023", detect=lambda f: {"timestamp", "contexttokens", "generatedtokens"} <= f)
-def read_azure(path: Path) -> Trace:
-    """Azure LLM inference trace (2023 and 2024): ``TIMESTAMP, ContextTokens, GeneratedTokens``.
+def _check_ids(path: Path, ids: list[str], lines: list[int], column: str = "request_id") -> None:
+    for j, v in enumerate(ids):
+        if v == "":
+            raise TraceError(f"{path}: line {lines[j]}: column {column}: empty")
 
-    Timestamps are wall-clock strings; arrival_s is seconds since the earliest one. Request ids are
-    ``azure-<line>``.
-    """
+
+# ---------------------------------------------------------------------------------------------
+# Canonical
+# ---------------------------------------------------------------------------------------------
+
+@register_format("canonical", detect=lambda f: {"request_id", "arrival_s", "prompt_tokens", "output_tokens"} <= f)
+def read_canonical(path: Path) -> Trace:
+    """The canonical CSV: ``request_id, arrival_s, prompt_tokens, output_tokens[, acceptance_class][, slo_class]``."""
+    cols = read_csv_strings(path, CANONICAL_COLUMNS, OPTIONAL_COLUMNS)
+    lines = cols["__line__"]
+    arr = parse_numeric(path, "arrival_s", cols["arrival_s"], lines, integer=False, min_value=0)
+    pt = parse_numeric(path, "prompt_tokens", cols["prompt_tokens"], lines, integer=True, min_value=1)
+    ot = parse_numeric(path, "output_tokens", cols["output_tokens"], lines, integer=True, min_value=1)
+    _check_ids(path, cols["request_id"], lines)
+    return _finish(path, "canonical", lines, cols["request_id"], arr, pt, ot,
+                   cols.get("acceptance_class"), cols.get("slo_class"))
+
+
+def canonical_csv_text(trace: Trace) -> str:
+    """The trace as canonical CSV text (all six columns; ``arrival_s`` written with ``repr`` so that
+    reading it back gives the same floats)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CANONICAL_COLUMNS + OPTIONAL_COLUMNS)
+    for rid, a, p, o, acc, slo in zip(trace.request_id, trace.arrival_s.tolist(), trace.prompt_tokens.tolist(),
+                                      trace.output_tokens.tolist(), trace.acceptance_class, trace.slo_class):
+        w.writerow((rid, repr(float(a)), int(p), int(o), acc, slo))
+    return buf.getvalue()
+
+
+def write_canonical(trace: Trace, path: str | Path) -> None:
+    """Write ``trace`` as canonical CSV, atomically (:mod:`simspec.atomic`)."""
+    from simspec.atomic import write_text
+
+    write_text(path, canonical_csv_text(trace))
+
+
+# ---------------------------------------------------------------------------------------------
+# Azure LLM inference traces (2023, 2024)
+# ---------------------------------------------------------------------------------------------
+
+def _read_azure(path: Path, fmt: str) -> Trace:
     import pandas as pd
 
     cols = read_csv_strings(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), case_insensitive=True)
     lines = cols["__line__"]
     pt = parse_numeric(path, "ContextTokens", cols["ContextTokens"], lines, integer=True, min_value=1)
     ot = parse_numeric(path, "GeneratedTokens", cols["GeneratedTokens"], lines, integer=True, min_value=1)
-    ts = pd.to_datetime(pd.Series(cols["TIMESTAMP"]), errors="coerce", format="mixed", utc=True)
+    raw = cols["TIMESTAMP"]
+    s = pd.Series(raw, dtype=object)
+    try:  # one fast ISO-8601 pass handles 6/7 fractional digits, 'T' or ' ', offsets and 'Z'
+        ts = pd.to_datetime(s, format="ISO8601", utc=True)
+    except (ValueError, TypeError, OverflowError):
+        ts = pd.to_datetime(s, errors="coerce", format="mixed", utc=True)
     bad = np.flatnonzero(ts.isna().to_numpy())
     if bad.size:
         j = int(bad[0])
-        raise TraceError(f"{path}: line {lines[j]}: column TIMESTAMP: not a timestamp ({cols['TIMESTAMP'][j]!r})")
-    ns = ts.astype("int64").to_numpy()
-    arr = (ns - ns.min()) / 1e9
+        raise TraceError(f"{path}: line {lines[j]}: column TIMESTAMP: not a timestamp ({raw[j]!r})")
+    notes: list[str] = []
+    aware = np.fromiter((bool(_TZ_RE.search(v)) for v in raw), dtype=bool, count=len(raw))
+    n_naive = int((~aware).sum())
+    if 0 < n_naive < len(raw):
+        notes.append(f"read {n_naive} timestamp(s) without a time zone as UTC "
+                     f"(the other {len(raw) - n_naive} carry an offset)")
+    arr = (ts - ts.min()).dt.total_seconds().to_numpy(dtype=np.float64)
     rid = [f"azure-{ln}" for ln in lines]
-    return _finish(path, "azure2023", lines, rid, arr, pt, ot)
+    return _finish(path, fmt, lines, rid, arr, pt, ot, notes=notes)
+
+
+@register_format("azure2023", detect=lambda f: {"timestamp", "contexttokens", "generatedtokens"} <= f)
+def read_azure(path: Path) -> Trace:
+    """Azure LLM inference trace (2023 and 2024): ``TIMESTAMP, ContextTokens, GeneratedTokens``.
+
+    Timestamps are wall-clock strings (2023: naive, 7 fractional digits; 2024: UTC offset, varying
+    fractional digits); arrival_s is seconds since the earliest one. Offsets are honoured; in a
+    file that mixes naive and offset timestamps the naive ones are read as UTC (reported in notes).
+    Request ids are ``azure-<line>``.
+    """
+    return _read_azure(path, "azure2023")
+
+
+@register_format("azure2024")
+def read_azure2024(path: Path) -> Trace:
+    """Azure LLM inference trace 2024 (same columns as 2023; see :func:`read_azure`)."""
+    return _read_azure(path, "azure2024")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mooncake (FAST 2025) JSONL
+# ---------------------------------------------------------------------------------------------
+
+_MOONCAKE_KEYS = ("timestamp", "input_length", "output_length")
+_MOONCAKE_OPTIONAL = ("hash_ids",)
+
+
+def _json_number(path: Path, ln: int, key: str, v, *, integer: bool, min_value: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TraceError(f"{path}: line {ln}: column {key}: not a number ({v!r})")
+    if not np.isfinite(v):
+        raise TraceError(f"{path}: line {ln}: column {key}: not a finite number ({v!r})")
+    if integer and v != int(v):
+        raise TraceError(f"{path}: line {ln}: column {key}: not an integer ({v!r})")
+    if v < min_value:
+        raise TraceError(f"{path}: line {ln}: column {key}: must be >= {min_value:g}, got {v!r}")
+    return float(v)
+
+
+@register_format("mooncake", detect=lambda k: set(_MOONCAKE_KEYS) <= k, jsonl=True)
+def read_mooncake(path: Path) -> Trace:
+    """Mooncake JSONL (Qin et al., FAST 2025): one object a line with ``timestamp`` (ms from the trace
+    start), ``input_length``, ``output_length`` and ``hash_ids`` (512-token prefix-block hashes;
+    checked to be a list of integers, not carried into the canonical table).
+
+    arrival_s = timestamp / 1000. Request ids are ``mooncake-<line>``. Unknown keys are refused.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    ts: list[float] = []
+    pt: list[float] = []
+    ot: list[float] = []
+    lines: list[int] = []
+    allowed = set(_MOONCAKE_KEYS + _MOONCAKE_OPTIONAL)
+    for ln, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        rec = _json_record(path, line, ln)
+        for k in rec:
+            if k not in allowed:
+                raise TraceError(f"{path}: line {ln}: column {k}: unexpected key {k!r} "
+                                 f"(expected {', '.join(_MOONCAKE_KEYS + _MOONCAKE_OPTIONAL)})")
+        for k in _MOONCAKE_KEYS:
+            if k not in rec:
+                raise TraceError(f"{path}: line {ln}: column {k}: missing key {k!r}")
+        ts.append(_json_number(path, ln, "timestamp", rec["timestamp"], integer=False, min_value=0))
+        pt.append(_json_number(path, ln, "input_length", rec["input_length"], integer=True, min_value=1))
+        ot.append(_json_number(path, ln, "output_length", rec["output_length"], integer=True, min_value=1))
+        h = rec.get("hash_ids", [])
+        if not isinstance(h, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in h):
+            raise TraceError(f"{path}: line {ln}: column hash_ids: expected a list of integers")
+        lines.append(ln)
+    if not lines:
+        raise TraceError(f"{path}: empty file (no records)")
+    rid = [f"mooncake-{ln}" for ln in lines]
+    return _finish(path, "mooncake", lines, rid, np.asarray(ts) / 1000.0,
+                   np.asarray(pt, dtype=np.int64), np.asarray(ot, dtype=np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# BurstGPT (KDD 2025)
+# ---------------------------------------------------------------------------------------------
+
+_BURSTGPT_COLUMNS = ("Timestamp", "Model", "Request tokens", "Response tokens", "Total tokens", "Log Type")
+_BURSTGPT_OPTIONAL = ("Session ID", "Elapsed time")
+
+
+@register_format("burstgpt", detect=lambda f: {"timestamp", "model", "request tokens", "response tokens"} <= f)
+def read_burstgpt(path: Path) -> Trace:
+    """BurstGPT CSV (Wang et al., KDD 2025): ``Timestamp, Model, Request tokens, Response tokens,
+    Total tokens, Log Type`` (matched by name, any order, case-insensitive; the newer optional
+    ``Session ID`` and ``Elapsed time`` columns are accepted and ignored).
+
+    ``Timestamp`` is seconds from the trace start, kept as arrival_s. Rows with ``Response tokens``
+    = 0 are requests that failed: they are dropped and counted in ``Trace.notes``. ``Model``,
+    ``Log Type`` and ``Total tokens`` are not carried. Request ids are ``burstgpt-<line>``.
+    """
+    cols = read_csv_strings(path, _BURSTGPT_COLUMNS, _BURSTGPT_OPTIONAL, case_insensitive=True)
+    lines = cols["__line__"]
+    arr = parse_numeric(path, "Timestamp", cols["Timestamp"], lines, integer=False, min_value=0)
+    pt = parse_numeric(path, "Request tokens", cols["Request tokens"], lines, integer=True, min_value=1)
+    ot = parse_numeric(path, "Response tokens", cols["Response tokens"], lines, integer=True, min_value=0)
+    parse_numeric(path, "Total tokens", cols["Total tokens"], lines, integer=True, min_value=0)
+    failed = ot == 0
+    notes: list[str] = []
+    n_failed = int(failed.sum())
+    if n_failed:
+        if n_failed == len(ot):
+            raise TraceError(f"{path}: all {n_failed} requests failed (Response tokens = 0); nothing to replay")
+        notes.append(f"dropped {n_failed} failed request(s) (Response tokens = 0)")
+    keep = np.flatnonzero(~failed)
+    klines = [lines[i] for i in keep]
+    rid = [f"burstgpt-{ln}" for ln in klines]
+    return _finish(path, "burstgpt", klines, rid, arr[keep], pt[keep], ot[keep], notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vidur-style and length-only tables
+# ---------------------------------------------------------------------------------------------
+
+_LENGTH_EXTRA = ("num_total_tokens", "pd_ratio")
+
+
+@register_format("vidur", detect=lambda f: {"arrived_at", "num_prefill_tokens", "num_decode_tokens"} <= f)
+def read_vidur(path: Path) -> Trace:
+    """Vidur-style trace: ``arrived_at`` (s), ``num_prefill_tokens``, ``num_decode_tokens`` with
+    optional ``request_id``, ``num_total_tokens``, ``pd_ratio`` (ignored). Request ids are the
+    ``request_id`` column when present (checked unique), else ``vidur-<line>``."""
+    cols = read_csv_strings(path, ("arrived_at", "num_prefill_tokens", "num_decode_tokens"),
+                            ("request_id",) + _LENGTH_EXTRA)
+    lines = cols["__line__"]
+    arr = parse_numeric(path, "arrived_at", cols["arrived_at"], lines, integer=False, min_value=0)
+    pt = parse_numeric(path, "num_prefill_tokens", cols["num_prefill_tokens"], lines, integer=True, min_value=1)
+    ot = parse_numeric(path, "num_decode_tokens", cols["num_decode_tokens"], lines, integer=True, min_value=1)
+    if "request_id" in cols:
+        rid = cols["request_id"]
+        _check_ids(path, rid, lines)
+    else:
+        rid = [f"vidur-{ln}" for ln in lines]
+    return _finish(path, "vidur", lines, rid, arr, pt, ot)
+
+
+@dataclass
+class LengthTable:
+    """Prompt/output lengths without arrival times (one row per request, in file order)."""
+
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    acceptance_class: np.ndarray | None
+    slo_class: np.ndarray | None
+    lines: list[int]
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.prompt_tokens.shape[0])
+
+
+_TIME_FIELDS = {"arrival_s", "arrived_at", "timestamp", "request_id"}
+
+
+def _detect_lengths(f: set[str]) -> bool:
+    if f & _TIME_FIELDS:
+        return False
+    return {"num_prefill_tokens", "num_decode_tokens"} <= f or {"prompt_tokens", "output_tokens"} <= f
+
+
+def read_length_table(path: Path) -> LengthTable:
+    """A length-only table: ``num_prefill_tokens, num_decode_tokens[, num_total_tokens][, pd_ratio]``
+    (sarathi-serve / Vidur processed traces) or ``prompt_tokens, output_tokens[, acceptance_class]
+    [, slo_class]``. Extra columns are ignored only if listed here; anything else is refused."""
+    header = {h.lower() for h in _read_header(path)}
+    if "num_prefill_tokens" in header or "num_decode_tokens" in header:
+        pcol, ocol = "num_prefill_tokens", "num_decode_tokens"
+        cols = read_csv_strings(path, (pcol, ocol), _LENGTH_EXTRA)
+    else:
+        pcol, ocol = "prompt_tokens", "output_tokens"
+        cols = read_csv_strings(path, (pcol, ocol), OPTIONAL_COLUMNS)
+    lines = cols["__line__"]
+    pt = parse_numeric(path, pcol, cols[pcol], lines, integer=True, min_value=1)
+    ot = parse_numeric(path, ocol, cols[ocol], lines, integer=True, min_value=1)
+    acc = np.asarray([c or "default" for c in cols["acceptance_class"]], dtype=object) \
+        if "acceptance_class" in cols else None
+    slo = np.asarray(cols["slo_class"], dtype=object) if "slo_class" in cols else None
+    return LengthTable(pt, ot, acc, slo, lines, f"{path} (lengths)")
+
+
+@register_format("lengths", detect=_detect_lengths)
+def read_lengths(path: Path) -> Trace:
+    """Length-only tables carry no arrival times: refused with a pointer to ``--rate`` (see
+    :func:`load_trace` with ``arrivals=``)."""
+    read_length_table(path)  # report malformed tables first
+    raise TraceError(length_table_refusal(path))
+
+
+LENGTH_FORMATS.add("lengths")
+
+
+def _lengths_with_arrivals(path: Path, arrivals, seed: int) -> Trace:
+    from simspec.rng import stream
+    from simspec.traces.synthetic import arrival_times, describe_arrivals
+
+    table = read_length_table(path)
+    times = arrival_times(arrivals, stream(seed, "arrivals"), n=len(table))
+    rid = [f"lengths-{ln}" for ln in table.lines]
+    return Trace.from_columns(request_id=rid, arrival_s=times, prompt_tokens=table.prompt_tokens,
+                              output_tokens=table.output_tokens, acceptance_class=table.acceptance_class,
+                              slo_class=table.slo_class, source=f"{path} (lengths)",
+                              notes=[f"length-only table: arrivals drawn from {describe_arrivals(arrivals)}, "
+                                     f"seed {seed}"])
+
+
+def load_length_pairs(path: str | Path, fmt: str | None = None):
+    """(prompt_tokens, output_tokens, acceptance_class) of every request in ``path``: a length-only
+    table or any trace format (its arrival times are ignored)."""
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if fmt in LENGTH_FORMATS:
+        t = read_length_table(path)
+        acc = t.acceptance_class if t.acceptance_class is not None else np.full(len(t), "default", dtype=object)
+        return t.prompt_tokens, t.output_tokens, acc
+    tr = load_trace(path, fmt)
+    return tr.prompt_tokens, tr.output_tokens, tr.acceptance_class
