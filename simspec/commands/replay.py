@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from simspec.errors import ConfigError
+from simspec.traces.transforms import format_option, transform_options
 
 
 def _trace_arg(value: str | None):
@@ -125,8 +126,11 @@ def print_table(columns: list[tuple[str, dict]]) -> None:
                    "[default: runs/<trace>-<policy>-<spec>-s<seed>]")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
+@format_option
+@transform_options
 def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_batch, kv_budget_tokens,
-           max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, out_dir, force, quiet):
+           max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, out_dir, force, quiet,
+           fmt, transforms):
     """Replay TRACE through the simulated cluster and write a run directory.
 
     TRACE is a file in any supported format (canonical CSV, Azure, …; auto-detected) or a bundled
@@ -136,11 +140,13 @@ def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_ba
     from simspec.profile import DEFAULT_PROFILE, load_profile
     from simspec.simulator.output import write_run
     from simspec.simulator.run import simulate
+    from simspec.traces.formats import DEFAULT_TRACE, resolve_trace_arg
+    from simspec.traces.transforms import load_and_transform
 
     config = build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt, seed,
                           slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens)
     profile = load_profile(profile_name or DEFAULT_PROFILE)
-    tr = _trace_arg(trace)
+    tr = load_and_transform(resolve_trace_arg(trace or DEFAULT_TRACE), fmt, seed=seed, **transforms)
     if out_dir is None:
         stem = Path(trace).stem if trace else "azure_code_2023"
         safe = lambda s: "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in s)
