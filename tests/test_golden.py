@@ -1,0 +1,97 @@
+"""Golden cases worked out by hand on a flat profile: every target step takes 10 ms, every draft
+pass 1 ms (10%), no overhead."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simspec.simulator.config import ComponentSpec, RunConfig
+from simspec.simulator.run import simulate
+from tests.conftest import make_trace
+
+
+def run(profile, trace, policy="fcfs", spec="none", **kw):
+    cfg = RunConfig(scheduler=ComponentSpec.parse(policy, "p"), method=ComponentSpec.parse(spec, "s"), **kw)
+    return simulate(cfg, trace, profile)
+
+
+def col(res, name):
+    return res.requests[name].to_numpy()
+
+
+def test_plain_decoding_two_requests(flat_profile):
+    # Both arrive at 0, prompt 4, output 5. Step 1 prefills both (1 token each, ends 0.010);
+    # steps 2-5 add one token each: both finish at 0.050.
+    res = run(flat_profile(), make_trace([0, 0], [4, 4], [5, 5]))
+    assert col(res, "first_token_s") == pytest.approx([0.010, 0.010])
+    assert col(res, "completion_s") == pytest.approx([0.050, 0.050])
+    assert col(res, "tpot_s") == pytest.approx([0.010, 0.010])
+    assert list(col(res, "steps")) == [5, 5]
+
+
+def test_draft_all_accepted(flat_profile):
+    # Step 1: prefill 10 ms + draft-model prefill 1 ms = 11 ms → 1 token each.
+    # Step 2: k = min(4, remaining 4 - 1) = 3: 3 draft passes (3 ms) + verify 10 ms = 13 ms; all 3
+    # accepted + bonus = 4 tokens → done at 0.024.
+    res = run(flat_profile(alpha=1.0), make_trace([0, 0], [4, 4], [5, 5]), spec="draft:k=4")
+    assert col(res, "completion_s") == pytest.approx([0.024, 0.024])
+    assert list(col(res, "drafted")) == [3, 3]
+    assert list(col(res, "accepted")) == [3, 3]
+
+
+def test_draft_nothing_accepted(flat_profile):
+    # After the 11 ms prefill, each step commits 1 token with k = remaining - 1:
+    # k=3: 13 ms, k=2: 12 ms, k=1: 11 ms, k=0: 10 ms → 11+13+12+11+10 = 57 ms.
+    res = run(flat_profile(alpha=0.0), make_trace([0], [4], [5]), spec="draft:k=4")
+    assert col(res, "completion_s") == pytest.approx([0.057])
+    assert list(col(res, "drafted")) == [6]
+    assert list(col(res, "accepted")) == [0]
+
+
+def test_fcfs_vs_srpt_with_batch_of_one(flat_profile):
+    # A (out 3) and B (out 2) arrive at 0; one request per step.
+    # FCFS: A at 0.01, 0.02, 0.03; B at 0.04, 0.05.   SRPT: B first (0.01, 0.02), then A (…0.05).
+    tr = make_trace([0, 0], [4, 4], [3, 2])
+    fcfs = run(flat_profile(max_batch_size=1), tr, "fcfs")
+    srpt = run(flat_profile(max_batch_size=1), tr, "srpt")
+    assert col(fcfs, "completion_s") == pytest.approx([0.03, 0.05])
+    assert col(srpt, "completion_s") == pytest.approx([0.05, 0.02])
+    assert col(srpt, "start_s") == pytest.approx([0.02, 0.0])
+
+
+def test_srpt_preempts_for_shorter_arrival(flat_profile):
+    # A (out 5) runs alone from 0; B (out 1) arrives at 0.015 (during step 2). At the 0.020 boundary
+    # SRPT runs B (remaining 1 < 3): B completes at 0.030; A is preempted once and ends at 0.060.
+    tr = make_trace([0, 0.015], [4, 4], [5, 1])
+    res = run(flat_profile(max_batch_size=1), tr, "srpt")
+    assert col(res, "completion_s") == pytest.approx([0.060, 0.030])
+    assert list(col(res, "preemptions")) == [1, 0]
+    # FCFS is non-preemptive: B waits for A.
+    res = run(flat_profile(max_batch_size=1), tr, "fcfs")
+    assert col(res, "completion_s") == pytest.approx([0.050, 0.060])
+    assert list(col(res, "preemptions")) == [0, 0]
+
+
+def test_arrival_during_step_joins_next_boundary(flat_profile):
+    tr = make_trace([0, 0.004], [4, 4], [2, 1])
+    res = run(flat_profile(), tr)
+    # B arrives mid-step 1 and starts at the 0.010 boundary.
+    assert col(res, "start_s") == pytest.approx([0.0, 0.010])
+    assert col(res, "completion_s") == pytest.approx([0.020, 0.020])
+
+
+def test_kv_pressure_recompute(flat_profile):
+    # A step needs context + 1 token per request. Budget 12: step 1 needs 5 + 5, step 2 6 + 6 = 12:
+    # both fit; B finishes at 0.02, A at 0.04. No preemption.
+    tr = make_trace([0, 0], [4, 4], [4, 2])
+    res = run(flat_profile(kv_budget_tokens=12), tr)
+    assert col(res, "completion_s") == pytest.approx([0.040, 0.020])
+    # Budget 11: step 1 needs 5 + 5; step 2 needs 6 + 6 = 12 > 11 → B (later arrival) is pushed out
+    # (1 preemption) but keeps its 5 KV tokens (6 + 5 = 11 fits); step 3: A needs 7, 7 + 5 > 11 →
+    # B is evicted (1 recompute). A ends at 0.040; B re-prefills its 5-token context and commits
+    # its 2nd token at 0.050.
+    res = run(flat_profile(kv_budget_tokens=11), tr)
+    assert col(res, "completion_s") == pytest.approx([0.040, 0.050])
+    assert list(col(res, "preemptions")) == [0, 1]
+    assert list(col(res, "recomputes")) == [0, 1]
