@@ -169,6 +169,7 @@ def _json_record(path: Path, line: str, ln: int) -> dict:
 
 
 _TZ_RE = re.compile(r"(?:[zZ]|[+-]\d\d:?\d\d)$")
+_AZURE_TS_RE = r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:\.\d+)?(?:[zZ]|[+-]\d\d:?\d\d)?"
 
 
 def detect_format(path: Path) -> str:
@@ -229,7 +230,7 @@ def load_trace(path: str | Path, fmt: str | None = None, *, arrivals=None, seed:
         raise TraceError(f"{path}: unknown format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
     if fmt in LENGTH_FORMATS:
         if arrivals is None:
-            raise TraceError(length_table_refusal(path))
+            return FORMATS[fmt](path)  # validates the table, then refuses (no arrival times)
         return _lengths_with_arrivals(path, arrivals, seed)
     if arrivals is not None:
         raise TraceError(f"{path}: has its own arrival times ({fmt}); an arrival process only goes with a "
@@ -293,8 +294,10 @@ def read_csv_strings(path: Path, required: tuple[str, ...], optional: tuple[str,
     ncol = len(header)
     for ln, r in body:
         if len(r) != ncol:
+            where = (f"column {header[len(r)]} missing" if len(r) < ncol
+                     else f"extra field after column {header[-1]}")
             raise TraceError(f"{path}: line {ln}: expected {ncol} fields, got {len(r)} "
-                             f"(wrong delimiter or truncated row?)")
+                             f"({where}; wrong delimiter or truncated row?)")
         for c, i in pos.items():
             out[c].append(r[i].strip())
         lines.append(ln)
@@ -401,14 +404,16 @@ def _read_azure(path: Path, fmt: str) -> Trace:
     ot = parse_numeric(path, "GeneratedTokens", cols["GeneratedTokens"], lines, integer=True, min_value=1)
     raw = cols["TIMESTAMP"]
     s = pd.Series(raw, dtype=object)
-    try:  # one fast ISO-8601 pass handles 6/7 fractional digits, 'T' or ' ', offsets and 'Z'
-        ts = pd.to_datetime(s, format="ISO8601", utc=True)
-    except (ValueError, TypeError, OverflowError):
-        ts = pd.to_datetime(s, errors="coerce", format="mixed", utc=True)
-    bad = np.flatnonzero(ts.isna().to_numpy())
+    # strict shape first (pandas alone would read a truncated '2023-11-16 18:1' as 18:01)
+    bad = np.flatnonzero(~s.str.fullmatch(_AZURE_TS_RE).to_numpy(dtype=bool))
+    if not bad.size:
+        # one ISO-8601 pass: any number of fractional digits, 'T' or ' ', offsets, 'Z'
+        ts = pd.to_datetime(s, format="ISO8601", utc=True, errors="coerce")
+        bad = np.flatnonzero(ts.isna().to_numpy())
     if bad.size:
         j = int(bad[0])
-        raise TraceError(f"{path}: line {lines[j]}: column TIMESTAMP: not a timestamp ({raw[j]!r})")
+        raise TraceError(f"{path}: line {lines[j]}: column TIMESTAMP: not a timestamp ({raw[j]!r}; expected "
+                         f"YYYY-MM-DD HH:MM:SS[.fraction][+HH:MM|Z])")
     notes: list[str] = []
     aware = np.fromiter((bool(_TZ_RE.search(v)) for v in raw), dtype=bool, count=len(raw))
     n_naive = int((~aware).sum())
