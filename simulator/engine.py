@@ -110,16 +110,21 @@ class Replica:
                     t.kv_resident[evict] = False
                     t.recomputes[evict] += 1
             # preemptions: in the last batch, unfinished, not in this one
-            t.in_batch[self.last_batch] = False
-            t.in_batch[batch] = True
-            if self.last_batch.size:
-                pushed = self.last_batch[~t.in_batch[self.last_batch]]
+            last = self.last_batch
+            if last.size and not (last.size == nb and (last == batch).all()):
+                t.in_batch[last] = False
+                t.in_batch[batch] = True
+                pushed = last[~t.in_batch[last]]
                 if pushed.size:
                     t.preemptions[pushed] += 1
+            else:
+                t.in_batch[batch] = True
             self.last_batch = batch
-            new_start = np.isnan(t.start_s[batch])
-            if new_start.any():
-                t.start_s[batch[new_start]] = now
+            any_prefill = bool(prefill.any())
+            if any_prefill:
+                new_start = np.isnan(t.start_s[batch])
+                if new_start.any():
+                    t.start_s[batch[new_start]] = now
             # 3. choose k for decode members
             rem_b = remaining[:nb]
             ctx_b = ctx[:nb]
@@ -147,18 +152,22 @@ class Replica:
             end = env.now
             self.busy_s += step_s
             committed = np.where(prefill, 1, np.minimum(out.accepted + 1, rem_b))
-            first = t.generated[batch] == 0
-            t.generated[batch] += committed
-            t.kv_resident[batch] = True
+            gen = t.generated[batch] + committed
+            t.generated[batch] = gen
             t.steps[batch] += 1
-            t.decode_steps[batch[dec]] += 1
             t.drafted[batch] += out.drafted
             t.accepted[batch] += out.accepted
-            newly = np.isnan(t.first_token_s[batch])
-            if newly.any():
-                t.first_token_s[batch[newly]] = end
-            self.outstanding_tokens -= int(committed.sum()) + int(t.prompt_tokens[batch[first]].sum())
-            done = t.generated[batch] >= t.output_tokens[batch]
+            self.outstanding_tokens -= int(committed.sum())
+            if any_prefill:
+                t.kv_resident[batch] = True
+                t.decode_steps[batch[dec]] += 1
+                newly = np.isnan(t.first_token_s[batch])
+                if newly.any():
+                    t.first_token_s[batch[newly]] = end
+                    self.outstanding_tokens -= int(t.prompt_tokens[batch[newly]].sum())
+            else:
+                t.decode_steps[batch] += 1
+            done = gen >= t.output_tokens[batch]
             if done.any():
                 fin = batch[done]
                 t.completion_s[fin] = end
