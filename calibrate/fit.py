@@ -1,0 +1,168 @@
+"""Turn measured points into profile latency models and score them on held-out points
+(numpy only; no torch).
+
+A stage is measured on a full grid ``batch_size × tokens_per_request × context_tokens`` (the training
+points) and, separately, on off-grid shapes (the held-out points). Two candidate models are built
+from the training points:
+
+- ``grid``: the table of measured medians, made non-decreasing along every axis (cost cannot fall
+  when a step has more requests, more tokens or more context; the isotonic fit removes measurement
+  noise that says otherwise) and interpolated multilinearly by
+  :func:`simspec.simulator.latency_models.compile_stage`;
+- ``linear``: ``c0 + c_b*B + c_t*batched_tokens + c_kv*kv_tokens`` by non-negative least squares
+  on relative error (every point weighs the same in percent; no coefficient below zero).
+
+Each candidate is scored on the held-out points with the very function the simulator uses
+(``compile_stage``), as the mean absolute percentage error; the stage keeps the candidate with the
+lower held-out error and records it in ``fit`` (``heldout_mape_pct``, ``heldout_max_ape_pct``,
+``n_train``, ``n_heldout``, the rival's error). Without held-out points, a share of grid points is
+not usable (a grid needs every node), so the error is reported as ``None``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from simspec.simulator.latency_models import compile_stage
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured shape: per-request ``tokens_per_request`` and ``context_tokens``; ``median_ms``
+    and ``spread_ms`` (interquartile range) over ``n`` timed repeats."""
+
+    batch_size: int
+    tokens_per_request: int
+    context_tokens: int
+    median_ms: float
+    spread_ms: float
+    n: int = 0
+
+    @property
+    def batched_tokens(self) -> int:
+        return self.batch_size * self.tokens_per_request
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.batch_size * self.context_tokens
+
+    def sample_row(self) -> list[float]:
+        """``[B, batched_tokens, kv_tokens, median_ms, spread_ms]`` as stored in ``samples``."""
+        return [self.batch_size, self.batched_tokens, self.kv_tokens, round(self.median_ms, 6),
+                round(self.spread_ms, 6)]
+
+
+def isotonic_1d(values: Sequence[float]) -> list[float]:
+    """Least-squares non-decreasing fit of a sequence (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, c = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += c
+    out: list[float] = []
+    for s, c in blocks:
+        out.extend([s / c] * int(c))
+    return out
+
+
+def monotone_table(table: np.ndarray) -> np.ndarray:
+    """Make a 3-D table non-decreasing along every axis: isotonic fit along the last axis, then
+    the middle, then the first. An average of non-decreasing sequences is non-decreasing, so each
+    pass keeps the monotonicity the earlier passes produced."""
+    t = np.array(table, dtype=float)
+    for axis in (2, 1, 0):
+        t = np.apply_along_axis(lambda v: np.asarray(isotonic_1d(v)), axis, t)
+    return t
+
+
+def grid_model(points: Iterable[Point], batch_sizes: Sequence[int], tokens: Sequence[int],
+               contexts: Sequence[int], *, monotone: bool = True) -> dict[str, Any]:
+    """A ``grid`` latency model from measured grid points (every node must be present)."""
+    idx = {(p.batch_size, p.tokens_per_request, p.context_tokens): p.median_ms for p in points}
+    table = np.empty((len(batch_sizes), len(tokens), len(contexts)))
+    for i, b in enumerate(batch_sizes):
+        for j, t in enumerate(tokens):
+            for k, c in enumerate(contexts):
+                if (b, t, c) not in idx:
+                    raise ValueError(f"grid point B={b} T={t} C={c} was not measured")
+                table[i, j, k] = idx[(b, t, c)]
+    if monotone:
+        table = monotone_table(table)
+    return {"kind": "grid",
+            "axes": {"batch_size": [int(b) for b in batch_sizes],
+                     "tokens_per_request": [int(t) for t in tokens],
+                     "context_tokens": [int(c) for c in contexts]},
+            "ms": [[[round(float(v), 6) for v in row] for row in plane] for plane in table]}
+
+
+def linear_model(points: Sequence[Point], *, use_kv: bool = True) -> dict[str, Any]:
+    """A ``linear`` model by non-negative least squares on relative error (rows scaled by
+    1/median): every coefficient >= 0, so predicted cost never falls when a step has more requests,
+    tokens or context, and never goes negative."""
+    from scipy.optimize import nnls
+
+    x = np.array([[1.0, p.batch_size, p.batched_tokens, p.kv_tokens if use_kv else 0.0] for p in points])
+    y = np.array([p.median_ms for p in points])
+    w = 1.0 / np.maximum(y, 1e-9)
+    cols = [0, 1, 2, 3] if use_kv else [0, 1, 2]
+    coef_sub, _ = nnls(x[:, cols] * w[:, None], y * w)
+    coef = np.zeros(4)
+    coef[cols] = coef_sub
+    return {"kind": "linear",
+            "coef": {"c0": float(coef[0]), "c_b": float(coef[1]), "c_t": float(coef[2]),
+                     "c_kv": float(coef[3])}}
+
+
+def heldout_errors(model: dict[str, Any], points: Sequence[Point]) -> list[float]:
+    """Absolute percentage error of ``model`` (evaluated by the simulator's ``compile_stage``) at
+    each held-out point."""
+    fn = compile_stage(model, {})
+    return [abs(fn(p.batch_size, p.batched_tokens, p.kv_tokens) - p.median_ms) / p.median_ms * 100.0
+            for p in points]
+
+
+def _summary(errors: Sequence[float]) -> tuple[float | None, float | None]:
+    if not errors:
+        return None, None
+    return round(float(np.mean(errors)), 3), round(float(np.max(errors)), 3)
+
+
+def fit_stage(train: Sequence[Point], heldout: Sequence[Point], batch_sizes: Sequence[int],
+              tokens: Sequence[int], contexts: Sequence[int], *,
+              candidates: Sequence[str] = ("grid", "linear")) -> dict[str, Any]:
+    """Fit one stage: build the candidate models, score them on ``heldout``, keep the better one.
+
+    Returns the stage document (``kind`` and its parameters, ``fit``, ``valid``, ``samples``,
+    ``heldout_samples``).
+    """
+    built: dict[str, dict[str, Any]] = {}
+    if "grid" in candidates:
+        built["grid"] = grid_model(train, batch_sizes, tokens, contexts)
+    if "linear" in candidates:
+        built["linear"] = linear_model(train, use_kv=len(set(contexts)) > 1)
+    scores = {kind: _summary(heldout_errors(m, heldout)) for kind, m in built.items()}
+    if heldout:
+        best = min(built, key=lambda k: scores[k][0])
+    else:
+        best = "grid" if "grid" in built else next(iter(built))
+    doc = dict(built[best])
+    mape, max_ape = scores[best]
+    doc["fit"] = {
+        "method": ("measured medians, isotonic (non-decreasing) along context, tokens and batch; "
+                   "multilinear interpolation" if best == "grid" else
+                   "non-negative least squares on relative error over the grid points"),
+        "heldout_mape_pct": mape, "heldout_max_ape_pct": max_ape,
+        "n_train": len(train), "n_heldout": len(heldout),
+        "candidates": {k: {"heldout_mape_pct": s[0], "heldout_max_ape_pct": s[1]} for k, s in scores.items()},
+    }
+    doc["valid"] = {"batch_size": [int(min(batch_sizes)), int(max(batch_sizes))],
+                    "tokens_per_request": [int(min(tokens)), int(max(tokens))],
+                    "context_tokens": [int(min(contexts)), int(max(contexts))]}
+    doc["samples"] = [p.sample_row() for p in train]
+    doc["heldout_samples"] = [p.sample_row() for p in heldout]
+    return doc

@@ -1,0 +1,821 @@
+"""Latency calibration: time the pieces of a real model at real batch shapes and build the
+profile's ``latency`` section (torch + transformers; reached only from ``simspec calibrate``).
+
+Stages (each a function of batch size ``B``, tokens fed per request ``T`` and context tokens per
+request ``C`` already in the KV cache):
+
+- ``layer``: one decoder layer (layer 0, whose input is exactly the token embeddings) attending over
+  a real KV cache of ``C`` tokens per request;
+- ``lm_head``: final norm + LM head over all ``B*T`` fed tokens (context-independent);
+- ``embed``: the per-forward prelude every layer shares: token-embedding lookup, rotary position
+  tables and the causal attention mask for a cache of ``C`` tokens;
+- ``adapter``: a Kangaroo-style adapter (input norm, one attention block of the model's own
+  attention class with its own KV cache of ``C`` tokens, residual, final norm; no MLP);
+- ``draft_step``: one whole forward of the draft model (``--draft``), with its KV cache.
+
+The KV cache is a transformers ``StaticCache`` sized to exactly ``C+T`` tokens, so a step writes its
+new keys/values in place and attends over exactly ``C+T`` keys, as a serving engine's preallocated
+(paged) cache does; its first ``C`` positions hold the keys/values a real prefill of real text
+produced (one prefill of the longest context, sliced: causality makes a prefix's keys/values equal
+to the prefill of that prefix). Inputs are the embeddings of real text tokens. After every timed
+call the cache is cropped back to ``C`` tokens (outside the timed region).
+
+Timing: CUDA events around the call plus a synchronise on CUDA; ``time.perf_counter`` on CPU
+(eager CPU ops are synchronous). Warm-up calls first, then repeats until a time budget or a repeat
+cap; every point keeps the median and the interquartile range (``spread_ms``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from simspec.calibrate.fit import Point, fit_stage
+from simspec.calibrate.models import LoadedModel
+from simspec.errors import SimspecError
+
+STAGES = ("embed", "layer", "lm_head", "adapter", "draft_step")
+
+# A public-domain passage (the opening of "Pride and Prejudice") tokenised and repeated to make
+# real contexts and real next tokens.
+_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be on "
+    "his first entering a neighbourhood, this truth is so well fixed in the minds of the surrounding "
+    "families, that he is considered the rightful property of some one or other of their daughters. "
+    "\"My dear Mr. Bennet,\" said his lady to him one day, \"have you heard that Netherfield Park is "
+    "let at last?\" Mr. Bennet replied that he had not. \"But it is,\" returned she; \"for Mrs. Long "
+    "has just been here, and she told me all about it.\" Mr. Bennet made no answer. \"Do you not "
+    "want to know who has taken it?\" cried his wife impatiently. \"You want to tell me, and I have "
+    "no objection to hearing it.\" This was invitation enough. "
+)
+
+
+# ------------------------------------------------------------------------------------------ grid
+
+
+@dataclass
+class Grid:
+    """What to measure: the training grid (full product of the three axes), the off-grid held-out
+    shapes ``[B, T, C]``, and the timing budget per point."""
+
+    name: str
+    batch_sizes: list[int]
+    tokens_per_request: list[int]
+    context_tokens: list[int]
+    heldout: list[list[int]]
+    warmup: int = 2
+    min_repeats: int = 5
+    max_repeats: int = 25
+    target_s: float = 0.2  # stop repeating once this much time has been measured at a point
+    composition_check: list[list[int]] = field(default_factory=list)
+
+    def check(self, where: str) -> None:
+        for axis in ("batch_sizes", "tokens_per_request", "context_tokens"):
+            vals = getattr(self, axis)
+            if not vals or any((not isinstance(v, int)) or isinstance(v, bool) for v in vals):
+                raise SimspecError(f"grid {where}: field {axis}: expected a non-empty list of integers")
+            if sorted(set(vals)) != list(vals):
+                raise SimspecError(f"grid {where}: field {axis}: values must be strictly increasing")
+            low = 0 if axis == "context_tokens" else 1
+            if vals[0] < low:
+                raise SimspecError(f"grid {where}: field {axis}: values must be >= {low}")
+        for key in ("heldout", "composition_check"):
+            for i, p in enumerate(getattr(self, key)):
+                if (not isinstance(p, list) or len(p) != 3 or any(not isinstance(v, int) for v in p)
+                        or p[0] < 1 or p[1] < 1 or p[2] < 0):
+                    raise SimspecError(f"grid {where}: field {key}[{i}]: expected [B>=1, T>=1, C>=0]")
+        if self.warmup < 0 or self.min_repeats < 1 or self.max_repeats < self.min_repeats:
+            raise SimspecError(f"grid {where}: field warmup/min_repeats/max_repeats: need warmup >= 0 "
+                               "and 1 <= min_repeats <= max_repeats")
+
+    @property
+    def n_points(self) -> int:
+        return len(self.batch_sizes) * len(self.tokens_per_request) * len(self.context_tokens)
+
+
+# tokens per request: 1 = decode; 2..9 = verify of k = 1..8 drafts; larger = prefill chunks.
+GRIDS: dict[str, dict[str, Any]] = {
+    "tiny": dict(batch_sizes=[1, 4], tokens_per_request=[1, 3, 9], context_tokens=[64, 256],
+                 heldout=[[2, 2, 128], [3, 5, 160], [2, 7, 200]], warmup=1, min_repeats=3,
+                 max_repeats=8, target_s=0.03, composition_check=[[1, 1, 64]]),
+    "quick": dict(batch_sizes=[1, 2, 4, 8], tokens_per_request=[1, 2, 3, 5, 9, 32, 128],
+                  context_tokens=[0, 128, 512, 1024],
+                  heldout=[[1, 4, 256], [1, 7, 768], [2, 6, 384], [3, 1, 256], [3, 4, 640],
+                           [6, 1, 512], [6, 3, 896], [8, 8, 256], [5, 2, 64], [2, 64, 256],
+                           [4, 16, 768], [1, 96, 384]],
+                  warmup=2, min_repeats=5, max_repeats=25, target_s=0.12,
+                  composition_check=[[1, 1, 128], [1, 5, 128], [4, 1, 512], [4, 5, 512]]),
+    "full": dict(batch_sizes=[1, 2, 4, 8, 16, 32, 64],
+                 tokens_per_request=[1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 64, 256, 1024],
+                 context_tokens=[0, 256, 1024, 2048, 4096, 8192],
+                 heldout=[[1, 4, 512], [1, 7, 3072], [3, 2, 1536], [3, 5, 6144], [6, 1, 768],
+                          [12, 3, 1536], [12, 9, 3072], [24, 1, 6144], [24, 4, 512], [48, 2, 2048],
+                          [48, 6, 1024], [5, 32, 1024], [10, 128, 512], [2, 512, 2048],
+                          [40, 1, 4096], [20, 8, 6144]],
+                 warmup=3, min_repeats=10, max_repeats=50, target_s=0.3,
+                 composition_check=[[1, 1, 1024], [1, 5, 1024], [8, 1, 2048], [8, 5, 2048],
+                                    [32, 1, 1024]]),
+}
+
+
+def load_grid(spec: str) -> Grid:
+    """A named grid (``tiny``, ``quick``, ``full``) or a JSON/YAML file with the same keys:
+    ``batch_sizes``, ``tokens_per_request``, ``context_tokens`` (lists), optional ``heldout``
+    (list of ``[B, T, C]``), ``warmup``, ``min_repeats``, ``max_repeats``, ``target_s``,
+    ``composition_check``."""
+    if spec in GRIDS:
+        g = Grid(name=spec, **GRIDS[spec])
+        g.check(spec)
+        return g
+    p = Path(spec)
+    if not p.is_file():
+        raise SimspecError(f"--grid {spec!r}: not one of {', '.join(GRIDS)} and no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            doc = yaml.safe_load(text)
+        else:
+            doc = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise SimspecError(f"grid {p}: cannot parse ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # yaml.YAMLError
+        raise SimspecError(f"grid {p}: cannot parse ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise SimspecError(f"grid {p}: expected a mapping of grid settings")
+    known = {f for f in Grid.__dataclass_fields__ if f != "name"}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise SimspecError(f"grid {p}: field {unknown[0]}: unknown (known: {', '.join(sorted(known))})")
+    for key in ("batch_sizes", "tokens_per_request", "context_tokens"):
+        if key not in doc:
+            raise SimspecError(f"grid {p}: field {key}: missing")
+    doc.setdefault("heldout", [])
+    try:
+        g = Grid(name=str(p), **doc)
+    except TypeError as exc:
+        raise SimspecError(f"grid {p}: {exc}") from None
+    g.check(str(p))
+    return g
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+class Timer:
+    """Times a zero-argument callable: warm-ups, then repeats; returns (median_ms, iqr_ms, n)."""
+
+    def __init__(self, device: str, grid: Grid):
+        self.cuda = device.startswith("cuda")
+        self.device = device
+        self.grid = grid
+
+    @torch.inference_mode()
+    def measure(self, run: Callable[[], Any], reset: Callable[[], None]) -> tuple[float, float, int]:
+        g = self.grid
+        for _ in range(g.warmup):
+            run()
+            reset()
+        times: list[float] = []
+        spent = 0.0
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(self.device)
+        while len(times) < g.min_repeats or (len(times) < g.max_repeats and spent < g.target_s):
+            if self.cuda:
+                start.record()
+                run()
+                end.record()
+                torch.cuda.synchronize(self.device)
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                run()
+                ms = (time.perf_counter() - t0) * 1e3
+            reset()
+            times.append(ms)
+            spent += ms / 1e3
+        return statistics.median(times), _iqr(times), len(times)
+
+
+def _iqr(xs: Sequence[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+# ------------------------------------------------------------------------------ model structure
+
+
+@dataclass
+class Parts:
+    """The pieces of a causal LM that calibration times (looked up by the conventional names of the
+    Llama / Mistral / Qwen / Gemma families in transformers)."""
+
+    base: nn.Module
+    layers: Any
+    norm: nn.Module
+    rotary: nn.Module
+    embed: nn.Module
+    lm_head: nn.Module
+    config: Any
+
+
+def model_parts(lm: LoadedModel) -> Parts:
+    model = lm.model
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    missing = [a for a in ("layers", "norm", "rotary_emb") if base is None or not hasattr(base, a)]
+    if missing:
+        raise SimspecError(f"--model {lm.model_id}: unsupported architecture "
+                           f"{type(model).__name__} (no {', '.join(missing)} on the decoder); supported: "
+                           "Llama/Mistral/Qwen/Gemma-style decoders")
+    return Parts(base=base, layers=base.layers, norm=base.norm, rotary=base.rotary_emb,
+                 embed=model.get_input_embeddings(), lm_head=model.get_output_embeddings(),
+                 config=model.config)
+
+
+def _cache_kwarg(module: nn.Module) -> str:
+    """The keyword a module's forward takes its KV cache by (``cache`` in transformers >= 5.x,
+    ``past_key_values`` before)."""
+    fwd = module.forward
+    params = inspect.signature(fwd).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    if "past_key_value" in params:
+        return "past_key_value"
+    return "cache"
+
+
+class Adapter(nn.Module):
+    """A Kangaroo-style early-exit adapter: input norm, one attention block (the model's own
+    attention class, built from its config), residual, and a final norm — no MLP."""
+
+    def __init__(self, parts: Parts):
+        super().__init__()
+        import copy
+
+        layer0 = parts.layers[0]
+        attn_cls = type(layer0.self_attn)
+        try:
+            self.self_attn = attn_cls(parts.config, layer_idx=0)
+        except TypeError:
+            self.self_attn = copy.deepcopy(layer0.self_attn)
+        self.input_norm = copy.deepcopy(layer0.input_layernorm)
+        self.final_norm = copy.deepcopy(parts.norm)
+        self.cache_kw = _cache_kwarg(self.self_attn)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, position_ids=None,
+                cache=None, **kwargs):
+        residual = hidden_states
+        h = self.input_norm(hidden_states)
+        h = self.self_attn(hidden_states=h, attention_mask=attention_mask,
+                           position_embeddings=position_embeddings, position_ids=position_ids,
+                           **{self.cache_kw: cache})[0]
+        return self.final_norm(residual + h)
+
+
+def _static_cache(config: Any, max_len: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=config, max_cache_len=max_len)
+
+
+def _dynamic_cache(config: Any):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+def _causal_mask(config: Any, embeds, cache, position_ids):
+    from transformers.masking_utils import create_causal_mask
+
+    sig = inspect.signature(create_causal_mask).parameters
+    kw = {"config": config, "inputs_embeds": embeds, "attention_mask": None, "position_ids": position_ids}
+    kw["cache" if "cache" in sig else "past_key_values"] = cache
+    if "cache_position" in sig:
+        c0 = int(position_ids[0, 0])
+        kw["cache_position"] = torch.arange(c0, c0 + embeds.shape[1], device=embeds.device)
+    return create_causal_mask(**kw)
+
+
+# ------------------------------------------------------------------------------ stage benchmarks
+
+
+class TokenSource:
+    """Real token ids: ``rows`` distinct passages of the text (different starting offsets),
+    long enough for ``length`` tokens each."""
+
+    def __init__(self, tokenizer: Any, device: str):
+        ids = tokenizer(_TEXT, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise SimspecError("tokenizer produced no tokens for the calibration text")
+        self.ids = list(ids)
+        self.device = device
+
+    def batch(self, rows: int, length: int, offset: int = 0) -> torch.Tensor:
+        n = len(self.ids)
+        out = [[self.ids[(r * 37 + offset + i) % n] for i in range(length)] for r in range(rows)]
+        return torch.tensor(out, dtype=torch.long, device=self.device)
+
+
+def _tile_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Repeat the first dimension cyclically to ``rows`` rows (contiguous)."""
+    reps = math.ceil(rows / t.shape[0])
+    return t.repeat(reps, *([1] * (t.dim() - 1)))[:rows].contiguous()
+
+
+class ModuleStage:
+    """Time a layer-like module (a decoder layer or the adapter) with its own KV cache.
+
+    ``pool`` lists ``(module, layer_idx)``: successive timed calls rotate through the pool, so a
+    module's weights have been evicted from the last-level cache by the others before it runs again,
+    as in a real forward pass where the other layers run in between (see :func:`pool_size`). Every
+    pool member gets its own KV cache holding the real prefill keys/values of the first member
+    (timing does not depend on the values)."""
+
+    def __init__(self, name: str, pool: Sequence[tuple[nn.Module, int]], parts: Parts, tokens: TokenSource,
+                 max_context: int, distinct_rows: int, cache_kw: str):
+        self.name = name
+        self.pool = list(pool)
+        self.parts = parts
+        self.tokens = tokens
+        self.cache_kw = cache_kw
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rows = distinct_rows
+        if max_context > 0:
+            self._prefill(max_context)
+
+    @torch.inference_mode()
+    def _prefill(self, length: int) -> None:
+        """One real prefill of ``length`` tokens for ``rows`` distinct passages; keep K/V."""
+        module, idx = self.pool[0]
+        ids = self.tokens.batch(self.rows, length)
+        emb = self.parts.embed(ids)
+        pos = torch.arange(length, device=ids.device).unsqueeze(0).expand(self.rows, -1)
+        cache = _dynamic_cache(self.parts.config)
+        mask = _causal_mask(self.parts.config, emb, cache, pos)
+        pe = self.parts.rotary(emb, pos)
+        module(emb, attention_mask=mask, position_ids=pos, position_embeddings=pe,
+               use_cache=True, **{self.cache_kw: cache})
+        layer = cache.layers[idx]
+        self.kv = (layer.keys.detach(), layer.values.detach())
+
+    @torch.inference_mode()
+    def prepare(self, b: int, t: int, c: int):
+        """Return ``(run, reset)`` for one point ``(B, T, C)``."""
+        cfg = self.parts.config
+        cache = _static_cache(cfg, c + t)
+        for _, idx in self.pool:
+            if c > 0:
+                k, v = self.kv
+                cache.update(_tile_rows(k[:, :, :c], b), _tile_rows(v[:, :, :c], b), idx)
+            elif not getattr(cache.layers[idx], "is_initialized", True):
+                z = _kv_zeros(cfg, b, self.parts.embed.weight)
+                cache.layers[idx].lazy_initialization(z, z)
+        ids = self.tokens.batch(b, t, offset=c)
+        emb = self.parts.embed(ids)
+        pos = torch.arange(c, c + t, device=ids.device).unsqueeze(0).expand(b, -1)
+        mask = _causal_mask(cfg, emb, cache, pos)
+        pe = self.parts.rotary(emb, pos)
+        kw = self.cache_kw
+        calls = [(module, cache.layers[idx], {kw: cache}) for module, idx in self.pool]
+        state = [0]
+
+        def run():
+            module, _, ckw = calls[state[0]]
+            return module(emb, attention_mask=mask, position_ids=pos, position_embeddings=pe,
+                          use_cache=True, **ckw)
+
+        def reset():
+            calls[state[0]][1].crop(-t)
+            state[0] = (state[0] + 1) % len(calls)
+
+        # Check that the module really writes to the cache (else the timing would miss it).
+        run()
+        got = int(calls[0][1].get_seq_length())
+        reset()
+        state[0] = 0
+        if got != c + t:
+            raise SimspecError(f"stage {self.name}: the KV cache was not used by "
+                               f"{type(calls[0][0]).__name__} (length {got}, expected {c + t}); "
+                               "unsupported transformers/model version")
+        return run, reset
+
+
+def _kv_zeros(cfg: Any, b: int, like: torch.Tensor) -> torch.Tensor:
+    """A one-token key/value tensor of the model's cache shape (to initialise a static cache)."""
+    kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return torch.zeros(b, kvh, 1, hd, dtype=like.dtype, device=like.device)
+
+
+def last_level_cache_bytes(device: str) -> int:
+    """Size of the last-level cache: the GPU's L2, or the largest CPU cache in sysfs (32 MiB if
+    unknown)."""
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+    best = 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            txt = (d / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(txt[-1:], 1)
+        try:
+            best = max(best, int(txt.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return best or 32 * 2**20
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def pool_size(layer_bytes: int, llc_bytes: int, n_layers: int) -> int:
+    """How many distinct layers to rotate through so that a layer's weights are out of the last-level
+    cache when it runs again: enough layers to cover twice the cache, at most all of them."""
+    return max(1, min(n_layers, math.ceil(2 * llc_bytes / max(layer_bytes, 1))))
+
+
+class CacheFlusher:
+    """Evicts the last-level cache (touches a buffer twice its size) between timed calls of a stage
+    whose weights a real forward pass would have evicted (the LM head runs after every layer)."""
+
+    def __init__(self, device: str, llc_bytes: int):
+        n = min(2 * llc_bytes, 2**30) // 4
+        self.buf = torch.zeros(n, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.buf.add_(1.0)
+
+
+class EmbedStage:
+    """Embedding lookup + rotary tables + causal mask for a cache of ``C`` tokens."""
+
+    def __init__(self, parts: Parts, tokens: TokenSource):
+        self.parts, self.tokens = parts, tokens
+
+    @torch.inference_mode()
+    def prepare(self, b: int, t: int, c: int):
+        cfg = self.parts.config
+        cache = _static_cache(cfg, c + t)
+        if c > 0:  # a cache that already holds c tokens at layer 0 (the mask depends on it)
+            z = _kv_zeros(cfg, b, self.parts.embed.weight).expand(-1, -1, c, -1)
+            cache.update(z, z, 0)
+        ids = self.tokens.batch(b, t, offset=c)
+        pos = torch.arange(c, c + t, device=ids.device).unsqueeze(0).expand(b, -1)
+        embed, rotary = self.parts.embed, self.parts.rotary
+
+        def run():
+            e = embed(ids)
+            pe = rotary(e, pos)
+            m = _causal_mask(cfg, e, cache, pos)
+            return e, pe, m
+
+        return run, lambda: None
+
+
+class LmHeadStage:
+    """Final norm + LM head over every fed token; the last-level cache is flushed between calls
+    (in a real forward every decoder layer runs between two LM-head calls)."""
+
+    def __init__(self, parts: Parts, tokens: TokenSource, flush: Callable[[], None] | None = None):
+        self.parts, self.tokens = parts, tokens
+        self.flush = flush or (lambda: None)
+
+    @torch.inference_mode()
+    def prepare(self, b: int, t: int, c: int):
+        h = self.parts.embed(self.tokens.batch(b, t, offset=c))
+        norm, head = self.parts.norm, self.parts.lm_head
+
+        def run():
+            return head(norm(h))
+
+        return run, self.flush
+
+
+class WholeModelStage:
+    """One whole forward of a causal LM (embedding, every layer, final norm, LM head) with a static
+    KV cache of ``C`` real prefilled tokens per request."""
+
+    def __init__(self, name: str, lm: LoadedModel, tokens: TokenSource, max_context: int, distinct_rows: int):
+        self.name = name
+        self.model = lm.model
+        self.config = lm.model.config
+        self.tokens = tokens
+        self.cache_kw = _cache_kwarg(lm.model)
+        self.n_layers = int(self.config.num_hidden_layers)
+        self.rows = distinct_rows
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if max_context > 0:
+            self._prefill(max_context)
+
+    @torch.inference_mode()
+    def _prefill(self, length: int) -> None:
+        ids = self.tokens.batch(self.rows, length)
+        cache = _dynamic_cache(self.config)
+        self.model(input_ids=ids, use_cache=True, **{self.cache_kw: cache})
+        self.kv = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
+
+    @torch.inference_mode()
+    def prepare(self, b: int, t: int, c: int):
+        cache = _static_cache(self.config, c + t)
+        if c > 0:
+            for i, (k, v) in enumerate(self.kv):
+                cache.update(_tile_rows(k[:, :, :c], b), _tile_rows(v[:, :, :c], b), i)
+        ids = self.tokens.batch(b, t, offset=c)
+        pos = torch.arange(c, c + t, device=ids.device).unsqueeze(0).expand(b, -1)
+        model, kw = self.model, {self.cache_kw: cache}
+        layers = [layer for layer in cache.layers]
+
+        def run():
+            return model(input_ids=ids, position_ids=pos, use_cache=True, **kw)
+
+        def reset():
+            for layer in layers:
+                if getattr(layer, "is_initialized", True):
+                    layer.crop(-t)
+
+        run()
+        got = int(cache.get_seq_length())
+        reset()
+        if got != c + t:
+            raise SimspecError(f"stage {self.name}: the KV cache was not used by {type(model).__name__} "
+                               f"(length {got}, expected {c + t})")
+        return run, reset
+
+
+# ----------------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class LatencyResult:
+    """What :func:`calibrate_latency` measured and fitted."""
+
+    latency: dict[str, Any]
+    models: dict[str, Any]
+    capacity: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def device_name(device: str) -> str:
+    """The accelerator's name (CUDA) or the CPU model from /proc/cpuinfo."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def model_summary(lm: LoadedModel) -> dict[str, Any]:
+    """``models.<role>`` for the profile: shape numbers and KV bytes per token."""
+    cfg = lm.model.config
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    layers = int(cfg.num_hidden_layers)
+    elem = torch.tensor([], dtype=next(lm.model.parameters()).dtype).element_size()
+    params = sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values())
+    return {"name": lm.model_id, "num_layers": layers, "hidden_size": int(cfg.hidden_size),
+            "intermediate_size": int(getattr(cfg, "intermediate_size", 0) or 0),
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+            "vocab_size": int(cfg.vocab_size), "params": int(params),
+            "kv_bytes_per_token": 2 * layers * kv_heads * head_dim * elem, "dtype": lm.dtype,
+            "architecture": type(lm.model).__name__}
+
+
+def choose_capacity(device: str, grid: Grid, target: dict[str, Any], draft: dict[str, Any] | None
+                    ) -> tuple[dict[str, int], str]:
+    """Default replay capacity: the largest measured batch, and a KV budget that is the smaller of
+    what memory holds and what the grid measured (max batch × max context)."""
+    weights = target["params"] * (2 if target["dtype"] in ("bf16", "fp16") else 4)
+    kv_per_tok = target["kv_bytes_per_token"]
+    if draft:
+        weights += draft["params"] * (2 if draft["dtype"] in ("bf16", "fp16") else 4)
+        kv_per_tok += draft["kv_bytes_per_token"]
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        usable, how = 0.9 * total - weights, "90% of GPU memory minus weights"
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        usable, how = 0.5 * total - weights, "half of RAM minus weights"
+    mem_tokens = max(int(usable // kv_per_tok), 1)
+    max_b = max(grid.batch_sizes)
+    grid_tokens = max_b * max(max(grid.context_tokens) + max(grid.tokens_per_request), 1)
+    budget = min(mem_tokens, grid_tokens)
+    note = (f"max_batch_size = largest measured batch ({max_b}); kv_budget_tokens = min(memory bound "
+            f"{mem_tokens} tokens ({how}, at {kv_per_tok} KV bytes/token), grid coverage {grid_tokens} "
+            f"tokens (max batch x (max context + max tokens/request))) = {budget}")
+    max_bt = max_b * max(grid.tokens_per_request)
+    note += f"; max_batched_tokens = max batch x max tokens/request measured = {max_bt}"
+    return {"kv_budget_tokens": int(budget), "max_batch_size": int(max_b), "max_batched_tokens": int(max_bt)}, note
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import simspec
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "simspec": simspec.__version__, "python": platform.python_version()}
+
+
+def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | None = None,
+                      threads: int | None = None, progress: bool = True,
+                      stages: Sequence[str] | None = None) -> LatencyResult:
+    """Measure every stage on ``grid`` and its held-out shapes, fit, and return the sections.
+
+    ``threads``: torch intra-op threads on CPU (default: all CPUs). ``stages``: restrict to a subset
+    (default: embed, layer, lm_head, adapter, and draft_step when ``draft`` is given).
+    """
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    device = target.device
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(int(threads))
+    torch.manual_seed(0)
+    wanted = list(stages) if stages else [s for s in STAGES if s != "draft_step" or draft is not None]
+    if "draft_step" in wanted and draft is None:
+        raise SimspecError("stage draft_step needs --draft")
+    parts = model_parts(target)
+    tokens = TokenSource(target.tokenizer, device)
+    max_c = max(grid.context_tokens + [p[2] for p in grid.heldout + grid.composition_check])
+    rows = min(max(grid.batch_sizes + [p[0] for p in grid.heldout]), 4)
+
+    llc = last_level_cache_bytes(device)
+    n_layers = len(parts.layers)
+    n_pool = pool_size(module_bytes(parts.layers[0]), llc, n_layers)
+    benches: dict[str, Any] = {}
+    if "embed" in wanted:
+        benches["embed"] = EmbedStage(parts, tokens)
+    if "layer" in wanted:
+        pool = [(parts.layers[i], int(getattr(parts.layers[i].self_attn, "layer_idx", i)))
+                for i in range(n_pool)]
+        benches["layer"] = ModuleStage("layer", pool, parts, tokens, max_c, rows, _cache_kwarg(parts.layers[0]))
+    if "lm_head" in wanted:
+        benches["lm_head"] = LmHeadStage(parts, tokens, CacheFlusher(device, llc))
+    if "adapter" in wanted:
+        adapter = Adapter(parts).to(device=device, dtype=next(target.model.parameters()).dtype).eval()
+        benches["adapter"] = ModuleStage("adapter", [(adapter, 0)], parts, tokens, max_c, rows, "cache")
+    if "draft_step" in wanted:
+        dtokens = TokenSource(draft.tokenizer, draft.device)
+        benches["draft_step"] = WholeModelStage("draft_step", draft, dtokens, max_c, min(rows, 2))
+
+    timer = Timer(device, grid)
+    shapes_grid = [(b, t, c) for b in grid.batch_sizes for t in grid.tokens_per_request
+                   for c in grid.context_tokens]
+    heldout = [tuple(p) for p in grid.heldout]
+    c0 = grid.context_tokens[0]
+    plan: list[tuple[str, str, tuple[int, int, int]]] = []
+    for name in benches:
+        if name == "lm_head":  # context-independent: measured at one context only
+            plan += [(name, "train", (b, t, c0)) for b in grid.batch_sizes for t in grid.tokens_per_request]
+            plan += [(name, "heldout", (b, t, c0)) for b, t, _ in heldout]
+        else:
+            plan += [(name, "train", s) for s in shapes_grid]
+            plan += [(name, "heldout", s) for s in heldout]
+
+    measured: dict[str, dict[str, list[Point]]] = {n: {"train": [], "heldout": []} for n in benches}
+    bar = tqdm(total=len(plan), desc="calibrate latency", unit="pt", disable=not progress, dynamic_ncols=True)
+    try:
+        for name, role, (b, t, c) in plan:
+            bar.set_postfix_str(f"{name} B={b} T={t} C={c}", refresh=False)
+            run, reset = benches[name].prepare(b, t, c)
+            med, spread, n = timer.measure(run, reset)
+            measured[name][role].append(Point(b, t, c, med, spread, n))
+            del run, reset
+            bar.update(1)
+    finally:
+        bar.close()
+
+    stage_docs: dict[str, Any] = {}
+    for name, pts in measured.items():
+        if name == "lm_head":
+            doc = fit_stage(pts["train"], pts["heldout"], grid.batch_sizes, grid.tokens_per_request, [c0])
+            # the LM head never reads the KV cache: one context axis value, constant along it
+            doc["valid"]["context_tokens"] = [0, max(grid.context_tokens)]
+        else:
+            doc = fit_stage(pts["train"], pts["heldout"], grid.batch_sizes, grid.tokens_per_request,
+                            grid.context_tokens)
+        doc["measures"] = STAGE_DESCRIPTIONS[name]
+        stage_docs[name] = doc
+
+    tsum = model_summary(target)
+    models = {"target": tsum}
+    dsum = model_summary(draft) if draft is not None else None
+    if dsum:
+        models["draft"] = dsum
+    capacity, cap_note = choose_capacity(device, grid, tsum, dsum)
+
+    composition = None
+    if grid.composition_check and {"embed", "layer", "lm_head"} <= set(stage_docs):
+        composition = composition_check(target, tokens, grid, timer, stage_docs, max_c, rows)
+
+    wall = time.perf_counter() - t_start
+    meta = {
+        "source": "measured",
+        "device": device_name(device),
+        "device_type": "cuda" if device.startswith("cuda") else "cpu",
+        "dtype": target.dtype,
+        "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "versions": _versions(),
+        "model_ids": {"target": target.model_id, **({"draft": draft.model_id} if draft else {})},
+        "model_configs": {"target": _jsonable(target.config_dict),
+                          **({"draft": _jsonable(draft.config_dict)} if draft else {})},
+        "threads": int(torch.get_num_threads()) if not device.startswith("cuda") else None,
+        "grid": {k: v for k, v in asdict(grid).items()},
+        "latency_calibration": {
+            "timer": "cuda events + synchronize" if device.startswith("cuda") else "time.perf_counter",
+            "statistic": "median of repeats; spread_ms = interquartile range",
+            "kv_cache": "transformers StaticCache sized to exactly C+T tokens per point, first C "
+                        "positions from a real prefill of real text; cropped back to C after each call",
+            "layer_pool": (f"timed calls rotate through decoder layers 0..{n_pool - 1} so each runs with "
+                           f"its weights evicted from the {llc // 2**20} MiB last-level cache, as in a "
+                           "real forward; the LM head runs after a cache flush"),
+            "layer_pool_size": n_pool,
+            "last_level_cache_bytes": llc,
+            "attn_implementation": getattr(target.model.config, "_attn_implementation", None),
+            "wall_time_s": round(wall, 1),
+            "model_load_s": round(target.load_s, 2),
+            "points_measured": len(plan),
+        },
+        "capacity_note": cap_note,
+    }
+    if composition is not None:
+        meta["composition_check"] = composition
+    latency = {"unit": "ms", "overhead": {"fraction": 0.0, "fixed_ms": 0.0}, "stages": stage_docs}
+    return LatencyResult(latency=latency, models=models, capacity=capacity, meta=meta)
+
+
+STAGE_DESCRIPTIONS = {
+    "embed": "token embedding lookup + rotary position tables + causal mask (once per forward)",
+    "layer": "one decoder layer (attention over a KV cache of C tokens/request + MLP)",
+    "lm_head": "final norm + LM head over every fed token (context-independent)",
+    "adapter": "Kangaroo-style adapter: norm + one attention block with its own KV cache + final norm",
+    "draft_step": "one whole forward of the draft model (embedding, all layers, LM head) with its KV cache",
+}
+
+
+def composition_check(target: LoadedModel, tokens: TokenSource, grid: Grid, timer: Timer,
+                      stage_docs: dict[str, Any], max_c: int, rows: int) -> dict[str, Any]:
+    """Time whole target forwards at a few shapes and compare with ``embed + L*layer + lm_head``
+    composed from the fitted stages (what a layer-level replay charges for a full step)."""
+    from simspec.simulator.latency_models import compile_stage
+
+    fns = {n: compile_stage(stage_docs[n], stage_docs) for n in ("embed", "layer", "lm_head")}
+    n_layers = int(target.model.config.num_hidden_layers)
+    ctx = max(p[2] for p in grid.composition_check)
+    whole = WholeModelStage("target_step", target, tokens, ctx, min(rows, 2))
+    rows_out, errs = [], []
+    for b, t, c in grid.composition_check:
+        run, reset = whole.prepare(b, t, c)
+        med, spread, _ = timer.measure(run, reset)
+        bt, kv = b * t, b * c
+        comp = fns["embed"](b, bt, kv) + n_layers * fns["layer"](b, bt, kv) + fns["lm_head"](b, bt, kv)
+        rows_out.append([b, bt, kv, round(med, 4), round(comp, 4)])
+        errs.append(abs(comp - med) / med * 100.0)
+    return {"what": "whole target forward (measured) vs embed + num_layers*layer + lm_head (composed)",
+            "points": rows_out, "columns": ["B", "batched_tokens", "kv_tokens", "measured_ms", "composed_ms"],
+            "mape_pct": round(sum(errs) / len(errs), 2), "max_ape_pct": round(max(errs), 2)}
+
+
+def _jsonable(obj: Any) -> Any:
+    """Config dicts can hold tuples, dtypes and other non-JSON values: keep JSON types, stringify
+    the rest."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    return str(obj)
