@@ -58,6 +58,22 @@ class CostModel:
             return 0.0
         return n_layers * self.stage_ms("layer", batch_size, batched_tokens, kv_tokens)
 
+    def slice_ms(self, first_layer: int, end_layer: int, batch_size: float, batched_tokens: float,
+                 kv_tokens: float, *, embed: bool = False, lm_head: bool = False, adapter: bool = False) -> float:
+        """Decoder layers ``first_layer .. end_layer-1`` over the batch, plus optionally the embedding
+        (tokens entering layer 0), the early-exit ``adapter`` and the LM head (final norm included).
+        Layer-level profiles only; every decoder layer costs the profile's one ``layer`` stage."""
+        if batch_size <= 0:
+            return 0.0
+        ms = self.layers_ms(end_layer - first_layer, batch_size, batched_tokens, kv_tokens)
+        if embed and self.has("embed"):
+            ms += self.stage_ms("embed", batch_size, batched_tokens, kv_tokens)
+        if adapter:
+            ms += self.stage_ms("adapter", batch_size, batched_tokens, kv_tokens)
+        if lm_head:
+            ms += self.stage_ms("lm_head", batch_size, batched_tokens, kv_tokens)
+        return ms
+
     def target_ms(self, batch_size: float, batched_tokens: float, kv_tokens: float,
                   speculating: bool = False) -> float:
         """One full target forward (embedding, all layers, LM head) over the batch."""
