@@ -103,12 +103,26 @@ def _load(name: str) -> Profile:
 
 @click.command("show")
 @click.argument("profile_name", metavar="FILE_OR_NAME")
-@click.option("--samples", "n_samples", type=int, default=4, show_default=True,
-              help="Raw sample points to print per stage.")
-def show(profile_name: str, n_samples: int) -> None:
+@click.option("--samples", "samples_opt", default="4", show_default=True, metavar="N|all",
+              help="Raw sample points to print per stage (all: every measured and held-out point).")
+@click.option("--stage", "only_stage", default=None, help="Print only this latency stage.")
+@click.option("--at", "at_shapes", multiple=True, metavar="B,T,C",
+              help="Also evaluate each stage at these shapes (batch, tokens per request, context per "
+                   "request). Repeatable.")
+def show(profile_name: str, samples_opt: str, only_stage: str | None, at_shapes: tuple[str, ...]) -> None:
     """Print a profile: meta (source first), models, capacity, every latency stage (kind, fit
     error, valid ranges, sample points, values at standard shapes) and the acceptance classes."""
+    if samples_opt == "all":
+        n_samples = -1
+    else:
+        try:
+            n_samples = int(samples_opt)
+        except ValueError:
+            raise SimspecError(f"--samples {samples_opt!r}: expected a number or 'all'") from None
+    extra = [_parse_shape(s) for s in at_shapes]
     p = _load(profile_name)
+    if only_stage is not None and only_stage not in p.stages:
+        raise SimspecError(f"--stage {only_stage!r}: profile {p.name} has stages {', '.join(p.stages)}")
     meta = p.meta
     echo = click.echo
     echo(f"profile {p.name}  ({p.path})")
@@ -151,6 +165,8 @@ def show(profile_name: str, n_samples: int) -> None:
     echo(f"latency (ms; overhead fraction {ov['fraction']:g}, fixed {ov['fixed_ms']:g} ms)")
     stages = p.stages
     for name, doc in stages.items():
+        if only_stage is not None and name != only_stage:
+            continue
         echo(f"  {name}: {_stage_line(doc)}")
         if doc.get("measures"):
             echo(f"      measures: {doc['measures']}")
@@ -159,7 +175,13 @@ def show(profile_name: str, n_samples: int) -> None:
         if v:
             echo(f"      {v}")
         samples = doc.get("samples") or []
-        if samples and n_samples > 0:
+        if samples and n_samples < 0:
+            echo("      measured points (B, batched_tokens, kv_tokens -> median ms, spread ms):")
+            for label, rows in (("grid", samples), ("held-out", doc.get("heldout_samples") or [])):
+                for srow in rows:
+                    echo(f"        {label:<8} {int(srow[0]):>4} {int(srow[1]):>6} {int(srow[2]):>7}  "
+                         f"{_fmt_ms(float(srow[3])):>9}" + (f"  ±{_fmt_ms(float(srow[4]))}" if len(srow) > 4 else ""))
+        elif samples and n_samples > 0:
             pick = samples if len(samples) <= n_samples else \
                 [samples[round(i * (len(samples) - 1) / (n_samples - 1))] for i in range(n_samples)] \
                 if n_samples > 1 else samples[:1]
@@ -169,12 +191,16 @@ def show(profile_name: str, n_samples: int) -> None:
         fn = compile_stage(doc, stages, name=name)
         echo("      at: " + "; ".join(f"{label}: {_fmt_ms(fn(b, b * t, b * c))}"
                                       for label, b, t, c in STANDARD_SHAPES[:3] + STANDARD_SHAPES[4:5]))
+        for label, b, t, c in extra:
+            echo(f"      at {label}: {_fmt_ms(fn(b, b * t, b * c))} ms")
     step = step_fn(p)
-    if step is not None and "target_step" not in stages:
+    if step is not None and "target_step" not in stages and only_stage is None:
         echo("  target step (composed: embed + num_layers x layer + lm_head): " +
              "; ".join(f"{label}: {_fmt_ms(step(b, b * t, b * c))}"
                        for label, b, t, c in STANDARD_SHAPES[:3] + STANDARD_SHAPES[4:5]))
 
+    if only_stage is not None:
+        return
     echo("acceptance")
     if not p.acceptance:
         echo("  (none: run `simspec calibrate acceptance --out FILE` to add it)")
