@@ -267,7 +267,11 @@ def read_csv_strings(path: Path, required: tuple[str, ...], optional: tuple[str,
     except OSError as exc:
         raise TraceError(f"{path}: cannot read ({exc})") from None
     try:
-        rows = list(csv.reader(io.StringIO(text)))
+        if '"' in text:
+            rows = list(csv.reader(io.StringIO(text)))
+        else:  # header now; the body is read by _regular_body (fast) or below (exact errors)
+            rows = list(csv.reader(io.StringIO(text[:text.find("\n") + 1 or len(text)])))
+            rows = rows[:1]
     except csv.Error as exc:
         raise TraceError(f"{path}: not a readable CSV ({exc})") from None
     if not rows or not any(c.strip() for c in rows[0]):
@@ -286,22 +290,51 @@ def read_csv_strings(path: Path, required: tuple[str, ...], optional: tuple[str,
     for c in required:
         if c not in pos:
             raise TraceError(f"{path}: line 1: missing column {c!r}")
-    body = [(ln, r) for ln, r in enumerate(rows[1:], start=2) if any(x.strip() for x in r)]
-    if not body:
+    fast = _regular_body(text, len(header), pos)
+    if fast is not None:
+        return fast
+    if '"' not in text:
+        rows = list(csv.reader(io.StringIO(text)))
+    body_rows = rows[1:]
+    keep = [i for i, r in enumerate(body_rows) if "".join(r).strip()]  # skip blank lines
+    if not keep:
         raise TraceError(f"{path}: header but no requests")
-    out: dict[str, list[str]] = {c: [] for c in pos}
-    lines: list[int] = []
+    body = body_rows if len(keep) == len(body_rows) else [body_rows[i] for i in keep]
+    lines: list[int] = [i + 2 for i in keep]
     ncol = len(header)
-    for ln, r in body:
-        if len(r) != ncol:
-            where = (f"column {header[len(r)]} missing" if len(r) < ncol
-                     else f"extra field after column {header[-1]}")
-            raise TraceError(f"{path}: line {ln}: expected {ncol} fields, got {len(r)} "
-                             f"({where}; wrong delimiter or truncated row?)")
-        for c, i in pos.items():
-            out[c].append(r[i].strip())
-        lines.append(ln)
+    lens = np.fromiter(map(len, body), dtype=np.int64, count=len(body))
+    bad = np.flatnonzero(lens != ncol)
+    if bad.size:
+        j = int(bad[0])
+        got = int(lens[j])
+        where = (f"column {header[got]} missing" if got < ncol else f"extra field after column {header[-1]}")
+        raise TraceError(f"{path}: line {lines[j]}: expected {ncol} fields, got {got} "
+                         f"({where}; wrong delimiter or truncated row?)")
+    columns = list(zip(*body))
+    out: dict[str, list[str]] = {c: [v.strip() for v in columns[i]] for c, i in pos.items()}
     out["__line__"] = lines  # type: ignore[assignment]
+    return out
+
+
+def _regular_body(text: str, ncol: int, pos: dict[str, int]) -> dict[str, list[str]] | None:
+    """Fast path for large files: the body read by pandas' C parser when the file has no quotes and
+    every row has exactly ``ncol`` fields and no blank lines; ``None`` otherwise (the exact,
+    error-reporting path in :func:`read_csv_strings` then reads it)."""
+    if '"' in text:
+        return None
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(io.StringIO(text), header=None, skiprows=1, names=list(range(ncol + 1)), dtype=object,
+                         keep_default_na=False, na_values=[""], skip_blank_lines=False, engine="c")
+    except Exception:
+        return None
+    na = df.isna().to_numpy()
+    # regular: no empty or missing field, and nothing in the spare column (no extra field)
+    if len(df) == 0 or na[:, :ncol].any() or not na[:, ncol].all():
+        return None
+    out: dict[str, list[str]] = {c: df[i].str.strip().tolist() for c, i in pos.items()}
+    out["__line__"] = list(range(2, len(df) + 2))  # type: ignore[assignment]
     return out
 
 
@@ -336,10 +369,11 @@ def parse_numeric(path: Path, column: str, values: list[str], lines: list[int], 
 
 
 def _finish(path: Path, fmt: str, lines: list[int], rid, arr, pt, ot, acc=None, slo=None,
-            notes: list[str] | None = None) -> Trace:
-    """Duplicate-id check with line numbers, then build (sorting out-of-order arrivals, reported)."""
+            notes: list[str] | None = None, ids_from_file: bool = True) -> Trace:
+    """Duplicate-id check with line numbers (ids read from the file), then build (sorting
+    out-of-order arrivals, reported)."""
     seen: dict[str, int] = {}
-    for j, r in enumerate(rid):
+    for j, r in enumerate(rid if ids_from_file else ()):
         if r in seen:
             raise TraceError(f"{path}: line {lines[j]}: column request_id: duplicate id {r!r} "
                              f"(first at line {seen[r]})")
@@ -415,14 +449,14 @@ def _read_azure(path: Path, fmt: str) -> Trace:
         raise TraceError(f"{path}: line {lines[j]}: column TIMESTAMP: not a timestamp ({raw[j]!r}; expected "
                          f"YYYY-MM-DD HH:MM:SS[.fraction][+HH:MM|Z])")
     notes: list[str] = []
-    aware = np.fromiter((bool(_TZ_RE.search(v)) for v in raw), dtype=bool, count=len(raw))
+    aware = s.str.contains(_TZ_RE).to_numpy(dtype=bool)
     n_naive = int((~aware).sum())
     if 0 < n_naive < len(raw):
         notes.append(f"read {n_naive} timestamp(s) without a time zone as UTC "
                      f"(the other {len(raw) - n_naive} carry an offset)")
     arr = (ts - ts.min()).dt.total_seconds().to_numpy(dtype=np.float64)
     rid = [f"azure-{ln}" for ln in lines]
-    return _finish(path, fmt, lines, rid, arr, pt, ot, notes=notes)
+    return _finish(path, fmt, lines, rid, arr, pt, ot, notes=notes, ids_from_file=False)
 
 
 @register_format("azure2023", detect=lambda f: {"timestamp", "contexttokens", "generatedtokens"} <= f)
@@ -502,7 +536,7 @@ def read_mooncake(path: Path) -> Trace:
         raise TraceError(f"{path}: empty file (no records)")
     rid = [f"mooncake-{ln}" for ln in lines]
     return _finish(path, "mooncake", lines, rid, np.asarray(ts) / 1000.0,
-                   np.asarray(pt, dtype=np.int64), np.asarray(ot, dtype=np.int64))
+                   np.asarray(pt, dtype=np.int64), np.asarray(ot, dtype=np.int64), ids_from_file=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,7 +573,8 @@ def read_burstgpt(path: Path) -> Trace:
     keep = np.flatnonzero(~failed)
     klines = [lines[i] for i in keep]
     rid = [f"burstgpt-{ln}" for ln in klines]
-    return _finish(path, "burstgpt", klines, rid, arr[keep], pt[keep], ot[keep], notes=notes)
+    return _finish(path, "burstgpt", klines, rid, arr[keep], pt[keep], ot[keep], notes=notes,
+                   ids_from_file=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +600,7 @@ def read_vidur(path: Path) -> Trace:
         _check_ids(path, rid, lines)
     else:
         rid = [f"vidur-{ln}" for ln in lines]
-    return _finish(path, "vidur", lines, rid, arr, pt, ot)
+    return _finish(path, "vidur", lines, rid, arr, pt, ot, ids_from_file="request_id" in cols)
 
 
 @dataclass
