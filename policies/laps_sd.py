@@ -1,0 +1,172 @@
+"""LAPS-SD: least-attained / perceived-service scheduling for speculative decoding (algorithms.md §4.3).
+
+Semi-clairvoyant and preemptive at step boundaries. Builds on the multi-level queues of
+:mod:`simspec.policies.las` (same ``queues``, ``q``, ``q_ms``, ``service``, ``within`` parameters
+and the same demotion rule: a request sits in queue ``j = #{thresholds q·2^j ≤ attained service}``,
+for every request, perceptible or not), and adds acceptance awareness:
+
+**Stability test.** Only decode steps in which the request drafted (k > 0) count. After each such
+step the request's running acceptance estimate ``Â = Σaccepted / Σdrafted`` (its observed mean
+acceptance per draft) is appended to a ring of its last ``w`` values. Once it has ``≥ m`` such
+steps and ``max − min`` of the estimates in the ring (the last ``min(w, steps)`` of them) is below
+``eps``, the request becomes *perceptible*, for good (``perceptible_at_s`` = end of that step).
+Under plain decoding (no drafts) no request ever becomes perceptible and LAPS-SD is LAS.
+
+**Remaining-time estimate** of a perceptible request::
+
+    T̃ = L̂ · (n·T_draft + T_verify) / (n·Â + 1)
+
+``L̂`` = predicted total output − tokens generated so far, floored at 1 (predictor as SRPT:
+``oracle`` | ``lognormal`` with ``sigma`` | ``class-mean``); ``n`` = the drafts it got in its last
+decode step (its speculation length); ``n·Â + 1`` = expected tokens committed per step.
+``T_draft`` (per draft token) and ``T_verify`` come from ``method.stage_estimates_ms(B, kv, n)`` at
+the replica's current batch shape: ``B`` = the requests of ``active`` that were in the replica's
+last batch (when none, the first ``min(len(active), max_batch_size)`` of ``active``), ``kv`` = their
+context tokens (prompt + generated). The shape is common to every request of one ``order`` call.
+
+**Order.** Strict priority across queues (queue 0 first). Within a queue (``merge=fit``, default;
+our choice, the paper leaves it open):
+
+1. perceptible requests predicted to *finish within the queue's remaining quantum* — remaining
+   tokens ``L̂ ≤ threshold_j − attained`` (``service=tokens``) or ``T̃ ≤ threshold_j − attained``
+   in ms (``service=time``); always true in the last queue — by ``T̃`` ascending;
+2. then non-perceptible requests by least attained service (or arrival with ``within=arrival``);
+3. then the other perceptible requests (known to outlast the queue) by ``T̃`` ascending.
+
+So a perceptible request moves ahead of the non-perceptible ones in its queue exactly when it will
+finish before it would be demoted; a known-long one yields to requests whose length is still
+unknown, as LAS would have it. ``merge=ahead`` puts every perceptible request of a queue before its
+non-perceptible ones (groups 1 and 3 merged, by ``T̃``). Ties by arrival. With ``queues=1`` every
+perceptible request is in group 1, so once all are perceptible the order is shortest remaining
+*time* first (SRPT on tokens when all share n and Â).
+
+Parameters (defaults): ``queues=4``, ``q=32`` tokens, ``q_ms=500`` ms (``service=time``),
+``service=tokens|time``, ``within=attained|arrival``, ``m=5`` steps, ``w=8`` steps, ``eps=0.05``,
+``predictor=oracle|lognormal|class-mean``, ``sigma=0.5``, ``merge=fit|ahead``.
+
+Per-request output columns: ``perceptible_at_s`` (NaN if never), ``queue_changes`` (queues moved
+down), ``final_queue``, ``predicted_output_tokens``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from simspec.errors import ConfigError
+from simspec.policies.base import PolicyContext, StepRecord, register_scheduler
+from simspec.policies.las import MultiLevelQueues, _positive_int
+from simspec.policies.predictors import predict_output_tokens
+
+MERGES = ("fit", "ahead")
+
+
+@register_scheduler("laps-sd")
+class LAPSSD(MultiLevelQueues):
+    param_defaults = {**MultiLevelQueues.param_defaults, "m": 5, "w": 8, "eps": 0.05, "predictor": "oracle",
+                      "sigma": 0.5, "merge": "fit"}
+
+    def __init__(self, params, ctx: PolicyContext):
+        super().__init__(params, ctx)
+        p = self.params
+        flag = "--policy laps-sd"
+        self.m = _positive_int(flag, "m", p["m"])
+        self.w = _positive_int(flag, "w", p["w"])
+        eps = p["eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ConfigError(f"{flag}: eps must be a finite number >= 0, got {eps!r}")
+        self.eps = float(eps)
+        if p["merge"] not in MERGES:
+            raise ConfigError(f"{flag}: merge must be one of {', '.join(MERGES)}, got {p['merge']!r}")
+        self.merge_ahead = p["merge"] == "ahead"
+        self.predicted = predict_output_tokens(p["predictor"], self.table, ctx.seed, float(p["sigma"]), flag)
+        n = len(self.table)
+        self.drafted_sum = np.zeros(n, dtype=np.int64)
+        self.accepted_sum = np.zeros(n, dtype=np.int64)
+        self.acc_steps = np.zeros(n, dtype=np.int64)  # decode steps with drafts > 0
+        self.history = np.full((n, self.w), np.nan, dtype=np.float32)  # ring of running estimates
+        self.spec_len = np.zeros(n, dtype=np.int64)  # drafts in its last decode step
+        self.perceptible = np.zeros(n, dtype=bool)
+        self.perceptible_at_s = np.full(n, np.nan)
+
+    # --- learning from steps -------------------------------------------------------------------
+    def observe(self, record: StepRecord) -> None:
+        super().observe(record)
+        idx = record.idx
+        if idx.size == 0:
+            return
+        dec = ~record.prefill
+        self.spec_len[idx[dec]] = record.drafted[dec]
+        has = dec & (record.drafted > 0)
+        if not has.any():
+            return
+        i = idx[has]
+        self.drafted_sum[i] += record.drafted[has]
+        self.accepted_sum[i] += record.accepted[has]
+        c = self.acc_steps[i]
+        self.history[i, c % self.w] = self.accepted_sum[i] / self.drafted_sum[i]
+        c = c + 1
+        self.acc_steps[i] = c
+        cand = (c >= self.m) & ~self.perceptible[i]
+        if cand.any():
+            j = i[cand]
+            h = self.history[j]
+            moved = np.nanmax(h, axis=1) - np.nanmin(h, axis=1)
+            newly = j[moved < self.eps]
+            if newly.size:
+                self.perceptible[newly] = True
+                self.perceptible_at_s[newly] = record.end_s
+
+    # --- estimates -----------------------------------------------------------------------------
+    def acceptance_estimate(self, idx: np.ndarray) -> np.ndarray:
+        """Â: observed accepted / drafted per request (0 before any draft)."""
+        d = self.drafted_sum[idx]
+        return np.where(d > 0, self.accepted_sum[idx] / np.maximum(d, 1), 0.0)
+
+    def remaining_tokens_estimate(self, idx: np.ndarray) -> np.ndarray:
+        """L̂: predicted remaining output tokens, floored at 1."""
+        return np.maximum(self.predicted[idx] - self.served_tokens[idx], 1.0)
+
+    def batch_shape(self, active: np.ndarray) -> tuple[int, float]:
+        """(batch size, total context tokens) of the replica's current batch (see module doc)."""
+        t = self.table
+        members = active[t.in_batch[active]]
+        if members.size == 0:
+            members = active[: max(1, min(active.size, self.ctx.max_batch_size))]
+        kv = float((t.prompt_tokens[members] + self.served_tokens[members]).sum())
+        return int(members.size), kv
+
+    def remaining_time_ms(self, idx: np.ndarray, batch_size: int, kv_tokens: float) -> np.ndarray:
+        """T̃ (ms) for requests ``idx`` at batch shape (``batch_size``, ``kv_tokens``)."""
+        n = self.spec_len[idx]
+        per_step = np.empty(idx.shape[0])
+        method = self.ctx.method
+        for nv in np.unique(n):
+            draft_ms, verify_ms = method.stage_estimates_ms(batch_size, kv_tokens, int(nv))
+            per_step[n == nv] = nv * draft_ms + verify_ms
+        tokens_per_step = n * self.acceptance_estimate(idx) + 1.0
+        return self.remaining_tokens_estimate(idx) * per_step / tokens_per_step
+
+    # --- ordering ------------------------------------------------------------------------------
+    def order(self, active: np.ndarray, now_s: float) -> np.ndarray:
+        perc = self.perceptible[active]
+        if not perc.any():
+            return super().order(active, now_s)
+        queue = self.queue[active]
+        pa = active[perc]
+        t_est = self.remaining_time_ms(pa, *self.batch_shape(active))
+        key = np.zeros(active.shape[0]) if self.by_arrival else self.attained[active].copy()
+        key[perc] = t_est
+        group = np.ones(active.shape[0], dtype=np.int64)
+        if self.merge_ahead:
+            group[perc] = 0
+        else:
+            left = self.queue_end[queue[perc]] - self.attained[pa]
+            need = t_est if self.time_service else self.remaining_tokens_estimate(pa)
+            group[perc] = np.where(need <= left, 0, 2)
+        return active[np.lexsort((active, key, group, queue))]
+
+    def extra_columns(self) -> dict[str, np.ndarray]:
+        return {**super().extra_columns(), "perceptible_at_s": self.perceptible_at_s.copy(),
+                "predicted_output_tokens": self.predicted}
