@@ -1,0 +1,245 @@
+"""SmartSpec: speculation length by goodput (algorithms.md §5.2), global and per-request.
+
+Goodput = expected committed tokens (accepted + bonus) per ms of step time.
+
+``smartspec`` — one acceptance estimate α̂ per replica (start ``alpha0`` = 0.7). After every step in
+which the replica drafted, ``α̂ ← decay·α̂ + (1 − decay)·rate`` (``decay`` = 0.85), where ``rate`` is
+``accepted / drafted`` over the step's batch (``estimator=draft``, default, as SmartSpec) or the
+per-token maximum-likelihood rate ``accepted / (accepted + rejections)`` (``estimator=token``; a
+rejection is a member that did not get all its drafts accepted). The per-draft rate is biased low as
+an estimate of a per-token α when k > 1 (E[accepted]/k < α), which makes the policy cautious.
+
+Decision: at the first step of each window of ``interval`` (= 20) replica steps (step_index // 20
+changes; a step with no decode members makes none and the next one with decode members decides),
+for k = 0, 1, …, ``k_max`` (default the method's k_max; at most it):
+
+- expected committed tokens ``B·(1 − α̂^(k+1))/(1 − α̂)`` with B the step's decode members (for a
+  method that overrides ``Method.expected_tokens`` — Kangaroo's confidence stop, HiSpec's buffer —
+  ``B·method.expected_tokens(α̂, k)`` instead; the two agree for ``draft``);
+- step time ``method.expected_step_ms(B, kv_tokens, k)`` for this batch (draft + verify + overhead);
+- goodput(k) = tokens / time; goodput(0) × ``bonus`` (= 1.1: speculation must win by 10 %);
+- KV guard: goodput(k) = 0 when the drafts beyond what the batch already reserved
+  (Σ max(min(k, remaining−1) − reserved_i, 0)) exceed ``kv_free_tokens``;
+- stop at the first k whose goodput does not exceed the best so far; the choice is the last k
+  that improved (0 when k = 1 does not beat 1.1 × goodput(0)).
+
+The chosen k is used for every decode member until the next decision (capped by the engine at
+remaining − 1), and :meth:`k_reserve` returns it, so batches between decisions reserve exactly
+what they use and never need extra KV. Before the first decision k = k_max (the most it can
+reserve, which the run's up-front fit check uses). If a batch ever needs more KV than is free, the
+lowest-priority members fall back to their reservation (a final clip; the engine never raises).
+
+``smartspec-per-request`` — α̂_i per request (same start and update, from its own accepted/drafted),
+k_i chosen per request by the same rule with tokens ``(1 − α̂_i^(k+1))/(1 − α̂_i)`` and the same
+batch step time; decided for the whole batch at each window start, and on first sight for a member
+that joined since. KV guard per request, then the final clip. ``k_reserve`` = the largest k_i of
+its last batch (k_max before the first decision).
+
+Parameters (defaults): ``alpha0=0.7``, ``decay=0.85``, ``interval=20``, ``bonus=1.1``,
+``k_max=-1`` (= the method's k_max), ``estimator=draft|token``.
+
+Steps log: ``policy_value`` = α̂ (per-request: mean α̂_i over its last decided batch); ``k_max``
+column = the largest k used in the step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from simspec.errors import ConfigError
+from simspec.policies.base import PolicyContext, SpecLenPolicy, StepRecord, register_spec_len
+from simspec.simulator.methods.base import Method
+
+ESTIMATORS = ("draft", "token")
+
+
+def choose_by_goodput(tokens: np.ndarray, step_ms: np.ndarray, kv_ok: np.ndarray, bonus: float) -> np.ndarray:
+    """SmartSpec's rule, vectorised over rows.
+
+    ``tokens`` (R, K+1) expected committed tokens at k = 0..K; ``step_ms`` (K+1,) step time at each
+    k; ``kv_ok`` (R, K+1) whether k passes the KV check. Returns the chosen k per row: the end of the
+    leading run of k's that each strictly improve goodput, goodput(0) multiplied by ``bonus``.
+    """
+    kk = step_ms.shape[0]
+    good = np.where(kv_ok, tokens / step_ms[None, :], 0.0)
+    good[:, 0] *= bonus
+    if kk == 1:
+        return np.zeros(tokens.shape[0], dtype=np.int64)
+    improve = good[:, 1:] > good[:, :-1]
+    return np.cumprod(improve, axis=1).sum(axis=1).astype(np.int64)
+
+
+def iid_tokens(alpha: np.ndarray, k_max: int) -> np.ndarray:
+    """(R, k_max+1): (1 − α^(k+1)) / (1 − α) for each α and k = 0..k_max (exact at α = 1)."""
+    a = np.clip(np.asarray(alpha, dtype=np.float64), 0.0, 1.0)[:, None]
+    return np.cumsum(a ** np.arange(k_max + 1)[None, :], axis=1)
+
+
+@register_spec_len("smartspec")
+class SmartSpec(SpecLenPolicy):
+    param_defaults = {"alpha0": 0.7, "decay": 0.85, "interval": 20, "bonus": 1.1, "k_max": -1, "estimator": "draft"}
+
+    def __init__(self, params, ctx: PolicyContext):
+        super().__init__(params, ctx)
+        p = self.params
+        flag = f"--spec-len {self.name}"
+        self.alpha0 = _unit(flag, "alpha0", p["alpha0"])
+        self.decay = _unit(flag, "decay", p["decay"])
+        iv = p["interval"]
+        if isinstance(iv, bool) or not isinstance(iv, int) or iv < 1:
+            raise ConfigError(f"{flag}: interval must be an integer >= 1, got {iv!r}")
+        self.interval = iv
+        b = p["bonus"]
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
+            raise ConfigError(f"{flag}: bonus must be a finite number > 0, got {b!r}")
+        self.bonus = float(b)
+        km = p["k_max"]
+        if km == -1:
+            km = int(self.method.k_max)
+        if isinstance(km, bool) or not isinstance(km, int) or km < 0 or km > self.method.k_max:
+            raise ConfigError(f"{flag}: k_max must be an integer in 0..{self.method.k_max} for --spec "
+                              f"{self.method.name}, got {p['k_max']!r}")
+        self.k_max = km
+        if p["estimator"] not in ESTIMATORS:
+            raise ConfigError(f"{flag}: estimator must be one of {', '.join(ESTIMATORS)}, got {p['estimator']!r}")
+        self.token_estimator = p["estimator"] == "token"
+        self.alpha = self.alpha0
+        self.k = self.k_max  # reserve the most until the first decision
+        self.reserved = self.k
+        self.window = -1
+        self.n_decisions = 0
+        self.last_decision_step = -1
+
+    # --- engine hooks --------------------------------------------------------------------------
+    def k_reserve(self) -> int:
+        self.reserved = self.k
+        return self.k
+
+    def choose_k(self, idx, kv_tokens, kv_free_tokens, step_index):
+        if idx.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        res = self._reservation(idx)
+        window = step_index // self.interval
+        if window != self.window:
+            self.window = window
+            self.n_decisions += 1
+            self.last_decision_step = step_index
+            self.k = self._decide(idx, kv_tokens, kv_free_tokens, res)
+        return self._kv_clip(idx, np.full(idx.shape[0], self.k, dtype=np.int64), res, kv_free_tokens)
+
+    def observe(self, record: StepRecord) -> None:
+        dec = ~record.prefill
+        drafted = int(record.drafted[dec].sum())
+        if drafted <= 0:
+            return
+        accepted = int(record.accepted[dec].sum())
+        if self.token_estimator:
+            d = record.drafted[dec]
+            rej = int(((record.accepted[dec] < d) & (d > 0)).sum())
+            rate = accepted / (accepted + rej)
+        else:
+            rate = accepted / drafted
+        self.alpha = self.decay * self.alpha + (1.0 - self.decay) * rate
+
+    def log_value(self) -> float:
+        return float(self.alpha)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _remaining(self, idx: np.ndarray) -> np.ndarray:
+        t = self.ctx.table
+        return np.maximum(t.output_tokens[idx] - t.generated[idx], 1)
+
+    def _reservation(self, idx: np.ndarray) -> np.ndarray:
+        """Drafts the engine reserved KV for, per decode member (as the engine computes it)."""
+        return np.minimum(self.reserved, self._remaining(idx) - 1)
+
+    def _extra(self, idx: np.ndarray, res: np.ndarray) -> np.ndarray:
+        """(B, k_max+1): drafts beyond the reservation for each member at each k."""
+        ks = np.arange(self.k_max + 1)
+        eff = np.minimum(ks[None, :], (self._remaining(idx) - 1)[:, None])
+        return np.maximum(eff - res[:, None], 0)
+
+    def _step_ms(self, batch_size: int, kv_tokens: float) -> np.ndarray:
+        m = self.method
+        return np.array([m.expected_step_ms(batch_size, kv_tokens, k) for k in range(self.k_max + 1)])
+
+    def _tokens(self, alpha: np.ndarray) -> np.ndarray:
+        """(R, k_max+1) expected tokens committed per request per step: the i.i.d. formula, or the
+        method's own ``expected_tokens`` when it overrides it (Kangaroo's confidence stop, HiSpec)."""
+        if type(self.method).expected_tokens is Method.expected_tokens:
+            return iid_tokens(alpha, self.k_max)
+        f = self.method.expected_tokens
+        return np.array([[f(float(a), k) for k in range(self.k_max + 1)] for a in alpha])
+
+    def _decide(self, idx, kv_tokens, kv_free_tokens, res) -> int:
+        if self.k_max == 0:
+            return 0
+        kv_ok = self._extra(idx, res).sum(axis=0) <= kv_free_tokens
+        tokens = idx.size * self._tokens(np.array([self.alpha]))
+        return int(choose_by_goodput(tokens, self._step_ms(idx.size, kv_tokens), kv_ok[None, :], self.bonus)[0])
+
+    def _kv_clip(self, idx, k, res, kv_free_tokens) -> np.ndarray:
+        """Lower the lowest-priority members to their reservation until the extra drafts fit."""
+        extra = np.maximum(np.minimum(k, self._remaining(idx) - 1) - res, 0)
+        if int(extra.sum()) > kv_free_tokens:
+            over = np.cumsum(extra) > kv_free_tokens
+            k = np.where(over, np.minimum(k, res), k)
+        return k
+
+
+@register_spec_len("smartspec-per-request")
+class SmartSpecPerRequest(SmartSpec):
+    """SmartSpec with a per-request acceptance estimate and per-request k (see the module doc)."""
+
+    def __init__(self, params, ctx: PolicyContext):
+        super().__init__(params, ctx)
+        n = len(ctx.table)
+        self.alpha_i = np.full(n, self.alpha0)
+        self.k_i = np.full(n, -1, dtype=np.int64)  # -1: not decided yet
+        self.alpha = float("nan")
+
+    def choose_k(self, idx, kv_tokens, kv_free_tokens, step_index):
+        if idx.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        res = self._reservation(idx)
+        window = step_index // self.interval
+        if window != self.window:
+            self.window = window
+            self.n_decisions += 1
+            self.last_decision_step = step_index
+            todo = np.ones(idx.shape[0], dtype=bool)
+        else:
+            todo = self.k_i[idx] < 0
+        if todo.any():
+            sel = idx[todo]
+            if self.k_max == 0:
+                self.k_i[sel] = 0
+            else:
+                kv_ok = self._extra(sel, res[todo]) <= kv_free_tokens
+                self.k_i[sel] = choose_by_goodput(self._tokens(self.alpha_i[sel]), self._step_ms(idx.size, kv_tokens),
+                                                  kv_ok, self.bonus)
+        self.alpha = float(self.alpha_i[idx].mean())
+        k = self._kv_clip(idx, self.k_i[idx].copy(), res, kv_free_tokens)
+        self.k = int(k.max())
+        return k
+
+    def observe(self, record: StepRecord) -> None:
+        dec = ~record.prefill & (record.drafted > 0)
+        if not dec.any():
+            return
+        i = record.idx[dec]
+        d = record.drafted[dec]
+        a = record.accepted[dec]
+        if self.token_estimator:
+            rate = a / (a + (a < d))
+        else:
+            rate = a / d
+        self.alpha_i[i] = self.decay * self.alpha_i[i] + (1.0 - self.decay) * rate
+
+
+def _unit(flag: str, name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= float(v) <= 1.0):
+        raise ConfigError(f"{flag}: {name} must be a number in [0, 1], got {v!r}")
+    return float(v)
