@@ -1,0 +1,105 @@
+"""Every scheduler × every speculation method × every speculation-length policy keeps the simulator's
+invariants on random traces (property-based): each request completes exactly once with exactly its
+output tokens, nothing starts before it arrives, batch size and KV budget are never exceeded, and
+each replica's clock only moves forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from simspec.errors import SimspecError
+from simspec.policies import SCHEDULERS, SPEC_LEN_POLICIES
+from simspec.profile import load_profile
+from simspec.simulator.config import ComponentSpec, RunConfig
+from simspec.simulator.cost import CostModel
+from simspec.simulator.methods import METHODS, get_method_class
+from simspec.simulator.run import simulate
+from tests.conftest import make_trace
+
+# the registered policies (modules of simspec.policies), with their non-default variants
+SCHED_VARIANTS = {
+    "srpt": ["srpt", "srpt:predictor=lognormal,sigma=1.0"],
+    "las": ["las", "las:within=arrival,service=time,q_ms=30"],
+    "laps-sd": ["laps-sd", "laps-sd:service=time,q_ms=30,merge=ahead,m=2,w=3",
+                "laps-sd:queues=1,m=1,predictor=class-mean", "laps-sd:queues=2,q=4,predictor=lognormal,eps=0.2"],
+}
+SPEC_LEN_VARIANTS = {
+    "smartspec": ["smartspec", "smartspec:interval=3,estimator=token,bonus=1.0"],
+    "smartspec-per-request": ["smartspec-per-request", "smartspec-per-request:interval=2,alpha0=0.3"],
+}
+SCHEDULER_SPECS = [v for name in sorted(SCHEDULERS) if not name.startswith("test-")
+                   for v in SCHED_VARIANTS.get(name, [name])]
+SPEC_LEN_SPECS = [v for name in sorted(SPEC_LEN_POLICIES) if not name.startswith("test-")
+                  for v in SPEC_LEN_VARIANTS.get(name, [name])]
+METHOD_SPECS = {"none": "none", "draft": "draft:k=3"}  # others: their defaults
+PROFILE = "vicuna7b-a100-analytic"  # layer-level, with acceptance for draft, kangaroo and hispec
+
+
+@st.composite
+def scenarios(draw):
+    n = draw(st.integers(1, 20))
+    gaps = draw(st.lists(st.floats(0, 0.3), min_size=n, max_size=n))
+    prompt = draw(st.lists(st.integers(1, 200), min_size=n, max_size=n))
+    output = draw(st.lists(st.integers(1, 80), min_size=n, max_size=n))
+    classes = draw(st.lists(st.sampled_from(["default", "code"]), min_size=n, max_size=n))
+    spec_len = draw(st.sampled_from(SPEC_LEN_SPECS))
+    replicas = draw(st.integers(1, 2))
+    max_batch = draw(st.integers(1, 8))
+    preempt = draw(st.sampled_from(["keep", "recompute"]))
+    kv = max(p + o + 16 for p, o in zip(prompt, output)) + draw(st.sampled_from([0, 50, 400, 5000]))
+    mbt = draw(st.sampled_from([None, 128]))
+    seed = draw(st.integers(0, 3))
+    return np.cumsum(gaps), prompt, output, classes, spec_len, replicas, max_batch, preempt, kv, mbt, seed
+
+
+def check_invariants(res, n, max_batch, kv, mbt):
+    req, steps = res.requests, res.steps
+    assert len(req) == n
+    # every request completes exactly once, with exactly its output tokens: nothing is committed
+    # after completion (the steps log's committed tokens add up to the outputs)
+    assert (req["generated_tokens"].to_numpy() == req["output_tokens"].to_numpy()).all()
+    assert np.isfinite(req["completion_s"].to_numpy()).all()
+    assert int(steps["committed"].sum()) == int(req["output_tokens"].sum())
+    # nothing starts before it arrives
+    assert (req["start_s"] >= req["arrival_s"] - 1e-12).all()
+    assert (req["first_token_s"] > req["start_s"]).all()
+    assert (req["completion_s"] >= req["first_token_s"]).all()
+    # capacity
+    assert (steps["batch_size"] >= 1).all()
+    assert (steps["batch_size"] <= max_batch).all()
+    assert (steps["kv_tokens_used"] <= kv).all()
+    if mbt is not None:
+        assert (steps.loc[steps["fed_tokens"] > mbt, "batch_size"] == 1).all()
+    # clock monotone per replica
+    for _, g in steps.groupby("replica"):
+        s = g.sort_values("step")
+        assert (s["step"].diff().dropna() == 1).all()
+        assert (s["end_s"].to_numpy() >= s["start_s"].to_numpy()).all()
+        assert (s["start_s"].to_numpy()[1:] >= s["end_s"].to_numpy()[:-1] - 1e-12).all()
+    assert (req["accepted"] <= req["drafted"]).all()
+    assert (steps["accepted"] <= steps["drafted"]).all()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("policy", SCHEDULER_SPECS)
+@settings(max_examples=7, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize=True)
+@given(sc=scenarios())
+def test_policy_invariants(policy, method, sc):
+    arrival, prompt, output, classes, spec_len, replicas, max_batch, preempt, kv, mbt, seed = sc
+    trace = make_trace(arrival, prompt, output, classes)
+    cfg = RunConfig(scheduler=ComponentSpec.parse(policy, "p"),
+                    method=ComponentSpec.parse(METHOD_SPECS.get(method, method), "s"),
+                    spec_len=ComponentSpec.parse(spec_len, "l"), replicas=replicas, max_batch_size=max_batch,
+                    kv_budget_tokens=kv, max_batched_tokens=mbt, preempt_mode=preempt, seed=seed,
+                    allow_extrapolation=True)
+    profile = load_profile(PROFILE)
+    try:  # a method added later that this profile cannot run is skipped, not failed
+        get_method_class(cfg.method.name)(dict(cfg.method.params), profile, CostModel(profile))
+    except SimspecError as exc:
+        pytest.skip(f"{method} on {PROFILE}: {exc}")
+    res = simulate(cfg, trace, profile)
+    check_invariants(res, len(trace), max_batch, kv, mbt)
