@@ -266,12 +266,10 @@ def read_csv_strings(path: Path, required: tuple[str, ...], optional: tuple[str,
         raise TraceError(f"{path}: no such file") from None
     except OSError as exc:
         raise TraceError(f"{path}: cannot read ({exc})") from None
-    try:
-        if '"' in text:
-            rows = list(csv.reader(io.StringIO(text)))
-        else:  # header now; the body is read by _regular_body (fast) or below (exact errors)
-            rows = list(csv.reader(io.StringIO(text[:text.find("\n") + 1 or len(text)])))
-            rows = rows[:1]
+    quoted = '"' in text
+    try:  # without quotes, only the header now: the body is read by _regular_body or further below
+        nl = text.find("\n")
+        rows = list(csv.reader(io.StringIO(text if quoted else text[: nl if nl >= 0 else len(text)])))
     except csv.Error as exc:
         raise TraceError(f"{path}: not a readable CSV ({exc})") from None
     if not rows or not any(c.strip() for c in rows[0]):
@@ -293,7 +291,7 @@ def read_csv_strings(path: Path, required: tuple[str, ...], optional: tuple[str,
     fast = _regular_body(text, len(header), pos)
     if fast is not None:
         return fast
-    if '"' not in text:
+    if not quoted:
         rows = list(csv.reader(io.StringIO(text)))
     body_rows = rows[1:]
     keep = [i for i, r in enumerate(body_rows) if "".join(r).strip()]  # skip blank lines
