@@ -80,3 +80,100 @@ def test_report_files(tmp_path):
     assert on_disk["latency_mape_pct"] == pytest.approx(7.5)
     assert on_disk == json.loads(json.dumps(doc))
     assert (tmp_path / "latency_scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------ CLI and end to end
+
+
+def _layer_profile(path, alpha=0.5):
+    """A hand-made layer-level profile for the bundled 30-layer model (numbers need not be right:
+    the end-to-end test checks the pipeline, not the error figures)."""
+    lin = lambda c0, c_t=0.0, c_kv=0.0: {"kind": "linear", "coef": {"c0": c0, "c_b": 0.0, "c_t": c_t, "c_kv": c_kv}}
+    doc = {"schema": "simspec-profile", "schema_version": 1,
+           "meta": {"name": path.stem, "source": "measured", "dtype": "fp32", "threads": 1},
+           "models": {"target": {"name": "smollm2-135m", "num_layers": 30}},
+           "capacity": {"kv_budget_tokens": 8192, "max_batch_size": 1},
+           "latency": {"unit": "ms", "overhead": {"fraction": 0.0, "fixed_ms": 0.0},
+                       "stages": {"layer": lin(0.4, 0.01, 0.0005), "lm_head": lin(1.5, 0.5), "embed": lin(0.05)}},
+           "acceptance": {"draft": {"default": {"alpha": {"kind": "fixed", "value": alpha}}}}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _tiny_trace(path, classes=("qa", "translation", "rag", "mt_bench")):
+    rows = ["request_id,arrival_s,prompt_tokens,output_tokens,acceptance_class"]
+    for i, c in enumerate(classes):
+        rows.append(f"t{i},{0.02 * i:.2f},{20 + 5 * i},8,{c}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _cli(args):
+    from simspec.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    return exc.value.code
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--method", "medusa"], "--method 'medusa': unknown"),
+    (["--method", "kangaroo", "--adapter", "/nonexistent/adapter"], "--adapter /nonexistent/adapter: no such directory"),
+    (["--policy", "lottery"], "--policy: unknown scheduler 'lottery'"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
+    prof = _layer_profile(tmp_path / "p.json")
+    trace = _tiny_trace(tmp_path / "t.csv")
+    code = _cli(["validate", str(trace), "--profile", str(prof), "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("simspec: error: ") and needle in err and err.count("\n") == 1
+
+
+def test_prompt_fallback_for_unknown_class():
+    """A class the prompt set lacks draws from all prompts, and the fallback is noted."""
+    from simspec.calibrate.validate import prompt_ids_for_trace
+    from simspec.trace import Trace
+
+    class Tok:  # whitespace "tokenizer": enough to check cutting and repeating
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    tr = Trace.from_columns(request_id=["a", "b"], arrival_s=[0.0, 1.0], prompt_tokens=[3, 400],
+                            output_tokens=[4, 4], acceptance_class=["default", "qa"])
+    ids, notes = prompt_ids_for_trace(Tok(), tr)
+    assert [len(x) for x in ids] == [3, 400]
+    assert notes and "default" in notes[0] and "qa" not in notes[0]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("method, policy", [("none", "fcfs"), ("draft:k=2,draft_layers=4", "laps-sd")])
+def test_short_validation_end_to_end(tmp_path, method, policy):
+    pytest.importorskip("torch")
+    prof = _layer_profile(tmp_path / "p.json")
+    trace = _tiny_trace(tmp_path / "t.csv")
+    out = tmp_path / "report"
+    code = _cli(["validate", str(trace), "--profile", str(prof), "--method", method, "--policy", policy,
+                 "--device", "cpu", "--dtype", "fp32", "--out", str(out), "--no-heldout",
+                 "--fit-overhead", str(tmp_path / "fitted.json")])
+    assert code == 0
+    for name in ("validation.json", "summary.json", "per_request.csv", "latency_scatter.png", "report.txt",
+                 "real_requests.csv", "real_steps.csv", "sim_requests.csv"):
+        assert (out / name).is_file(), name
+    doc = json.loads((out / "validation.json").read_text())
+    assert doc["errors"]["n_requests"] == 4 and doc["latency_mape_pct"] >= 0
+    assert len(doc["per_request"]) == 4
+    assert "loadavg_1m" in doc["meta"]["machine_load_after"]
+    real = pd.read_csv(out / "real_requests.csv")
+    assert (real["generated_tokens"] == 8).all()  # EOS ignored: exactly the trace's output length
+    assert (real["first_token_s"] <= real["completion_s"]).all()
+    assert (real["first_token_s"] > real["arrival_s"]).all()
+    steps = pd.read_csv(out / "real_steps.csv")
+    assert steps["committed"].sum() == 32
+    if method.startswith("draft"):
+        acc = doc["heldout"]["acceptance_model"]
+        assert acc["real_tokens_per_step"] >= 1.0 and acc["model_tokens_per_step"] >= 1.0
+    fitted = json.loads((tmp_path / "fitted.json").read_text())
+    assert "overhead_calibration" in fitted["meta"] and fitted["latency"]["overhead"]["fixed_ms"] >= 0
