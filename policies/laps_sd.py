@@ -137,16 +137,19 @@ class LAPSSD(MultiLevelQueues):
         kv = float((t.prompt_tokens[members] + self.served_tokens[members]).sum())
         return int(members.size), kv
 
-    def remaining_time_ms(self, idx: np.ndarray, batch_size: int, kv_tokens: float) -> np.ndarray:
+    def remaining_time_ms(self, idx: np.ndarray, batch_size: int, kv_tokens: float,
+                          remaining: np.ndarray | None = None) -> np.ndarray:
         """T̃ (ms) for requests ``idx`` at batch shape (``batch_size``, ``kv_tokens``)."""
         n = self.spec_len[idx]
-        per_step = np.empty(idx.shape[0])
         method = self.ctx.method
-        for nv in np.unique(n):
+        nmax = int(n.max()) if n.size else 0
+        cost = np.zeros(nmax + 1)
+        for nv in np.flatnonzero(np.bincount(n, minlength=nmax + 1)):
             draft_ms, verify_ms = method.stage_estimates_ms(batch_size, kv_tokens, int(nv))
-            per_step[n == nv] = nv * draft_ms + verify_ms
-        tokens_per_step = n * self.acceptance_estimate(idx) + 1.0
-        return self.remaining_tokens_estimate(idx) * per_step / tokens_per_step
+            cost[nv] = nv * draft_ms + verify_ms
+        if remaining is None:
+            remaining = self.remaining_tokens_estimate(idx)
+        return remaining * cost[n] / (n * self.acceptance_estimate(idx) + 1.0)
 
     # --- ordering ------------------------------------------------------------------------------
     def order(self, active: np.ndarray, now_s: float) -> np.ndarray:
@@ -155,17 +158,22 @@ class LAPSSD(MultiLevelQueues):
             return super().order(active, now_s)
         queue = self.queue[active]
         pa = active[perc]
-        t_est = self.remaining_time_ms(pa, *self.batch_shape(active))
-        key = np.zeros(active.shape[0]) if self.by_arrival else self.attained[active].copy()
+        rem = self.remaining_tokens_estimate(pa)
+        t_est = self.remaining_time_ms(pa, *self.batch_shape(active), remaining=rem)
+        key = np.zeros(active.shape[0]) if self.by_arrival else self.attained[active]
         key[perc] = t_est
-        group = np.ones(active.shape[0], dtype=np.int64)
+        # one integer key: 3·queue + group (0: perceptible finishing in the queue, 1: non-perceptible,
+        # 2: perceptible outlasting the queue); lexsort is stable and ``active`` is in arrival order,
+        # so ties go by arrival
+        qg = 3 * queue + 1
         if self.merge_ahead:
-            group[perc] = 0
+            qg[perc] -= 1
         else:
             left = self.queue_end[queue[perc]] - self.attained[pa]
-            need = t_est if self.time_service else self.remaining_tokens_estimate(pa)
-            group[perc] = np.where(need <= left, 0, 2)
-        return active[np.lexsort((active, key, group, queue))]
+            need = t_est if self.time_service else rem
+            qg[perc] += np.where(need <= left, -1, 1)
+        o = np.argsort(key, kind="stable")  # two stable passes: faster than np.lexsort here
+        return active[o[np.argsort(qg[o], kind="stable")]]
 
     def extra_columns(self) -> dict[str, np.ndarray]:
         return {**super().extra_columns(), "perceptible_at_s": self.perceptible_at_s.copy(),

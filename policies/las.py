@@ -95,9 +95,11 @@ class MultiLevelQueues(Scheduler):
         self.queue[idx] = newq
 
     def order(self, active: np.ndarray, now_s: float) -> np.ndarray:
+        # stable sorts of ``active`` (arrival order), so ties go by arrival; the queue is a monotone
+        # function of attained service, so (queue, attained) order is attained order
         if self.by_arrival:
-            return active[np.lexsort((active, self.queue[active]))]
-        return active[np.lexsort((active, self.attained[active], self.queue[active]))]
+            return active[np.argsort(self.queue[active], kind="stable")]
+        return active[np.argsort(self.attained[active], kind="stable")]
 
     def extra_columns(self) -> dict[str, np.ndarray]:
         return {"queue_changes": self.queue_changes.copy(), "final_queue": self.queue.copy()}
