@@ -136,6 +136,8 @@ def load_sweep(path: str | Path) -> SweepInput:
         axes = [a for a in axes if a not in known]
     rate_axis = next((a for a in RATE_AXES if a in axes), None)
     series = [a for a in axes if a not in RATE_AXES and a not in SEED_AXES]
+    varying = [a for a in series if table[a].astype(str).nunique() > 1]
+    series = varying or series
     table = table.copy()
     table.insert(0, "label", _labels(table, series))
     name = (manifest.get("grid") or {}).get("name") or path.name
@@ -365,16 +367,32 @@ def plot_vs_rate(sweep: SweepInput, metrics: list[tuple[str, str, float]], title
     return fig
 
 
+def _with_idle(s: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step start times, batch sizes and k of one replica, with a zero wherever the replica sat
+    idle between the end of a step and the start of the next (so idle time is not drawn as the
+    last step's value)."""
+    start, end = s["start_s"].to_numpy(float), s["end_s"].to_numpy(float)
+    b, k = s["batch_size"].to_numpy(float), s["k_max"].to_numpy(float)
+    idle = np.append(end[:-1] < start[1:] - 1e-9, True)
+    t = np.empty(start.size + int(idle.sum()))
+    pos = np.arange(start.size) + np.concatenate([[0], np.cumsum(idle)[:-1]])
+    t[pos], t[pos[idle] + 1] = start, end[idle]
+    bb, kk = np.zeros_like(t), np.zeros_like(t)
+    bb[pos], kk[pos] = b, k
+    return t, bb, kk
+
+
 def plot_timeline(run: RunInput, title: str):
     """Batch size and chosen k (``k_max``) per replica over simulated time."""
     steps = run.steps
     fig = _figure(11, 5.6)
     ax_b, ax_k = fig.subplots(2, 1, sharex=True)
     for rep, s in steps.groupby("replica", sort=True):
-        ax_b.step(s["start_s"], s["batch_size"], where="post", lw=0.8, label=f"replica {rep}")
-        ax_k.step(s["start_s"], s["k_max"], where="post", lw=0.8, label=f"replica {rep}")
+        t, b, k = _with_idle(s)
+        ax_b.step(t, b, where="post", lw=0.8, label=f"replica {rep}")
+        ax_k.step(t, k, where="post", lw=0.8, label=f"replica {rep}")
     ax_b.set_ylabel("batch size (requests)")
-    ax_b.set_title("Requests in each step", fontsize=10)
+    ax_b.set_title("Requests in each step (0: replica idle)", fontsize=10)
     ax_k.set_ylabel("chosen k (draft tokens)")
     ax_k.set_title("Speculation length chosen for each step (largest k in the batch)", fontsize=10)
     ax_k.set_xlabel("simulated time (s)")
@@ -529,7 +547,10 @@ def _report_sweep(sw: SweepInput, prefix: str, out: ReportFiles, table_rows: lis
                 "tokens per decode step")
     if seed_min is not None:
         top = top[top["seed"] == top["seed"].min()]
-    picked = top.drop_duplicates("label").head(MAX_TIMELINES)
+    labels = top.drop_duplicates("label")
+    picked = labels.head(MAX_TIMELINES)
+    if len(labels) > MAX_TIMELINES:
+        out.markdown.append(f"(timelines of the first {MAX_TIMELINES} of {len(labels)} series)\n")
     for row in picked.itertuples(index=False):
         run = sw.run(row.run_id)
         where = f" at {row.offered_rate_rps:.3g} req/s" if sw.rate_axis else ""
