@@ -35,8 +35,13 @@ batch step time; decided for the whole batch at each window start, and on first 
 that joined since. KV guard per request, then the final clip. ``k_reserve`` = the largest k_i of
 its last batch (k_max before the first decision).
 
+**k = 0 is absorbing.** A step at k = 0 drafts nothing, so α̂ is not updated; once a noisy estimate
+(a small batch whose drafts were all rejected) makes k = 0 win, the policy never leaves it. Option
+``probe=P`` (default 0: off, the algorithm as published): while a member's k is 0, every P-th replica
+step (step_index % P == P − 1) it drafts one token anyway (KV permitting), so α̂ keeps learning.
+
 Parameters (defaults): ``alpha0=0.7``, ``decay=0.85``, ``interval=20``, ``bonus=1.1``,
-``k_max=-1`` (= the method's k_max), ``estimator=draft|token``.
+``k_max=-1`` (= the method's k_max), ``estimator=draft|token``, ``probe=0``.
 
 Steps log: ``policy_value`` = α̂ (per-request: mean α̂_i over its last decided batch); ``k_max``
 column = the largest k used in the step.
@@ -79,7 +84,8 @@ def iid_tokens(alpha: np.ndarray, k_max: int) -> np.ndarray:
 
 @register_spec_len("smartspec")
 class SmartSpec(SpecLenPolicy):
-    param_defaults = {"alpha0": 0.7, "decay": 0.85, "interval": 20, "bonus": 1.1, "k_max": -1, "estimator": "draft"}
+    param_defaults = {"alpha0": 0.7, "decay": 0.85, "interval": 20, "bonus": 1.1, "k_max": -1, "estimator": "draft",
+                      "probe": 0}
 
     def __init__(self, params, ctx: PolicyContext):
         super().__init__(params, ctx)
@@ -105,6 +111,10 @@ class SmartSpec(SpecLenPolicy):
         if p["estimator"] not in ESTIMATORS:
             raise ConfigError(f"{flag}: estimator must be one of {', '.join(ESTIMATORS)}, got {p['estimator']!r}")
         self.token_estimator = p["estimator"] == "token"
+        pr = p["probe"]
+        if isinstance(pr, bool) or not isinstance(pr, int) or pr < 0:
+            raise ConfigError(f"{flag}: probe must be an integer >= 0 (0: off), got {pr!r}")
+        self.probe = pr
         self.alpha = self.alpha0
         self.k = self.k_max  # reserve the most until the first decision
         self.reserved = self.k
@@ -127,7 +137,10 @@ class SmartSpec(SpecLenPolicy):
             self.n_decisions += 1
             self.last_decision_step = step_index
             self.k = self._decide(idx, kv_tokens, kv_free_tokens, res)
-        return self._kv_clip(idx, np.full(idx.shape[0], self.k, dtype=np.int64), res, kv_free_tokens)
+        k = np.full(idx.shape[0], self.k, dtype=np.int64)
+        if self.k == 0 and self._probing(step_index):
+            k[:] = min(1, self.k_max)
+        return self._kv_clip(idx, k, res, kv_free_tokens)
 
     def observe(self, record: StepRecord) -> None:
         dec = ~record.prefill
@@ -147,6 +160,10 @@ class SmartSpec(SpecLenPolicy):
         return float(self.alpha)
 
     # --- helpers -------------------------------------------------------------------------------
+    def _probing(self, step_index: int) -> bool:
+        """Whether this step is a probe step (k = 0 members draft one token)."""
+        return self.probe > 0 and step_index % self.probe == self.probe - 1
+
     def _remaining(self, idx: np.ndarray) -> np.ndarray:
         t = self.ctx.table
         return np.maximum(t.output_tokens[idx] - t.generated[idx], 1)
@@ -221,7 +238,10 @@ class SmartSpecPerRequest(SmartSpec):
                 self.k_i[sel] = choose_by_goodput(self._tokens(self.alpha_i[sel]), self._step_ms(idx.size, kv_tokens),
                                                   kv_ok, self.bonus)
         self.alpha = float(self.alpha_i[idx].mean())
-        k = self._kv_clip(idx, self.k_i[idx].copy(), res, kv_free_tokens)
+        k = self.k_i[idx].copy()
+        if self._probing(step_index):
+            k[k == 0] = min(1, self.k_max)
+        k = self._kv_clip(idx, k, res, kv_free_tokens)
         self.k = int(k.max())
         return k
 

@@ -27,8 +27,8 @@ SCHED_VARIANTS = {
                 "laps-sd:queues=1,m=1,predictor=class-mean", "laps-sd:queues=2,q=4,predictor=lognormal,eps=0.2"],
 }
 SPEC_LEN_VARIANTS = {
-    "smartspec": ["smartspec", "smartspec:interval=3,estimator=token,bonus=1.0"],
-    "smartspec-per-request": ["smartspec-per-request", "smartspec-per-request:interval=2,alpha0=0.3"],
+    "smartspec": ["smartspec", "smartspec:interval=3,estimator=token,bonus=1.0,probe=2"],
+    "smartspec-per-request": ["smartspec-per-request", "smartspec-per-request:interval=2,alpha0=0.3,probe=3"],
 }
 SCHEDULER_SPECS = [v for name in sorted(SCHEDULERS) if not name.startswith("test-")
                    for v in SCHED_VARIANTS.get(name, [name])]

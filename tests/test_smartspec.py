@@ -138,6 +138,29 @@ def test_window_without_decode_members_decides_at_next_call():
     assert pol.n_decisions == 2 and pol.last_decision_step == 25 and pol.k == 0
 
 
+def test_k0_is_absorbing_without_probe_and_probe_escapes():
+    # α̂ low at the first decision: k = 0; with no drafts, α̂ never changes and k stays 0
+    pol = make_policy(k_max=4)
+    pol.alpha = 0.01
+    ks = [int(decide(pol, step=s)[0]) for s in range(100)]
+    assert ks == [0] * 100 and pol.alpha == 0.01
+    # probe=5: steps 4, 9, 14, … draft one token while k = 0
+    pol = make_policy(params={"probe": 5}, k_max=4)
+    pol.alpha = 0.01
+    ks = [int(decide(pol, step=s)[0]) for s in range(20)]
+    assert [s for s, k in enumerate(ks) if k] == [4, 9, 14, 19] and max(ks) == 1
+    # the probe's drafts update α̂, so the next decision can leave k = 0
+    pol.observe(StepRecord(idx=np.arange(4), prefill=np.zeros(4, bool), drafted=np.ones(4, int),
+                           accepted=np.ones(4, int), committed=np.full(4, 2), step_ms=1.0, end_s=1.0))
+    pol.alpha = 0.99  # (as after several successful probes)
+    assert (decide(pol, step=20) == 4).all()
+    # per request: members at k_i = 0 probe, the others keep their k
+    pol = make_policy("smartspec-per-request", params={"probe": 5}, k_max=4)
+    pol.alpha_i[:] = [0.99, 0.01, 0.99, 0.01]
+    assert list(decide(pol, step=0)) == [4, 0, 4, 0]
+    assert list(decide(pol, step=4)) == [4, 1, 4, 1]
+
+
 def test_ema_update():
     pol = make_policy()
     rec = StepRecord(idx=np.arange(4), prefill=np.array([False, False, False, True]),
@@ -187,7 +210,7 @@ def test_k_max_parameter_and_validation():
     pol = make_policy(params={"k_max": 2}, k_max=5)
     pol.alpha = 0.99
     assert (decide(pol) == 2).all()
-    for bad in ({"k_max": 6}, {"interval": 0}, {"alpha0": 1.5}, {"bonus": -1}, {"estimator": "x"}, {"nope": 1}):
+    for bad in ({"k_max": 6}, {"interval": 0}, {"alpha0": 1.5}, {"bonus": -1}, {"estimator": "x"}, {"probe": -1}, {"nope": 1}):
         with pytest.raises(ConfigError):
             make_policy(params=bad, k_max=5)
 
