@@ -353,6 +353,8 @@ def expand_grid(doc: Any, where: str = "<grid>", base_dir: str | Path = ".") -> 
     trace_cache: dict[tuple, tuple[Path, str]] = {}
     profile_cache: dict[str, tuple[Path, str]] = {}
     transformed: dict[str, float | None] = {}
+    profiles: dict[str, Any] = {}
+    spec_profiles: dict[str, set[str]] = {}
     runs: list[RunSpec] = []
     ids: dict[str, dict] = {}
     for combo in itertools.product(*(axes[n] for n in names)):
@@ -376,7 +378,9 @@ def expand_grid(doc: Any, where: str = "<grid>", base_dir: str | Path = ".") -> 
             except SimspecError as exc:
                 raise ConfigError(f"{where}: {psrc}: {exc}") from None
             profile_cache[opts["profile"]] = (ppath, prof.sha256)
+            profiles[str(ppath)] = prof
         ppath, psha = profile_cache[opts["profile"]]
+        spec_profiles.setdefault(opts["spec"], set()).add(str(ppath))
         opts["trace"], opts["profile"] = str(tpath), str(ppath)
         opts["only_class"] = list(opts["only_class"])
         try:
@@ -402,9 +406,34 @@ def expand_grid(doc: Any, where: str = "<grid>", base_dir: str | Path = ".") -> 
         ids[run_id] = label
         runs.append(RunSpec(run_id=run_id, axes=point, options=opts, run_config=cfg.to_dict(),
                             trace_sha256=tsha, profile_sha256=psha, offered_rate_rps=transformed[tk]))
+    _check_methods(spec_profiles, profiles, axes, where)
     name = doc.get("name") or (Path(where).stem if where != "<grid>" else "sweep")
     return Grid(path=where, name=str(name), description=str(doc.get("description") or ""),
                 base=base, axes=axes, runs=runs)
+
+
+def _check_methods(spec_profiles: dict[str, set[str]], profiles: dict[str, Any], axes: dict[str, list],
+                   where: str) -> None:
+    """Build each speculation method once per profile it runs with: a value that no profile of the
+    grid accepts (a bad parameter) is a grid error; one that only some profiles reject (say, an
+    early-exit method on a whole-model profile) is left to fail, and be recorded, in those runs."""
+    from simspec.simulator.config import ComponentSpec
+    from simspec.simulator.cost import CostModel
+    from simspec.simulator.methods import get_method_class
+
+    for spec, ppaths in spec_profiles.items():
+        comp = ComponentSpec.parse(spec, "spec")
+        errors = []
+        for pp in sorted(ppaths):
+            prof = profiles[pp]
+            try:
+                get_method_class(comp.name)(dict(comp.params), prof, CostModel(prof))
+            except ConfigError as exc:
+                errors.append(str(exc))
+        if errors and len(errors) == len(ppaths):
+            src = f"axes.spec[{axes['spec'].index(spec)}]" if spec in axes.get("spec", []) else "base.spec"
+            msg = errors[0][len("--spec "):] if errors[0].startswith("--spec ") else errors[0]
+            raise ConfigError(f"{where}: {src}: {msg}")
 
 
 def run_config_from_options(opts: dict[str, Any]):

@@ -70,6 +70,7 @@ def test_grid_is_the_cartesian_product_with_stable_ids(tmp_path):
     ("base:\n  trace_name: x\naxes:\n  seed: [0]\n", ["base.trace_name", "unknown option"]),
     ("axes:\n  policy: [fcfs, nosuch]\n", ["axes.policy[1]", "nosuch"]),
     ("axes:\n  spec: [none, 'warp:k=2']\n", ["axes.spec[1]", "warp"]),
+    ("axes:\n  spec: [none, 'draft:kk=4']\n", ["axes.spec[1]", "unknown parameter(s) kk"]),
     ("axes:\n  seed: []\n", ["axes.seed", "empty axis"]),
     ("axes:\n  seed: 3\n", ["axes.seed", "list"]),
     ("axes:\n  replicas: [1, 0]\n", ["axes.replicas[1]", ">= 1"]),
@@ -218,3 +219,10 @@ def test_workers_and_scheduler_address_are_exclusive(tmp_path):
     with pytest.raises(ConfigError, match="--workers"):
         run_sweep(expand_grid(SMALL), tmp_path / "o", workers=2, scheduler_address="tcp://127.0.0.1:1",
                   progress=False)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples" / "grids").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_grids_are_valid(path):
+    g = load_grid(path)
+    assert g.runs and len({r.run_id for r in g.runs}) == len(g.runs)
