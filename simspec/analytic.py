@@ -403,7 +403,7 @@ def default_acceptance(model: ModelConfig, draft: ModelConfig | None) -> dict[st
     }}
     ld, li = max(1, round(n / 8)), max(2, round(n / 4))
     r = 0.8 / 0.65
-    tau_h = _beta_mean_of(lambda a: hispec_buffer_expectations(min(1.0, a * r), a, 2, 4, 6)[0], 6.5, 3.5, 201)
+    tau_h = _beta_mean_of(lambda a: hispec_buffer_expectations(min(1.0, a * r), a, 2, 4, 5)[0], 6.5, 3.5, 201)
     out["hispec"] = {"default": {
         "alpha": {"kind": "beta", "a": 6.5, "b": 3.5},
         "draft_vs_inter": {"alpha": {"kind": "beta", "a": 8.0, "b": 2.0}},

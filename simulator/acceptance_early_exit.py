@@ -194,8 +194,10 @@ def hispec_buffer_expectations(alpha_d: float, alpha: float, nd: int, ni: int, c
                                shape_d: np.ndarray | None = None,
                                shape: np.ndarray | None = None) -> tuple[float, float, float]:
     """Exact ``(E[tokens committed per full verification], E[inner iterations], E[buffer size])``
-    for one request (buffer target ``min(ni, cap)``, buffer never above ``cap``), by dynamic
-    programming over the buffer size. Used for policy estimates, not for sampling."""
+    for one request (buffer target ``min(ni, cap)``; an inner iteration drafts ``min(nd, cap − m)``
+    and appends the agreed prefix plus the intermediate's token, or all drafts when all agree), by
+    dynamic programming over the buffer size. Used for policy estimates and documented defaults,
+    not for sampling."""
     target = min(ni, cap)
     sd = np.ones(nd) if shape_d is None else shape_d[:nd]
     s = np.ones(max(cap, 1)) if shape is None else shape[:max(cap, 1)]
@@ -212,12 +214,12 @@ def hispec_buffer_expectations(alpha_d: float, alpha: float, nd: int, ni: int, c
         iters += live.sum()
         nxt = np.zeros(cap + 1)
         for m in np.flatnonzero(live):
-            d = min(nd, cap - m - 1)
+            d = min(nd, cap - m)
             a = np.minimum(1.0, alpha_d * sd[:d])
-            p_prefix = np.concatenate([[1.0], np.cumprod(a)])  # P(prefix ≥ j), j = 0..d
+            p_prefix = np.concatenate([[1.0], np.cumprod(a)])  # P(agreed prefix ≥ j), j = 0..d
             for j in range(d + 1):
                 pj = p_prefix[j] - (p_prefix[j + 1] if j < d else 0.0)
-                nxt[m + j + 1] += live[m] * pj
+                nxt[m + min(j + 1, d)] += live[m] * pj  # agreed drafts + L_i's token; all d if all agree
         dist = nxt
     a_f = np.minimum(1.0, alpha * s)
     tokens = 0.0

@@ -128,23 +128,24 @@ def test_bundled_analytic_profiles():
                 and (np.diff(ms, axis=2) >= 0).all(), (name, stage)
 
 
-def test_kangaroo_default_tau_is_what_the_simulator_produces():
-    """The documented mean tokens per verification of the bundled Kangaroo default is what sampling
-    gives (per-request Beta spread included)."""
+@pytest.mark.parametrize("method", ["kangaroo", "hispec"])
+def test_default_tau_is_what_the_simulator_produces(method):
+    """The documented mean tokens per verification of the bundled defaults is what sampling gives
+    (per-request Beta spread included), at the method's default k."""
     from simspec.simulator.methods import BatchStep, get_method_class
 
     p = load_profile("vicuna7b-a100-analytic")
-    m = get_method_class("kangaroo")({}, p, CostModel(p))
-    model = m.build_acceptance([p.acceptance["kangaroo"]["default"]])
+    m = get_method_class(method)({}, p, CostModel(p))
+    model = m.build_acceptance([p.acceptance[method]["default"]])
     m.bind_acceptance(model)
     n = 200_000
     cls = np.zeros(n, dtype=np.int64)
     alpha = model.draw_alphas(np.random.default_rng(0), cls)
-    k = np.full(n, 6)
+    k = np.full(n, m.default_k)
     b = BatchStep(idx=np.arange(n), prefill=np.zeros(n, bool), fed_tokens=k + 1, ctx_tokens=np.full(n, 100),
                   k=k, remaining=np.full(n, 100), alpha=alpha, class_idx=cls)
     out = m.step(np.random.default_rng(1), b)
-    assert np.mean(out.accepted + 1) == pytest.approx(p.acceptance["kangaroo"]["default"]["mean_tokens_per_step"],
+    assert np.mean(out.accepted + 1) == pytest.approx(p.acceptance[method]["default"]["mean_tokens_per_step"],
                                                       rel=0.01)
 
 

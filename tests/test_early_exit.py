@@ -117,12 +117,13 @@ def test_kangaroo_confidence_mc_matches_exact(eta):
 def test_hispec_mc_matches_exact(a_d, a_f, nd, ni):
     doc = layer_doc(hispec={"alpha": fixed(a_f), "draft_vs_inter": {"alpha": fixed(a_d)}})
     m = make_method(f"hispec:draft_exit=2,inter_exit=4,nd={nd},ni={ni}", doc)
-    k = ni + nd
+    k = m.k_max
+    assert k == ni + nd - 1
     out = m.step(np.random.default_rng(4), decode_batch(MC_N, k, alpha=a_f))
     tokens, _, buffer = hispec_buffer_expectations(a_d, a_f, nd, ni, k)
     assert np.mean(out.accepted + 1) == pytest.approx(tokens, rel=MC_REL_TOL)
     assert np.mean(out.drafted) == pytest.approx(buffer, rel=MC_REL_TOL)
-    assert out.drafted.min() >= ni and out.drafted.max() <= ni + nd
+    assert out.drafted.min() >= ni and out.drafted.max() <= k
     assert m.expected_tokens(a_f, k) == pytest.approx(tokens)
 
 
@@ -221,23 +222,33 @@ def test_kangaroo_idle_requests_follow_longest_drafter():
 
 
 def test_hispec_step_cost_composition_all_agree_and_none_agree():
-    """nd = 2, ni = 4, k = 6, exits 2 / 4 of 8 layers, constant costs.
-    All agree (α = 1): two inner iterations of 3 tokens, buffer 6, all 6 accepted (commit 7).
-    None agree (α = 0): four iterations of 1 token (L_i's own), buffer 4, none accepted (commit 1)."""
-    it = 3 * (2 * LAYER_MS + EMBED_MS) + 2 * HEAD_MS + (4 - 2) * LAYER_MS + HEAD_MS
+    """nd = 2, ni = 4, k = k_max = 5, exits 2 / 4 of 8 layers, constant costs.
+    All agree (α = 1): two inner iterations append 2 drafts each, buffer 4, all accepted (commit 5).
+    None agree (α = 0): four iterations append L_i's own token each, buffer 4, none accepted (commit 1).
+    An inner iteration: 2 drafting rounds (layers 0..1 + embedding + LM head), then layers 2..3 + LM
+    head over the 2 tokens; the full pass: layers 0..3 over the frontier token, layers 4..7 + LM head."""
+    it = 2 * (2 * LAYER_MS + EMBED_MS + HEAD_MS) + (4 - 2) * LAYER_MS + HEAD_MS
     full = 4 * LAYER_MS + EMBED_MS + (N_LAYERS - 4) * LAYER_MS + HEAD_MS
-    for a, iters, buf, acc in ((1.0, 2, 6, 6), (0.0, 4, 4, 0)):
+    for a, iters, buf, acc in ((1.0, 2, 4, 4), (0.0, 4, 4, 0)):
         doc = layer_doc(hispec={"alpha": fixed(a), "draft_vs_inter": {"alpha": fixed(a)}})
         m = make_method("hispec:draft_exit=2,inter_exit=4,nd=2,ni=4", doc)
-        assert m.k_max == 6
-        out = m.step(np.random.default_rng(0), decode_batch(1, 6, alpha=a))
+        assert m.k_max == 5
+        out = m.step(np.random.default_rng(0), decode_batch(1, 5, alpha=a))
         assert out.drafted[0] == buf and out.accepted[0] == acc
         assert out.step_ms == pytest.approx(iters * it + full)
-    # the buffer never exceeds k: with k = 3 (< ni), α = 1, it is filled to 3 and verified
+    # the buffer never exceeds k: with k = 3 (< ni) and α = 1 it is filled with 2 + 1 drafts
     m = make_method("hispec:draft_exit=2,inter_exit=4,nd=2,ni=4",
                     layer_doc(hispec={"alpha": fixed(1.0), "draft_vs_inter": {"alpha": fixed(1.0)}}))
     out = m.step(np.random.default_rng(0), decode_batch(1, 3, alpha=1.0))
     assert out.drafted[0] == 3 and out.accepted[0] == 3
+    it1 = (2 * LAYER_MS + EMBED_MS + HEAD_MS) + (4 - 2) * LAYER_MS + HEAD_MS
+    assert out.step_ms == pytest.approx(it + it1 + full)
+    # a buffer of ni − 1 = 3 gains at most nd = 2: the largest buffer is k_max = 5
+    m2 = make_method("hispec:draft_exit=2,inter_exit=4,nd=2,ni=4",
+                     layer_doc(hispec={"alpha": fixed(1.0), "draft_vs_inter": {"alpha": {"kind": "fixed",
+                                                                                          "value": 0.5}}}))
+    out = m2.step(np.random.default_rng(0), decode_batch(20_000, 5, alpha=1.0))
+    assert out.drafted.max() == 5 and out.drafted.min() == 4
 
 
 def test_prefill_members_run_the_whole_model():

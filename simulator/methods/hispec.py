@@ -3,26 +3,31 @@
 
 Three exits of one early-exit model: the draft exit L_d, the intermediate verifier L_i and the full
 model (N layers); each level computes only its own slice of layers and reuses the KV and hidden
-states of the levels below. One simulated step is one *full* verification; per decode request:
+states of the levels below. One simulated step is one *full* verification; per decode request (k = the policy's cap):
 
-1. Inner loop, until the tentative buffer holds ``min(N_i, k)`` tokens: draft
-   ``d = min(N_d, k − m − 1)`` tokens at L_d (drafting rounds as in Kangaroo, without an adapter:
-   layers 0..L_d−1 + LM head per draft, the last draft's shallow states in one more round), then
-   layers L_d..L_i−1 + LM head over the d + 1 tokens in one pass; append the prefix L_i agrees with
-   plus L_i's own token (its correction, or its bonus when all d agree). ``m`` = buffer size; the
-   buffer never exceeds ``k`` (so with ``k ≥ N_i + N_d``, the default, it is never cut).
-2. Full verification: layers 0..L_i−1 over the buffer's last token (L_i's own token, not yet run
+1. Inner loop, until the tentative buffer holds ``min(N_i, k)`` tokens: draft ``d = min(N_d, k − m)``
+   tokens at L_d — d rounds of layers 0..L_d−1 (+ embedding) + LM head over one token (the frontier
+   token, then each draft but the last) — then layers L_d..L_i−1 + LM head over those d tokens in
+   one pass; append the prefix L_i agrees with plus L_i's own token at the first disagreement (all d
+   drafts when it agrees with all: there is no intermediate bonus, the last draft becomes the next
+   frontier token). ``m`` = buffer size; it never exceeds ``k``, so with ``k ≥ N_i + N_d − 1`` (the
+   default, ``k_max``) it is never cut.
+2. Full verification: layers 0..L_i−1 over the frontier token (the buffer's last token, not yet run
    through any layer), then layers L_i..N−1 + LM head over the m + 1 tokens (the previous step's
    bonus token and the buffer) in one pass. The full model's agreed prefix plus its
    correction/bonus token is committed; the rest is flushed.
+
+This is the accounting of ``simspec.calibrate.runners.HiSpecRunner`` (the real runner whose logs
+calibrate the ``hispec`` acceptance entries), so measured profiles and the simulator agree.
 
 Batched: every inner iteration runs its passes over the requests whose buffer is still short; the
 others idle. Prefill members run all N layers on their prompt in the full-verification pass.
 Progress: ``drafted`` = m (buffer tokens the full model verified), ``accepted`` = its agreed prefix.
 
 ``inter_exit = N`` (the intermediate verifier *is* the full model): each step is one draft-and-verify
-round — single-level early-exit self-speculation with ``min(N_d, k)`` drafts at L_d, verified by
-layers L_d..N−1 with the ``draft_vs_inter`` acceptance; ``ni`` is then unused.
+round — single-level early-exit self-speculation with ``min(N_d, k)`` drafts at L_d verified by
+layers L_d..N−1 over the drafts + 1 tokens with the usual bonus token, and the ``draft_vs_inter``
+acceptance; ``ni`` is then unused.
 """
 
 from __future__ import annotations
@@ -31,9 +36,8 @@ import numpy as np
 
 from simspec.simulator.acceptance_early_exit import HiSpecAcceptance, hispec_buffer_expectations
 from simspec.simulator.methods.base import BatchStep, Method, StepOutcome, register_method
-from simspec.simulator.methods.kangaroo import (DEFAULT_ALPHA, class_entry_names, draft_rounds_ms,
-                                                early_exit_step_ms, int_param, profile_setting,
-                                                require_layer_level)
+from simspec.simulator.methods.kangaroo import (DEFAULT_ALPHA, class_entry_names, early_exit_step_ms,
+                                                int_param, profile_setting, require_layer_level)
 from simspec.errors import ConfigError
 
 
@@ -69,8 +73,25 @@ class HiSpec(Method):
     @property
     def k_max(self) -> int:
         """Largest buffer: at most N_i − 1 tokens before the last inner iteration, which adds at
-        most N_d + 1 (N_d in the single-level case)."""
-        return self.nd if self.single_level else self.ni + self.nd
+        most N_d (N_d drafts in the single-level case)."""
+        return self.nd if self.single_level else self.ni + self.nd - 1
+
+    def _draft_rounds_ms(self, d: np.ndarray, ctx: np.ndarray) -> float:
+        """``d_i`` drafting rounds per request at the draft exit, batched: round j runs layers
+        0..L_d−1 (+ embedding) and the LM head over one token for each request with ``d_i > j``
+        (the batch waits for its longest drafter)."""
+        c = self.cost
+        dmax = int(d.max())
+        if int(d.min()) == dmax:
+            cnt, csum = [d.size] * dmax, [float(ctx.sum())] * dmax
+        else:
+            cnt = np.bincount(d, minlength=dmax + 1)[::-1].cumsum()[::-1][1:].tolist()
+            csum = np.bincount(d, weights=ctx, minlength=dmax + 1)[::-1].cumsum()[::-1][1:].tolist()
+        ms = 0.0
+        for j in range(dmax):
+            b = cnt[j]
+            ms += c.slice_ms(0, self.draft_exit, b, b, csum[j] + j * b, embed=True, lm_head=True)
+        return ms
 
     def build_acceptance(self, entries):
         return HiSpecAcceptance(entries, class_entry_names(self.profile, "hispec", entries))
@@ -107,13 +128,13 @@ class HiSpec(Method):
                 if ai.size == 0:
                     break
                 mi = m[ai]
-                d = np.minimum(nd, k[ai] - mi - 1)
+                d = np.minimum(nd, k[ai] - mi)
                 ok = (rng.random((ai.size, nd)) < p_d[ai]) & (pos < d[:, None])
                 agreed = np.cumprod(ok, axis=1).sum(axis=1)
                 c_ai = ctx[ai] + mi
-                ms += draft_rounds_ms(c, d, c_ai, ld, adapter=False)
-                ms += c.slice_ms(ld, li, ai.size, float((d + 1).sum()), float(c_ai.sum()), lm_head=True)
-                m[ai] = mi + agreed + 1
+                ms += self._draft_rounds_ms(d, c_ai)
+                ms += c.slice_ms(ld, li, ai.size, float(d.sum()), float(c_ai.sum()), lm_head=True)
+                m[ai] = mi + np.minimum(agreed + 1, d)
         # full verification of the buffer (and the prefill members' prompts)
         kmax = int(m.max()) if n else 0
         if kmax:
@@ -154,13 +175,14 @@ class HiSpec(Method):
         return float(acc.mean_alpha.mean()) if acc is not None else DEFAULT_ALPHA
 
     def _iteration_ms(self, b: int, kv: float) -> float:
-        """One inner iteration over ``b`` requests: N_d drafting rounds + the intermediate pass."""
+        """One inner iteration over ``b`` requests: N_d drafting rounds + the intermediate pass (in
+        the single-level case: + the last draft's shallow round, verification over N_d + 1)."""
         c = self.cost
         ms = self.nd * c.slice_ms(0, self.draft_exit, b, b, kv, embed=True, lm_head=True)
-        ms += c.slice_ms(0, self.draft_exit, b, b, kv, embed=True)
-        end = self.num_layers if self.single_level else self.inter_exit
-        ms += c.slice_ms(self.draft_exit, end, b, b * (self.nd + 1), kv, lm_head=True)
-        return ms
+        if self.single_level:
+            ms += c.slice_ms(0, self.draft_exit, b, b, kv, embed=True)
+            return ms + c.slice_ms(self.draft_exit, self.num_layers, b, b * (self.nd + 1), kv, lm_head=True)
+        return ms + c.slice_ms(self.draft_exit, self.inter_exit, b, b * self.nd, kv, lm_head=True)
 
     def _full_ms(self, b: int, kv: float, buffer: float) -> float:
         c = self.cost
