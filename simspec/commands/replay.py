@@ -11,15 +11,12 @@ from simspec.errors import ConfigError
 from simspec.traces.transforms import format_option, transform_options
 
 
-def _trace_arg(value: str | None):
-    from simspec.traces import bundled_trace_path, bundled_traces, load_trace
-    from simspec.traces.formats import DEFAULT_TRACE
+def load_trace_arg(trace: str | None, fmt: str | None, seed: int, transforms: dict):
+    """TRACE argument (a file or a bundled name; default: the bundled Azure trace) → transformed trace."""
+    from simspec.traces.formats import DEFAULT_TRACE, resolve_trace_arg
+    from simspec.traces.transforms import load_and_transform
 
-    if value is None:
-        value = DEFAULT_TRACE
-    if value in bundled_traces() and not Path(value).exists():
-        return load_trace(bundled_trace_path(value))
-    return load_trace(value)
+    return load_and_transform(resolve_trace_arg(trace or DEFAULT_TRACE), fmt, seed=seed, **transforms)
 
 
 def _choices(kind: str) -> str:
@@ -140,13 +137,10 @@ def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_ba
     from simspec.profile import DEFAULT_PROFILE, load_profile
     from simspec.simulator.output import write_run
     from simspec.simulator.run import simulate
-    from simspec.traces.formats import DEFAULT_TRACE, resolve_trace_arg
-    from simspec.traces.transforms import load_and_transform
-
     config = build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt, seed,
                           slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens)
     profile = load_profile(profile_name or DEFAULT_PROFILE)
-    tr = load_and_transform(resolve_trace_arg(trace or DEFAULT_TRACE), fmt, seed=seed, **transforms)
+    tr = load_trace_arg(trace, fmt, seed, transforms)
     if out_dir is None:
         stem = Path(trace).stem if trace else "azure_code_2023"
         safe = lambda s: "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in s)
@@ -173,8 +167,11 @@ def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_ba
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Directory for one run directory per scheduler [default: none written].")
 @click.option("--force", is_flag=True, help="Replace run directories that exist.")
+@format_option
+@transform_options
 def compare(trace, policies, spec, spec_len, profile_name, replicas, router, max_batch, kv_budget_tokens,
-            max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, out_dir, force):
+            max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, out_dir, force,
+            fmt, transforms):
     """Replay TRACE (default: the bundled Azure coding trace) under several schedulers and print
     the comparison. This is the quickstart's main job."""
     from simspec.policies import SCHEDULERS
@@ -184,7 +181,7 @@ def compare(trace, policies, spec, spec_len, profile_name, replicas, router, max
 
     names = [p.strip() for p in policies.split(",")] if policies else sorted(SCHEDULERS)
     profile = load_profile(profile_name or DEFAULT_PROFILE)
-    tr = _trace_arg(trace)
+    tr = load_trace_arg(trace, fmt, seed, transforms)
     click.echo(f"trace: {tr.source} ({len(tr)} requests); profile: {profile.name} [{profile.source}]; "
                f"spec: {spec}; spec-len: {spec_len}; replicas: {replicas}; seed: {seed}")
     cols = []
