@@ -583,11 +583,19 @@ def open_executor(workers: int | None = None, scheduler_address: str | None = No
     workers = workers or default_workers()
     ctx = _mp_context()
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    def cancel() -> None:
+        """Stop now (Ctrl-C): drop queued runs and terminate the workers; a run cut short leaves
+        only a temporary directory, removed when the sweep is resumed."""
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.terminate()
+
     try:
         yield Executor(submit=lambda fn, arg, key: pool.submit(fn, arg),
                        as_completed=concurrent.futures.as_completed,
-                       description=f"{workers} local process(es)",
-                       cancel=lambda: pool.shutdown(wait=False, cancel_futures=True))
+                       description=f"{workers} local process(es)", cancel=cancel)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -736,10 +744,15 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, workers: int | None = None,
         raise ConfigError("--workers sets local processes; with --scheduler-address the cluster's workers run")
     runs_dir, failed_dir = out_dir / RUNS_DIR, out_dir / FAILED_DIR
     notes: list[str] = []
+
+    def note(msg: str) -> None:
+        notes.append(msg)
+        if echo:
+            echo(f"note: {msg}")
     with _sweep_lock(out_dir):
         n_partial = _remove_partials(runs_dir)
         if n_partial:
-            notes.append(f"removed {n_partial} partial run director{'y' if n_partial == 1 else 'ies'} "
+            note(f"removed {n_partial} partial run director{'y' if n_partial == 1 else 'ies'} "
                          f"left by an interrupted sweep; those runs are redone")
         rows: dict[str, dict[str, Any]] = {}
         todo: list[RunSpec] = []
@@ -758,7 +771,7 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, workers: int | None = None,
                 todo.append(run)
         n_skipped = len(grid.runs) - len(todo)
         if n_failed_kept:
-            notes.append(f"{n_failed_kept} run(s) failed in an earlier attempt and were not retried "
+            note(f"{n_failed_kept} run(s) failed in an earlier attempt and were not retried "
                          f"(see {failed_dir}; pass --retry-failed to rerun them)")
         executor_desc = "none (nothing to run)"
         pbar = None
@@ -817,9 +830,6 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, workers: int | None = None,
             "n_failed": n_failed, "last_attempt": {"executed": len(todo), "skipped": n_skipped,
                                                    "executor": executor_desc, "wall_s": round(wall, 3)},
         })
-    if echo:
-        for n in notes:
-            echo(f"note: {n}")
     return SweepResult(out_dir=out_dir, table=table, n_runs=len(grid.runs), n_executed=len(todo),
                        n_skipped=n_skipped, n_failed=n_failed, wall_s=wall, executor=executor_desc, notes=notes)
 

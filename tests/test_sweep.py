@@ -183,6 +183,44 @@ def test_restart_after_a_kill_runs_only_the_missing_runs(reference, tmp_path):
     assert (again.n_skipped, again.n_executed) == (8, 0)
 
 
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_a_really_killed_sweep_resumes(tmp_path, how):
+    """Kill a running `simspec sweep` (the whole process group: driver, forkserver, worker) after
+    two runs, then rerun it: only the missing runs are done and the table is the clean one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    doc = {"base": {"trace": "azure_code_2023", "first": 120}, "axes": {"rate": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}}
+    grid = write_grid(tmp_path, doc)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "simspec.cli", "sweep", str(grid), "--out", str(out), "--workers", "1", "-q"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    done = lambda: [p for p in (out / "runs").glob("*") if not p.name.startswith(".")] if (out / "runs").is_dir() else []
+    deadline = time.monotonic() + 120
+    while len(done()) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, getattr(signal, how))
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the sweep finished before it could be killed")
+    n_done = len(done())
+    assert 2 <= n_done < 6
+    if how == "SIGINT":
+        assert proc.returncode == 130 and b"run the same command to resume" in err
+        assert not (out / ".sweep.lock").exists()
+    else:
+        assert proc.returncode == -signal.SIGKILL and (out / ".sweep.lock").exists()
+    assert not (out / "sweep.parquet").exists()
+    res = run_sweep(load_grid(grid), out, workers=2, progress=False)
+    assert (res.n_skipped, res.n_executed, res.n_failed) == (n_done, 6 - n_done, 0)
+    assert not [p for p in (out / "runs").iterdir() if p.name.startswith(".")]
+    clean = run_sweep(load_grid(grid), tmp_path / "clean", workers=2, progress=False)
+    pd.testing.assert_frame_equal(res.table, clean.table)
+
+
 def test_a_live_sweep_in_the_same_directory_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -46,8 +46,13 @@ def sweep(grid, out_dir, workers, scheduler_address, retry_failed, dry_run, quie
             click.echo(f"  {r.run_id}  " + ", ".join(f"{k}={v}" for k, v in r.axes.items())
                        + (f"  ({r.offered_rate_rps:.3g} req/s)" if r.offered_rate_rps else ""))
         return
-    res = run_sweep(g, out_dir, workers=workers, scheduler_address=scheduler_address, progress=not quiet,
-                    retry_failed=retry_failed, echo=lambda m: click.echo(m, err=True))
+    try:
+        res = run_sweep(g, out_dir, workers=workers, scheduler_address=scheduler_address, progress=not quiet,
+                        retry_failed=retry_failed, echo=lambda m: click.echo(m, err=True))
+    except KeyboardInterrupt:
+        click.echo(f"sweep stopped; finished runs are kept in {out_dir}/runs: run the same command to resume",
+                   err=True)
+        raise
     if not quiet:
         click.echo(text_table(display_frame(res.table, list(g.axes) + ["status"], compact=True), max_rows=40))
         click.echo()
