@@ -303,7 +303,8 @@ def model_step_ms(sim_method: Any, cost: Any, steps: pd.DataFrame) -> np.ndarray
 
 
 def fit_overhead(real_ms: np.ndarray, model_ms: np.ndarray) -> dict[str, float]:
-    """Least squares ``real = model·(1 + fraction) + fixed_ms`` with both terms ≥ 0."""
+    """Least squares ``real = model·(1 + fraction) + fixed_ms`` with both terms ≥ 0 (``validate`` passes
+    the decode steps only)."""
     x, y = np.asarray(model_ms, float), np.asarray(real_ms, float)
     a = np.stack([x, np.ones_like(x)], axis=1)
     (slope, icpt), *_ = np.linalg.lstsq(a, y, rcond=None)
@@ -467,6 +468,11 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
             "decode_model_with_profile_overhead_ms_mean": float(dec["model_with_overhead_ms"].mean()) if len(dec) else None,
             "prefill_real_ms_mean": float(pre["step_ms"].mean()) if len(pre) else None,
             "prefill_model_ms_mean": float(pre["model_ms"].mean()) if len(pre) else None,
+            "decode_real_over_model_median": float((dec["step_ms"] / dec["model_ms"]).median()) if len(dec) else None,
+            "prefill_real_over_model_median": float((pre["step_ms"] / pre["model_ms"]).median()) if len(pre) else None,
+            "prefill_lm_head_all_tokens_ms_mean": float(np.mean([
+                cost.stage_ms("lm_head", 1, int(f), 0) - cost.stage_ms("lm_head", 1, 1, 0)
+                for f in pre["fed_tokens"]])) if len(pre) and cost.has("lm_head") else None,
             "profile_overhead": dict(profile.overhead),
         }
     }
@@ -489,7 +495,7 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
     if fit_overhead_to:
         from simspec.calibrate.profile_io import update_profile
 
-        fitted = fit_overhead(steps["step_ms"].to_numpy(), steps["model_ms"].to_numpy())
+        fitted = fit_overhead(dec["step_ms"].to_numpy(), dec["model_ms"].to_numpy())
         src = Path(profile.path)
         dst = Path(fit_overhead_to)
         if src.resolve() != dst.resolve():
@@ -497,8 +503,8 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
         lat = dict(profile.doc["latency"])
         lat["overhead"] = {"fraction": round(fitted["fraction"], 6), "fixed_ms": round(fitted["fixed_ms"], 6)}
         update_profile(dst, latency=lat, meta_updates={"overhead_calibration": {
-            "method": "least squares real_step_ms = model_ms*(1+fraction) + fixed_ms over every step of a real "
-                      "batch-1 run (prefills and decode steps), both terms >= 0",
+            "method": "least squares real_step_ms = model_ms*(1+fraction) + fixed_ms over the decode steps of a "
+                      "real batch-1 run (prefills excluded: see validation docs), both terms >= 0",
             "trace": str(trace_arg), "time_scale": time_scale, "spec": str(mspec), "policy": str(sspec),
             "seed": seed, "n_steps": fitted["n_steps"], "rms_residual_ms": round(fitted["rms_residual_ms"], 4),
             "machine_load": load_after, "simspec_version": __version__,
