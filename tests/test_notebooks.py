@@ -36,7 +36,7 @@ def test_there_is_a_notebook():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_is_committed_without_outputs(path):
-    import nbformat
+    nbformat = pytest.importorskip("nbformat")
 
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
