@@ -356,7 +356,7 @@ def expand_grid(doc: Any, where: str = "<grid>", base_dir: str | Path = ".") -> 
     profiles: dict[str, Any] = {}
     spec_profiles: dict[str, set[str]] = {}
     runs: list[RunSpec] = []
-    ids: dict[str, dict] = {}
+    ids: dict[str, str] = {}
     for combo in itertools.product(*(axes[n] for n in names)):
         point = dict(zip(names, combo))
         opts = {**defaults, **base, **point}
@@ -381,6 +381,9 @@ def expand_grid(doc: Any, where: str = "<grid>", base_dir: str | Path = ".") -> 
             profiles[str(ppath)] = prof
         ppath, psha = profile_cache[opts["profile"]]
         spec_profiles.setdefault(opts["spec"], set()).add(str(ppath))
+        # absolute paths for the workers, and the names as written (a worker on another machine
+        # finds a bundled trace or profile by name if the path does not exist there)
+        opts["trace_ref"], opts["profile_ref"] = opts["trace"], opts["profile"]
         opts["trace"], opts["profile"] = str(tpath), str(ppath)
         opts["only_class"] = list(opts["only_class"])
         try:
@@ -508,12 +511,18 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
         from simspec.simulator.output import write_run
         from simspec.simulator.run import simulate
 
-        opts = task["options"]
+        opts = dict(task["options"])
+        if not Path(opts["trace"]).is_file() and opts.get("trace_ref"):
+            opts["trace"] = str(resolve_trace(opts["trace_ref"], Path.cwd()))
+        if not Path(opts["profile"]).is_file() and opts.get("profile_ref"):
+            opts["profile"] = str(resolve_profile(opts["profile_ref"], Path.cwd()))
         if _sha256_file(opts["trace"]) != task["trace_sha256"]:
-            raise SimspecError(f"{opts['trace']}: the trace changed since the sweep was planned")
+            raise SimspecError(f"{opts['trace']}: not the trace the sweep was planned with (changed since, or "
+                               f"a different file on this worker)")
         profile = _load_run_profile(opts["profile"], task["profile_sha256"])
         if profile.sha256 != task["profile_sha256"]:
-            raise SimspecError(f"{opts['profile']}: the profile changed since the sweep was planned")
+            raise SimspecError(f"{opts['profile']}: not the profile the sweep was planned with (changed since, "
+                               f"or a different file on this worker)")
         trace = load_run_trace(opts["trace"], opts["format"], task["trace_sha256"],
                                {k: opts[k] for k in TRANSFORM_KEYS}, opts["seed"])
         config = RunConfig.from_dict(task["run_config"])

@@ -264,3 +264,17 @@ def test_workers_and_scheduler_address_are_exclusive(tmp_path):
 def test_example_grids_are_valid(path):
     g = load_grid(path)
     assert g.runs and len({r.run_id for r in g.runs}) == len(g.runs)
+
+
+def test_a_worker_finds_bundled_files_by_name_and_checks_their_hash(tmp_path):
+    """A Dask worker on another machine may have simspec installed elsewhere."""
+    from simspec.sweep import execute_run
+
+    task = expand_grid({"base": {"first": 20}}).runs[0].task(tmp_path)
+    task["options"]["trace"] = "/elsewhere/azure_code_2023.csv"
+    task["options"]["profile"] = "/elsewhere/llama70b-4xh100-smartspec.json"
+    assert execute_run(task)["status"] == "ok"
+    task = expand_grid({"base": {"first": 20}}).runs[0].task(tmp_path / "other")
+    task["trace_sha256"] = "0" * 64
+    res = execute_run(task)
+    assert res["status"] == "failed" and "not the trace the sweep was planned with" in res["error"]
