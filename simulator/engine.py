@@ -142,11 +142,20 @@ class Replica:
                 k_dec = np.asarray(self.spec_len.choose_k(dec_idx, float(_sum(ctx_b[dec])), kv_free,
                                                           self.step_index), dtype=np.int64)
                 k_dec = np.minimum(np.maximum(k_dec, 0), rem_b[dec] - 1)
-                extra = int(np.maximum(k_dec - k_res[:nb][dec], 0).sum())
-                if extra > kv_free:
-                    raise RuntimeError(f"--spec-len {self.spec_len.name} chose {extra} drafts beyond the KV room "
-                                       f"({kv_free} tokens) on replica {self.rid}")
-                used += extra
+                # drafts beyond those reserved at batch formation must fit the KV room and the
+                # per-step token budget; members later in priority order lose theirs first
+                k_base = k_res[:nb][dec]
+                extra_i = np.maximum(k_dec - k_base, 0)
+                room = kv_free
+                if cap.max_batched_tokens is not None:
+                    planned = int(_sum(np.where(prefill, ctx_b, k_res[:nb] + 1)))
+                    room = min(room, max(cap.max_batched_tokens - planned, 0))
+                cum_extra = np.cumsum(extra_i)
+                if cum_extra.size and int(cum_extra[-1]) > room:
+                    over = cum_extra > room
+                    k_dec = np.where(over, np.minimum(k_dec, k_base), k_dec)
+                    extra_i = np.where(over, 0, extra_i)
+                used += int(_sum(extra_i))
                 k[dec] = k_dec
             fed = np.where(prefill, ctx_b, k + 1)
             step = BatchStep(idx=batch, prefill=prefill, fed_tokens=fed, ctx_tokens=np.where(prefill, 0, ctx_b),
