@@ -5,10 +5,12 @@ A stage is measured on a full grid ``batch_size × tokens_per_request × context
 points) and, separately, on off-grid shapes (the held-out points). Two candidate models are built
 from the training points:
 
-- ``grid``: the table of measured medians, made non-decreasing along every axis (cost cannot fall
-  when a step has more requests, more tokens or more context; the isotonic fit removes measurement
-  noise that says otherwise) and interpolated multilinearly by
-  :func:`simspec.simulator.latency_models.compile_stage`;
+- ``grid``: the table of measured medians, made non-decreasing along the context axis (attending
+  over more cached tokens is never cheaper, so a dip there is measurement noise; an isotonic fit
+  removes it) and interpolated multilinearly by
+  :func:`simspec.simulator.latency_models.compile_stage`. Along batch and tokens the medians are
+  kept as measured: real kernels are not monotone there (on a CPU, MKL's GEMM for 4-15 rows is
+  slower than for 16), and the profile should say so;
 - ``linear``: ``c0 + c_b*B + c_t*batched_tokens + c_kv*kv_tokens`` by non-negative least squares
   on relative error (every point weighs the same in percent; no coefficient below zero).
 
@@ -70,12 +72,12 @@ def isotonic_1d(values: Sequence[float]) -> list[float]:
     return out
 
 
-def monotone_table(table: np.ndarray) -> np.ndarray:
-    """Make a 3-D table non-decreasing along every axis: isotonic fit along the last axis, then
-    the middle, then the first. An average of non-decreasing sequences is non-decreasing, so each
-    pass keeps the monotonicity the earlier passes produced."""
+def monotone_table(table: np.ndarray, axes: Sequence[int] = (2, 1, 0)) -> np.ndarray:
+    """Make a 3-D table non-decreasing along the given axes: isotonic fit along each in turn. An
+    average of non-decreasing sequences is non-decreasing, so each pass keeps the monotonicity the
+    earlier passes produced."""
     t = np.array(table, dtype=float)
-    for axis in (2, 1, 0):
+    for axis in axes:
         t = np.apply_along_axis(lambda v: np.asarray(isotonic_1d(v)), axis, t)
     return t
 
@@ -92,7 +94,7 @@ def grid_model(points: Iterable[Point], batch_sizes: Sequence[int], tokens: Sequ
                     raise ValueError(f"grid point B={b} T={t} C={c} was not measured")
                 table[i, j, k] = idx[(b, t, c)]
     if monotone:
-        table = monotone_table(table)
+        table = monotone_table(table, axes=(2,))
     return {"kind": "grid",
             "axes": {"batch_size": [int(b) for b in batch_sizes],
                      "tokens_per_request": [int(t) for t in tokens],
@@ -153,8 +155,8 @@ def fit_stage(train: Sequence[Point], heldout: Sequence[Point], batch_sizes: Seq
     doc = dict(built[best])
     mape, max_ape = scores[best]
     doc["fit"] = {
-        "method": ("measured medians, isotonic (non-decreasing) along context, tokens and batch; "
-                   "multilinear interpolation" if best == "grid" else
+        "method": ("measured medians, isotonic (non-decreasing) along context; multilinear "
+                   "interpolation over per-request means" if best == "grid" else
                    "non-negative least squares on relative error over the grid points"),
         "heldout_mape_pct": mape, "heldout_max_ape_pct": max_ape,
         "n_train": len(train), "n_heldout": len(heldout),

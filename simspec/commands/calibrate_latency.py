@@ -39,6 +39,16 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _scheduler() -> str | None:
+    """The process's CPU scheduling policy (SCHED_OTHER, SCHED_FIFO, ...), where the OS says."""
+    if not hasattr(os, "sched_getscheduler"):
+        return None
+    pol = os.sched_getscheduler(0)
+    names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_FIFO", "SCHED_RR", "SCHED_BATCH",
+                                         "SCHED_IDLE") if hasattr(os, n)}
+    return names.get(pol, str(pol))
+
+
 @click.command("latency")
 @click.option("--model", "model_spec", default="smollm2-135m", show_default=True,
               help="Target model: the bundled smollm2-135m, a local HF checkpoint directory, or a HF id.")
@@ -75,7 +85,7 @@ def latency(model_spec: str, draft_spec: str | None, device: str, dtype: str, gr
     check_device(device)
     load_before = _loadavg()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device == "cpu" and load_before and load_before[0] > 0.5 * cpus:
+    if device == "cpu" and load_before and load_before[0] > 0.5 * cpus and _scheduler() in ("SCHED_OTHER", None):
         click.echo(f"simspec: warning: load average {load_before[0]} on {cpus} CPU(s): other processes "
                    "will distort the timings", err=True)
     target = load_model(model_spec, dtype, device)
@@ -89,7 +99,9 @@ def latency(model_spec: str, draft_spec: str | None, device: str, dtype: str, gr
         + (f" with draft {draft.model_id}" if draft else ""))
     meta["provenance"] = "simspec calibrate latency " + " ".join(shlex.quote(a) for a in sys.argv[3:]) \
         if len(sys.argv) > 2 and sys.argv[1:3] == ["calibrate", "latency"] else "simspec calibrate latency"
-    meta["loadavg"] = {"before": load_before, "after": _loadavg(), "cpus": cpus}
+    meta["loadavg"] = {"before": load_before, "after": _loadavg(), "cpus": cpus,
+                       "niceness": os.nice(0) if hasattr(os, "nice") else None,
+                       "scheduler": _scheduler()}
     if existing is not None:
         old_target = existing.get("models", {}).get("target", {}).get("name")
         if existing.get("acceptance") and old_target and old_target != target.model_id:
