@@ -59,10 +59,12 @@ class CostModel:
         return n_layers * self.stage_ms("layer", batch_size, batched_tokens, kv_tokens)
 
     def slice_ms(self, first_layer: int, end_layer: int, batch_size: float, batched_tokens: float,
-                 kv_tokens: float, *, embed: bool = False, lm_head: bool = False, adapter: bool = False) -> float:
+                 kv_tokens: float, *, embed: bool = False, lm_head: bool = False, adapter: bool = False,
+                 logits_tokens: float | None = None) -> float:
         """Decoder layers ``first_layer .. end_layer-1`` over the batch, plus optionally the embedding
-        (tokens entering layer 0), the early-exit ``adapter`` and the LM head (final norm included).
-        Layer-level profiles only; every decoder layer costs the profile's one ``layer`` stage."""
+        (tokens entering layer 0), the early-exit ``adapter`` and the LM head (final norm included)
+        over ``logits_tokens`` (default: every fed token; a prefill needs logits for its last token
+        only). Layer-level profiles only; every decoder layer costs the profile's one ``layer`` stage."""
         if batch_size <= 0:
             return 0.0
         ms = self.layers_ms(end_layer - first_layer, batch_size, batched_tokens, kv_tokens)
@@ -71,18 +73,22 @@ class CostModel:
         if adapter:
             ms += self.stage_ms("adapter", batch_size, batched_tokens, kv_tokens)
         if lm_head:
-            ms += self.stage_ms("lm_head", batch_size, batched_tokens, kv_tokens)
+            lt = batched_tokens if logits_tokens is None else logits_tokens
+            ms += self.stage_ms("lm_head", batch_size, lt, kv_tokens)
         return ms
 
     def target_ms(self, batch_size: float, batched_tokens: float, kv_tokens: float,
-                  speculating: bool = False) -> float:
-        """One full target forward (embedding, all layers, LM head) over the batch."""
+                  speculating: bool = False, logits_tokens: float | None = None) -> float:
+        """One full target forward (embedding, all layers, LM head) over the batch; the LM head runs
+        over ``logits_tokens`` (default: every fed token — pass fewer when prefills need only their
+        last position). Whole-model profiles fit the full step and ignore ``logits_tokens``."""
         if batch_size <= 0:
             return 0.0
         if self.whole_model:
             return self.stage_ms("target_step", batch_size, batched_tokens, kv_tokens, speculating)
         ms = self.layers_ms(self.num_layers, batch_size, batched_tokens, kv_tokens)
-        ms += self.stage_ms("lm_head", batch_size, batched_tokens, kv_tokens)
+        lt = batched_tokens if logits_tokens is None else logits_tokens
+        ms += self.stage_ms("lm_head", batch_size, lt, kv_tokens)
         if self.has("embed"):
             ms += self.stage_ms("embed", batch_size, batched_tokens, kv_tokens)
         return ms

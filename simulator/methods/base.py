@@ -55,6 +55,13 @@ class BatchStep:
     alpha: np.ndarray
     class_idx: np.ndarray
 
+    def logits_tokens(self) -> float:
+        """Positions that need the LM head: k+1 per decode member, the last one per prefill."""
+        fed = float(np.add.reduce(self.fed_tokens))
+        if not np.logical_or.reduce(self.prefill):
+            return fed
+        return fed - float(np.add.reduce(self.fed_tokens[self.prefill])) + float(np.add.reduce(self.prefill))
+
 
 @dataclass
 class StepOutcome:

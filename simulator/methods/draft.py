@@ -47,15 +47,17 @@ class DraftModel(Method):
     def k_max(self) -> int:
         return self._k
 
-    def draft_pass_ms(self, batch_size: float, batched_tokens: float, kv_tokens: float) -> float:
-        """One draft-model forward over the batch."""
+    def draft_pass_ms(self, batch_size: float, batched_tokens: float, kv_tokens: float,
+                      logits_tokens: float | None = None) -> float:
+        """One draft-model forward over the batch (LM head over ``logits_tokens``, default all)."""
         if batch_size <= 0:
             return 0.0
         c = self.cost
         if c.has("draft_step"):
             return c.stage_ms("draft_step", batch_size, batched_tokens, kv_tokens)
         ms = c.layers_ms(self.draft_layers, batch_size, batched_tokens, kv_tokens)
-        ms += c.stage_ms("lm_head", batch_size, batched_tokens, kv_tokens)
+        ms += c.stage_ms("lm_head", batch_size, batched_tokens if logits_tokens is None else logits_tokens,
+                         kv_tokens)
         if c.has("embed"):
             ms += c.stage_ms("embed", batch_size, batched_tokens, kv_tokens)
         return ms
@@ -64,10 +66,12 @@ class DraftModel(Method):
         k = batch.k
         n = batch.idx.shape[0]
         speculating = bool(k.size and _max(k) > 0)
-        ms = self.cost.target_ms(n, float(_sum(batch.fed_tokens)), float(_sum(batch.ctx_tokens)), speculating)
+        ms = self.cost.target_ms(n, float(_sum(batch.fed_tokens)), float(_sum(batch.ctx_tokens)), speculating,
+                                 logits_tokens=batch.logits_tokens())
         pre = batch.prefill
         if _any(pre):  # the draft model prefills the same context
-            ms += self.draft_pass_ms(int(_sum(pre)), float(_sum(batch.fed_tokens[pre])), 0.0)
+            n_pre = int(_sum(pre))
+            ms += self.draft_pass_ms(n_pre, float(_sum(batch.fed_tokens[pre])), 0.0, logits_tokens=n_pre)
         if speculating:
             kmax = int(_max(k))
             if int(_min(k)) == kmax:  # uniform k: every pass has the same shape except growing context

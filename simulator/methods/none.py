@@ -17,6 +17,6 @@ class NoSpeculation(Method):
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         n = batch.idx.shape[0]
         kv = float(batch.ctx_tokens.sum())
-        ms = self.cost.target_ms(n, float(batch.fed_tokens.sum()), kv)
+        ms = self.cost.target_ms(n, float(batch.fed_tokens.sum()), kv, logits_tokens=batch.logits_tokens())
         zeros = np.zeros(n, dtype=np.int64)
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=zeros, accepted=zeros.copy())
