@@ -423,6 +423,12 @@ def test_parameters_default_from_profile_settings_and_validate():
                      ("hispec:inter_exit=81", "inter_exit"), ("hispec:nd=0", "nd"), ("hispec:ni=1.5", "ni")):
         with pytest.raises(ConfigError, match=msg):
             make_method(bad, prof.doc)
+    assert kg.notes == [] and hs.notes == []
+    # an exit other than the one the acceptance is for is run, with a note saying so
+    assert "acceptance is for exit=5" in make_method("kangaroo:exit=3", prof.doc).notes[0]
+    notes = make_method("hispec:draft_exit=8,inter_exit=16", prof.doc).notes
+    assert len(notes) == 2 and "draft_exit=10" in notes[0] and "inter_exit=20" in notes[1]
+    assert "stops only at gamma" in make_method("kangaroo:eta=0.5", layer_doc(kangaroo={"alpha": fixed(0.5)})).notes[0]
     doc = copy.deepcopy(prof.doc)
     del doc["acceptance"]["hispec"]["default"]["draft_vs_inter"]
     with pytest.raises(ProfileError, match="draft_vs_inter"):

@@ -37,7 +37,8 @@ import numpy as np
 from simspec.simulator.acceptance_early_exit import HiSpecAcceptance, hispec_buffer_expectations
 from simspec.simulator.methods.base import BatchStep, Method, StepOutcome, register_method
 from simspec.simulator.methods.kangaroo import (DEFAULT_ALPHA, class_entry_names, early_exit_step_ms,
-                                                int_param, profile_setting, require_layer_level)
+                                                int_param, profile_setting, require_layer_level,
+                                                setting_notes)
 from simspec.errors import ConfigError
 
 
@@ -64,6 +65,9 @@ class HiSpec(Method):
         if self.inter_exit <= self.draft_exit:
             raise ConfigError(f"--spec hispec: inter_exit ({self.inter_exit}) must be deeper than draft_exit "
                               f"({self.draft_exit}): need 1 <= draft_exit < inter_exit <= {n_layers}")
+        #: remarks for the run's notes (``simulate`` shows them to the user)
+        self.notes: list[str] = setting_notes("hispec", profile, {"draft_exit": self.draft_exit,
+                                                                  "inter_exit": self.inter_exit})
         self.nd = int_param("hispec", "nd", self.params["nd"], 1)
         self.ni = int_param("hispec", "ni", self.params["ni"], 1)
         self.num_layers = n_layers

@@ -72,6 +72,18 @@ def int_param(method: str, key: str, value: Any, lo: int, hi: int | None = None,
     return value
 
 
+def setting_notes(method: str, profile: Profile, chosen: dict[str, int]) -> list[str]:
+    """A note for each exit chosen differently from the one the profile's acceptance is for (the
+    acceptance is then used as is: a what-if, not a measurement)."""
+    out = []
+    for key, value in chosen.items():
+        at = profile_setting(profile, method, key)
+        if at is not None and at != value:
+            out.append(f"--spec {method}: {key}={value}, but profile {profile.name}'s {method} acceptance is "
+                       f"for {key}={at}; it is used as is")
+    return out
+
+
 def class_entry_names(profile: Profile, method: str, entries: list[dict[str, Any]]) -> list[str]:
     """``profile <path>: field acceptance.<method>.<class>`` for each entry (for error messages)."""
     section = profile.acceptance.get(method) or {}
@@ -158,12 +170,13 @@ class Kangaroo(Method):
         super().__init__(params, profile, cost)
         n_layers = require_layer_level("kangaroo", profile, cost, ("layer", "lm_head", "adapter"))
         ex = self.params["exit"]
+        measured_at = profile_setting(profile, "kangaroo", "exit")
         if ex == -1:
-            ex = profile_setting(profile, "kangaroo", "exit")
-            if ex is None:
-                ex = max(1, round(n_layers / 16))
+            ex = measured_at if measured_at is not None else max(1, round(n_layers / 16))
         self.exit_layer = int_param("kangaroo", "exit", ex, 1, n_layers - 1,
                                     f" (the target has {n_layers} layers)")
+        #: remarks for the run's notes (``simulate`` shows them to the user)
+        self.notes: list[str] = setting_notes("kangaroo", profile, {"exit": self.exit_layer})
         self.gamma = int_param("kangaroo", "gamma", self.params["gamma"], 1)
         eta = self.params["eta"]
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= float(eta) <= 1.0:
@@ -176,7 +189,11 @@ class Kangaroo(Method):
         return self.gamma
 
     def build_acceptance(self, entries):
-        return KangarooAcceptance(entries, self.eta, class_entry_names(self.profile, "kangaroo", entries))
+        model = KangarooAcceptance(entries, self.eta, class_entry_names(self.profile, "kangaroo", entries))
+        if 0.0 < self.eta < 1.0 and any(e.get("confidence") is None for e in entries):
+            self.notes.append(f"--spec kangaroo: profile {self.profile.name} has no confidence histograms for "
+                              f"some acceptance classes; their drafting stops only at gamma={self.gamma}")
+        return model
 
     # --- per step ------------------------------------------------------------------------------
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
