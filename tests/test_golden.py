@@ -95,3 +95,19 @@ def test_kv_pressure_recompute(flat_profile):
     assert col(res, "completion_s") == pytest.approx([0.040, 0.050])
     assert list(col(res, "preemptions")) == [0, 1]
     assert list(col(res, "recomputes")) == [0, 1]
+
+
+def test_layer_level_prefill_charges_lm_head_for_last_position_only():
+    # 2 layers at 1 ms + 0.01 ms/token; LM head 0.1 ms per token with logits. One request, prompt
+    # 100, output 2, plain decoding. Prefill: 2*(1 + 0.01*100) + 0.1*1 = 4.1 ms (not 0.1*100);
+    # decode: 2*(1 + 0.01*1) + 0.1 = 2.12 ms. Completion at 6.22 ms.
+    from simspec.profile import profile_from_doc
+
+    lin = lambda c0, ct: {"kind": "linear", "coef": {"c0": c0, "c_b": 0.0, "c_t": ct, "c_kv": 0.0}}
+    doc = {"schema": "simspec-profile", "schema_version": 1, "meta": {"source": "analytic"},
+           "models": {"target": {"num_layers": 2}},
+           "capacity": {"kv_budget_tokens": 1000, "max_batch_size": 4},
+           "latency": {"stages": {"layer": lin(1.0, 0.01), "lm_head": lin(0.0, 0.1)}}}
+    res = run(profile_from_doc(doc, "layer-test"), make_trace([0], [100], [2]))
+    assert col(res, "first_token_s") == pytest.approx([0.0041])
+    assert col(res, "completion_s") == pytest.approx([0.00622])
