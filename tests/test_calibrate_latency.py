@@ -309,6 +309,34 @@ def test_tiny_calibration_bundled_model(tmp_path):
 
 
 @pytest.mark.torch
+@pytest.mark.slow
+def test_draft_step_and_yaml_grid(tmp_path):
+    """--draft adds the draft_step stage (a whole draft-model forward) and models.draft; a custom
+    YAML grid is honoured (axes, held-out shapes)."""
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from simspec.cli import cli
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("batch_sizes: [1, 2]\ntokens_per_request: [1, 3]\ncontext_tokens: [32, 96]\n"
+                    "heldout: [[1, 2, 64]]\nwarmup: 1\nmin_repeats: 3\nmax_repeats: 4\ntarget_s: 0.01\n")
+    out = tmp_path / "d.json"
+    r = CliRunner().invoke(cli, ["calibrate", "latency", "--draft", "smollm2-135m", "--dtype", "fp32",
+                                 "--grid", str(grid), "--threads", "1", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    p = load_profile(out)
+    assert set(p.stages) == {"embed", "layer", "lm_head", "adapter", "draft_step"}
+    assert p.models["draft"]["num_layers"] == 30 and "draft" in p.meta["model_ids"]
+    d = p.stages["draft_step"]
+    assert d["kind"] in ("grid", "linear") and d["fit"]["n_train"] == 8 and d["fit"]["n_heldout"] == 1
+    assert p.stages["layer"].get("axes", {}).get("context_tokens", [32, 96]) == [32, 96]
+    # a whole draft forward (30 layers + LM head) costs more than one of its layers
+    fns = compile_stages(p.stages)
+    assert fns["draft_step"](1, 1, 64) > fns["layer"](1, 1, 64)
+
+
+@pytest.mark.torch
 def test_cuda_calibration(tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
