@@ -701,6 +701,11 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
         dtokens = TokenSource(draft.tokenizer, draft.device)
         benches["draft_step"] = WholeModelStage("draft_step", draft, dtokens, max_c, min(rows, 2))
 
+    check_whole = bool(grid.composition_check) and {"embed", "layer", "lm_head"} <= set(benches)
+    if check_whole:
+        ctx = max(p[2] for p in grid.composition_check)
+        benches["target_step"] = WholeModelStage("target_step", target, tokens, ctx, min(rows, 2))
+
     timer = Timer(device, grid)
     shapes_grid = [(b, t, c) for b in grid.batch_sizes for t in grid.tokens_per_request
                    for c in grid.context_tokens]
@@ -709,7 +714,9 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
     lm_bs = grid.lm_head_batch_sizes or grid.batch_sizes
     plan: list[tuple[str, str, tuple[int, int, int]]] = []
     for name in benches:
-        if name == "lm_head":  # context-independent: measured at one context only
+        if name == "target_step":  # whole forwards for the composition check, not a stage
+            plan += [(name, "check", tuple(p)) for p in grid.composition_check]
+        elif name == "lm_head":  # context-independent: measured at one context only
             plan += [(name, "train", (b, t, c0)) for b in lm_bs for t in grid.tokens_per_request]
             plan += [(name, "heldout", (b, t, c0)) for b, t, _ in heldout]
         else:
@@ -720,7 +727,7 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
     # warm-up, not in the first measured point.
     with torch.inference_mode():
         for name, bench in benches.items():
-            run, reset = bench.prepare(*plan[0][2])
+            run, reset = bench.prepare(*next(shape for n, _, shape in plan if n == name))
             t_end = time.perf_counter() + 0.3
             for i in range(50):
                 run()
@@ -735,7 +742,8 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
     import random
 
     random.Random(0).shuffle(plan)
-    measured: dict[str, dict[str, list[Point]]] = {n: {"train": [], "heldout": []} for n in benches}
+    measured: dict[str, dict[str, list[Point]]] = {n: {"train": [], "heldout": [], "check": []}
+                                                   for n in benches}
     def measure_point(name: str, b: int, t: int, c: int) -> Point:
         run, reset = benches[name].prepare(b, t, c)
         med, spread, n = timer.measure(run, reset)
@@ -771,6 +779,7 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
     for pts in measured.values():
         for role in pts:
             pts[role].sort(key=lambda q: (q.batch_size, q.tokens_per_request, q.context_tokens))
+    whole_pts = measured.pop("target_step", {}).get("check", [])
     stage_docs: dict[str, Any] = {}
     for name, pts in measured.items():
         if name == "lm_head":
@@ -790,9 +799,8 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
         models["draft"] = dsum
     capacity, cap_note = choose_capacity(device, grid, tsum, dsum)
 
-    composition = None
-    if grid.composition_check and {"embed", "layer", "lm_head"} <= set(stage_docs):
-        composition = composition_check(target, tokens, grid, timer, stage_docs, max_c, rows)
+    composition = composition_check(whole_pts, stage_docs, int(target.model.config.num_hidden_layers)) \
+        if whole_pts else None
 
     wall = time.perf_counter() - t_start
     meta = {
@@ -841,29 +849,19 @@ STAGE_DESCRIPTIONS = {
 }
 
 
-def composition_check(target: LoadedModel, tokens: TokenSource, grid: Grid, timer: Timer,
-                      stage_docs: dict[str, Any], max_c: int, rows: int) -> dict[str, Any]:
-    """Time whole target forwards at a few shapes and compare with ``embed + L*layer + lm_head``
-    composed from the fitted stages (what a layer-level replay charges for a full step)."""
+def composition_check(whole: Sequence[Point], stage_docs: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """Compare whole target forwards (measured interleaved with the stage points, so both see the
+    same machine conditions) with ``embed + num_layers*layer + lm_head`` composed from the fitted
+    stages: what a layer-level replay charges for a full step."""
     from simspec.simulator.latency_models import compile_stage
 
     fns = {n: compile_stage(stage_docs[n], stage_docs) for n in ("embed", "layer", "lm_head")}
-    n_layers = int(target.model.config.num_hidden_layers)
-    ctx = max(p[2] for p in grid.composition_check)
-    whole = WholeModelStage("target_step", target, tokens, ctx, min(rows, 2))
     rows_out, errs = [], []
-    for b, t, c in grid.composition_check:
-        run, reset = whole.prepare(b, t, c)
-        med, spread, _ = timer.measure(run, reset)
-        if spread > REMEASURE_REL_SPREAD * med:  # disturbed: measure again, keep the quieter
-            med2, spread2, _ = timer.measure(run, reset)
-            if spread2 / med2 < spread / med:
-                med, spread = med2, spread2
-        del run, reset
-        bt, kv = b * t, b * c
+    for q in whole:
+        b, bt, kv = q.batch_size, q.batched_tokens, q.kv_tokens
         comp = fns["embed"](b, bt, kv) + n_layers * fns["layer"](b, bt, kv) + fns["lm_head"](b, bt, kv)
-        rows_out.append([b, bt, kv, round(med, 4), round(comp, 4)])
-        errs.append(abs(comp - med) / med * 100.0)
+        rows_out.append([b, bt, kv, round(q.median_ms, 4), round(comp, 4)])
+        errs.append(abs(comp - q.median_ms) / q.median_ms * 100.0)
     return {"what": "whole target forward (measured) vs embed + num_layers*layer + lm_head (composed)",
             "points": rows_out, "columns": ["B", "batched_tokens", "kv_tokens", "measured_ms", "composed_ms"],
             "mape_pct": round(sum(errs) / len(errs), 2), "max_ape_pct": round(max(errs), 2)}
