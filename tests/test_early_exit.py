@@ -59,8 +59,8 @@ def make_method(spec: str, doc: dict, classes=("default",)):
     prof = profile_from_doc(doc, "test")
     cs = ComponentSpec.parse(spec, "--spec")
     m = get_method_class(cs.name)(dict(cs.params), prof, CostModel(prof))
-    entries = [prof.acceptance[m.name][c] for c in classes]
-    m.bind_acceptance(m.build_acceptance(entries))
+    if m.uses_acceptance:
+        m.bind_acceptance(m.build_acceptance([prof.acceptance[m.name][c] for c in classes]))
     return m
 
 
@@ -252,8 +252,9 @@ def test_hispec_step_cost_composition_all_agree_and_none_agree():
 
 
 def test_prefill_members_run_the_whole_model():
-    """A batch of prefills only: every method costs one full target forward over the prompts
-    (+ Kangaroo's adapter over them, which builds the adapter's KV)."""
+    """A batch of prefills only: every method costs one full target forward over the prompts, with
+    logits for each prompt's last position, as `none` (+ Kangaroo's adapter over them, which builds
+    the adapter's KV)."""
     doc = layer_doc(kangaroo={"alpha": fixed(0.7)},
                     hispec={"alpha": fixed(0.7), "draft_vs_inter": {"alpha": fixed(0.7)}}, ct=0.01)
     n = 3
@@ -262,9 +263,11 @@ def test_prefill_members_run_the_whole_model():
                   remaining=np.full(n, 10), alpha=np.full(n, 0.7), class_idx=np.zeros(n, dtype=np.int64))
     kg = make_method("kangaroo", doc)
     hs = make_method("hispec:draft_exit=2,inter_exit=4", doc)
-    full = kg.cost.target_ms(n, 350, 0)
+    full = kg.cost.target_ms(n, 350, 0, logits_tokens=n)  # logits for each prompt's last position
+    assert full == pytest.approx(kg.cost.target_ms(n, 350, 0) - 0.01 * (350 - n))
     assert kg.step(np.random.default_rng(0), b).step_ms == pytest.approx(full + ADAPTER_MS + 0.01 * 350)
     assert hs.step(np.random.default_rng(0), b).step_ms == pytest.approx(full)
+    assert make_method("none", doc).step(np.random.default_rng(0), b).step_ms == pytest.approx(full)
 
 
 # ----------------------------------------------------------------- HiSpec's degenerate case
@@ -393,7 +396,9 @@ def test_random_batches_respect_k(n, seed, spec):
     again = m.step(np.random.default_rng(seed), b)
     assert out.step_ms == again.step_ms and (out.accepted == again.accepted).all()  # deterministic
     assert (out.drafted <= k).all() and (out.accepted >= 0).all() and (out.accepted <= out.drafted).all()
-    assert out.step_ms >= m.cost.target_ms(n, float(b.fed_tokens[pre].sum()) + (~pre).sum(), 0) * 0.99 - 1e-9
+    # never cheaper than one plain forward of the batch (each member feeds at least one token)
+    floor = m.cost.target_ms(n, float(b.fed_tokens[pre].sum()) + (~pre).sum(), 0, logits_tokens=n)
+    assert out.step_ms >= floor * 0.99 - 1e-9
 
 
 _METHODS: dict = {}

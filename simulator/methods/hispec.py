@@ -21,7 +21,8 @@ This is the accounting of ``simspec.calibrate.runners.HiSpecRunner`` (the real r
 calibrate the ``hispec`` acceptance entries), so measured profiles and the simulator agree.
 
 Batched: every inner iteration runs its passes over the requests whose buffer is still short; the
-others idle. Prefill members run all N layers on their prompt in the full-verification pass.
+others idle. Prefill members run all N layers on their prompt in the full-verification pass (the LM
+head over the prompt's last position only).
 Progress: ``drafted`` = m (buffer tokens the full model verified), ``accepted`` = its agreed prefix.
 
 ``inter_exit = N`` (the intermediate verifier *is* the full model): each step is one draft-and-verify
@@ -152,7 +153,8 @@ class HiSpec(Method):
         fed_full = np.where(pre, batch.fed_tokens, m + 1)
         ctx_sum = float(ctx.sum())
         ms += c.slice_ms(0, li, n, float(fed_last.sum()), ctx_sum + float(m.sum()), embed=True)
-        ms += c.slice_ms(li, self.num_layers, n, float(fed_full.sum()), ctx_sum, lm_head=True)
+        logits = float(fed_full.sum()) - float(batch.fed_tokens[pre].sum()) + float(np.count_nonzero(pre))
+        ms += c.slice_ms(li, self.num_layers, n, float(fed_full.sum()), ctx_sum, lm_head=True, logits_tokens=logits)
         return StepOutcome(step_ms=c.finish(ms), drafted=m, accepted=accepted)
 
     # --- estimates for policies ------------------------------------------------------------------

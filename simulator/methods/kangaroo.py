@@ -14,7 +14,8 @@ Cost of one step (``docs/methods.md`` has the derivation), with D_i the drafts r
   stopped idles while the others draft (the batch waits for its longest drafter).
 - verification: layers ℓ..N−1 + LM head over D_i + 1 tokens per request, in one pass.
 - prefill members: their prompt goes through layers 0..ℓ−1 and the adapter (its KV) in round 0 and
-  through layers ℓ..N−1 + LM head in the verification pass: a full target prefill.
+  through layers ℓ..N−1 in the verification pass, with the LM head over its last position only: a
+  full target prefill, as ``none`` charges it.
 
 Progress: ``drafted`` = D_i, ``accepted`` = the accepted prefix (the engine commits accepted + 1).
 Needs a layer-level profile with ``layer``, ``lm_head`` and ``adapter`` stages.
@@ -136,8 +137,9 @@ def draft_rounds_ms(cost: CostModel, drafts: np.ndarray, ctx: np.ndarray, exit_l
 def early_exit_step_ms(cost: CostModel, batch: BatchStep, drafts: np.ndarray, exit_layer: int,
                        num_layers: int, adapter: bool) -> float:
     """Compute time (ms, no overhead) of one single-level early-exit step: the drafting rounds of
-    the decode members (prefill prompts in round 0), then layers exit..N−1 + LM head over
-    ``drafts + 1`` tokens per decode member and the prompt of each prefill member."""
+    the decode members (prefill prompts in round 0), then layers exit..N−1 over ``drafts + 1``
+    tokens per decode member and the prompt of each prefill member, and the LM head over the
+    decode members' tokens and each prompt's last position."""
     pre = batch.prefill
     dec = ~pre
     n = batch.idx.shape[0]
@@ -152,7 +154,10 @@ def early_exit_step_ms(cost: CostModel, batch: BatchStep, drafts: np.ndarray, ex
     else:
         ms = draft_rounds_ms(cost, drafts, batch.ctx_tokens, exit_layer, adapter)
         deep_tokens = float((drafts + 1).sum())
-    ms += cost.slice_ms(exit_layer, num_layers, n, deep_tokens, float(batch.ctx_tokens.sum()), lm_head=True)
+    # logits: every verified position of a decode member, the last position of a prefill
+    logits = deep_tokens - pre_tokens + n_pre
+    ms += cost.slice_ms(exit_layer, num_layers, n, deep_tokens, float(batch.ctx_tokens.sum()), lm_head=True,
+                        logits_tokens=logits)
     return ms
 
 
