@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from simspec.analytic import KANGAROO_CONFIDENCE, build_profile, load_model_config
+from simspec.analytic import KANGAROO_CONFIDENCE
 from simspec.errors import ConfigError, ProfileError
 from simspec.profile import load_profile, profile_from_doc
 from simspec.simulator.acceptance import AcceptanceModel, expected_tokens_iid

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from simspec.errors import ConfigError
 from simspec.simulator.acceptance_early_exit import HiSpecAcceptance, hispec_buffer_expectations
 from simspec.simulator.methods.base import BatchStep, Method, StepOutcome, register_method
 from simspec.simulator.methods.kangaroo import (DEFAULT_ALPHA, class_entry_names, early_exit_step_ms,
                                                 int_param, profile_setting, require_layer_level,
                                                 setting_notes)
-from simspec.errors import ConfigError
 
 
 @register_method("hispec")
