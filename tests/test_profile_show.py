@@ -45,6 +45,17 @@ def test_bundled_measured_profile(name):
     assert decode < fns["layer"](1, 5, 512) and decode < fns["layer"](1, 9, 512)
 
 
+@pytest.mark.parametrize("name", MEASURED)
+def test_bundled_measured_profile_replays(tmp_path, name):
+    """The bundled CPU profiles replay the bundled validation trace (prompts up to 128 tokens,
+    outputs up to 40) inside their measured ranges: no --allow-extrapolation needed."""
+    r = CliRunner().invoke(cli, ["replay", "validation_small", "--profile", name, "--out",
+                                 str(tmp_path / "run"), "--quiet"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary  # the run finished and wrote its summary
+
+
 def test_profiles_lists_measured():
     out = _run("profiles")
     for name in MEASURED:
