@@ -476,8 +476,9 @@ def build_profile(gpu_key: str, model: ModelConfig, *, draft: ModelConfig | None
         f"per kernel launch, {eff.allreduce_us} us per all-reduce. Each operator (QKV/O/MLP GEMMs, attention, "
         f"element-wise) is timed as max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth); bytes = the "
         f"slice's weights + KV read for the context + activations; FLOPs = 2 x params x tokens + attention over "
-        f"the context. TP {tp}: weights, heads and FLOPs split over {tp} GPUs, two ring all-reduces per layer. "
-        f"Capacity: {tp} x {gpu.memory_bytes / 2**30:.0f} GiB x {eff.memory_utilization} - "
+        + (f"the context. TP {tp}: weights, heads and FLOPs split over {tp} GPUs, two ring all-reduces per layer. "
+           if tp > 1 else "the context. One GPU (no tensor parallelism). ")
+        + f"Capacity: {tp} x {gpu.memory_bytes / 2**30:.0f} GiB x {eff.memory_utilization} - "
         f"{weights / 1e9:.1f} GB weights - {eff.activation_reserve_gib} GiB/GPU reserve, over "
         f"{kv_per_token} KV bytes per token. Scheduling overhead is not modelled (0). Acceptance: simspec's "
         f"documented assumptions (see each entry's note and docs/methods.md).")
