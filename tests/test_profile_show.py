@@ -69,7 +69,13 @@ def test_show_measured():
     for stage in ("layer:", "lm_head:", "embed:", "adapter:"):
         assert stage in out
     assert "held-out error" in out and "valid:" in out and "samples (" in out
-    assert "kv_budget_tokens=" in out and "(none: run `simspec calibrate acceptance" in out
+    assert "kv_budget_tokens=" in out
+    acc = load_profile(MEASURED[0]).acceptance  # filled later by `simspec calibrate acceptance`
+    if not acc:
+        assert "(none: run `simspec calibrate acceptance" in out
+    for method, classes in acc.items():
+        for cls in classes:
+            assert f"{method}/{cls}: mean alpha" in out
 
 
 def test_show_published():
