@@ -163,8 +163,8 @@ class LAPSSD(MultiLevelQueues):
         key = np.zeros(active.shape[0]) if self.by_arrival else self.attained[active]
         key[perc] = t_est
         # one integer key: 3·queue + group (0: perceptible finishing in the queue, 1: non-perceptible,
-        # 2: perceptible outlasting the queue); lexsort is stable and ``active`` is in arrival order,
-        # so ties go by arrival
+        # 2: perceptible outlasting the queue); both sorts are stable and ``active`` is in arrival
+        # order, so ties go by arrival
         qg = 3 * queue + 1
         if self.merge_ahead:
             qg[perc] -= 1
