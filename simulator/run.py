@@ -77,6 +77,7 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
         model = method.build_acceptance(entries)
         method.bind_acceptance(model)
         table.alpha[:] = model.draw_alphas(stream(config.seed, "acceptance-request"), table.class_idx)
+    notes += list(getattr(method, "notes", []))
     ctx0 = PolicyContext(table=table, method=method, max_batch_size=capacity.max_batch_size,
                          kv_budget_tokens=capacity.kv_budget_tokens, seed=config.seed)
     scheduler = get_scheduler_class(config.scheduler.name)(dict(config.scheduler.params), ctx0)
