@@ -89,12 +89,15 @@ class RunResult:
 
 
 class _Timer:
-    """Accumulate wall time per stage name (milliseconds)."""
+    """Accumulate wall time per stage name (milliseconds); on CUDA, each stage boundary synchronises."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Any = None) -> None:
         self.ms: dict[str, float] = {}
+        self.sync = sync
 
     def add(self, name: str, t0: float) -> float:
+        if self.sync is not None:
+            self.sync()
         t1 = time.perf_counter()
         self.ms[name] = self.ms.get(name, 0.0) + (t1 - t0) * 1e3
         return t1
@@ -125,6 +128,10 @@ class _Base:
     def __init__(self, target: LayeredLM, eos_token_id: int | None = None) -> None:
         self.lm = target
         self.eos = eos_token_id
+
+    def _timer(self) -> _Timer:
+        cuda = getattr(self.lm.device, "type", "cpu") == "cuda"
+        return _Timer(torch.cuda.synchronize if cuda else None)
 
     # subclasses: _reset(), _prefill(prompt) -> first token, _step(seq) -> (proposed, verifier_tokens, log)
     def generate(self, prompt: list[int], max_new_tokens: int) -> RunResult:
@@ -169,7 +176,7 @@ class GreedyRunner(_Base):
         return _top1(self.lm.head(h[:, -1:])[0, 0])[0]
 
     def _step(self, seq: list[int]) -> tuple[list[int], StepLog]:
-        tm = _Timer()
+        tm = self._timer()
         t = time.perf_counter()
         h = self.lm.run(self.lm.embed(seq[-1:]), 0, self.lm.num_layers, self.kv)
         t = tm.add("target_ms", t)
@@ -211,7 +218,7 @@ class DraftRunner(_Base):
         return _top1(self.lm.head(h[:, -1:])[0, 0])[0]
 
     def _step(self, seq: list[int]) -> tuple[list[int], StepLog]:
-        tm = _Timer()
+        tm = self._timer()
         n = len(seq)
         feed = seq[self.dkv.length(0):]  # catch-up: tokens the draft has not seen, ending with seq[-1]
         drafts: list[int] = []
@@ -317,7 +324,7 @@ class KangarooRunner(_ExitMixin, _Base):
         return _top1(self.lm.head(h[:, -1:])[0, 0])[0]
 
     def _step(self, seq: list[int]) -> tuple[list[int], StepLog]:
-        tm = _Timer()
+        tm = self._timer()
         n, L, N = len(seq), self.exit, self.lm.num_layers
         x = seq[-1]
         states: list[torch.Tensor] = []
@@ -396,7 +403,7 @@ class HiSpecRunner(_ExitMixin, _Base):
         self._crop_exit(self.li, length)
 
     def _step(self, seq: list[int]) -> tuple[list[int], StepLog]:
-        tm = _Timer()
+        tm = self._timer()
         n, Ld, Li, N = len(seq), self.ld, self.li, self.lm.num_layers
         buf: list[int] = []
         inter_states: list[torch.Tensor] = []  # L_i states of seq[-1], buf[0..-2]

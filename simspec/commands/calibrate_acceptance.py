@@ -175,6 +175,7 @@ def acceptance(model_spec: str, method: str, out_path: str, prompts_path: str | 
     if check_lossless:
         settings["lossless_check"] = {"requests": checked, "mismatches": mismatches}
     settings["measure_s"] = round(time.perf_counter() - t0, 1)
+    settings["threads"] = torch.get_num_threads()
     section = fit_section(method, fit_logs, settings, held_logs)
     if log_steps:
         from simspec.atomic import write_text
@@ -184,7 +185,6 @@ def acceptance(model_spec: str, method: str, out_path: str, prompts_path: str | 
     if not quiet:
         _echo_table(method, section)
     click.echo(f"wrote acceptance.{method} ({len(section)} classes) to {out_path}")
-    del torch
 
 
 def _make_runner(method: str, lm: Any, loaded: Any, model_spec: str, dtype: str, device: str,
@@ -254,16 +254,16 @@ def _adapter_label(adapter_dir: str | None) -> str:
               help="Exit layer to train an adapter for (repeat for HiSpec's two exits).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None, help=PROMPTS_HELP)
-@click.option("--train-per-category", type=int, default=4, show_default=True)
+@click.option("--train-per-category", type=int, default=6, show_default=True)
 @click.option("--heldout-per-category", type=int, default=1, show_default=True)
 @click.option("--skip-per-category", type=int, default=16, show_default=True,
               help="Skip each class's first prompts (those `calibrate acceptance` uses by default).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True,
               help="Greedy continuation length per prompt (the model's own outputs).")
-@click.option("--max-prompt-tokens", type=int, default=256, show_default=True)
-@click.option("--steps", type=int, default=100, show_default=True, help="Optimiser steps per exit.")
-@click.option("--lr", type=float, default=2e-3, show_default=True)
-@click.option("--tokens-per-step", type=int, default=512, show_default=True)
+@click.option("--max-prompt-tokens", type=int, default=384, show_default=True)
+@click.option("--steps", type=int, default=150, show_default=True, help="Optimiser steps per exit.")
+@click.option("--lr", type=float, default=1e-2, show_default=True)
+@click.option("--tokens-per-step", type=int, default=256, show_default=True)
 @click.option("--top-k", type=int, default=64, show_default=True, help="Teacher tokens kept per position.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
