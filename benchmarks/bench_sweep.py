@@ -3,8 +3,9 @@
 The grid: 2 schedulers x 5 speculation settings x 5 request rates x 2 seeds on the first 200
 requests of the bundled Azure coding trace. Each measurement starts from an empty sweep directory
 and includes starting the workers, writing every run directory and sweep.parquet. Prints the wall
-time, runs per second, the speed-up over 1 worker, and the sum of the runs' in-process simulate
-times (what 1 worker can at best approach).
+time, runs per second, the speed-up over 1 worker, the CPU time the runs took in the workers (which
+other load on the machine does not inflate), and the sum of the runs' in-process simulate() times
+(what 1 worker can at best approach).
 
     python benchmarks/bench_sweep.py [--workers 1,2] [--requests 200] [--dask]
 """
@@ -29,21 +30,22 @@ GRID = {
 }
 
 
-def serial_simulate_s(grid) -> float:
-    """Sum of simulate() wall times over the grid's runs, in this process (no files written)."""
+def serial_simulate_s(grid) -> tuple[float, float]:
+    """Sum of simulate() wall and CPU times over the grid's runs, in this process (no files written)."""
     from simspec.simulator.config import RunConfig
     from simspec.simulator.run import simulate
     from simspec.sweep import TRANSFORM_KEYS, _load_run_profile, load_run_trace
 
-    total = 0.0
+    total = cpu = 0.0
     for r in grid.runs:
         o = r.options
         trace = load_run_trace(o["trace"], o["format"], r.trace_sha256, {k: o[k] for k in TRANSFORM_KEYS}, o["seed"])
         prof = _load_run_profile(o["profile"], r.profile_sha256)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         simulate(RunConfig.from_dict(r.run_config), trace, prof)
         total += time.perf_counter() - t0
-    return total
+        cpu += time.process_time() - c0
+    return total, cpu
 
 
 def main() -> None:
@@ -62,8 +64,8 @@ def main() -> None:
     print(f"grid: {n} runs (2 policies x 5 methods x 5 rates x 2 seeds), first {args.requests} requests "
           f"of azure_code_2023; {os.cpu_count()} CPU(s); load average {os.getloadavg()[0]:.1f}")
     if not args.no_serial:
-        s = serial_simulate_s(grid)
-        print(f"in-process simulate() total: {s:7.2f} s  ({s / n * 1000:.0f} ms per run)")
+        s, c = serial_simulate_s(grid)
+        print(f"in-process simulate() total: {s:7.2f} s  ({s / n * 1000:.0f} ms per run; {c:.1f} CPU-s)")
     base = None
     for w in [int(x) for x in args.workers.split(",")]:
         with tempfile.TemporaryDirectory() as d:
@@ -72,7 +74,8 @@ def main() -> None:
             wall = time.perf_counter() - t0
         assert res.n_executed == n and res.n_failed == 0, res
         base = base or wall
-        print(f"sweep, {w} local worker(s):   {wall:7.2f} s  ({n / wall:5.2f} runs/s, speed-up x{base / wall:.2f})")
+        print(f"sweep, {w} local worker(s):   {wall:7.2f} s  ({n / wall:5.2f} runs/s, speed-up x{base / wall:.2f}; "
+              f"runs used {res.run_cpu_s:.1f} CPU-s in the workers)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine skew the figures)")
     if args.dask:
         from dask.distributed import LocalCluster

@@ -505,7 +505,7 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
     Never raises for a failing simulation: returns ``{"status": "failed", "error", "traceback"}``;
     on success ``{"status": "ok", "summary"}`` (the summary as JSON reads it back).
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         from simspec.simulator.config import RunConfig
         from simspec.simulator.output import write_run
@@ -532,10 +532,11 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
                                   "offered_rate_rps": task["offered_rate_rps"]}
         write_run(result, task["run_dir"], overwrite=False)
         return {"run_id": task["run_id"], "status": "ok", "summary": _json_roundtrip(result.summary),
-                "wall_s": time.perf_counter() - t0}
+                "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
     except Exception as exc:  # recorded, never fatal to the sweep
         return {"run_id": task["run_id"], "status": "failed", "error": _one_line(exc),
-                "traceback": traceback.format_exc(), "wall_s": time.perf_counter() - t0}
+                "traceback": traceback.format_exc(), "wall_s": time.perf_counter() - t0,
+                "cpu_s": time.process_time() - c0}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -637,6 +638,7 @@ class SweepResult:
     wall_s: float
     executor: str
     notes: list[str] = field(default_factory=list)
+    run_cpu_s: float = 0.0  # CPU seconds the executed runs took in their workers (load-independent)
 
 
 def is_complete_run(run_dir: Path) -> bool:
@@ -790,6 +792,7 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, workers: int | None = None,
             pbar = tqdm(total=len(grid.runs), initial=n_skipped, unit="run", desc="sweep",
                         mininterval=0.5, dynamic_ncols=True, file=sys.stderr)
         n_failed_now = 0
+        run_cpu_s = 0.0
         try:
             if todo:
                 with open_executor(None if scheduler_address else (workers or min(default_workers(), len(todo))),
@@ -809,6 +812,7 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, workers: int | None = None,
                             except Exception as exc:  # e.g. Dask's KilledWorker: this task kills workers
                                 res = {"status": "failed", "error": _one_line(exc),
                                        "traceback": traceback.format_exc()}
+                            run_cpu_s += float(res.get("cpu_s", 0.0))
                             if res["status"] == "ok":
                                 rows[run.run_id] = make_row(run, "ok", None, res["summary"])
                                 (failed_dir / f"{run.run_id}.json").unlink(missing_ok=True)
@@ -840,7 +844,8 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, workers: int | None = None,
                                                    "executor": executor_desc, "wall_s": round(wall, 3)},
         })
     return SweepResult(out_dir=out_dir, table=table, n_runs=len(grid.runs), n_executed=len(todo),
-                       n_skipped=n_skipped, n_failed=n_failed, wall_s=wall, executor=executor_desc, notes=notes)
+                       n_skipped=n_skipped, n_failed=n_failed, wall_s=wall, executor=executor_desc, notes=notes,
+                       run_cpu_s=run_cpu_s)
 
 
 def read_sweep(path: str | Path):

@@ -54,7 +54,7 @@ def test_notebook_executes(path, kernel_name, tmp_path, monkeypatch):
     monkeypatch.setenv("SIMSPEC_SWEEP", "")
     monkeypatch.setenv("SIMSPEC_EXAMPLE_OUT", str(tmp_path / "example-sweep"))
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name=kernel_name,
+    client = nbclient.NotebookClient(nb, timeout=300, startup_timeout=180, kernel_name=kernel_name,
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError naming the cell on any error
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
