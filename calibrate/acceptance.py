@@ -33,7 +33,7 @@ from typing import Any, Iterable
 import numpy as np
 
 CONF_BIN_EDGES = [round(0.05 * i, 2) for i in range(21)]
-QUAD_POINTS = 256
+QUAD_POINTS = 128
 
 
 @dataclass
