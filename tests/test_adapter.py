@@ -106,3 +106,18 @@ def test_adapter_cli_refuses_existing_dir(tmp_path, capsys):
         main(["calibrate", "adapter", "--exit", "2", "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_train_adapters_end_to_end(lm, tmp_path):
+    """Continuations, teacher pass, two exits, save: the whole `calibrate adapter` pipeline on a tiny model."""
+    from simspec.calibrate.adapter import train_adapters
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (6, 9, 12)]
+    ads, reps, summary = train_adapters(lm, None, prompts[:2], prompts[2:], [1, 2], max_new_tokens=6, steps=4,
+                                        tokens_per_step=16, top_k=8)
+    assert sorted(ads) == [1, 2] and ads[1].slot == 4 and ads[2].slot == 5
+    assert summary["train_tokens"] == 6 + 9 + 2 * 6 and summary["heldout_scored_tokens"] == 6
+    assert all(len(r.losses) == 4 for r in reps.values())
+    save_adapters(tmp_path / "ad", ads, {"num_layers": 4, "hidden_size": 64})
+    assert sorted(load_adapters(tmp_path / "ad", lm)) == [1, 2]

@@ -211,3 +211,29 @@ def test_bundled_model_runners_are_lossless():
         res = r.generate(ids, 16)
         assert res.tokens == ref, f"{r.method} differs from greedy on the bundled model"
         assert sum(s.committed for s in res.steps) + 1 == len(ref)
+
+
+@pytest.mark.torch
+def test_calibrate_acceptance_cli_on_the_bundled_model(tmp_path):
+    """`simspec calibrate acceptance` end to end: two qa prompts, a few tokens, one method."""
+    import json
+
+    from simspec.calibrate.profile_io import validate_partial
+    from simspec.cli import main
+
+    out = tmp_path / "p.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "acceptance", "--method", "kangaroo", "--category", "qa", "--limit-per-category", "2",
+              "--max-new-tokens", "6", "--dtype", "fp32", "--threads", "1", "--check-lossless", "1",
+              "--log-steps", str(tmp_path / "steps.jsonl"), "--out", str(out), "-q"])
+    assert exc.value.code == 0
+    doc = json.loads(out.read_text())
+    validate_partial(doc, str(out))
+    sec = doc["acceptance"]["kangaroo"]
+    assert set(sec) == {"qa", "default"}
+    e = sec["qa"]
+    assert e["n_requests"] == 1 and e["heldout"]["n_requests"] == 1  # 2 prompts: one fitted, one held out
+    assert e["settings"]["exit"] == 2 and e["settings"]["lossless_check"] == {"requests": 1, "mismatches": 0}
+    assert len(e["confidence"]["accepted"]) == 6
+    lines = (tmp_path / "steps.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(len(json.loads(x)["tokens"]) == 6 for x in lines)
