@@ -9,7 +9,8 @@ request draws ``α_r ~ alpha`` and accepts draft ``i`` given drafts ``< i`` with
 ``min(1, α_r * s_i)``, ``s_i = a_i / mean(a)``):
 
 1. ``position_conditional`` ``a_i``: pooled over all steps, accepted at ``i`` / offered at ``i`` with
-   ``i - 1`` accepted (trailing positions never offered are dropped).
+   ``i - 1`` accepted; trailing positions offered fewer than ``min_exposure`` (default 10) times are
+   dropped (the simulator reuses the last value past the list).
 2. Per request, the maximum-likelihood ``α_r`` under that shape (raw values kept in
    ``per_request.alpha_mle``, with the plain per-request accepted/offered rates).
 3. ``alpha``: a Beta by the method of moments over the ``α_r``; then its mean is moved (concentration
@@ -82,10 +83,19 @@ def position_counts(offered: Iterable[int], accepted: Iterable[int], k_max: int)
     return exposed, success
 
 
-def position_conditional(offered: Iterable[int], accepted: Iterable[int], k_max: int) -> list[float]:
-    """Pooled ``a_i`` for positions that were ever offered."""
+MIN_EXPOSURE = 10
+
+
+def position_conditional(offered: Iterable[int], accepted: Iterable[int], k_max: int,
+                         min_exposure: int = 1) -> list[float]:
+    """Pooled ``a_i`` for the leading positions offered at least ``min_exposure`` times (at least the
+    first position when it was offered at all). The simulator reuses the last value for positions
+    past the list, so a rarely reached deep position does not turn a handful of observations into a
+    hard 0 or 1."""
     exposed, success = position_counts(offered, accepted, k_max)
-    n = int(np.count_nonzero(exposed))
+    n = int(np.count_nonzero(exposed >= max(1, min_exposure)))
+    if n == 0 and exposed.size and exposed[0] > 0:
+        n = 1
     return [float(success[i] / exposed[i]) for i in range(n)]
 
 
@@ -300,11 +310,12 @@ def _k_dist(reqs: list[RequestLog]) -> dict[int, float]:
     return {k: c / tot for k, c in counts.items()} if tot else {1: 1.0}
 
 
-def fit_level(offered: list[list[int]], accepted: list[list[int]], k_max: int) -> tuple[
+def fit_level(offered: list[list[int]], accepted: list[list[int]], k_max: int, min_exposure: int = 1) -> tuple[
         list[float], list[float], dict[str, Any]]:
     """Position-conditional list, per-request α MLE and the moment-fitted Beta for one level (before
     mean calibration)."""
-    pc = position_conditional([k for o in offered for k in o], [m for a in accepted for m in a], k_max)
+    pc = position_conditional([k for o in offered for k in o], [m for a in accepted for m in a], k_max,
+                              min_exposure)
     shape = shape_of(pc)
     if shape is None:
         return pc, [0.0] * len(offered), {"kind": "fixed", "value": 0.0}
@@ -326,7 +337,7 @@ FIT_METHOD = ("position_conditional pooled over steps; per-request MLE of alpha 
 
 
 def fit_entry(method: str, reqs: list[RequestLog], settings: dict[str, Any] | None = None,
-              heldout: list[RequestLog] | None = None) -> dict[str, Any]:
+              heldout: list[RequestLog] | None = None, min_exposure: int = MIN_EXPOSURE) -> dict[str, Any]:
     """One acceptance entry (``acceptance[method][class]``) fitted on ``reqs``; see the module
     docstring. ``settings`` is stored as is and read for ``gamma``/``eta`` (Kangaroo) and ``nd``/``ni``
     (HiSpec)."""
@@ -339,7 +350,7 @@ def fit_entry(method: str, reqs: list[RequestLog], settings: dict[str, Any] | No
     k_max = max(max(r.offered) for r in reqs)
     offered = [r.offered for r in reqs]
     accepted = [r.accepted for r in reqs]
-    pc, mle, alpha0 = fit_level(offered, accepted, k_max)
+    pc, mle, alpha0 = fit_level(offered, accepted, k_max, min_exposure)
     entry: dict[str, Any] = {}
     if method == "kangaroo":
         gamma = int(settings.setdefault("gamma", k_max))
@@ -357,7 +368,7 @@ def fit_entry(method: str, reqs: list[RequestLog], settings: dict[str, Any] | No
         i_acc = [[j for s in r.inner or [] for _, j in s] for r in reqs]
         nd = int(settings.setdefault("nd", max(max(o) for o in i_off)))
         ni = int(settings.setdefault("ni", min(min(r.offered) for r in reqs)))
-        pc_i, mle_i, beta_i = fit_level(i_off, i_acc, nd)
+        pc_i, mle_i, beta_i = fit_level(i_off, i_acc, nd, min_exposure)
         n_rounds, n_acc = sum(len(o) for o in i_off), sum(sum(a) for a in i_acc)
         beta_i = calibrate_mean(beta_i, pc_i, TauModel("draft", k_dist={nd: 1.0}), 1.0 + n_acc / n_rounds)
         dvi: dict[str, Any] = {"alpha": _alpha_json(beta_i), "acceptance_rate": _round(n_acc / (nd * n_rounds)),
@@ -387,7 +398,8 @@ def fit_entry(method: str, reqs: list[RequestLog], settings: dict[str, Any] | No
             "alpha_mle": [_round(x, 4) for x in mle],
             "accept_rate": [_round(sum(a) / sum(o), 4) if sum(o) else 0.0 for o, a in zip(offered, accepted)],
             "tokens_per_step": [_round((sum(a) + len(a)) / len(a), 4) for a in accepted]},
-        "fit": {"method": FIT_METHOD, "alpha_moments": _alpha_json(alpha0), "tau_measured": _round(tau),
+        "fit": {"method": FIT_METHOD, "min_exposure": min_exposure, "alpha_moments": _alpha_json(alpha0),
+                "tau_measured": _round(tau),
                 "tau_model": _round(model.pooled(alpha, pc))},
     })
     if pc and max(pc) > 0:
@@ -410,17 +422,18 @@ def fit_entry(method: str, reqs: list[RequestLog], settings: dict[str, Any] | No
 
 
 def fit_section(method: str, by_cls: dict[str, list[RequestLog]], settings: dict[str, Any] | None = None,
-                heldout: dict[str, list[RequestLog]] | None = None) -> dict[str, dict[str, Any]]:
+                heldout: dict[str, list[RequestLog]] | None = None,
+                min_exposure: int = MIN_EXPOSURE) -> dict[str, dict[str, Any]]:
     """``{class: entry}`` for every class with steps, plus ``default`` pooling all classes."""
     heldout = heldout or {}
     out: dict[str, dict[str, Any]] = {}
     for cls in sorted(by_cls):
         if any(r.n_steps for r in by_cls[cls]):
-            out[cls] = fit_entry(method, by_cls[cls], settings, heldout.get(cls))
+            out[cls] = fit_entry(method, by_cls[cls], settings, heldout.get(cls), min_exposure)
     pooled = [r for cls in sorted(by_cls) for r in by_cls[cls]]
     pooled_held = [r for cls in sorted(heldout) for r in heldout[cls]]
     if any(r.n_steps for r in pooled):
-        out["default"] = fit_entry(method, pooled, settings, pooled_held or None)
+        out["default"] = fit_entry(method, pooled, settings, pooled_held or None, min_exposure)
     return out
 
 

@@ -59,7 +59,7 @@ def read_spec_bench(path: str | Path) -> list[tuple[str, Any, list[int]]]:
 
 
 def import_spec_bench(path: str | Path, method: str = "draft", k: int | None = None,
-                      heldout_share: float = 0.0) -> dict[str, dict[str, Any]]:
+                      heldout_share: float = 0.0, min_exposure: int = 10) -> dict[str, dict[str, Any]]:
     """The acceptance section (``{class: entry}`` plus ``default``) a Spec-Bench answer file encodes."""
     rows = read_spec_bench(path)
     longest = max(max(al) for _, _, al in rows)
@@ -79,4 +79,4 @@ def import_spec_bench(path: str | Path, method: str = "draft", k: int | None = N
         fit[cls], held[cls] = split_heldout(reqs, heldout_share)
     settings = {"k": k, "source": f"imported from {Path(path).name} (Spec-Bench accept_lengths)",
                 "heldout_share": heldout_share}
-    return fit_section(method, fit, settings, {c: h for c, h in held.items() if h})
+    return fit_section(method, fit, settings, {c: h for c, h in held.items() if h}, min_exposure)

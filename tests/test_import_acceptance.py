@@ -28,7 +28,7 @@ RECORDS = [
 
 def test_hand_made_file_gives_exactly_its_acceptance(tmp_path):
     f = _write(tmp_path / "answers.jsonl", RECORDS)
-    sec = import_spec_bench(f)  # k = longest accept length − 1 = 3
+    sec = import_spec_bench(f, min_exposure=1)  # k = longest accept length − 1 = 3; keep every position
     assert set(sec) == {"mt_bench", "qa", "default"}
     mt = sec["mt_bench"]
     # mt_bench steps accept 0,1,3,2,3,3,0,1 of k = 3:
@@ -56,7 +56,7 @@ def test_hand_made_file_gives_exactly_its_acceptance(tmp_path):
 def test_explicit_k_and_iid_file(tmp_path):
     # every step commits 2 tokens with k = 1: α = 1 exactly
     f = _write(tmp_path / "a.jsonl", [{"category": "rag", "choices": [{"accept_lengths": [2, 2, 2]}]}])
-    e = import_spec_bench(f, k=1)["rag"]
+    e = import_spec_bench(f, k=1, min_exposure=1)["rag"]
     assert e["position_conditional"] == [1.0]
     assert e["mean_tokens_per_step"] == 2.0
     assert alpha_mean(e["alpha"]) == pytest.approx(1.0, abs=1e-3)
@@ -68,10 +68,18 @@ def _run_ok(args):
     assert exc.value.code == 0
 
 
+def test_rarely_offered_positions_are_dropped(tmp_path):
+    f = _write(tmp_path / "answers.jsonl", RECORDS)
+    qa = import_spec_bench(f, min_exposure=3)["qa"]  # position 3 was offered once
+    assert qa["position_conditional"] == pytest.approx([3 / 8, 1 / 3])
+    assert qa["fit"]["tau_model"] == pytest.approx(1.5, rel=1e-4)
+
+
 def test_cli_writes_a_valid_profile_section(tmp_path, capsys):
     f = _write(tmp_path / "answers.jsonl", RECORDS)
     out = tmp_path / "p.json"
-    _run_ok(["calibrate", "import-acceptance", str(f), "--out", str(out), "--method", "kangaroo", "-q"])
+    _run_ok(["calibrate", "import-acceptance", str(f), "--out", str(out), "--method", "kangaroo", "--min-exposure",
+             "1", "-q"])
     doc = json.loads(out.read_text())
     assert set(doc["acceptance"]["kangaroo"]) == {"mt_bench", "qa", "default"}
     assert doc["acceptance"]["kangaroo"]["qa"]["mean_tokens_per_step"] == pytest.approx(1.5)

@@ -95,6 +95,8 @@ def _set_threads(threads: int | None) -> None:
               help="Also write every request's per-step log to this JSONL file.")
 @click.option("--check-lossless", type=int, default=0, show_default=True,
               help="Compare the first N requests' tokens with plain greedy decoding and report mismatches.")
+@click.option("--min-exposure", type=int, default=10, show_default=True,
+              help="Keep a draft position in position_conditional only if offered this often.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--quiet", "-q", is_flag=True)
 def acceptance(model_spec: str, method: str, out_path: str, prompts_path: str | None, limit_per_category: int,
@@ -102,7 +104,7 @@ def acceptance(model_spec: str, method: str, out_path: str, prompts_path: str | 
                dtype: str, device: str, draft_spec: str | None, draft_layers: int | None, k: int,
                adapter_dir: str | None, no_adapter: bool, exit_layer: int | None, gamma: int, eta: float,
                draft_exit: int | None, inter_exit: int | None, nd: int, ni: int, log_steps: str | None,
-               check_lossless: int, threads: int | None, quiet: bool) -> None:
+               check_lossless: int, min_exposure: int, threads: int | None, quiet: bool) -> None:
     """Run real speculative decoding over a categorised prompt set and write per-class acceptance."""
     from simspec.calibrate import prompts as P
     from simspec.calibrate.acceptance import fit_section, from_run, split_heldout
@@ -176,7 +178,7 @@ def acceptance(model_spec: str, method: str, out_path: str, prompts_path: str | 
         settings["lossless_check"] = {"requests": checked, "mismatches": mismatches}
     settings["measure_s"] = round(time.perf_counter() - t0, 1)
     settings["threads"] = torch.get_num_threads()
-    section = fit_section(method, fit_logs, settings, held_logs)
+    section = fit_section(method, fit_logs, settings, held_logs, min_exposure)
     if log_steps:
         from simspec.atomic import write_text
 
@@ -349,16 +351,19 @@ def adapter(model_spec: str, exits: tuple[int, ...], out_dir: str, prompts_path:
               help="Tokens drafted per step (default: the largest accept length in the file minus 1).")
 @click.option("--heldout-share", type=float, default=0.0, show_default=True,
               help="Share of each class's answers held out to test the fit.")
+@click.option("--min-exposure", type=int, default=10, show_default=True,
+              help="Keep a draft position in position_conditional only if offered this often.")
 @click.option("--quiet", "-q", is_flag=True)
 def import_acceptance(log_path: str, out_path: str, method: str, k: int | None, heldout_share: float,
-                      quiet: bool) -> None:
+                      min_exposure: int, quiet: bool) -> None:
     """Import Spec-Bench-style answer JSONL (choices[].accept_lengths per step, category) as acceptance."""
     from simspec.calibrate.importer import import_spec_bench
     from simspec.calibrate.profile_io import update_profile
 
     if not 0.0 <= heldout_share < 1.0:
         raise SimspecError(f"--heldout-share {heldout_share}: must be in [0, 1)")
-    section = import_spec_bench(log_path, method=method, k=k, heldout_share=heldout_share)
+    section = import_spec_bench(log_path, method=method, k=k, heldout_share=heldout_share,
+                                min_exposure=min_exposure)
     update_profile(out_path, acceptance={method: section})
     if not quiet:
         _echo_table(method, section)
