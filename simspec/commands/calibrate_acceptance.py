@@ -132,7 +132,8 @@ def acceptance(model_spec: str, method: str, out_path: str, prompts_path: str | 
     runner, settings = _make_runner(method, lm, loaded, model_spec, dtype, device, draft_spec, draft_layers, k,
                                     adapter_dir, no_adapter, exit_layer, gamma, eta, draft_exit, inter_exit,
                                     nd, ni, eos)
-    settings.update({"max_new_tokens": max_new_tokens, "prompts": prompt_file.name,
+    settings.update({"max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens,
+                     "prompts": prompt_file.name,
                      "limit_per_category": limit_per_category, "heldout_share": heldout_share,
                      "model": loaded.model_id, "dtype": dtype, "device": device,
                      "date": _dt.date.today().isoformat(), "versions": _versions(),
