@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from simspec.atomic import dumps_json, write_bytes, write_json
+from simspec.atomic import dumps_json, json_safe, write_bytes, write_json
 from simspec.errors import ConfigError, SimspecError
 
 RUNS_DIR = "runs"
@@ -494,9 +494,7 @@ def _load_run_profile(path: str, sha256: str):
 
 def _json_roundtrip(obj: Any) -> Any:
     """What a value reads back as from the run's JSON files (so fresh and resumed rows agree)."""
-    from simspec.simulator.output import _clean
-
-    return json.loads(dumps_json(_clean(obj)))
+    return json.loads(dumps_json(json_safe(obj)))
 
 
 def execute_run(task: dict[str, Any]) -> dict[str, Any]:

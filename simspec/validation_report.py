@@ -212,18 +212,6 @@ def plot_scatter(pr: pd.DataFrame, path: str | Path, title: str = "") -> None:
     write_bytes(path, buf.getvalue())
 
 
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def write_report(out_dir: str | Path, real: pd.DataFrame, sim: pd.DataFrame, *, meta: dict[str, Any] | None = None,
                  heldout: dict[str, Any] | None = None, title: str = "") -> dict[str, Any]:
     """Write ``validation.json`` (meta, errors, held-out checks, per-request rows), ``per_request.csv``,
@@ -235,7 +223,9 @@ def write_report(out_dir: str | Path, real: pd.DataFrame, sim: pd.DataFrame, *, 
     doc = {"format": "simspec-validation", "version": 1, "meta": meta or {}, "errors": errors,
            "latency_mape_pct": errors["latency_mape_pct"], "heldout": heldout or {},
            "per_request": pr.to_dict(orient="records")}
-    doc = _clean(doc)
+    from simspec.atomic import json_safe
+
+    doc = json_safe(doc)
     write_json(out / "validation.json", doc)
     write_text(out / "per_request.csv", pr.to_csv(index=False, float_format="%.3f"))
     text = format_table(errors, title)

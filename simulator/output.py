@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simspec.atomic import atomic_dir, write_json
+from simspec.atomic import atomic_dir, json_safe, write_json
 from simspec.simulator.run import RunResult
 
 
@@ -27,25 +27,8 @@ def write_run(result: RunResult, out_dir: str | Path, overwrite: bool = False) -
         write_json(tmp / "config.json", {**result.config, "notes": result.notes})
         write_parquet(result.requests, tmp / "requests.parquet")
         write_parquet(result.steps, tmp / "steps.parquet")
-        write_json(tmp / "summary.json", _clean(result.summary))
+        write_json(tmp / "summary.json", json_safe(result.summary))
     return out_dir
-
-
-def _clean(obj):
-    """JSON-safe: NaN → None, numpy scalars → Python."""
-    import math
-
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def read_run(run_dir: str | Path) -> dict:
