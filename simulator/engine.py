@@ -145,17 +145,18 @@ class Replica:
                 # drafts beyond those reserved at batch formation must fit the KV room and the
                 # per-step token budget; members later in priority order lose theirs first
                 k_base = k_res[:nb][dec]
-                extra_i = np.maximum(k_dec - k_base, 0)
-                room = kv_free
-                if cap.max_batched_tokens is not None:
-                    planned = int(_sum(np.where(prefill, ctx_b, k_res[:nb] + 1)))
-                    room = min(room, max(cap.max_batched_tokens - planned, 0))
-                cum_extra = np.cumsum(extra_i)
-                if cum_extra.size and int(cum_extra[-1]) > room:
-                    over = cum_extra > room
-                    k_dec = np.where(over, np.minimum(k_dec, k_base), k_dec)
-                    extra_i = np.where(over, 0, extra_i)
-                used += int(_sum(extra_i))
+                if _any(k_dec > k_base):
+                    extra_i = np.maximum(k_dec - k_base, 0)
+                    room = kv_free
+                    if cap.max_batched_tokens is not None:
+                        planned = int(_sum(np.where(prefill, ctx_b, k_res[:nb] + 1)))
+                        room = min(room, max(cap.max_batched_tokens - planned, 0))
+                    cum_extra = np.cumsum(extra_i)
+                    if int(cum_extra[-1]) > room:
+                        over = cum_extra > room
+                        k_dec = np.where(over, np.minimum(k_dec, k_base), k_dec)
+                        extra_i = np.where(over, 0, extra_i)
+                    used += int(_sum(extra_i))
                 k[dec] = k_dec
             fed = np.where(prefill, ctx_b, k + 1)
             step = BatchStep(idx=batch, prefill=prefill, fed_tokens=fed, ctx_tokens=np.where(prefill, 0, ctx_b),
