@@ -59,3 +59,33 @@ def write_profile(tmp_path):
 @pytest.fixture
 def profile_doc():
     return lambda **kw: copy.deepcopy(flat_profile_doc(**kw))
+
+
+def check_invariants(res, n, max_batch, kv, mbt):
+    """Simulator invariants on a RunResult: exact tokens, completes once, no start before arrival,
+    batch/KV/token limits, clock monotone per replica, accepted <= drafted."""
+    req, steps = res.requests, res.steps
+    assert len(req) == n
+    # every request completes exactly once, with exactly its output tokens: nothing is committed
+    # after completion (the steps log's committed tokens add up to the outputs)
+    assert (req["generated_tokens"].to_numpy() == req["output_tokens"].to_numpy()).all()
+    assert np.isfinite(req["completion_s"].to_numpy()).all()
+    assert int(steps["committed"].sum()) == int(req["output_tokens"].sum())
+    # nothing starts before it arrives
+    assert (req["start_s"] >= req["arrival_s"] - 1e-12).all()
+    assert (req["first_token_s"] > req["start_s"]).all()
+    assert (req["completion_s"] >= req["first_token_s"]).all()
+    # capacity
+    assert (steps["batch_size"] >= 1).all()
+    assert (steps["batch_size"] <= max_batch).all()
+    assert (steps["kv_tokens_used"] <= kv).all()
+    if mbt is not None:
+        assert (steps.loc[steps["fed_tokens"] > mbt, "batch_size"] == 1).all()
+    # clock monotone per replica
+    for _, g in steps.groupby("replica"):
+        s = g.sort_values("step")
+        assert (s["step"].diff().dropna() == 1).all()
+        assert (s["end_s"].to_numpy() >= s["start_s"].to_numpy()).all()
+        assert (s["start_s"].to_numpy()[1:] >= s["end_s"].to_numpy()[:-1] - 1e-12).all()
+    assert (req["accepted"] <= req["drafted"]).all()
+    assert (steps["accepted"] <= steps["drafted"]).all()

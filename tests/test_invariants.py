@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from simspec.profile import load_profile
 from simspec.simulator.config import ComponentSpec, RunConfig
 from simspec.simulator.run import simulate
-from tests.conftest import make_trace
+from tests.conftest import check_invariants, make_trace
 
 
 @st.composite
@@ -40,29 +40,7 @@ def test_invariants(sc):
                     replicas=replicas, router=router, max_batch_size=max_batch, kv_budget_tokens=kv,
                     max_batched_tokens=mbt, preempt_mode=preempt, seed=seed)
     res = simulate(cfg, trace, load_profile("llama70b-4xh100-smartspec"))
-    req, steps = res.requests, res.steps
-    # every request completes exactly once with exactly its output tokens
-    assert len(req) == len(trace)
-    assert (req["generated_tokens"].to_numpy() == req["output_tokens"].to_numpy()).all()
-    assert np.isfinite(req["completion_s"].to_numpy()).all()
-    assert int(steps["committed"].sum()) == int(req["output_tokens"].sum())
-    # nothing starts before it arrives; first token before completion
-    assert (req["start_s"] >= req["arrival_s"] - 1e-12).all()
-    assert (req["first_token_s"] > req["start_s"]).all()
-    assert (req["completion_s"] >= req["first_token_s"]).all()
-    # capacity never exceeded
-    assert (steps["batch_size"] <= max_batch).all()
-    assert (steps["kv_tokens_used"] <= kv).all()
-    if mbt is not None:
-        over = steps["fed_tokens"] > mbt
-        assert (steps.loc[over, "batch_size"] == 1).all()  # only a lone oversize prefill may exceed it
-    # clock monotone per replica: each step starts no earlier than the previous one ended
-    for _, g in steps.groupby("replica"):
-        s = g.sort_values("step")
-        assert (s["end_s"].to_numpy() >= s["start_s"].to_numpy()).all()
-        assert (s["start_s"].to_numpy()[1:] >= s["end_s"].to_numpy()[:-1] - 1e-12).all()
-    # accepted never exceeds drafted
-    assert (req["accepted"] <= req["drafted"]).all()
+    check_invariants(res, len(trace), max_batch, kv, mbt)
 
 
 def test_acceptance_matches_closed_form(flat_profile):

@@ -17,7 +17,7 @@ from simspec.simulator.config import ComponentSpec, RunConfig
 from simspec.simulator.cost import CostModel
 from simspec.simulator.methods import METHODS, get_method_class
 from simspec.simulator.run import simulate
-from tests.conftest import make_trace
+from tests.conftest import check_invariants, make_trace
 
 # the registered policies (modules of simspec.policies), with their non-default variants
 SCHED_VARIANTS = {
@@ -53,34 +53,6 @@ def scenarios(draw):
     mbt = draw(st.sampled_from([None, 128]))
     seed = draw(st.integers(0, 3))
     return np.cumsum(gaps), prompt, output, classes, spec_len, replicas, max_batch, preempt, kv, mbt, seed
-
-
-def check_invariants(res, n, max_batch, kv, mbt):
-    req, steps = res.requests, res.steps
-    assert len(req) == n
-    # every request completes exactly once, with exactly its output tokens: nothing is committed
-    # after completion (the steps log's committed tokens add up to the outputs)
-    assert (req["generated_tokens"].to_numpy() == req["output_tokens"].to_numpy()).all()
-    assert np.isfinite(req["completion_s"].to_numpy()).all()
-    assert int(steps["committed"].sum()) == int(req["output_tokens"].sum())
-    # nothing starts before it arrives
-    assert (req["start_s"] >= req["arrival_s"] - 1e-12).all()
-    assert (req["first_token_s"] > req["start_s"]).all()
-    assert (req["completion_s"] >= req["first_token_s"]).all()
-    # capacity
-    assert (steps["batch_size"] >= 1).all()
-    assert (steps["batch_size"] <= max_batch).all()
-    assert (steps["kv_tokens_used"] <= kv).all()
-    if mbt is not None:
-        assert (steps.loc[steps["fed_tokens"] > mbt, "batch_size"] == 1).all()
-    # clock monotone per replica
-    for _, g in steps.groupby("replica"):
-        s = g.sort_values("step")
-        assert (s["step"].diff().dropna() == 1).all()
-        assert (s["end_s"].to_numpy() >= s["start_s"].to_numpy()).all()
-        assert (s["start_s"].to_numpy()[1:] >= s["end_s"].to_numpy()[:-1] - 1e-12).all()
-    assert (req["accepted"] <= req["drafted"]).all()
-    assert (steps["accepted"] <= steps["drafted"]).all()
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
