@@ -10,34 +10,19 @@ that committed ``L`` tokens accepted ``L - 1`` of ``k``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from simspec.calibrate.acceptance import RequestLog, fit_section, split_heldout
-from simspec.calibrate.prompts import class_of
+from simspec.calibrate.prompts import class_of, jsonl_objects
 from simspec.errors import SimspecError
 
 
 def read_spec_bench(path: str | Path) -> list[tuple[str, Any, list[int]]]:
     """``(class, question_id, accept_lengths)`` per choice, in file order. Any malformed line raises a
     one-line :class:`SimspecError` naming the file and line."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SimspecError(f"acceptance log {p}: cannot read ({exc.strerror})") from None
     out: list[tuple[str, Any, list[int]]] = []
-    for no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"acceptance log {p}: line {no}"
-        try:
-            rec = json.loads(line)
-        except ValueError as exc:
-            raise SimspecError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(rec, dict):
-            raise SimspecError(f"{where}: expected a JSON object")
+    for no, where, rec in jsonl_objects(path, "acceptance log"):
         cat = rec.get("category")
         if not isinstance(cat, str) or not cat.strip():
             raise SimspecError(f"{where}: field category: missing or not a string")
@@ -54,7 +39,7 @@ def read_spec_bench(path: str | Path) -> list[tuple[str, Any, list[int]]]:
                                        f"integer >= 1, got {v!r}")
             out.append((class_of(cat), rec.get("question_id", no), [int(v) for v in al]))
     if not out:
-        raise SimspecError(f"acceptance log {p}: no records")
+        raise SimspecError(f"acceptance log {Path(path)}: no records")
     return out
 
 

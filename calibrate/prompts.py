@@ -50,34 +50,43 @@ class Prompt:
     text: str
 
 
-def load_prompts(path: str | Path) -> list[Prompt]:
-    """Read a prompt file; a malformed line raises a one-line :class:`SimspecError` naming it."""
+def jsonl_objects(path: str | Path, label: str):
+    """Yield ``(line_no, where, record)`` for each non-blank line of a JSONL file, ``where`` being
+    ``"<label> <path>: line N"`` for error messages. An unreadable file, a line that is not JSON or
+    not a JSON object raises a one-line :class:`SimspecError` naming the file and line."""
     p = Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise SimspecError(f"prompts {p}: cannot read ({exc.strerror})") from None
-    out: list[Prompt] = []
+        raise SimspecError(f"{label} {p}: cannot read ({exc.strerror})") from None
     for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{label} {p}: line {no}"
         try:
             rec = json.loads(line)
         except ValueError as exc:
-            raise SimspecError(f"prompts {p}: line {no}: not valid JSON ({exc.msg})") from None
+            raise SimspecError(f"{where}: not valid JSON ({exc.msg})") from None
         if not isinstance(rec, dict):
-            raise SimspecError(f"prompts {p}: line {no}: expected a JSON object")
+            raise SimspecError(f"{where}: expected a JSON object")
+        yield no, where, rec
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Read a prompt file; a malformed line raises a one-line :class:`SimspecError` naming it."""
+    out: list[Prompt] = []
+    for no, where, rec in jsonl_objects(path, "prompts"):
         if "category" not in rec:
-            raise SimspecError(f"prompts {p}: line {no}: field category: missing")
+            raise SimspecError(f"{where}: field category: missing")
         turns = rec.get("turns")
         if isinstance(turns, str):
             turns = [turns]
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
-            raise SimspecError(f"prompts {p}: line {no}: field turns: expected a non-empty list of strings")
+            raise SimspecError(f"{where}: field turns: expected a non-empty list of strings")
         out.append(Prompt(question_id=rec.get("question_id", no), category=str(rec["category"]),
                           cls=class_of(rec["category"]), text=turns[0]))
     if not out:
-        raise SimspecError(f"prompts {p}: no prompts")
+        raise SimspecError(f"prompts {Path(path)}: no prompts")
     return out
 
 
