@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from simspec.atomic import write_json
 from simspec.errors import ProfileError
-from simspec.profile import SCHEMA_NAME, SCHEMA_VERSION, validate_profile
+from simspec.profile import READABLE_VERSIONS, SCHEMA_NAME, SCHEMA_VERSION, validate_profile
 
 _PLACEHOLDER_STAGES = {"layer": {"kind": "linear", "coef": {"c0": 1.0, "c_b": 0.0, "c_t": 0.0, "c_kv": 0.0}},
                        "lm_head": {"kind": "linear", "coef": {"c0": 1.0, "c_b": 0.0, "c_t": 0.0, "c_kv": 0.0}}}
@@ -52,9 +52,10 @@ def read_profile_doc(path: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_NAME:
         raise ProfileError(f"profile {p}: field schema: existing file is not a {SCHEMA_NAME} document; "
                            "refusing to overwrite it")
-    if doc.get("schema_version") != SCHEMA_VERSION:
+    if doc.get("schema_version") not in READABLE_VERSIONS:
         raise ProfileError(f"profile {p}: field schema_version: existing file has version "
                            f"{doc.get('schema_version')!r}, this simspec writes {SCHEMA_VERSION}")
+    doc["schema_version"] = SCHEMA_VERSION  # v1 → v2 is a pure extension: the update is written as v2
     return doc
 
 

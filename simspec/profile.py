@@ -1,16 +1,19 @@
 """The profile: one versioned JSON document that carries everything the simulator knows about a
 model pair on a device — per-stage latency models and per-method, per-class acceptance.
 
-Reading a profile needs only the standard library (no torch). Schema (version 1)::
+Reading a profile needs only the standard library (no torch). Schema (version 2; version 1 documents still load, as version 2
+without ``latency.forward_overhead``, i.e. no per-forward overhead)::
 
     {
-      "schema": "simspec-profile", "schema_version": 1,
+      "schema": "simspec-profile", "schema_version": 2,
       "meta":     {"name", "source": "published"|"measured"|"analytic", "description", "provenance",
                    "device", "dtype", "date", "versions": {...}, ...},
       "models":   {"target": {"name", "num_layers", "hidden_size", "vocab_size", ...},
                    "draft": {...}?},
       "capacity": {"kv_budget_tokens": int, "max_batch_size": int},      # defaults for replay
       "latency":  {"unit": "ms", "overhead": {"fraction": f, "fixed_ms": x},
+                   "forward_overhead": {"target_ms": x, "draft_ms": y, "early_exit_ms": z,
+                                        "source": "..."}?,                 # version 2
                    "stages": {STAGE: LATENCY_MODEL, ...}},
       "acceptance": {METHOD: {CLASS: ACCEPTANCE_ENTRY, ...}, ...}
     }
@@ -24,6 +27,15 @@ Every latency model maps one batch shape — ``batch_size`` (requests in the ste
 - ``scaled``: ``ms = factor * <stage named in "of">``.
 - ``grid``: a table over ``batch_size`` × ``tokens_per_request`` × ``context_tokens`` (per-request
   means) in ``ms`` (nested lists [b][t][c]), interpolated multilinearly.
+
+``overhead`` is per *step* (the scheduler, input preparation): ``step_ms * (1 + fraction) +
+fixed_ms``. ``forward_overhead`` is per *model forward* (framework dispatch prelude, sampling, the
+device→host sync of the sampled tokens), on top of the stages that forward runs: ``target_ms`` per
+target forward (verification passes included), ``draft_ms`` per draft-model pass (``draft_step``),
+``early_exit_ms`` per early-exit head pass (a Kangaroo/HiSpec draft, a HiSpec intermediate
+verification; default: ``target_ms``, the same model stack). Each is >= 0; absent means 0. A
+measured whole-forward stage (``target_step``, ``draft_step``) already holds what its timing
+included, so calibration writes only the part it did not time.
 
 Optional on any model: ``valid`` (ranges it was fitted on), ``fit`` (``heldout_mape_pct``,
 ``n_train``, ``n_heldout``), ``samples`` (``[[B, batched_tokens, kv_tokens, ms], ...]``).
@@ -75,7 +87,9 @@ from typing import Any
 from simspec.errors import ProfileError
 
 SCHEMA_NAME = "simspec-profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+FORWARD_ROLES = ("target", "draft", "early_exit")
 SOURCES = ("published", "measured", "analytic")
 LATENCY_KINDS = ("linear", "scaled", "grid")
 ALPHA_KINDS = ("beta", "fixed", "empirical")
@@ -114,6 +128,15 @@ class Profile:
     def overhead(self) -> dict[str, float]:
         ov = self.doc["latency"].get("overhead", {})
         return {"fraction": float(ov.get("fraction", 0.0)), "fixed_ms": float(ov.get("fixed_ms", 0.0))}
+
+    @property
+    def forward_overhead(self) -> dict[str, float]:
+        """Per-forward overhead (ms) by role: ``target``, ``draft``, ``early_exit`` (0 when absent;
+        ``early_exit`` defaults to ``target``)."""
+        fo = self.doc["latency"].get("forward_overhead") or {}
+        target = float(fo.get("target_ms", 0.0))
+        return {"target": target, "draft": float(fo.get("draft_ms", 0.0)),
+                "early_exit": float(fo.get("early_exit_ms", target))}
 
     @property
     def capacity(self) -> dict[str, int]:
@@ -223,13 +246,14 @@ def _list(where: str, fp: str, v: Any, min_len: int = 1) -> list[Any]:
 
 
 def validate_profile(doc: Any, where: str) -> None:
-    """Check ``doc`` against schema v1; raise :class:`ProfileError` naming the first bad field."""
+    """Check ``doc`` against schema v2 (or v1); raise :class:`ProfileError` naming the first bad field."""
     doc = _obj(where, "(root)", doc)
     if doc.get("schema") != SCHEMA_NAME:
         _fail(where, "schema", f"expected {SCHEMA_NAME!r}, got {doc.get('schema')!r}")
     ver = doc.get("schema_version")
-    if ver != SCHEMA_VERSION:
-        _fail(where, "schema_version", f"this simspec reads version {SCHEMA_VERSION}, got {ver!r}")
+    if isinstance(ver, bool) or ver not in READABLE_VERSIONS:
+        _fail(where, "schema_version", f"this simspec reads versions {', '.join(map(str, READABLE_VERSIONS))}, "
+                                       f"got {ver!r}")
     meta = _obj(where, "meta", doc.get("meta"))
     if meta.get("source") not in SOURCES:
         _fail(where, "meta.source", f"expected one of {', '.join(SOURCES)}, got {meta.get('source')!r}")
@@ -252,6 +276,17 @@ def validate_profile(doc: Any, where: str) -> None:
         _num(where, "latency.overhead.fraction", ov["fraction"], nonneg=True)
     if "fixed_ms" in ov:
         _num(where, "latency.overhead.fixed_ms", ov["fixed_ms"], nonneg=True)
+    if "forward_overhead" in lat:
+        if ver == 1:
+            _fail(where, "latency.forward_overhead", "needs schema_version 2 (a version-1 reader would ignore it)")
+        fo = _obj(where, "latency.forward_overhead", lat["forward_overhead"])
+        known = {f"{r}_ms" for r in FORWARD_ROLES} | {"source", "note", "engine"}
+        for key in fo:
+            if key not in known:
+                _fail(where, f"latency.forward_overhead.{key}", f"unknown field (known: {', '.join(sorted(known))})")
+        for r in FORWARD_ROLES:
+            if f"{r}_ms" in fo:
+                _num(where, f"latency.forward_overhead.{r}_ms", fo[f"{r}_ms"], nonneg=True)
     stages = _obj(where, "latency.stages", lat.get("stages"))
     if not stages:
         _fail(where, "latency.stages", "no stages")

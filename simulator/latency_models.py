@@ -1,8 +1,11 @@
 """Evaluate one profile latency model (``linear``, ``scaled`` or ``grid``) at a batch shape.
 
-Standard library only (no numpy, no torch): :func:`compile_stage` turns a stage's JSON document into
-a plain closure ``fn(batch_size, batched_tokens, kv_tokens) -> ms`` that costs a few microseconds
-per call, because the simulator calls it once per stage per simulated step. Calibration
+No torch: :func:`compile_stage` turns a stage's JSON document into a plain closure
+``fn(batch_size, batched_tokens, kv_tokens) -> ms`` that costs a few microseconds per call on
+Python numbers, because the simulator calls it once per stage per simulated step. The same closure
+takes numpy arrays (any of the three arguments; they broadcast) and returns an array, elementwise,
+with the same arithmetic in the same order (so an element equals the scalar call bit for bit): the
+cost of many steps in one call. Calibration
 (``simspec.calibrate.fit``) computes its held-out error with this same function, so the error
 recorded in a profile is exactly the error the simulator sees.
 
@@ -24,7 +27,15 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from simspec.errors import ProfileError
+
+_ND = np.ndarray
+
+
+def _is_array(a, b, c) -> bool:
+    return isinstance(a, _ND) or isinstance(b, _ND) or isinstance(c, _ND)
 
 StageFn = Callable[[float, float, float], float]
 
@@ -51,6 +62,8 @@ def compile_stage(stage_doc: Mapping[str, Any], stages: Mapping[str, Any] | None
 
         def linear(batch_size: float, batched_tokens: float, kv_tokens: float) -> float:
             ms = c0 + cb * batch_size + ct * batched_tokens + ckv * kv_tokens
+            if isinstance(ms, _ND):
+                return np.where(ms > 0.0, ms, 0.0)
             return ms if ms > 0.0 else 0.0
 
         return linear
@@ -100,8 +113,50 @@ def _compile_grid(doc: Mapping[str, Any], *, strict: bool, name: str) -> StageFn
     weights = grid_axis_weights
     lo = (ab[0], at[0], ac[0])
     hi = (ab[-1], at[-1], ac[-1])
+    arr = np.asarray(table, dtype=np.float64)
+    axes_np = (np.asarray(ab), np.asarray(at), np.asarray(ac))
+
+    def weights_np(axis: np.ndarray, x: np.ndarray):
+        n = axis.shape[0]
+        if n == 1:
+            z = np.zeros(x.shape, dtype=np.intp)
+            return z, z, np.zeros(x.shape)
+        i = np.clip(np.searchsorted(axis, x, side="right") - 1, 0, n - 2)
+        a0 = axis[i]
+        return i, i + 1, (x - a0) / (axis[i + 1] - a0)
+
+    def grid_array(batch_size, batched_tokens, kv_tokens):
+        B, T, KV = np.broadcast_arrays(np.asarray(batch_size, dtype=np.float64),
+                                       np.asarray(batched_tokens, dtype=np.float64),
+                                       np.asarray(kv_tokens, dtype=np.float64))
+        run = B > 0
+        Bs = np.where(run, B, 1.0)
+        t = T / Bs
+        c = KV / Bs
+        if strict:
+            out = run & ~((lo[0] <= B) & (B <= hi[0]) & (lo[1] <= t) & (t <= hi[1]) & (lo[2] <= c) & (c <= hi[2]))
+            if out.any():
+                j = int(np.flatnonzero(out.ravel())[0])
+                grid(float(B.ravel()[j]), float(T.ravel()[j]), float(KV.ravel()[j]))  # raises, same message
+        b0, b1, wb = weights_np(axes_np[0], Bs)
+        t0, t1, wt = weights_np(axes_np[1], t)
+        c0, c1, wc = weights_np(axes_np[2], c)
+        r00c0, r00c1 = arr[b0, t0, c0], arr[b0, t0, c1]
+        r01c0, r01c1 = arr[b0, t1, c0], arr[b0, t1, c1]
+        r10c0, r10c1 = arr[b1, t0, c0], arr[b1, t0, c1]
+        r11c0, r11c1 = arr[b1, t1, c0], arr[b1, t1, c1]
+        v00 = r00c0 + wc * (r00c1 - r00c0)
+        v01 = r01c0 + wc * (r01c1 - r01c0)
+        v10 = r10c0 + wc * (r10c1 - r10c0)
+        v11 = r11c0 + wc * (r11c1 - r11c0)
+        v0 = v00 + wt * (v01 - v00)
+        v1 = v10 + wt * (v11 - v10)
+        ms = v0 + wb * (v1 - v0)
+        return np.where(run & (ms > 0.0), ms, 0.0)
 
     def grid(batch_size: float, batched_tokens: float, kv_tokens: float) -> float:
+        if _is_array(batch_size, batched_tokens, kv_tokens):
+            return grid_array(batch_size, batched_tokens, kv_tokens)
         if batch_size <= 0:
             return 0.0
         t = batched_tokens / batch_size

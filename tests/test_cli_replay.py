@@ -127,7 +127,7 @@ def test_bad_options(tmp_path, small_trace, args, msg):
 
 
 @pytest.mark.parametrize("mutate,msg", [
-    (lambda d: d.update(schema_version=2), "field schema_version"),
+    (lambda d: d.update(schema_version=3), "field schema_version"),
     (lambda d: d["latency"]["stages"].pop("target_step"), "missing stage"),
     (lambda d: d["latency"]["stages"]["target_step"]["coef"].update(c0="fast"), "coef.c0"),
     (lambda d: d["meta"].update(source="guess"), "meta.source"),
