@@ -168,3 +168,25 @@ def fit_stage(train: Sequence[Point], heldout: Sequence[Point], batch_sizes: Seq
     doc["samples"] = [p.sample_row() for p in train]
     doc["heldout_samples"] = [p.sample_row() for p in heldout]
     return doc
+
+
+def fit_forward_overhead(measured_ms: Sequence[float], composed_ms: Sequence[float]) -> dict[str, Any]:
+    """The per-forward overhead of a layer-level profile: the intercept ``a`` of
+    ``measured whole forward = a + 1 · (embed + N·layer + lm_head composed from the fitted stages)``,
+    the slope fixed at 1 (the stages already carry the shape dependence; the intercept is what a
+    forward pays once, outside its parts: the model's own prelude, Python module dispatch,
+    allocator work). Fitted as the median of ``measured − composed`` (robust to one disturbed
+    point), clipped at 0 (a negative intercept means the parts overstate the whole, not a negative
+    cost). Returns ``{"target_ms", "n", "residuals_ms", "composed_mape_pct",
+    "with_overhead_mape_pct"}`` (the last two: the composition error without and with it)."""
+    m = np.asarray(measured_ms, dtype=float)
+    c = np.asarray(composed_ms, dtype=float)
+    if m.shape != c.shape or m.size == 0:
+        raise ValueError("fit_forward_overhead: need as many composed as measured points, at least one")
+    diff = m - c
+    a = max(float(np.median(diff)), 0.0)
+    err0 = np.abs(c - m) / m * 100.0
+    err1 = np.abs(c + a - m) / m * 100.0
+    return {"target_ms": round(a, 6), "n": int(m.size), "residuals_ms": [round(float(d - a), 6) for d in diff],
+            "composed_mape_pct": round(float(err0.mean()), 3),
+            "with_overhead_mape_pct": round(float(err1.mean()), 3)}

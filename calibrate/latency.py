@@ -837,6 +837,10 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
     if composition is not None:
         meta["composition_check"] = composition
     latency = {"unit": "ms", "overhead": {"fraction": 0.0, "fixed_ms": 0.0}, "stages": stage_docs}
+    if composition is not None:
+        latency["forward_overhead"] = forward_overhead_doc(composition)
+        meta["composition_check"]["with_forward_overhead_mape_pct"] = \
+            latency["forward_overhead"]["fit"]["with_overhead_mape_pct"]
     return LatencyResult(latency=latency, models=models, capacity=capacity, meta=meta)
 
 
@@ -865,6 +869,22 @@ def composition_check(whole: Sequence[Point], stage_docs: dict[str, Any], n_laye
     return {"what": "whole target forward (measured) vs embed + num_layers*layer + lm_head (composed)",
             "points": rows_out, "columns": ["B", "batched_tokens", "kv_tokens", "measured_ms", "composed_ms"],
             "mape_pct": round(sum(errs) / len(errs), 2), "max_ape_pct": round(max(errs), 2)}
+
+
+def forward_overhead_doc(composition: dict[str, Any]) -> dict[str, Any]:
+    """``latency.forward_overhead`` from the composition check: the target's per-forward overhead is
+    the intercept of the measured whole forwards over their composed parts
+    (:func:`simspec.calibrate.fit.fit_forward_overhead`). ``draft_ms`` is 0: ``draft_step`` is
+    itself a measured whole forward, so its fixed cost is already inside it."""
+    from simspec.calibrate.fit import fit_forward_overhead
+
+    pts = composition["points"]
+    fit = fit_forward_overhead([p[3] for p in pts], [p[4] for p in pts])
+    return {"target_ms": fit["target_ms"], "draft_ms": 0.0,
+            "source": (f"calibrate latency: median over {fit['n']} composition-check shapes of measured whole "
+                       f"target forward - (embed + N*layer + lm_head), clipped at 0; draft_step is measured whole "
+                       f"(its fixed cost is inside it); sampling and the host sync are not timed"),
+            "fit": fit}
 
 
 def _jsonable(obj: Any) -> Any:

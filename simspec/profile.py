@@ -280,7 +280,7 @@ def validate_profile(doc: Any, where: str) -> None:
         if ver == 1:
             _fail(where, "latency.forward_overhead", "needs schema_version 2 (a version-1 reader would ignore it)")
         fo = _obj(where, "latency.forward_overhead", lat["forward_overhead"])
-        known = {f"{r}_ms" for r in FORWARD_ROLES} | {"source", "note", "engine"}
+        known = {f"{r}_ms" for r in FORWARD_ROLES} | {"source", "note", "engine", "fit"}
         for key in fo:
             if key not in known:
                 _fail(where, f"latency.forward_overhead.{key}", f"unknown field (known: {', '.join(sorted(known))})")

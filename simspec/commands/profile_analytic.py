@@ -3,6 +3,8 @@ config — for users without the hardware. The result is marked ``source: analyt
 
 from __future__ import annotations
 
+import json
+from importlib import resources
 from pathlib import Path
 
 import click
@@ -10,44 +12,90 @@ import click
 from simspec.errors import ConfigError
 
 
+def _gpu_names() -> list[str]:
+    doc = json.loads((resources.files("simspec") / "data" / "gpus.json").read_text(encoding="utf-8"))
+    return list(doc["gpus"])
+
+
 @click.command("analytic")
-@click.option("--gpu", required=True, type=click.Choice(["a100-80gb", "h100-sxm", "h200"]),
-              help="GPU kind (datasheet peaks: A100 80GB SXM 312 TFLOP/s, 2.039 TB/s; H100 SXM 989 TFLOP/s, "
-                   "3.35 TB/s; H200 989 TFLOP/s, 4.8 TB/s).")
+@click.option("--gpu", default=None, type=click.Choice(_gpu_names()),
+              help="GPU kind from the bundled datasheet table (simspec/data/gpus.json: dense fp16/bf16/fp8 peaks, "
+                   "memory bandwidth and size, interconnect, each with its vendor source).")
+@click.option("--gpu-spec", "gpu_spec", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Any other GPU: a JSON object with the fields of one gpus.json entry (name, class, "
+                   "peak_tflops_fp16, peak_tflops_bf16, peak_tflops_fp8, memory_bandwidth_tb_s, memory_gib, "
+                   "interconnect_gb_s).")
 @click.option("--model", "model_name", required=True, metavar="NAME|CONFIG.JSON",
               help="Target model: a bundled name (llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, vicuna-7b, "
                    "llama-68m) or a Hugging Face config.json (or a directory holding one).")
 @click.option("--draft", "draft_name", default=None, metavar="NAME|CONFIG.JSON",
-              help="Draft model for `--spec draft` (adds a draft_step stage; runs on one GPU).")
+              help="Draft model for `--spec draft` (adds a draft_step stage on the target's GPUs).")
 @click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tensor-parallel degree of the target (GPUs per replica).")
-@click.option("--dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16"]),
-              help="Weight and KV-cache dtype.")
-@click.option("--compute-efficiency", default=0.65, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Achievable share of the dense tensor-core peak.")
-@click.option("--bandwidth-efficiency", default=0.80, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Achievable share of the HBM bandwidth peak.")
+@click.option("--draft-tp", "draft_tp", default=None, type=click.IntRange(min=1), metavar="N",
+              help="GPUs (of the target's) the draft is split over [default: the target's --tp].")
+@click.option("--draft-parallel", "draft_parallel", default="tensor", show_default=True,
+              type=click.Choice(["tensor", "pipeline"]),
+              help="How the draft uses its --draft-tp GPUs: tensor parallel (all-reduces) or pipeline "
+                   "(consecutive layer slices, one hop between GPUs).")
+@click.option("--engine", default="cuda-graph", show_default=True, type=click.Choice(["cuda-graph", "eager"]),
+              help="How the stack issues a forward: cuda-graph (a serving engine such as vLLM: fused kernels, one "
+                   "graph replay) or eager (PyTorch + Hugging Face generate: ~36 kernels per layer issued from "
+                   "Python). Sets kernels per layer, launch costs and the per-forward overhead (docs/methods.md).")
+@click.option("--dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp8"]),
+              help="Weight and KV-cache dtype (fp8: the GPU's fp8 tensor peak, 1 byte per element).")
+@click.option("--compute-efficiency", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="Achievable share of the dense tensor-core peak [default: the GPU class's, gpus.json].")
+@click.option("--bandwidth-efficiency", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="Achievable share of the memory bandwidth peak [default: the GPU class's].")
 @click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1),
               help="capacity.max_batch_size (and the largest batch on the grid).")
-@click.option("--name", default=None, help="meta.name [default: <model>-<gpu>[-tpN]-analytic].")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Profile JSON to write.")
+@click.option("--name", default=None, help="meta.name [default: <model>-<gpu>[-tpN][-eager]-analytic].")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Profile JSON to write (required unless --explain).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def analytic(gpu, model_name, draft_name, tp, dtype, compute_efficiency, bandwidth_efficiency, max_batch, name,
-             out_path, force):
+@click.option("--explain", is_flag=True,
+              help="Print the per-operator breakdown of one decode step (and, with --draft, of a speculative "
+                   "step at --k) at --batch and --context.")
+@click.option("--batch", "explain_batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="--explain: requests in the step.")
+@click.option("--context", "explain_context", default=512, show_default=True, type=click.IntRange(min=0),
+              help="--explain: cached tokens per request.")
+@click.option("--k", "explain_k", default=4, show_default=True, type=click.IntRange(min=0),
+              help="--explain: drafts per request in the speculative step.")
+def analytic(gpu, gpu_spec, model_name, draft_name, tp, draft_tp, draft_parallel, engine, dtype, compute_efficiency,
+             bandwidth_efficiency, max_batch, name, out_path, force, explain, explain_batch, explain_context,
+             explain_k):
     """Write an ANALYTIC profile: per-layer roofline latencies (layer, lm_head, embed, adapter, and
-    draft_step with --draft) as grids over batch size x tokens per request x context, KV capacity
-    from memory minus weights, and simspec's documented default acceptance for draft, kangaroo and
-    hispec. It is an estimate from datasheet figures, not a measurement (docs/methods.md)."""
-    from simspec.analytic import Efficiency, build_profile, load_model_config
+    draft_step with --draft) as grids over batch size x tokens per request x context, the engine's
+    per-forward overhead, KV capacity from memory minus weights, and simspec's documented default
+    acceptance for draft, kangaroo and hispec. It is an estimate from datasheet figures, not a
+    measurement (docs/methods.md)."""
+    from simspec.analytic import (Efficiency, Roofline, build_profile, check_placement, explain as explain_lines,
+                                  load_gpu_spec, load_model_config, resolve_gpu)
     from simspec.atomic import write_json
     from simspec.profile import profile_from_doc
 
-    if Path(out_path).exists() and not force:
+    if (gpu is None) == (gpu_spec is None):
+        raise ConfigError("give one of --gpu NAME or --gpu-spec FILE")
+    if out_path is None and not explain:
+        raise ConfigError("--out: required (or --explain to print a breakdown only)")
+    if out_path is not None and Path(out_path).exists() and not force:
         raise ConfigError(f"--out: {out_path} already exists (use --force to replace it)")
+    spec = load_gpu_spec(gpu_spec) if gpu_spec else resolve_gpu(gpu)
     model = load_model_config(model_name)
     draft = load_model_config(draft_name) if draft_name else None
-    eff = Efficiency(compute=compute_efficiency, bandwidth=bandwidth_efficiency)
-    doc = build_profile(gpu, model, draft=draft, tp=tp, dtype=dtype, eff=eff, name=name, max_batch=max_batch)
+    eff = Efficiency.for_gpu(spec, compute=compute_efficiency, bandwidth=bandwidth_efficiency)
+    if explain:
+        dtp = check_placement(model, draft, tp, draft_tp, draft_parallel)
+        rf = Roofline(spec, dtype, tp, eff, engine)
+        for line in explain_lines(rf, model, draft=draft, batch=explain_batch, context=explain_context,
+                                  k=explain_k, draft_tp=dtp, pipeline=draft_parallel == "pipeline"):
+            click.echo(line)
+        if out_path is None:
+            return
+    doc = build_profile(spec, model, draft=draft, tp=tp, dtype=dtype, eff=eff, name=name, max_batch=max_batch,
+                        engine=engine, draft_tp=draft_tp, draft_parallel=draft_parallel)
     profile_from_doc(doc, out_path)  # validate before writing
     write_json(out_path, doc)
     cap = doc["capacity"]

@@ -35,6 +35,9 @@ class DraftModel(Method):
             raise ConfigError(f"--spec draft: k must be an integer >= 0, got {k!r}")
         self._k = k
         self.draft_layers = int(self.params["draft_layers"])
+        if cost.has("draft_step") and self.draft_layers > 0:
+            raise ConfigError(f"--spec draft: draft_layers={self.draft_layers} would be ignored: profile {profile.name} "
+                              f"has a 'draft_step' stage (a separate draft model); drop draft_layers")
         if not cost.has("draft_step"):
             if cost.whole_model or self.draft_layers <= 0:
                 raise ConfigError(f"--spec draft: profile {profile.name} has no 'draft_step' stage"
