@@ -1,14 +1,18 @@
 """Analytic (roofline) profiles: per-layer and per-stage latencies estimated from a GPU datasheet and
 a model's ``config.json``, for users without the hardware. No torch; numpy only.
 
-Every operator of a stage is timed as ``max(FLOPs / achievable FLOP/s, bytes moved / achievable
-bandwidth)`` (a roofline per operator, summed over the stage's operators), plus a fixed launch
-overhead per kernel and, under tensor parallelism, the all-reduces. Achievable = datasheet peak ×
-an efficiency factor (:class:`Efficiency`, documented in docs/methods.md). The result is a profile
-of schema v2 with ``meta.source = "analytic"``: ``layer``, ``lm_head``, ``embed``, ``adapter`` (and
-``draft_step`` with a draft model) as ``grid`` stages over batch size × tokens per request × context,
-``capacity`` from memory minus weights, and documented default acceptance for ``draft``,
-``kangaroo`` and ``hispec`` (simspec's assumptions, not measurements).
+Every operator of a stage is timed on a smooth roofline ``(t_c^p + t_m^p)^(1/p)`` with
+``t_c = FLOPs / achievable FLOP/s`` and ``t_m = bytes moved / achievable bandwidth`` (summed over the
+stage's operators), plus, under tensor parallelism, the all-reduces; the stage then pays its
+kernels under the engine mode (:class:`EngineMode`: ``max(GPU time + kernels·gap, kernels·host
+issue)``), and every forward adds the engine's per-forward overhead (the profile's
+``latency.forward_overhead``). Achievable = datasheet peak × the GPU class's efficiency
+(:class:`Efficiency`); GPUs are data (``simspec/data/gpus.json``, or ``--gpu-spec FILE``). The
+result is a profile of schema v2 with ``meta.source = "analytic"``: ``layer``, ``lm_head``, ``embed``,
+``adapter`` (and ``draft_step`` with a draft model, placed on ``draft_tp`` of the target's GPUs) as
+``grid`` stages over batch size × tokens per request × context, ``capacity`` from memory minus
+weights, and documented default acceptance for ``draft``, ``kangaroo`` and ``hispec`` (simspec's
+assumptions, not measurements). docs/methods.md states every number's source.
 
 Per decoder layer (B requests, t tokens each, c cached context tokens each, T = B·t, s bytes per
 element, TP degree p; weights, heads and FLOPs split over the p GPUs; KV heads replicated when fewer
@@ -19,8 +23,8 @@ than p):
   ``s·(2·B·c·d_kv + 4·B·t·d_kv + 2·T·d_q)`` (read the cached K,V; write and read the new ones;
   read Q, write O);
 - element-wise (2 RMSNorms, residual adds, RoPE, SiLU·mul): bytes only;
-- 10 kernels; with p > 1 two all-reduces of ``T·h·s`` bytes (ring: ``latency + 2(p−1)/p · bytes /
-  link bandwidth``).
+- with p > 1 two all-reduces of ``T·h·s`` bytes (ring: ``latency + 2(p−1)/p · bytes / link
+  bandwidth``).
 
 LM head (final norm + vocabulary GEMM): the norm over all T tokens, logits for
 ``min(t, LOGITS_TOKENS_CAP)`` positions per request — serving engines compute logits only where
