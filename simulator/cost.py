@@ -44,13 +44,6 @@ _ND = np.ndarray
 _FORWARD_STAGE_ROLE = {"draft_step": "draft", "target_step": "target", "lm_head": "early_exit"}
 
 
-def _arr(*xs) -> bool:
-    for x in xs:
-        if isinstance(x, _ND):
-            return True
-    return False
-
-
 class CostModel:
     """Stage latencies of one profile, composed into target / draft / layer-slice costs (ms)."""
 
@@ -88,21 +81,35 @@ class CostModel:
             return np.where(batch_size > 0, ov, 0.0)
         return ov if batch_size > 0 else 0.0
 
+    # Every public method has a scalar path (plain Python arithmetic, a few microseconds: the
+    # simulator calls it per step) and, when any argument is an ndarray, an array path with the same
+    # arithmetic in the same order.
+
+    def _fn(self, stage: str):
+        fn = self.fns.get(stage)
+        if fn is None:
+            raise ProfileError(f"profile {self.profile.path}: field latency.stages.{stage}: missing stage")
+        return fn
+
+    def _compute_array(self, stage: str, batch_size, batched_tokens, kv_tokens, speculating=False):
+        ms = np.asarray(self._fn(stage)(batch_size, batched_tokens, kv_tokens), dtype=np.float64)
+        cs = self.c_spec.get(stage, 0.0)
+        if cs:
+            ms = ms + np.where(speculating, cs, 0.0)
+        return np.where(np.asarray(batch_size) > 0, np.maximum(ms, 0.0), 0.0)
+
     def stage_compute_ms(self, stage: str, batch_size: float, batched_tokens: float, kv_tokens: float,
                          speculating: bool = False) -> float:
         """Time of one stage (ms) without per-forward overhead, with the linear fit's speculation
         term when ``speculating``."""
-        fn = self.fns.get(stage)
-        if fn is None:
-            raise ProfileError(f"profile {self.profile.path}: field latency.stages.{stage}: missing stage")
-        if _arr(batch_size, batched_tokens, kv_tokens, speculating):
-            ms = np.asarray(fn(batch_size, batched_tokens, kv_tokens), dtype=np.float64)
-            cs = self.c_spec.get(stage, 0.0)
-            if cs:
-                ms = ms + np.where(speculating, cs, 0.0)
-            return np.where(np.asarray(batch_size) > 0, np.maximum(ms, 0.0), 0.0)
+        if (isinstance(batch_size, _ND) or isinstance(batched_tokens, _ND) or isinstance(kv_tokens, _ND)
+                or isinstance(speculating, _ND)):
+            return self._compute_array(stage, batch_size, batched_tokens, kv_tokens, speculating)
         if batch_size <= 0:
             return 0.0
+        fn = self.fns.get(stage)
+        if fn is None:
+            self._fn(stage)
         ms = fn(batch_size, batched_tokens, kv_tokens)
         if speculating:
             ms += self.c_spec.get(stage, 0.0)
@@ -121,10 +128,10 @@ class CostModel:
 
     def layers_ms(self, n_layers: int, batch_size: float, batched_tokens: float, kv_tokens: float) -> float:
         """``n_layers`` decoder layers over the batch (layer-level profiles)."""
-        if _arr(batch_size, batched_tokens, kv_tokens):
+        if isinstance(batch_size, _ND) or isinstance(batched_tokens, _ND) or isinstance(kv_tokens, _ND):
             if n_layers <= 0:
                 return np.zeros(np.broadcast(batch_size, batched_tokens, kv_tokens).shape)
-            return n_layers * self.stage_compute_ms("layer", batch_size, batched_tokens, kv_tokens)
+            return n_layers * self._compute_array("layer", batch_size, batched_tokens, kv_tokens)
         if n_layers <= 0 or batch_size <= 0:
             return 0.0
         return n_layers * self.stage_compute_ms("layer", batch_size, batched_tokens, kv_tokens)
@@ -138,10 +145,11 @@ class CostModel:
         only). Layer-level profiles only; every decoder layer costs the profile's one ``layer`` stage.
         With ``lm_head`` the pass ends a forward: it adds the ``target`` per-forward overhead when
         ``end_layer`` is the last layer, else the ``early_exit`` one."""
-        if not _arr(batch_size, batched_tokens, kv_tokens) and batch_size <= 0:
+        if not (isinstance(batch_size, _ND) or isinstance(batched_tokens, _ND) or isinstance(kv_tokens, _ND)
+                or isinstance(logits_tokens, _ND)) and batch_size <= 0:
             return 0.0
         ms = self.layers_ms(end_layer - first_layer, batch_size, batched_tokens, kv_tokens)
-        if embed and self.has("embed"):
+        if embed and "embed" in self.fns:
             ms = ms + self.stage_compute_ms("embed", batch_size, batched_tokens, kv_tokens)
         if adapter:
             ms = ms + self.stage_compute_ms("adapter", batch_size, batched_tokens, kv_tokens)
@@ -159,15 +167,36 @@ class CostModel:
         overhead included; the LM head runs over ``logits_tokens`` (default: every fed token — pass
         fewer when prefills need only their last position). Whole-model profiles fit the full step
         and ignore ``logits_tokens``."""
-        if not _arr(batch_size, batched_tokens, kv_tokens, speculating) and batch_size <= 0:
+        if (isinstance(batch_size, _ND) or isinstance(batched_tokens, _ND) or isinstance(kv_tokens, _ND)
+                or isinstance(speculating, _ND) or isinstance(logits_tokens, _ND)):
+            return self._target_array(batch_size, batched_tokens, kv_tokens, speculating, logits_tokens)
+        if batch_size <= 0:
             return 0.0
+        fns = self.fns
+        if self.whole_model:
+            ms = fns["target_step"](batch_size, batched_tokens, kv_tokens)
+            if speculating:
+                ms += self.c_spec.get("target_step", 0.0)
+            return max(ms, 0.0) + self.forward_overhead["target"]
+        ms = fns["layer"](batch_size, batched_tokens, kv_tokens)
+        ms = self.num_layers * (ms if ms > 0.0 else 0.0)
+        lt = batched_tokens if logits_tokens is None else logits_tokens
+        head = fns["lm_head"](batch_size, lt, kv_tokens)
+        ms += head if head > 0.0 else 0.0
+        embed = fns.get("embed")
+        if embed is not None:
+            e = embed(batch_size, batched_tokens, kv_tokens)
+            ms += e if e > 0.0 else 0.0
+        return ms + self.forward_overhead["target"]
+
+    def _target_array(self, batch_size, batched_tokens, kv_tokens, speculating, logits_tokens):
         if self.whole_model:
             return self.stage_ms("target_step", batch_size, batched_tokens, kv_tokens, speculating)
         ms = self.layers_ms(self.num_layers, batch_size, batched_tokens, kv_tokens)
         lt = batched_tokens if logits_tokens is None else logits_tokens
-        ms = ms + self.stage_compute_ms("lm_head", batch_size, lt, kv_tokens)
-        if self.has("embed"):
-            ms = ms + self.stage_compute_ms("embed", batch_size, batched_tokens, kv_tokens)
+        ms = ms + self._compute_array("lm_head", batch_size, lt, kv_tokens)
+        if "embed" in self.fns:
+            ms = ms + self._compute_array("embed", batch_size, batched_tokens, kv_tokens)
         if self.forward_overhead["target"]:
             ms = ms + self._per_forward("target", batch_size)
         return ms

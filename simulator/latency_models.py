@@ -155,7 +155,7 @@ def _compile_grid(doc: Mapping[str, Any], *, strict: bool, name: str) -> StageFn
         return np.where(run & (ms > 0.0), ms, 0.0)
 
     def grid(batch_size: float, batched_tokens: float, kv_tokens: float) -> float:
-        if _is_array(batch_size, batched_tokens, kv_tokens):
+        if isinstance(batch_size, _ND) or isinstance(batched_tokens, _ND) or isinstance(kv_tokens, _ND):
             return grid_array(batch_size, batched_tokens, kv_tokens)
         if batch_size <= 0:
             return 0.0

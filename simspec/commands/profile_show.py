@@ -163,6 +163,11 @@ def show(profile_name: str, samples_opt: str, only_stage: str | None, at_shapes:
 
     ov = p.overhead
     echo(f"latency (ms; overhead fraction {ov['fraction']:g}, fixed {ov['fixed_ms']:g} ms)")
+    fo = p.forward_overhead
+    if any(fo.values()):
+        src = (p.doc["latency"].get("forward_overhead") or {}).get("source")
+        echo(f"  per-forward overhead (ms): target {fo['target']:g}, draft {fo['draft']:g}, "
+             f"early exit {fo['early_exit']:g}" + (f" ({src})" if src else ""))
     stages = p.stages
     for name, doc in stages.items():
         if only_stage is not None and name != only_stage:
