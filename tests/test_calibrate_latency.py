@@ -306,6 +306,11 @@ def test_tiny_calibration_bundled_model(tmp_path):
             for t in (1, 3, 9):
                 vals = [fns[name](b, b * t, b * c) for c in range(0, 600, 25)]
                 assert all(v2 >= v1 - 1e-9 for v1, v2 in zip(vals, vals[1:])), (name, b, t)
+    # the per-forward overhead: the intercept of the whole forwards over their composed parts
+    fo = p.doc["latency"]["forward_overhead"]
+    assert p.doc["schema_version"] == 2 and fo["target_ms"] >= 0 and fo["draft_ms"] == 0.0
+    assert fo["fit"]["n"] == len(p.meta["composition_check"]["points"])
+    assert p.forward_overhead["target"] == fo["target_ms"]
 
 
 @pytest.mark.torch
