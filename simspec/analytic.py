@@ -200,8 +200,10 @@ class EngineMode:
     ``kernels_*``: GPU kernels per decoder layer / adapter / LM head (final norm + head) /
     embedding prelude; ``gap_us``: GPU-side time per kernel between back-to-back kernels;
     ``host_us_per_kernel``: CPU time to issue one kernel (0 under CUDA graphs: one replay issues
-    them all); ``per_forward_ms``: fixed cost per forward (graph launch or framework prelude,
-    sampling, the device→host sync of the sampled tokens), the profile's ``forward_overhead``.
+    them all); per forward (their sum is ``per_forward_ms``, the profile's ``forward_overhead``):
+    ``framework_ms`` (graph launch and input copy, or the eager ``generate`` loop's bookkeeping),
+    ``sampling_ms`` (sampling kernels; inside the measured eager loop), ``sync_ms`` (the
+    device→host copy of the sampled tokens the host waits for).
 
     A stage costs ``max(GPU time + kernels·gap, kernels·host)``: the GPU waits for the CPU when
     issuing is slower than executing (eager decode of a small model), and the CPU runs ahead
@@ -215,14 +217,22 @@ class EngineMode:
     kernels_embed: int
     gap_us: float
     host_us_per_kernel: float
-    per_forward_ms: float
+    framework_ms: float
+    sampling_ms: float
+    sync_ms: float
     source: str
+
+    @property
+    def per_forward_ms(self) -> float:
+        """Fixed cost per forward: framework (graph launch and input copy, or the eager
+        ``generate`` loop), sampling, and the device→host sync of the sampled tokens."""
+        return round(self.framework_ms + self.sampling_ms + self.sync_ms, 6)
 
 
 ENGINES: dict[str, EngineMode] = {
     "cuda-graph": EngineMode(
         "cuda-graph", kernels_per_layer=10, kernels_adapter=6, kernels_lm_head=2, kernels_embed=1, gap_us=2.0,
-        host_us_per_kernel=0.0, per_forward_ms=0.045,
+        host_us_per_kernel=0.0, framework_ms=0.020, sampling_ms=0.010, sync_ms=0.015,
         source=("a CUDA-graph serving engine (vLLM-style): 10 fused kernels per Llama layer (fused RMSNorm, QKV "
                 "GEMM, rotary, KV-cache write, attention, O GEMM, fused add+RMSNorm, gate/up GEMM, SiLU*mul, down "
                 "GEMM), 2 us GPU gap per kernel inside a graph, no per-kernel host cost; per forward 45 us = "
@@ -230,7 +240,7 @@ ENGINES: dict[str, EngineMode] = {
                 "(simspec's assumption, docs/methods.md)")),
     "eager": EngineMode(
         "eager", kernels_per_layer=36, kernels_adapter=30, kernels_lm_head=7, kernels_embed=10, gap_us=2.0,
-        host_us_per_kernel=8.4, per_forward_ms=0.265,
+        host_us_per_kernel=8.4, framework_ms=0.250, sampling_ms=0.0, sync_ms=0.015,
         source=("eager PyTorch + Hugging Face transformers (generate), as the public speculative-decoding "
                 "benchmarks run: 36 aten kernels per LlamaDecoderLayer decode, 10 in the prelude, 7 in the head "
                 "(counted), 8.4 us host time per kernel and 0.25 ms generate() overhead per forward (measured "
@@ -807,7 +817,8 @@ def build_profile(gpu_key: str | GPUSpec, model: ModelConfig, *, draft: ModelCon
             "dtype": dtype,
             "date": date or _dt.date.today().isoformat(),
             "versions": {"simspec": __version__},
-            "analytic": {"gpu": asdict(gpu), "efficiency": asdict(eff), "engine": asdict(eng), "tp": tp,
+            "analytic": {"gpu": asdict(gpu), "efficiency": asdict(eff),
+                         "engine": {**asdict(eng), "per_forward_ms": eng.per_forward_ms}, "tp": tp,
                          "draft_tp": dtp if draft is not None else None,
                          "draft_parallel": draft_parallel if draft is not None else None,
                          "logits_tokens_cap": LOGITS_TOKENS_CAP},
