@@ -5,10 +5,13 @@ run), never on which tokens get accepted. Every stage function takes
 ``(batch_size, batched_tokens, kv_tokens)`` — tokens fed this step and context tokens already cached,
 each summed over the requests that run the stage.
 
-**Arrays.** Every method takes Python/numpy numbers or numpy arrays (any argument; they broadcast)
-and then returns an array, elementwise, with the same arithmetic as the scalar call (an element
-equals the scalar result bit for bit); an element with ``batch_size <= 0`` costs 0. ``speculating``
-may be a bool array too.
+**Arrays.** Every method takes Python/numpy numbers or numpy arrays (any argument; they broadcast;
+e.g. one entry per step of a window of steps, see
+:meth:`simspec.simulator.methods.base.Method.decode_window`) and then returns an array, elementwise,
+with the same arithmetic as the scalar call (an element equals the scalar result bit for bit, so a
+window of steps costs what the same steps cost one at a time); an element with ``batch_size <= 0``
+costs 0. ``speculating`` may be a bool array too. Grid stages are interpolated in numpy directly
+(``latency_models``), not entry by entry.
 
 **Per-forward overhead** (``latency.forward_overhead`` of the profile, schema v2; 0 for v1
 profiles): a fixed cost each model forward pays on top of its stages — framework dispatch prelude,
