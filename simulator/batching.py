@@ -117,6 +117,14 @@ class BatchFormer:
             t.kv_tokens[i] = slots
         t.kv_resident[i] = True
 
+    def _grant_many(self, idx: np.ndarray, slots: np.ndarray, need: np.ndarray) -> None:
+        """:meth:`_grant` for many requests at once."""
+        t = self.t
+        t.kv_blocks[idx] += need
+        self.free_blocks -= int(need.sum())
+        t.kv_tokens[idx] = np.maximum(t.kv_tokens[idx], slots)
+        t.kv_resident[idx] = True
+
     def preempt(self, v: int) -> None:
         """Free request ``v``'s KV (vLLM's preemption): recompute on resume, or swap it out."""
         t = self.t
@@ -168,14 +176,33 @@ class BatchFormer:
         preempted = False
         if order.size:
             pre, fed, k, slots = self._needs(order, k_res)
-            need = np.maximum(blocks_for(slots, self.bs) - t.kv_blocks[order], 0)
-            if int(fed.sum()) <= budget and int(need.sum()) <= self.free_blocks:
-                # common case: every running request gets its whole ask
-                for i, s_, n_ in zip(order.tolist(), slots.tolist(), need.tolist()):
-                    if n_ or s_ > t.kv_tokens[i]:
-                        self._grant(i, s_, n_)
-                sched_idx, sched_fed, sched_k, sched_pre = order, fed, k, pre
-                budget -= int(fed.sum())
+            cum = np.cumsum(fed)
+            cut = order.size
+            if int(cum[-1]) > budget:
+                # the token budget runs out at member j: it gets what is left (a shorter chunk, or
+                # fewer drafts), everyone after it gets nothing — as vLLM's loop does
+                j = int(np.searchsorted(cum, budget, side="right"))
+                left_j = budget - (int(cum[j - 1]) if j else 0)
+                if left_j > 0 and (not pre[j] or self.chunked):
+                    fed, k, slots = fed.copy(), k.copy(), slots.copy()
+                    if pre[j]:
+                        slots[j] -= fed[j] - left_j + (1 if slots[j] > t.computed[order[j]] + fed[j] else 0)
+                        fed[j] = left_j
+                    else:
+                        k[j] = left_j - 1
+                        slots[j] -= fed[j] - left_j
+                        fed[j] = left_j
+                    cut = j + 1
+                elif not pre[j] or self.chunked:
+                    cut = j
+                else:
+                    cut = -1  # a whole prompt that does not fit but later requests might: the slow loop
+            if cut >= 0:
+                need = np.maximum(blocks_for(slots[:cut], self.bs) - t.kv_blocks[order[:cut]], 0)
+            if cut >= 0 and int(need.sum()) <= self.free_blocks:
+                sched_idx, sched_fed, sched_k, sched_pre = order[:cut], fed[:cut], k[:cut], pre[:cut]
+                self._grant_many(sched_idx, slots[:cut], need)
+                budget -= int(sched_fed.sum())
             else:
                 sched_idx, sched_fed, sched_k, sched_pre, budget, preempted = self._running_pass(order, k_res, budget)
         else:
