@@ -30,7 +30,7 @@ class CostModel:
         self.profile = profile
         stages = profile.stages
         self.fns: dict[str, StageFn] = {name: compile_stage(doc, stages) for name, doc in stages.items()}
-        self.vfns = {name: _vectorise(doc, self.fns[name]) for name, doc in stages.items()}
+        self.vfns = {name: _vectorise(doc, self.fns[name], stages) for name, doc in stages.items()}
         self.c_spec = {name: float(doc["coef"].get("c_spec", 0.0))
                        for name, doc in stages.items() if doc.get("kind") == "linear"}
         ov = profile.overhead
@@ -67,10 +67,8 @@ class CostModel:
         fn = self.vfns.get(stage)
         if fn is None:
             raise ProfileError(f"profile {self.profile.path}: field latency.stages.{stage}: missing stage")
-        b = batch_size.astype(np.float64)
-        t = np.broadcast_to(np.asarray(batched_tokens, dtype=np.float64), b.shape)
-        kv = np.broadcast_to(np.asarray(kv_tokens, dtype=np.float64), b.shape)
-        ms = fn(b, t, kv)
+        b = batch_size if batch_size.dtype == np.float64 else batch_size.astype(np.float64)
+        ms = fn(b, batched_tokens, kv_tokens)
         c = self.c_spec.get(stage, 0.0)
         if c and np.any(speculating):
             ms = ms + np.where(speculating, c, 0.0)
@@ -128,9 +126,14 @@ def _none(batch_size) -> bool:
     return type(batch_size) is not np.ndarray and batch_size <= 0
 
 
-def _vectorise(doc, fn: StageFn):
-    """An array version of one compiled stage: linear models in numpy with the scalar's arithmetic
-    (same operation order, so entries equal the scalar results bit for bit); others entry by entry."""
+def _vectorise(doc, fn: StageFn, stages=None):
+    """An array version of one compiled stage: linear models (and scaled ones of them) in numpy with
+    the scalar's arithmetic (same operation order, so entries equal the scalar results bit for
+    bit); others entry by entry. Arguments broadcast together."""
+    if doc.get("kind") == "scaled" and stages is not None and stages.get(doc.get("of"), {}).get("kind") == "linear":
+        base = _vectorise(stages[doc["of"]], fn)
+        factor = float(doc["factor"])
+        return lambda b, t, kv: factor * base(b, t, kv)
     if doc.get("kind") == "linear":
         coef = doc["coef"]
         c0, cb, ct, ckv = (float(coef[k]) for k in ("c0", "c_b", "c_t", "c_kv"))
@@ -141,4 +144,4 @@ def _vectorise(doc, fn: StageFn):
 
         return linear
     ufn = np.frompyfunc(fn, 3, 1)
-    return lambda b, t, kv: ufn(b, t, kv).astype(np.float64)
+    return lambda b, t, kv: np.asarray(ufn(b, t, kv), dtype=np.float64)

@@ -138,14 +138,25 @@ class DraftModel(Method):
         ctx = w.ctx_tokens[None, :] + before
         fed = k_eff + 1
         fed_sum = fed.sum(axis=1).astype(np.float64)
-        b = np.full(s_eff, n, dtype=np.int64)
+        b = np.full(s_eff, float(n))
         kmax_s = k_eff.max(axis=1)
-        ms = self.cost.target_ms(b, fed_sum, ctx.sum(axis=1).astype(np.float64), kmax_s > 0,
-                                 logits_tokens=fed_sum)
-        for j in range(int(kmax_s.max()) if s_eff else 0):
-            sel = k_eff > j
-            bj = sel.sum(axis=1)
-            ms = ms + self.draft_pass_ms(bj, bj, (ctx * sel).sum(axis=1).astype(np.float64) + j * bj)
+        ctx_sum = ctx.sum(axis=1).astype(np.float64)
+        ms = self.cost.target_ms(b, fed_sum, ctx_sum, kmax_s > 0, logits_tokens=fed_sum)
+        kk_all = int(kmax_s.max()) if s_eff else 0
+        if kk_all:
+            # draft pass j runs the members with k > j over their context + j: all passes of all
+            # steps in one (steps, passes) evaluation, added pass by pass
+            jj = np.arange(kk_all)
+            if int(k_eff.min()) == kk_all:
+                bj = np.broadcast_to(b[:, None], (s_eff, kk_all))
+                kv = ctx_sum[:, None] + jj[None, :] * float(n)
+            else:
+                sel = k_eff[:, :, None] > jj[None, None, :]
+                bj = sel.sum(axis=1).astype(np.float64)
+                kv = (ctx[:, :, None] * sel).sum(axis=1).astype(np.float64) + jj[None, :] * bj
+            passes = self.draft_pass_ms(bj, bj, kv)
+            for j in range(kk_all):
+                ms = ms + passes[:, j]
         return WindowOutcome(step_ms=self.cost.finish(ms), k=k_eff, drafted=k_eff.astype(np.int64),
                              accepted=accepted.astype(np.int64), position_accepts=positions.astype(np.int64),
                              committed=committed.astype(np.int64), fed_tokens=fed.astype(np.int64),
