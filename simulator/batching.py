@@ -5,7 +5,9 @@ Two modes (``--batching``):
 ``vllm`` (default) follows vLLM V1's ``Scheduler.schedule()``:
 
 1. **Running pass.** Requests already admitted (they hold KV) are scheduled first, in the
-   scheduler's priority order (for FCFS: admission order). A decoding request asks for ``1 + k``
+   scheduler's priority order (for FCFS: admission order), decodes before prompt chunks (so a
+   running decode is never starved behind a prefill; with FCFS this is vLLM's order anyway, since
+   a request still prefilling is the latest admitted). A decoding request asks for ``1 + k``
    tokens (k = the drafts the speculation-length policy reserves, capped at remaining − 1); a
    request still prefilling asks for its next chunk (chunked prefill: up to the step's token budget
    and ``long_prefill_token_threshold``). Its KV blocks are allocated; when the allocation fails,
@@ -174,6 +176,12 @@ class BatchFormer:
         t = self.t
         running = self.running
         order = self.sched.order(running, now_s) if running.size > 1 else running
+        if order.size > 1:
+            # decodes before prompt chunks (each in priority order): a running decode is never
+            # starved behind a prefill by the token budget
+            pre_o = t.computed[order] < t.prefill_target[order]
+            if bool(pre_o.any()) and not bool(pre_o.all()):
+                order = np.concatenate([order[~pre_o], order[pre_o]])
         budget = self.budget
         preempted = False
         if order.size:
