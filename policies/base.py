@@ -193,6 +193,8 @@ class SpecLenPolicy(_Configurable):
     def observe_window(self, record: WindowRecord) -> np.ndarray:
         """:meth:`observe` for each step of a window in turn; returns :meth:`log_value` after each
         step (override with a vectorised equivalent)."""
+        if type(self).observe is SpecLenPolicy.observe:
+            return np.full(record.n_steps, self.log_value())
         out = np.empty(record.n_steps)
         for s in range(record.n_steps):
             self.observe(record.step(s))

@@ -5,7 +5,9 @@ Two modes (``--batching``):
 ``vllm`` (default) follows vLLM V1's ``Scheduler.schedule()``:
 
 1. **Running pass.** Requests already admitted (they hold KV) are scheduled first, in the
-   scheduler's priority order (for FCFS: admission order). A decoding request asks for ``1 + k``
+   scheduler's priority order (for FCFS: admission order), decodes before prompt chunks (so a
+   running decode is never starved behind a prefill; with FCFS this is vLLM's order anyway, since
+   a request still prefilling is the latest admitted). A decoding request asks for ``1 + k``
    tokens (k = the drafts the speculation-length policy reserves, capped at remaining − 1); a
    request still prefilling asks for its next chunk (chunked prefill: up to the step's token budget
    and ``long_prefill_token_threshold``). Its KV blocks are allocated; when the allocation fails,
@@ -34,6 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+_sum = np.add.reduce  # skips ndarray.sum's Python wrapper: cheaper on small arrays
 
 BATCHING_MODES = ("vllm", "preemptive")
 
@@ -117,6 +121,14 @@ class BatchFormer:
             t.kv_tokens[i] = slots
         t.kv_resident[i] = True
 
+    def _grant_many(self, idx: np.ndarray, slots: np.ndarray, need: np.ndarray) -> None:
+        """:meth:`_grant` for many requests at once."""
+        t = self.t
+        t.kv_blocks[idx] += need
+        self.free_blocks -= int(_sum(need))
+        t.kv_tokens[idx] = np.maximum(t.kv_tokens[idx], slots)
+        t.kv_resident[idx] = True
+
     def preempt(self, v: int) -> None:
         """Free request ``v``'s KV (vLLM's preemption): recompute on resume, or swap it out."""
         t = self.t
@@ -137,10 +149,10 @@ class BatchFormer:
     def release(self, done: np.ndarray) -> None:
         """Requests ``done`` finished: free their blocks and drop them from the running list."""
         t = self.t
-        self.free_blocks += int(t.kv_blocks[done].sum())
+        self.free_blocks += int(_sum(t.kv_blocks[done]))
         t.kv_blocks[done] = 0
         t.kv_resident[done] = False
-        self.running = self.running[~np.isin(self.running, done)]
+        self.running = self.running[np.isnan(t.completion_s[self.running])]
 
     def _floor(self) -> int:
         """Blocks an admission must leave free: the watermark, unless nothing else holds KV (so a
@@ -164,18 +176,43 @@ class BatchFormer:
         t = self.t
         running = self.running
         order = self.sched.order(running, now_s) if running.size > 1 else running
+        if order.size > 1:
+            # decodes before prompt chunks (each in priority order): a running decode is never
+            # starved behind a prefill by the token budget
+            pre_o = t.computed[order] < t.prefill_target[order]
+            if bool(pre_o.any()) and not bool(pre_o.all()):
+                order = np.concatenate([order[~pre_o], order[pre_o]])
         budget = self.budget
         preempted = False
         if order.size:
             pre, fed, k, slots = self._needs(order, k_res)
-            need = np.maximum(blocks_for(slots, self.bs) - t.kv_blocks[order], 0)
-            if int(fed.sum()) <= budget and int(need.sum()) <= self.free_blocks:
-                # common case: every running request gets its whole ask
-                for i, s_, n_ in zip(order.tolist(), slots.tolist(), need.tolist()):
-                    if n_ or s_ > t.kv_tokens[i]:
-                        self._grant(i, s_, n_)
-                sched_idx, sched_fed, sched_k, sched_pre = order, fed, k, pre
-                budget -= int(fed.sum())
+            cum = np.cumsum(fed)
+            cut = order.size
+            if int(cum[-1]) > budget:
+                # the token budget runs out at member j: it gets what is left (a shorter chunk, or
+                # fewer drafts), everyone after it gets nothing — as vLLM's loop does
+                j = int(np.searchsorted(cum, budget, side="right"))
+                left_j = budget - (int(cum[j - 1]) if j else 0)
+                if left_j > 0 and (not pre[j] or self.chunked):
+                    fed, k, slots = fed.copy(), k.copy(), slots.copy()
+                    if pre[j]:
+                        slots[j] -= fed[j] - left_j + (1 if slots[j] > t.computed[order[j]] + fed[j] else 0)
+                        fed[j] = left_j
+                    else:
+                        k[j] = left_j - 1
+                        slots[j] -= fed[j] - left_j
+                        fed[j] = left_j
+                    cut = j + 1
+                elif not pre[j] or self.chunked:
+                    cut = j
+                else:
+                    cut = -1  # a whole prompt that does not fit but later requests might: the slow loop
+            if cut >= 0:
+                need = np.maximum(blocks_for(slots[:cut], self.bs) - t.kv_blocks[order[:cut]], 0)
+            if cut >= 0 and int(_sum(need)) <= self.free_blocks:
+                sched_idx, sched_fed, sched_k, sched_pre = order[:cut], fed[:cut], k[:cut], pre[:cut]
+                self._grant_many(sched_idx, slots[:cut], need)
+                budget -= int(_sum(sched_fed))
             else:
                 sched_idx, sched_fed, sched_k, sched_pre, budget, preempted = self._running_pass(order, k_res, budget)
         else:
@@ -214,7 +251,13 @@ class BatchFormer:
                 slots_left -= 1
             if adm:
                 a_idx = np.array([a[0] for a in adm], dtype=np.int64)
-                self.waiting = self.waiting[~np.isin(self.waiting, a_idx)]
+                if worder is self.waiting:  # admitted in waiting order: a prefix
+                    self.waiting = self.waiting[a_idx.size:]
+                else:
+                    mark = self.rep.cluster.scratch
+                    mark[a_idx] = True
+                    self.waiting = self.waiting[~mark[self.waiting]]
+                    mark[a_idx] = False
                 self.running = np.concatenate([self.running, a_idx])
                 sched_idx = np.concatenate([sched_idx, a_idx])
                 sched_fed = np.concatenate([sched_fed, np.array([a[1] for a in adm], dtype=np.int64)])

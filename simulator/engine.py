@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+_sum = np.add.reduce  # skips ndarray.sum's Python wrapper: cheaper on small arrays
 import simpy
 
 from simspec.policies.base import PolicyContext, Scheduler, SpecLenPolicy, StepRecord, WindowRecord
@@ -85,6 +87,7 @@ class Replica:
         #: largest KV use (tokens) recounted from the request table after each step (audit mode)
         self.audit_max_kv_tokens = 0
         self._k_reserve = 0
+        self._last_step_s = 0.0  # duration of the latest step (window sizing)
 
     # ------------------------------------------------------------------------------ routing
     def enqueue(self, i: int) -> None:
@@ -142,7 +145,10 @@ class Replica:
         t = self.cluster.table
         run = self.former.running
         if run.size > plan.idx.size:
-            out = run[~np.isin(run, plan.idx)]
+            mark = self.cluster.scratch
+            mark[plan.idx] = True
+            out = run[~mark[run]]
+            mark[plan.idx] = False
             t.pauses[out] += 1
 
     def _choose_k(self, plan: StepPlan, dec: np.ndarray) -> np.ndarray:
@@ -153,7 +159,7 @@ class Replica:
         idx = plan.idx[dec]
         k_res = plan.k_reserved[dec]
         ctx = t.prompt_tokens[idx] + t.generated[idx]
-        k = np.asarray(self.spec_len.choose_k(idx, float(ctx.sum()), former.free_blocks * former.bs, self.step_index),
+        k = np.asarray(self.spec_len.choose_k(idx, float(_sum(ctx)), former.free_blocks * former.bs, self.step_index),
                        dtype=np.int64)
         rem = t.output_tokens[idx] - t.generated[idx]
         k = np.minimum(np.maximum(k, 0), rem - 1)
@@ -212,8 +218,8 @@ class Replica:
         first = done_prefill & np.isnan(t.first_token_s[idx])
         if bool(first.any()):
             t.first_token_s[idx[first]] = end
-            self.outstanding_tokens -= int(t.prompt_tokens[idx[first]].sum())
-        self.outstanding_tokens -= int(committed.sum())
+            self.outstanding_tokens -= int(_sum(t.prompt_tokens[idx[first]]))
+        self.outstanding_tokens -= int(_sum(committed))
         self.busy_s += out.step_ms / 1000.0
         kv_used = self._kv_used_tokens()  # during the step, before completions free their blocks
         self._finish(idx, t.generated[idx] >= t.output_tokens[idx], end)
@@ -221,11 +227,12 @@ class Replica:
                             step_ms=out.step_ms, end_s=end, fed_tokens=fed, position_accepts=pos_acc)
         cl.scheduler.observe(record)
         self.spec_len.observe(record)
-        self.log.append_one(self.rid, self.step_index, now, end, out.step_ms, idx.size, int(pre.sum()),
-                            int(k.max()) if k.size else 0, int(drafted.sum()), int(accepted.sum()),
-                            int(committed.sum()), int(fed.sum()), kv_used,
+        self.log.append_one(self.rid, self.step_index, now, end, out.step_ms, idx.size, int(_sum(pre)),
+                            int(k.max()) if k.size else 0, int(_sum(drafted)), int(_sum(accepted)),
+                            int(_sum(committed)), int(_sum(fed)), kv_used,
                             int(self.former.waiting.size), self.spec_len.log_value())
         self.step_index += 1
+        self._last_step_s = out.step_ms / 1000.0
         self.clock_s = end
         self._mark_batch(idx)
         return end
@@ -238,11 +245,18 @@ class Replica:
         idx = plan.idx
         dec = np.ones(idx.size, dtype=bool)
         k = self._choose_k(plan, dec)
-        n_max = 1
-        if plan.stable and cl.window_steps > 1:
-            n_max = max(1, min(cl.window_steps, self.spec_len.horizon_steps(self.step_index)))
         ctx0 = t.prompt_tokens[idx] + t.generated[idx]
         rem0 = t.output_tokens[idx] - t.generated[idx]
+        n_max = 1
+        if plan.stable and cl.window_steps > 1:
+            # how far to look ahead: the policy's horizon; no further than the shortest request's
+            # remaining tokens (it commits at least one per step); about as far as the next arrival
+            # at the last step's pace (a guess: too short only costs another window)
+            n_max = min(cl.window_steps, self.spec_len.horizon_steps(self.step_index), int(rem0.min()))
+            gap = cl.next_arrival_for(self.rid) - now
+            if gap < float("inf") and self._last_step_s > 0:
+                n_max = min(n_max, int(gap / self._last_step_s) + 2)
+            n_max = max(n_max, 1)
         win = DecodeWindow(idx=idx, ctx_tokens=ctx0, k=k, remaining=rem0, alpha=t.alpha[idx],
                            class_idx=t.class_idx[idx], rng_base=t.rng_base[idx], draws=t.draws[idx], n_steps=n_max)
         out = cl.method.decode_window(win)
@@ -262,11 +276,11 @@ class Replica:
             reserved = np.maximum(np.minimum(kr, rem_s - 1), out.k)
             slots = ctx0[None, :] + before + 1 + reserved
             held = np.maximum.accumulate(np.maximum(blocks_for(slots, former.bs), held0[None, :]), axis=0)
-            grown = held.sum(axis=1) - int(held0.sum())
+            grown = held.sum(axis=1) - int(_sum(held0))
             fits = grown <= former.free_blocks
             s_n = int(fits.argmin()) if not fits.all() else s_n
-            # stop at the step during which the next request arrives
-            nxt = cl.next_arrival_s
+            # stop at the step during which the next request for this replica arrives
+            nxt = cl.next_arrival_for(self.rid)
             if nxt <= ends[s_n - 1]:
                 s_n = min(s_n, int(np.searchsorted(ends, nxt, side="left")) + 1)
             if s_n < out.n_steps:
@@ -287,14 +301,14 @@ class Replica:
         t.position_accepts[idx] += out.position_accepts.sum(axis=0)
         t.draws[idx] += out.draws[:s_n].sum(axis=0).astype(np.uint64)
         if slots_max is not None:
-            former.free_blocks -= int(held_end.sum() - held0.sum())
+            former.free_blocks -= int(_sum(held_end) - _sum(held0))
             t.kv_blocks[idx] = held_end
             t.kv_tokens[idx] = np.maximum(t.kv_tokens[idx], slots_max)
         per_step_committed = out.committed.sum(axis=1)
         if s_n > 1:
             self._inflight_end_s = ends
             self._inflight_committed = np.cumsum(per_step_committed)
-        self.outstanding_tokens -= int(committed_tot.sum())
+        self.outstanding_tokens -= int(_sum(committed_tot))
         self.busy_s = float(np.cumsum(np.concatenate(([self.busy_s], out.step_ms / 1000.0)))[-1])
         end = float(ends[-1])
         used_end = self._kv_used_tokens()  # after the last step's allocation, before completions
@@ -304,7 +318,7 @@ class Replica:
         cl.scheduler.observe_window(rec)
         values = self.spec_len.observe_window(rec)
         if s_n > 1:
-            kv_used = used_end - (int(held_end.sum()) - held.sum(axis=1)[:s_n]) * former.bs
+            kv_used = used_end - (int(_sum(held_end)) - held.sum(axis=1)[:s_n]) * former.bs
         else:
             kv_used = np.array([used_end])
         starts = np.concatenate(([now], ends[:-1]))
@@ -313,6 +327,7 @@ class Replica:
                                per_step_committed, out.fed_tokens.sum(axis=1), kv_used,
                                int(self.former.waiting.size), values)
         self.step_index += s_n
+        self._last_step_s = float(out.step_ms[-1]) / 1000.0
         self.clock_s = end
         self._mark_batch(idx)
         return end
@@ -378,12 +393,25 @@ class Cluster:
         self._on_complete = on_complete
         self.completed = 0
         self.next_arrival_s = float(table.arrival_s[0]) if len(table) else float("inf")
+        #: all-False flags over requests, for set operations without np.isin (reset after each use)
+        self.scratch = np.zeros(len(table), dtype=bool)
         self.replicas = []
         for r in range(replicas):
             ctx = PolicyContext(table=table, method=method, max_batch_size=capacity.max_batch_size,
                                 kv_budget_tokens=capacity.kv_budget_tokens, seed=seed, replica=r)
             self.replicas.append(Replica(self, r, spec_len_factory(ctx)))
         self._rr = 0
+        self._next_index = 0  # the next request the arrival process will route
+
+    def next_arrival_for(self, rid: int) -> float:
+        """Arrival time of the next request that may be routed to replica ``rid``: under round-robin
+        routing the next one whose turn it is, otherwise the next arrival of all."""
+        if self.router != "round-robin":
+            return self.next_arrival_s
+        n = len(self.table)
+        r = len(self.replicas)
+        j = self._next_index + ((rid - self._rr) % r)  # arrivals are routed in turn from _rr on
+        return float(self.table.arrival_s[j]) if j < n else float("inf")
 
     def on_complete(self, n: int) -> None:
         self.completed += n
@@ -409,6 +437,7 @@ class Cluster:
             if a > env.now:
                 yield env.timeout(a - env.now)
             self.next_arrival_s = float(arrival[i + 1]) if i + 1 < n else float("inf")
+            self._next_index = i + 1
             rep = self.route(i)
             t.replica[i] = rep.rid
             rep.enqueue(i)

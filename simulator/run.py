@@ -12,7 +12,7 @@ from simspec import __version__
 from simspec.errors import ConfigError, ProfileError
 from simspec.policies import PolicyContext, get_scheduler_class, get_spec_len_class
 from simspec.profile import Profile
-from simspec.rng import counter_uniforms, request_bases, request_keys, stream_key
+from simspec.rng import request_bases, request_keys, stream, stream_key
 from simspec.simulator.acceptance import resolve_classes
 from simspec.simulator.config import DEFAULT_MAX_BATCHED_TOKENS, RunConfig
 from simspec.simulator.cost import CostModel
@@ -104,10 +104,9 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
         notes += acc_notes
         model = method.build_acceptance(entries)
         method.bind_acceptance(model)
-        # each request's level from its own counter-based draw: independent of row order and of
-        # the other requests of the trace
-        u = counter_uniforms(request_bases(stream_key(config.seed, "acceptance-request"), keys), np.uint64(0))
-        table.alpha[:] = model.alphas_from_uniforms(u, table.class_idx)
+        # drawn in the table's canonical order (arrival, then request id), so permuting trace rows
+        # with tied arrivals changes nothing
+        table.alpha[:] = model.draw_alphas(stream(config.seed, "acceptance-request"), table.class_idx)
     notes += list(getattr(method, "notes", []))
     ctx0 = PolicyContext(table=table, method=method, max_batch_size=capacity.max_batch_size,
                          kv_budget_tokens=capacity.kv_budget_tokens, seed=config.seed)

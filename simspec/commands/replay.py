@@ -27,7 +27,7 @@ def _choices(kind: str) -> str:
 
 
 def build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt, seed,
-                 slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens=None):
+                 slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens=None, engine=None):
     from simspec.policies import get_scheduler_class, get_spec_len_class
     from simspec.simulator.config import ComponentSpec, RunConfig
     from simspec.simulator.methods import get_method_class
@@ -42,7 +42,40 @@ def build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_
                      max_batch_size=max_batch, kv_budget_tokens=kv_budget_tokens,
                      max_batched_tokens=max_batched_tokens, preempt_mode=preempt,
                      seed=seed, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms,
-                     allow_extrapolation=allow_extrapolation)
+                     allow_extrapolation=allow_extrapolation, **(engine or {}))
+
+
+ENGINE_KEYS = ("batching", "block_size", "chunked_prefill", "long_prefill_token_threshold", "window_steps")
+
+
+def engine_options(f):
+    """Engine semantics options (vLLM's names), gathered into one ``engine`` dict argument."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        engine = {k: kw.pop(k) for k in ENGINE_KEYS}
+        return f(*args, engine=engine, **kw)
+
+    opts = [
+        click.option("--batching", default="vllm", show_default=True, type=click.Choice(["vllm", "preemptive"]),
+                     help="Batch formation. vllm: vLLM V1's scheduler (running requests first, waiting ones "
+                          "admitted in the scheduler's priority order into the room left, preemption only "
+                          "when a KV allocation fails). preemptive: the scheduler picks the batch every step "
+                          "(paper-style SRPT/LAS/LAPS-SD); pushed-out requests keep their KV while it fits."),
+        click.option("--block-size", default=16, show_default=True, type=click.IntRange(min=1),
+                     help="KV-cache block size in tokens (vLLM's --block-size)."),
+        click.option("--chunked-prefill/--no-chunked-prefill", default=True, show_default=True,
+                     help="Split long prompts over steps within --max-batched-tokens (vLLM's default)."),
+        click.option("--long-prefill-token-threshold", type=click.IntRange(min=1), default=None,
+                     help="Most prompt tokens one request feeds per step [default: no cap]."),
+        click.option("--window-steps", default=256, show_default=True, type=click.IntRange(min=1),
+                     help="Most decode-only steps advanced per simulation event when the batch is stable "
+                          "(speed only: 1 gives byte-identical outputs, one step per event)."),
+    ]
+    for o in reversed(opts):
+        wrapper = o(wrapper)
+    return wrapper
 
 
 def run_options(f):
@@ -68,9 +101,11 @@ def run_options(f):
         click.option("--max-batched-tokens", type=click.IntRange(min=1), default=None,
                      help="Most tokens fed per step per replica (prefill + k+1 per decode request) "
                           "[default: the profile's capacity, else unlimited]."),
-        click.option("--preempt", default="keep", show_default=True, type=click.Choice(["keep", "recompute"]),
-                     help="KV of a request pushed out of the batch: keep while memory allows, or always "
-                          "drop it (recompute its context on resume)."),
+        click.option("--preempt", default="recompute", show_default=True,
+                     type=click.Choice(["recompute", "swap", "keep"]),
+                     help="A preempted request's KV (freed when an allocation fails): recompute its context "
+                          "on resume (vLLM V1), or swap it out and back without recompute (transfer time not "
+                          "modelled; 'keep' is the old name of swap)."),
         click.option("--seed", default=0, show_default=True, type=int, help="Run seed (all random streams)."),
         click.option("--slo-ttft-ms", type=float, default=None, help="TTFT SLO in ms (for attainment)."),
         click.option("--slo-tpot-ms", type=float, default=None, help="TPOT SLO in ms (for attainment)."),
@@ -95,7 +130,8 @@ SUMMARY_ROWS = [
     ("p99 latency (ms)", "latency_ms_p99", 1), ("mean TTFT (ms)", "ttft_ms_mean", 1), ("p99 TTFT (ms)", "ttft_ms_p99", 1),
     ("mean TPOT (ms)", "tpot_ms_mean", 2), ("throughput (tok/s)", "throughput_tokens_per_s", 1),
     ("tokens / decode step", "mean_tokens_per_decode_step", 2), ("acceptance rate", "acceptance_rate", 3),
-    ("preemptions", "preemptions", 0), ("SLO attainment", "slo_attainment", 3),
+    ("pauses", "pauses", 0), ("preemptions", "preemptions", 0), ("recomputed tokens", "recomputed_tokens", 0),
+    ("SLO attainment", "slo_attainment", 3),
 ]
 
 
@@ -125,9 +161,10 @@ def print_table(columns: list[tuple[str, dict]]) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
 @format_option
 @transform_options
+@engine_options
 def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_batch, kv_budget_tokens,
            max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, out_dir, force, quiet,
-           fmt, transforms):
+           fmt, transforms, engine):
     """Replay TRACE through the simulated cluster and write a run directory.
 
     TRACE is a file in any supported format (canonical CSV, Azure, …; auto-detected) or a bundled
@@ -138,7 +175,7 @@ def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_ba
     from simspec.simulator.output import write_run
     from simspec.simulator.run import simulate
     config = build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt, seed,
-                          slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens)
+                          slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens, engine)
     profile = load_profile(profile_name or DEFAULT_PROFILE)
     tr = load_trace_arg(trace, fmt, seed, transforms)
     if out_dir is None:
@@ -169,9 +206,10 @@ def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_ba
 @click.option("--force", is_flag=True, help="Replace run directories that exist.")
 @format_option
 @transform_options
+@engine_options
 def compare(trace, policies, spec, spec_len, profile_name, replicas, router, max_batch, kv_budget_tokens,
             max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, out_dir, force,
-            fmt, transforms):
+            fmt, transforms, engine):
     """Replay TRACE (default: the bundled Azure coding trace) under several schedulers and print
     the comparison. This is the quickstart's main job."""
     from simspec.policies import SCHEDULERS
@@ -187,7 +225,7 @@ def compare(trace, policies, spec, spec_len, profile_name, replicas, router, max
     cols = []
     for name in names:
         config = build_config(name, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt, seed,
-                              slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens)
+                              slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens, engine)
         t0 = time.perf_counter()
         result = simulate(config, tr, profile, progress=True)
         click.echo(f"  {name}: {time.perf_counter() - t0:.2f} s wall", err=True)

@@ -40,6 +40,8 @@ class DraftModel(Method):
         if cost.has("draft_step") and self.draft_layers > 0:
             raise ConfigError(f"--spec draft: draft_layers={self.draft_layers} would be ignored: profile {profile.name} "
                               f"has a 'draft_step' stage (a separate draft model); drop draft_layers")
+        #: the profile's draft_step covers a whole step's drafting ("per": "step"), not one pass
+        self.per_step = cost.has("draft_step") and profile.stages["draft_step"].get("per") == "step"
         if not cost.has("draft_step"):
             if cost.whole_model or self.draft_layers <= 0:
                 raise ConfigError(f"--spec draft: profile {profile.name} has no 'draft_step' stage"
@@ -78,7 +80,12 @@ class DraftModel(Method):
         if _any(pre):  # the draft model prefills the same context
             n_pre = int(_sum(pre))
             ms += self.draft_pass_ms(n_pre, float(_sum(batch.fed_tokens[pre])), 0.0, logits_tokens=n_pre)
-        if speculating:
+        if speculating and self.per_step:
+            sel = k > 0
+            b = int(_sum(sel))
+            ms += self.draft_pass_ms(b, b, float(_sum(batch.ctx_tokens[sel])))
+            accepted, positions = self.acceptance.sample_accepted_positions(rng, batch.alpha, batch.class_idx, k)
+        elif speculating:
             kmax = int(_max(k))
             if int(_min(k)) == kmax:  # uniform k: every pass has the same shape except growing context
                 ctx_sum = float(_sum(batch.ctx_tokens))
@@ -141,14 +148,29 @@ class DraftModel(Method):
         ctx = w.ctx_tokens[None, :] + before
         fed = k_eff + 1
         fed_sum = fed.sum(axis=1).astype(np.float64)
-        b = np.full(s_eff, n, dtype=np.int64)
+        b = np.full(s_eff, float(n))
         kmax_s = k_eff.max(axis=1)
-        ms = self.cost.target_ms(b, fed_sum, ctx.sum(axis=1).astype(np.float64), kmax_s > 0,
-                                 logits_tokens=fed_sum)
-        for j in range(int(kmax_s.max()) if s_eff else 0):
-            sel = k_eff > j
-            bj = sel.sum(axis=1)
-            ms = ms + self.draft_pass_ms(bj, bj, (ctx * sel).sum(axis=1).astype(np.float64) + j * bj)
+        ctx_sum = ctx.sum(axis=1).astype(np.float64)
+        ms = self.cost.target_ms(b, fed_sum, ctx_sum, kmax_s > 0, logits_tokens=fed_sum)
+        kk_all = int(kmax_s.max()) if s_eff else 0
+        if kk_all and self.per_step:
+            sel = k_eff > 0
+            bs_ = sel.sum(axis=1).astype(np.float64)
+            ms = ms + self.draft_pass_ms(bs_, bs_, (ctx * sel).sum(axis=1).astype(np.float64))
+        elif kk_all:
+            # draft pass j runs the members with k > j over their context + j: all passes of all
+            # steps in one (steps, passes) evaluation, added pass by pass
+            jj = np.arange(kk_all)
+            if int(k_eff.min()) == kk_all:
+                bj = np.broadcast_to(b[:, None], (s_eff, kk_all))
+                kv = ctx_sum[:, None] + jj[None, :] * float(n)
+            else:
+                sel = k_eff[:, :, None] > jj[None, None, :]
+                bj = sel.sum(axis=1).astype(np.float64)
+                kv = (ctx[:, :, None] * sel).sum(axis=1).astype(np.float64) + jj[None, :] * bj
+            passes = self.draft_pass_ms(bj, bj, kv)
+            for j in range(kk_all):
+                ms = ms + passes[:, j]
         return WindowOutcome(step_ms=self.cost.finish(ms), k=k_eff, drafted=k_eff.astype(np.int64),
                              accepted=accepted.astype(np.int64), position_accepts=positions.astype(np.int64),
                              committed=committed.astype(np.int64), fed_tokens=fed.astype(np.int64),
@@ -156,5 +178,7 @@ class DraftModel(Method):
 
     def stage_estimates_ms(self, batch_size: int, kv_tokens: float, k: int) -> tuple[float, float]:
         draft = self.draft_pass_ms(batch_size, batch_size, kv_tokens)
+        if self.per_step:  # one figure per step: per draft token, spread over the k drafts
+            draft = draft / k if k > 0 else 0.0
         verify = self.cost.target_ms(batch_size, batch_size * (k + 1), kv_tokens, speculating=k > 0)
         return draft, verify
