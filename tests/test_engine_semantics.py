@@ -167,3 +167,22 @@ def test_fast_path_equals_one_step_per_event_on_a_saturated_run():
         pd.testing.assert_frame_equal(a.steps, b.steps, check_exact=True)
         assert a.summary == b.summary
         assert a.summary["preemptions"] > 0 or batching == "preemptive"
+
+
+def test_smartspec_within_5_percent_of_the_best_fixed_k_at_every_load():
+    # the "when speculation hurts" study (benchmarks/study_when_speculation_hurts.py): same trace
+    # shape, profile and seed, at its lowest, middle and highest loads
+    import sys
+
+    sys.path.insert(0, "benchmarks")
+    from study_when_speculation_hurts import run_one
+
+    from simspec.traces.synthetic import FixedLengths, PoissonArrivals, synthesize
+
+    prof = load_profile("llama70b-4xh100-smartspec")
+    for rate in (1.0, 12.0, 20.0, 40.0):
+        tr = synthesize(PoissonArrivals(rate), FixedLengths(128, 256), n=800, seed=0, source="t")
+        fixed = min(run_one(tr, prof, spec, "fixed", 0)["latency_ms_mean"]
+                    for spec in ("none", "draft:k=1", "draft:k=3", "draft:k=5"))
+        smart = run_one(tr, prof, "draft:k=5", "smartspec", 0)["latency_ms_mean"]
+        assert smart <= 1.05 * fixed, (rate, smart, fixed)
