@@ -936,10 +936,22 @@ def read_sweep(path: str | Path):
     table = path / SWEEP_TABLE if path.is_dir() else path
     if not table.is_file():
         raise SimspecError(f"{path}: not a sweep directory (no {SWEEP_TABLE}; is the sweep finished?)")
-    return pd.read_parquet(table)
+    try:
+        return pd.read_parquet(table)
+    except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError, ...)
+        msg = " ".join(str(exc).split())[:120]
+        raise SimspecError(f"{table}: not a readable parquet file ({type(exc).__name__}: {msg})") from None
 
 
 def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:
     """``sweep.json`` of a sweep directory (``{}`` if absent)."""
     p = Path(sweep_dir) / SWEEP_MANIFEST
-    return _read_json(p) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        doc = _read_json(p)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SimspecError(f"{p}: not valid JSON ({' '.join(str(exc).split())[:120]})") from None
+    if not isinstance(doc, dict):
+        raise SimspecError(f"{p}: expected a JSON object, got {type(doc).__name__}")
+    return doc
