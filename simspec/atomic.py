@@ -157,7 +157,10 @@ def is_simspec_json(path: Path) -> bool:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-    return isinstance(doc, dict) and isinstance(doc.get("simspec_output"), dict)
+    if not isinstance(doc, dict):
+        return False
+    # a capacity.json written before the marker key existed
+    return isinstance(doc.get("simspec_output"), dict) or {"search", "results", "slo", "trace"} <= set(doc)
 
 
 def check_output_file(final: str | os.PathLike, *, force: bool = False, what: str = "--out",
