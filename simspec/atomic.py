@@ -128,8 +128,9 @@ def check_output_dir(final: str | os.PathLike, kind: str, *, force: bool = False
                 pass
             elif marker is None and not any(final.iterdir()):
                 pass
-            elif marker is None and kind == "sweep" and (final / "sweep.json").is_file():
-                pass  # a sweep written before markers existed
+            elif marker is None and kind == "sweep" and ((final / "sweep.json").is_file() or (
+                    final / "runs").is_dir() or (final / ".sweep.lock").is_file()):
+                pass  # a sweep written (or killed) before markers existed
             else:
                 found = f"a simspec {marker['kind']} output" if marker else "not a simspec output"
                 raise SimspecError(f"{what} {final}: exists and is {found}, not a {kind} directory; "

@@ -127,6 +127,18 @@ def _check_choice(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _check_goodput(v: Any) -> str | None:
+    if v is None:
+        return None
+    from simspec.vllm_metrics import GoodputSLO
+
+    try:
+        slo = GoodputSLO.parse([str(v)])
+    except ConfigError as exc:
+        raise ValueError(str(exc).replace("--goodput ", "")) from None
+    return slo.describe() if slo else None
+
+
 def _check_window(v: Any) -> str | None:
     if v is None:
         return None
@@ -154,6 +166,7 @@ RUN_OPTIONS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "slo_ttft_ms": (None, _check_pos_float(), "TTFT SLO, ms"),
     "slo_tpot_ms": (None, _check_pos_float(), "TPOT SLO, ms"),
     "allow_extrapolation": (False, _check_bool, "allow latency lookups outside the profile's range"),
+    "goodput": (None, _check_goodput, "vLLM goodput bounds, e.g. 'ttft:500 tpot:50' (ms): request_goodput"),
 }
 TRACE_OPTIONS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "trace": (None, _check_str, "trace file (relative to the grid) or bundled name"),
@@ -412,6 +425,8 @@ def expand_grid(doc: Any, where: str = "<grid>", base_dir: str | Path = ".") -> 
         id_transforms = {k: v for k, v in transforms.items() if not (k in _NEW_TRANSFORM_KEYS and v is None)}
         identity = {"run": cfg.to_dict(), "trace_sha256": tsha, "format": opts["format"],
                     "transforms": id_transforms, "profile_sha256": psha}
+        if opts.get("goodput"):  # only when set, so that older sweeps keep their ids
+            identity["goodput"] = opts["goodput"]
         run_id = hashlib.sha256(dumps_json(identity).encode()).hexdigest()[:12]
         if run_id in ids:
             raise ConfigError(f"{where}: runs {ids[run_id]} and {label} resolve to the same configuration "
@@ -535,6 +550,12 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
                                {k: opts[k] for k in TRANSFORM_KEYS}, opts["seed"])
         config = RunConfig.from_dict(task["run_config"])
         result = simulate(config, trace, profile)
+        if opts.get("goodput"):
+            from simspec.vllm_metrics import GoodputSLO, vllm_goodput
+
+            slo = GoodputSLO.parse([opts["goodput"]])
+            result.summary.update(vllm_goodput(result.requests, result.summary["makespan_s"], slo))
+            result.config["vllm_goodput_slo_ms"] = slo.to_dict()
         result.config["sweep"] = {"run_id": task["run_id"], "axes": task["axes"], "options": opts,
                                   "trace_sha256": task["trace_sha256"],
                                   "offered_rate_rps": task["offered_rate_rps"]}

@@ -368,13 +368,20 @@ def test_capacity_twice_with_force(work, capsys):
 
 def test_sweep_table_holds_base_values(work, capsys):
     (work / "g.yaml").write_text("base:\n  trace: small.csv\n  profile: flat.json\n  spec: 'draft:k=2'\n"
-                                 "  max_num_seqs: 4\naxes:\n  policy: [fcfs, srpt]\n")
+                                 "  max_num_seqs: 4\n  goodput: 'ttft:100 e2el:5000'\naxes:\n  policy: [fcfs, srpt]\n")
     code, out, err = cli(capsys, "sweep", "g.yaml", "--out", "sw", "-q", "--workers", "1")
     assert code == 0, err
     df = pd.read_parquet(work / "sw" / "sweep.parquet")
     assert list(df["spec"]) == ["draft:k=2"] * 2 and list(df["profile"]) == ["flat.json"] * 2
     assert list(df["max_batch"]) == [4, 4] and list(df["policy"]) == ["fcfs", "srpt"]
-    assert {"p99_ttft_ms", "mean_itl_ms", "request_throughput"} <= set(df.columns)
+    assert {"p99_ttft_ms", "mean_itl_ms", "request_throughput", "request_goodput"} <= set(df.columns)
+    assert (df["request_goodput"] > 0).all()
+
+
+def test_bad_grid_goodput_is_a_grid_error(work, capsys):
+    (work / "g.yaml").write_text("base:\n  trace: small.csv\n  profile: flat.json\n  goodput: 'foo:1'\n")
+    code, _, err = cli(capsys, "sweep", "g.yaml", "--out", "sw", "--dry-run")
+    assert "base.goodput" in one_line_error(code, err)
 
 
 # ---------------------------------------------------------------------------------------------
