@@ -113,8 +113,9 @@ def check_output_dir(final: str | os.PathLike, kind: str, *, force: bool = False
     Refused (one line, :class:`SimspecError`): a path that exists and is not a directory (a file,
     ``/dev/null``, a socket); the current directory or one of its parents; an existing directory
     without ``force`` (unless ``resume`` and it is an output of the same ``kind``, or empty); with
-    ``force``, an existing directory that holds no simspec :data:`MARKER`; a location that cannot
-    be written. Nothing is created or deleted here.
+    ``force``, an existing directory that holds no simspec :data:`MARKER` or the marker of another
+    kind (a report never replaces a run); a location that cannot be written. Nothing is created
+    or deleted here.
     """
     final = Path(final)
     if final.exists() or final.is_symlink():
@@ -141,6 +142,9 @@ def check_output_dir(final: str | os.PathLike, kind: str, *, force: bool = False
             raise SimspecError(f"{what} {final}: exists and is not a simspec output (no {MARKER} file); "
                                f"--force replaces only directories simspec wrote: remove it yourself or "
                                f"choose another path")
+        elif marker["kind"] != kind and kind != "output":
+            raise SimspecError(f"{what} {final}: is a simspec {marker['kind']} output, not a {kind}; --force "
+                               f"replaces only an output of the same kind (choose another path)")
         _check_writable_dir(final.parent, what, final)
         if resume:
             _check_writable_dir(final, what, final)

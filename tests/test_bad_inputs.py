@@ -99,6 +99,10 @@ def test_force_replaces_a_simspec_run(work, capsys):
     code, _, err = cli(capsys, *args)
     assert "already exists" in one_line_error(code, err)
     assert cli(capsys, *args, "--force")[0] == 0
+    # a report never replaces a run (nor a run a report), --force or not
+    code, _, err = cli(capsys, "report", "run", "--out", "run", "--force", "--no-progress")
+    assert "not a report" in one_line_error(code, err)
+    assert json.loads((work / "run" / ".simspec-output").read_text())["kind"] == "run"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -602,7 +602,7 @@ def read_mooncake(path: Path) -> Trace:
         rec = _json_record(path, line, ln)
         for k in rec:
             if k not in allowed:
-                raise TraceError(f"{path}: line {ln}: column {clip(k)}: unexpected key {clip(k)} "
+                raise TraceError(f"{path}: line {ln}: column {str(k)[:80]}: unexpected key {clip(k)} "
                                  f"(expected {', '.join(_MOONCAKE_KEYS + _MOONCAKE_OPTIONAL)})")
         for k in _MOONCAKE_KEYS:
             if k not in rec:

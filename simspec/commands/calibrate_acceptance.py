@@ -297,8 +297,9 @@ def adapter(model_spec: str, exits: tuple[int, ...], out_dir: str, prompts_path:
     from simspec.atomic import atomic_dir
     from simspec.calibrate import prompts as P
 
-    if Path(out_dir).exists() and not force:
-        raise SimspecError(f"output directory {out_dir} already exists (use --force to replace it)")
+    from simspec.atomic import check_output_dir
+
+    check_output_dir(out_dir, "adapter", force=force)  # before any training
     if train_per_category < 1 or heldout_per_category < 1:
         raise SimspecError("--train-per-category and --heldout-per-category must be >= 1")
     say = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
@@ -349,7 +350,7 @@ def adapter(model_spec: str, exits: tuple[int, ...], out_dir: str, prompts_path:
                                "heldout_loss_before": round(r.heldout_loss_before, 4),
                                "heldout_loss_after": round(r.heldout_loss_after, 4),
                                "train_s": round(r.train_s, 1)} for e, r in reports.items()}}
-    with atomic_dir(out_dir, overwrite=force) as tmp:
+    with atomic_dir(out_dir, overwrite=force, kind="adapter") as tmp:
         save_adapters(Path(tmp), adapters, info,
                       dtype=torch.bfloat16 if save_dtype == "bf16" else torch.float32)
     for e, r in sorted(reports.items()):
