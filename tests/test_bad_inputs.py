@@ -500,3 +500,94 @@ def test_itl_percentiles_weight_requests_by_their_gaps():
     assert d["median_itl_ms"] == pytest.approx(np.median(full))
     assert d["p90_itl_ms"] == pytest.approx(np.percentile(full, 90))
     assert d["std_itl_ms"] == pytest.approx(full.std())
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. plots: nothing drawn over an axis label, titles inside the figure, one panel row per replica
+# ---------------------------------------------------------------------------------------------
+
+def _render(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _overlap(a, b) -> bool:
+    return not (a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0)
+
+
+def _requests(n: int = 200, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    lat = rng.gamma(2.0, 2.0, n)
+    return pd.DataFrame({"latency_s": lat, "ttft_s": lat * 0.3, "mean_accepted_len": 1 + rng.random(n) * 3})
+
+
+def test_latency_cdf_legend_clear_of_axis_labels():
+    from simspec.report import plot_latency_cdf
+
+    series = {f"policy p{i}, spec draft:k={i}, replicas {i}": _requests(seed=i) for i in range(5)}
+    fig = plot_latency_cdf([("", series)], "Latency CDF per run")
+    r = _render(fig)
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert legends
+    for lg in legends:
+        box = lg.get_window_extent(r)
+        for ax in fig.axes:
+            for label in (ax.xaxis.label, ax.yaxis.label):
+                assert not _overlap(box, label.get_window_extent(r)), label.get_text()
+            assert not _overlap(box, ax.get_window_extent(r))  # not over the data either
+
+
+def test_accepted_hist_titles_do_not_overlap():
+    from simspec.report import plot_accepted_hist
+
+    series = {f"policy fcfs, spec draft:k=4, spec-len smartspec-per-request, replicas {i}": _requests(seed=i)
+              for i in range(4)}
+    fig = plot_accepted_hist(series, "Tokens committed per decode step — a sweep with a long name at 3 req/s")
+    r = _render(fig)
+    titles = [ax.title.get_window_extent(r) for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert len(titles) == 4
+    for i in range(len(titles)):
+        for j in range(i + 1, len(titles)):
+            assert not _overlap(titles[i], titles[j])
+
+
+def test_timeline_one_row_per_replica_and_title_inside():
+    from simspec.report import RunInput, plot_timeline
+
+    rows = []
+    for rep in range(4):
+        t = np.arange(50, dtype=float)
+        rows.append(pd.DataFrame({"replica": rep, "start_s": t, "end_s": t + 0.5, "batch_size": (t % 7) + 1,
+                                  "k_max": t % 4}))
+    run = RunInput(path=Path("."), config={}, summary={}, _steps=pd.concat(rows, ignore_index=True))
+    title = "Batch size and speculation length over time — " + "policy srpt:predictor=oracle, " * 6
+    fig = plot_timeline(run, title)
+    r = _render(fig)
+    assert len(fig.axes) == 8  # (batch, k) per replica
+    sup = fig._suptitle.get_window_extent(r)
+    assert sup.x0 >= 0 and sup.x1 <= fig.bbox.width + 1
+
+
+def test_report_file_names_have_no_equals_sign():
+    from simspec.report import _slug
+
+    assert "=" not in _slug("policy srpt:predictor=oracle, spec draft:k=4")
+
+
+def test_quiet_calibration_silences_transformers_bars():
+    pytest.importorskip("transformers")
+    from transformers.utils import logging as hf_logging
+
+    from simspec.calibrate.models import silence_progress_bars
+
+    hf_logging.enable_progress_bar()
+    try:
+        silence_progress_bars()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity_warning()
+        os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
