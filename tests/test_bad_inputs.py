@@ -591,3 +591,9 @@ def test_quiet_calibration_silences_transformers_bars():
         hf_logging.enable_progress_bar()
         hf_logging.set_verbosity_warning()
         os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        try:
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()
+        except ImportError:
+            pass
