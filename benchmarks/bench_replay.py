@@ -1,9 +1,10 @@
-"""Replay speed: a synthetic 100,000-request trace on 4 replicas with draft-model speculation (k=4).
+"""Replay speed: a synthetic trace on 4 replicas with draft-model speculation (k=4), at low, medium
+and saturated load (``--rate`` one value, or the default three: 5, 20 and 40 req/s on the bundled
+Llama-2-70B profile, mean batch about 3, 20 and 180).
 
-Prints wall time, simulated steps, request-steps per second and peak memory. Target (issue 2):
-at least 1,000,000 request-steps per second on one core.
+Prints wall time, simulated steps, mean batch, request-steps per second and peak memory per load.
 
-    python benchmarks/bench_replay.py [--requests 100000] [--rate 40] [--replicas 4] [--spec draft:k=4]
+    python benchmarks/bench_replay.py [--requests 20000] [--rate 5,20,40] [--replicas 4] [--spec draft:k=4]
 """
 
 from __future__ import annotations
@@ -33,33 +34,28 @@ def synthetic_trace(n: int, rate_per_s: float, seed: int) -> Trace:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=100_000)
-    ap.add_argument("--rate", type=float, default=40.0, help="mean arrivals per second (whole cluster)")
+    ap.add_argument("--requests", type=int, default=20_000)
+    ap.add_argument("--rate", default="5,20,40", help="mean arrivals per second (whole cluster), comma list")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--spec", default="draft:k=4")
     ap.add_argument("--policy", default="fcfs")
     ap.add_argument("--profile", default="llama70b-4xh100-smartspec")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    trace = synthetic_trace(args.requests, args.rate, args.seed)
     profile = load_profile(args.profile)
-    cfg = RunConfig(scheduler=ComponentSpec.parse(args.policy, "policy"), method=ComponentSpec.parse(args.spec, "spec"),
-                    replicas=args.replicas, seed=args.seed)
-    t0 = time.perf_counter()
-    res = simulate(cfg, trace, profile)
-    wall = time.perf_counter() - t0
-    s = res.summary
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"requests              {args.requests:,} on {args.replicas} replicas, {args.spec}, {args.policy}, "
-          f"{args.rate:g} req/s")
-    print(f"wall time             {wall:.2f} s")
-    print(f"simulated steps       {s['steps']:,}  (mean batch {s['mean_batch_size']:.1f})")
-    print(f"request-steps         {s['request_steps']:,}")
-    print(f"request-steps / s     {s['request_steps'] / wall:,.0f}")
-    print(f"steps / s             {s['steps'] / wall:,.0f}")
-    print(f"simulated makespan    {s['makespan_s']:,.0f} s; mean latency {s['latency_ms_mean'] / 1000:.1f} s")
-    print(f"peak memory (RSS)     {peak_mib:,.0f} MiB")
-
+    for rate in [float(r) for r in str(args.rate).split(",")]:
+        trace = synthetic_trace(args.requests, rate, args.seed)
+        cfg = RunConfig(scheduler=ComponentSpec.parse(args.policy, "policy"),
+                        method=ComponentSpec.parse(args.spec, "spec"), replicas=args.replicas, seed=args.seed)
+        t0 = time.perf_counter()
+        res = simulate(cfg, trace, profile)
+        wall = time.perf_counter() - t0
+        s = res.summary
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"rate {rate:g} req/s: {args.requests:,} requests on {args.replicas} replicas, {args.spec}, "
+              f"{args.policy}: {wall:.2f} s wall, {s['steps']:,} steps (mean batch {s['mean_batch_size']:.1f}), "
+              f"{s['request_steps']:,} request-steps, {s['request_steps'] / wall:,.0f} request-steps/s, "
+              f"{s['steps'] / wall:,.0f} steps/s, peak RSS {peak_mib:,.0f} MiB")
 
 if __name__ == "__main__":
     main()

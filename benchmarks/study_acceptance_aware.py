@@ -19,8 +19,8 @@ requests completed per second of makespan, seed 0); ``moderate`` = 0.8 × capaci
 1.0 × capacity (critically loaded). Policies: ``fcfs``, ``srpt:predictor=lognormal`` (σ = 0.5), ``las``,
 ``laps-sd:predictor=lognormal`` (σ = 0.5; the same predictions as SRPT: same stream and seed), each
 over ``--seeds`` (default 0, 1; the trace and the run use the same seed). Then a small ablation
-per mix at high load, seed 0: oracle predictors, ``merge=ahead``, ``service=time``, MLFQ with FCFS
-queues.
+per mix at high load, seed 0: oracle predictors, ``merge=ahead``, ``service=time``, least attained
+service inside each queue (``within=attained``) for LAS and LAPS-SD. ``--batching vllm|preemptive``.
 
 Prints the tables and writes under ``--out`` (default ``docs/studies``): ``acceptance_aware.csv``
 (one row per mix × load × policy × seed, then the ablation rows), ``acceptance_aware_summary.csv`` (seed means),
@@ -56,7 +56,8 @@ POLICIES = [("FCFS", "fcfs"), ("SRPT (predicted)", "srpt:predictor=lognormal"), 
 ABLATION = [("SRPT (oracle)", "srpt"), ("LAPS-SD (oracle)", "laps-sd"),
             ("LAPS-SD merge=ahead", "laps-sd:predictor=lognormal,merge=ahead"),
             ("LAPS-SD service=time", "laps-sd:predictor=lognormal,service=time"),
-            ("MLFQ (LAS within=arrival)", "las:within=arrival")]
+            ("LAS (within=attained)", "las:within=attained"),
+            ("LAPS-SD within=attained", "laps-sd:predictor=lognormal,within=attained")]
 LOADS = [("moderate", 0.8), ("high", 1.0)]
 CLASS_NAMES = ("code", "chat")
 MIXES = {  # mix: {class: (share, prompt mean, prompt CV, output mean, output CV)}
@@ -96,9 +97,12 @@ def mixed_trace(mix: dict, n: int, rate_per_s: float, seed: int) -> Trace:
                               source=f"mixed code/chat, Poisson {rate_per_s:.3f}/s, seed {seed}")
 
 
+BATCHING = {"mode": "vllm"}  # set from --batching
+
+
 def run(trace: Trace, profile, policy: str, seed: int):
     cfg = RunConfig(scheduler=ComponentSpec.parse(policy, "--policy"), method=ComponentSpec.parse(SPEC, "--spec"),
-                    max_batch_size=MAX_BATCH, seed=seed)
+                    max_batch_size=MAX_BATCH, seed=seed, batching=BATCHING["mode"])
     return simulate(cfg, trace, profile)
 
 
@@ -122,7 +126,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     ap.add_argument("--no-ablation", action="store_true", help="skip the ablation runs")
     ap.add_argument("--out", default="docs/studies")
+    ap.add_argument("--batching", default="vllm", choices=["vllm", "preemptive"],
+                    help="engine batching mode; output files get a _preemptive suffix for that mode")
     args = ap.parse_args(argv)
+    BATCHING["mode"] = args.batching
+    sfx = "" if args.batching == "vllm" else "_" + args.batching
     seeds = [int(s) for s in args.seeds.split(",")]
     profile = load_profile(PROFILE)
     t0 = time.perf_counter()
@@ -186,18 +194,19 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     full = pd.concat([df.assign(part="main"), pd.DataFrame(ablation).assign(part="ablation")], ignore_index=True)
-    write_text(out / "acceptance_aware.csv", full.to_csv(index=False, float_format="%.6g"))
-    write_text(out / "acceptance_aware_summary.csv", summ.to_csv(index=False, float_format="%.6g"))
-    write_json(out / "acceptance_aware.json", {
+    write_text(out / f"acceptance_aware{sfx}.csv", full.to_csv(index=False, float_format="%.6g"))
+    write_text(out / f"acceptance_aware{sfx}_summary.csv", summ.to_csv(index=False, float_format="%.6g"))
+    write_json(out / f"acceptance_aware{sfx}.json", {
         "command": "python benchmarks/study_acceptance_aware.py " + " ".join(argv or sys.argv[1:]),
         "profile": "docs/studies/" + PROFILE.name, "spec": SPEC, "max_batch_size": MAX_BATCH,
+        "batching": args.batching,
         "requests": args.requests, "seeds": seeds, "capacity_requests_per_s": capacity,
         "loads": {m: {k: {"fraction_of_capacity": f, "rate_per_s": rates[m][k]} for k, f in LOADS} for m in MIXES},
         "mixes": {m: {c: dict(zip(("share", "prompt_mean", "prompt_cv", "output_mean", "output_cv"), v))
                       for c, v in mix.items()} for m, mix in MIXES.items()},
         "policies": dict((lbl, p) for lbl, p in POLICIES + ABLATION),
         "laps_sd_reduction_pct": reductions, "laps_sd_reduction_of_mean_per_seed_pct": per_seed})
-    plot(summ, out / "acceptance_aware.png", capacity)
+    plot(summ, out / f"acceptance_aware{sfx}.png", capacity)
     print(f"\nwrote {out}/acceptance_aware{{.csv,_summary.csv,.json,.png}} in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -6,8 +6,10 @@ only: per-request α ~ Beta(7, 3)), one trace shape (Poisson arrivals, every req
 rate, so only the rate changes), one replica at the profile's capacity (batch ≤ 256, 450k KV
 tokens, 8192 tokens per step), FCFS. Configurations: plain decoding (``--spec none``, k = 0),
 ``draft:k=1``, ``draft:k=3``, ``draft:k=5`` (fixed k), and ``draft:k=5`` with
-``--spec-len smartspec`` (as published), ``smartspec:probe=10`` (escapes the k = 0 trap, see
-``policies/smartspec.py``) and ``smartspec-per-request`` (k chosen in 0..5).
+``--spec-len smartspec`` (cumulative accepted/drafted positions, as the authors' code reads the
+engine's counters), ``smartspec:probe=10`` (drafts one token every 10th step while k = 0) and
+``smartspec-per-request`` (k chosen in 0..5). The profile charges drafting at 4 % of a target step
+once per speculative step (its ``draft_step`` is ``"per": "step"``, as its source does).
 
 Prints the table and writes, under ``--out`` (default ``docs/studies``):
 ``when_speculation_hurts.csv`` (one row per rate × configuration), ``when_speculation_hurts.json``

@@ -19,6 +19,7 @@ from simspec.policies.base import (
     Scheduler,
     SpecLenPolicy,
     StepRecord,
+    WindowRecord,
     get_scheduler_class,
     get_spec_len_class,
     register_scheduler,
@@ -29,5 +30,5 @@ for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["SCHEDULERS", "SPEC_LEN_POLICIES", "PolicyContext", "Scheduler", "SpecLenPolicy", "StepRecord",
+__all__ = ["SCHEDULERS", "SPEC_LEN_POLICIES", "PolicyContext", "Scheduler", "SpecLenPolicy", "StepRecord", "WindowRecord",
            "get_scheduler_class", "get_spec_len_class", "register_scheduler", "register_spec_len"]

@@ -1,7 +1,8 @@
 """Policy interfaces and registries.
 
-Policies are plain objects that return decisions: a :class:`Scheduler` orders a replica's requests
-each step (the engine takes the longest prefix that fits the batch and KV limits); a
+Policies are plain objects that return decisions: a :class:`Scheduler` ranks a replica's requests
+(the engine uses the ranking to admit waiting requests and to choose preemption victims, or, in the
+``preemptive`` batching mode, to pick each step's batch — see :mod:`simspec.simulator.batching`); a
 :class:`SpecLenPolicy` chooses how many drafts each batch member gets. Neither yields SimPy events
 or writes metrics, so each is unit-testable with a hand-made :class:`RequestTable`.
 """
@@ -71,8 +72,10 @@ class PolicyContext:
 class StepRecord:
     """What happened in one step, given to policies after it ends.
 
-    ``idx``: batch members; ``prefill``: which ran a prefill; ``drafted``/``accepted``/``committed``:
-    per member; ``step_ms``: the step's duration; ``end_s``: simulated time at its end.
+    ``idx``: batch members; ``prefill``: which ran a prefill (chunk); ``drafted``/``accepted``/
+    ``committed``: per member; ``step_ms``: the step's duration; ``end_s``: simulated time at its
+    end; ``fed_tokens``: tokens each member fed (its prefill chunk, or k+1); ``position_accepts``:
+    drafted positions whose own draw was accepted (prefix or not).
     """
 
     idx: np.ndarray
@@ -82,6 +85,36 @@ class StepRecord:
     committed: np.ndarray
     step_ms: float
     end_s: float
+    fed_tokens: np.ndarray | None = None
+    position_accepts: np.ndarray | None = None
+
+
+@dataclass
+class WindowRecord:
+    """Several consecutive decode-only steps of one fixed batch (the engine's fast path).
+
+    ``idx`` (B,) members; ``drafted``, ``accepted``, ``position_accepts``, ``committed``,
+    ``fed_tokens``: (S, B) per step and member; ``step_ms``, ``end_s``: (S,) per step. Step s is
+    exactly the :class:`StepRecord` a one-step engine would have produced (:meth:`step`)."""
+
+    idx: np.ndarray
+    drafted: np.ndarray
+    accepted: np.ndarray
+    position_accepts: np.ndarray
+    committed: np.ndarray
+    fed_tokens: np.ndarray
+    step_ms: np.ndarray
+    end_s: np.ndarray
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.step_ms.shape[0])
+
+    def step(self, s: int) -> StepRecord:
+        return StepRecord(idx=self.idx, prefill=np.zeros(self.idx.shape[0], dtype=bool), drafted=self.drafted[s],
+                          accepted=self.accepted[s], committed=self.committed[s], step_ms=float(self.step_ms[s]),
+                          end_s=float(self.end_s[s]), fed_tokens=self.fed_tokens[s],
+                          position_accepts=self.position_accepts[s])
 
 
 class _Configurable:
@@ -117,6 +150,14 @@ class Scheduler(_Configurable):
     def observe(self, record: StepRecord) -> None:
         """Called after every step of every replica."""
 
+    def observe_window(self, record: WindowRecord) -> None:
+        """Called after a window of decode-only steps: the same as :meth:`observe` on each step in
+        turn (override with a vectorised equivalent)."""
+        if type(self).observe is Scheduler.observe:
+            return
+        for s in range(record.n_steps):
+            self.observe(record.step(s))
+
     def extra_columns(self) -> dict[str, np.ndarray]:
         """Per-request output columns this policy adds (name → array over all requests)."""
         return {}
@@ -143,6 +184,22 @@ class SpecLenPolicy(_Configurable):
 
     def observe(self, record: StepRecord) -> None:
         """Called after each step of this policy's replica."""
+
+    def horizon_steps(self, step_index: int) -> int:
+        """How many steps, from ``step_index`` on, the k chosen at ``step_index`` stays the policy's
+        choice for an unchanged batch (the engine advances at most that many steps at once)."""
+        return 1 << 30
+
+    def observe_window(self, record: WindowRecord) -> np.ndarray:
+        """:meth:`observe` for each step of a window in turn; returns :meth:`log_value` after each
+        step (override with a vectorised equivalent)."""
+        if type(self).observe is SpecLenPolicy.observe:
+            return np.full(record.n_steps, self.log_value())
+        out = np.empty(record.n_steps)
+        for s in range(record.n_steps):
+            self.observe(record.step(s))
+            out[s] = self.log_value()
+        return out
 
     def log_value(self) -> float:
         """A number for the steps log (e.g. the current acceptance estimate); NaN if none."""

@@ -41,7 +41,7 @@ perceptible request is in group 1, so once all are perceptible the order is shor
 *time* first (SRPT on tokens when all share n and Â).
 
 Parameters (defaults): ``queues=4``, ``q=32`` tokens, ``q_ms=500`` ms (``service=time``),
-``service=tokens|time``, ``within=attained|arrival``, ``m=5`` steps, ``w=8`` steps, ``eps=0.05``,
+``service=tokens|time``, ``within=arrival|attained``, ``m=5`` steps, ``w=8`` steps, ``eps=0.05``,
 ``predictor=oracle|lognormal|class-mean``, ``sigma=0.5``, ``merge=fit|ahead``.
 
 Per-request output columns: ``perceptible_at_s`` (NaN if never), ``queue_changes`` (queues moved
@@ -55,7 +55,7 @@ import math
 import numpy as np
 
 from simspec.errors import ConfigError
-from simspec.policies.base import PolicyContext, StepRecord, register_scheduler
+from simspec.policies.base import PolicyContext, Scheduler, StepRecord, register_scheduler
 from simspec.policies.las import MultiLevelQueues, _positive_int
 from simspec.policies.predictors import predict_output_tokens
 
@@ -91,6 +91,9 @@ class LAPSSD(MultiLevelQueues):
         self.perceptible_at_s = np.full(n, np.nan)
 
     # --- learning from steps -------------------------------------------------------------------
+    # the ring of running estimates needs every step: replay a window step by step
+    observe_window = Scheduler.observe_window
+
     def observe(self, record: StepRecord) -> None:
         super().observe(record)
         idx = record.idx

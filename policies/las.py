@@ -5,15 +5,22 @@ stability test, no remaining-time estimate.
 
 - ``queues`` K priority queues (default 4), strict priority across queues (queue 0 first),
   preemptive at step boundaries (the order is recomputed every step).
-- Attained service ``a`` per request: generated tokens (``service=tokens``, default) or GPU time in
-  ms, the sum of the durations of the steps it was in the batch of (``service=time``).
+- Attained service ``a`` per request: tokens processed (``service=tokens``, default) — prompt tokens
+  as its prefill chunks run, then every committed token — or GPU time in ms, the sum of the
+  durations of the steps it was in the batch of (``service=time``). A 7,000-token prompt has
+  attained 7,000 tokens of service once prefilled, not 1.
 - Thresholds ``q·2^j`` for j = 0..K-2 (``q`` = 32 tokens, or ``q_ms`` = 500 ms when
   ``service=time``). A request is in queue ``j = #{thresholds ≤ a}``: everyone starts in queue 0 and
   is demoted the moment its attained service *reaches* a threshold; the last queue has no threshold.
   A step that commits several tokens may move a request down more than one queue at once.
-- Within a queue: least attained service first (``within=attained``, default; since the queue is a
-  monotone function of ``a`` this is plain LAS) or first come, first served (``within=arrival``,
-  classic MLFQ). Ties by arrival.
+- Within a queue: first come, first served (``within=arrival``, default: classic MLFQ, so
+  ``queues`` and ``q`` decide how coarse the priority levels are) or least attained service
+  (``within=attained``: since the queue is a monotone function of ``a`` this is plain LAS, and
+  ``queues``/``q`` then change nothing). Ties by arrival.
+
+How the ranking acts depends on ``--batching``: in ``vllm`` mode it orders admission of waiting
+requests and picks preemption victims (the lowest-priority running request); in ``preemptive``
+mode it picks every step's batch.
 
 Per-request output columns: ``queue_changes`` (queues moved down over the request's life; one per
 level, so a jump over two queues counts 2) and ``final_queue``.
@@ -52,7 +59,7 @@ class MultiLevelQueues(Scheduler):
     """
 
     preemptive = True
-    param_defaults = {"queues": 4, "q": 32, "q_ms": 500.0, "service": "tokens", "within": "attained"}
+    param_defaults = {"queues": 4, "q": 32, "q_ms": 500.0, "service": "tokens", "within": "arrival"}
 
     def __init__(self, params, ctx: PolicyContext):
         super().__init__(params, ctx)
@@ -89,7 +96,23 @@ class MultiLevelQueues(Scheduler):
         if self.time_service:
             self.attained[idx] += record.step_ms
         else:
-            self.attained[idx] += record.committed
+            fed = record.fed_tokens
+            service = record.committed if fed is None else np.where(record.prefill, fed, record.committed)
+            self.attained[idx] += service
+        newq = self.queue_of(self.attained[idx])
+        self.queue_changes[idx] += newq - self.queue[idx]
+        self.queue[idx] = newq
+
+    def observe_window(self, record) -> None:
+        """Several decode-only steps at once: the same sums as step-by-step :meth:`observe`."""
+        idx = record.idx
+        if idx.size == 0:
+            return
+        self.served_tokens[idx] += record.committed.sum(axis=0)
+        acc = np.empty((record.n_steps + 1, idx.size))
+        acc[0] = self.attained[idx]
+        acc[1:] = record.step_ms[:, None] if self.time_service else record.committed
+        self.attained[idx] = np.cumsum(acc, axis=0)[-1]  # sequential adds, as one step at a time
         newq = self.queue_of(self.attained[idx])
         self.queue_changes[idx] += newq - self.queue[idx]
         self.queue[idx] = newq
@@ -110,5 +133,5 @@ class LAS(MultiLevelQueues):
     """Least attained service over K multi-level feedback queues (no acceptance awareness).
 
     Parameters (defaults): ``queues=4``, ``q=32`` (tokens), ``q_ms=500`` (ms, used when
-    ``service=time``), ``service=tokens|time``, ``within=attained|arrival``.
+    ``service=time``), ``service=tokens|time``, ``within=arrival|attained``.
     """

@@ -2,12 +2,17 @@
 
 Goodput = expected committed tokens (accepted + bonus) per ms of step time.
 
-``smartspec`` — one acceptance estimate α̂ per replica (start ``alpha0`` = 0.7). After every step in
-which the replica drafted, ``α̂ ← decay·α̂ + (1 − decay)·rate`` (``decay`` = 0.85), where ``rate`` is
-``accepted / drafted`` over the step's batch (``estimator=draft``, default, as SmartSpec) or the
-per-token maximum-likelihood rate ``accepted / (accepted + rejections)`` (``estimator=token``; a
-rejection is a member that did not get all its drafts accepted). The per-draft rate is biased low as
-an estimate of a per-token α when k > 1 (E[accepted]/k < α), which makes the policy cautious.
+``smartspec`` — one acceptance estimate α̂ per replica, read from the engine's cumulative counters
+as the SmartSpec authors' code does: ``α̂ = Σ accepted positions / Σ drafted positions`` over every
+decode step of the replica so far, where a position counts as accepted when its own draft token
+is accepted, prefix or not (``estimator=cumulative``, default). That is an unbiased estimate of the
+per-token acceptance α the goodput formula uses, and it does not drift. Before any draft
+α̂ = ``alpha0`` (0.7). ``estimator=ema``: ``α̂ ← decay·α̂ + (1 − decay)·rate`` after every step
+that drafted, ``rate`` = that step's accepted/drafted positions (``decay`` = 0.85).
+
+(An earlier version fed the accepted *prefix* per draft into the EMA; its mean is
+(α + … + α^k)/k, 0.44 at α = 0.7 and k = 4, so α̂ drifted low, k = 0 won and then froze the
+estimate: a "k = 0 trap" that was an artefact of the estimator, not of SmartSpec.)
 
 Decision: at the first step of each window of ``interval`` (= 20) replica steps (step_index // 20
 changes; a step with no decode members makes none and the next one with decode members decides),
@@ -29,19 +34,23 @@ what they use and never need extra KV. Before the first decision k = k_max (the 
 reserve, which the run's up-front fit check uses). If a batch ever needs more KV than is free, the
 lowest-priority members fall back to their reservation (a final clip; the engine never raises).
 
-``smartspec-per-request`` — α̂_i per request (same start and update, from its own accepted/drafted),
+``smartspec-per-request`` — α̂_i per request (the same estimator over its own counters),
 k_i chosen per request by the same rule with tokens ``(1 − α̂_i^(k+1))/(1 − α̂_i)`` and the same
 batch step time; decided for the whole batch at each window start, and on first sight for a member
 that joined since. KV guard per request, then the final clip. ``k_reserve`` = the largest k_i of
 its last batch (k_max before the first decision).
 
-**k = 0 is absorbing.** A step at k = 0 drafts nothing, so α̂ is not updated; once a noisy estimate
-(a small batch whose drafts were all rejected) makes k = 0 win, the policy never leaves it. Option
-``probe=P`` (default 0: off, the algorithm as published): while a member's k is 0, every P-th replica
-step (step_index % P == P − 1) it drafts one token anyway (KV permitting), so α̂ keeps learning.
+**k = 0 and learning.** A step at k = 0 drafts nothing, so α̂ does not move while k = 0; the
+decision is still revisited every ``interval`` steps as the batch changes (goodput depends on the
+batch size), and with the unbiased estimator k = 0 wins only when speculation really does not pay
+at that α̂ and batch. Option ``probe=P`` (default 0: off): while a member's k is 0, every P-th
+replica step (step_index % P == P − 1) it drafts one token anyway (KV permitting).
 
-Parameters (defaults): ``alpha0=0.7``, ``decay=0.85``, ``interval=20``, ``bonus=1.1``,
-``k_max=-1`` (= the method's k_max), ``estimator=draft|token``, ``probe=0``.
+Engine horizon: the k decided at a window start holds until the next window start (or probe
+step), so :meth:`horizon_steps` lets the engine advance that many steps at once.
+
+Parameters (defaults): ``alpha0=0.7``, ``decay=0.85`` (ema only), ``interval=20``, ``bonus=1.1``,
+``k_max=-1`` (= the method's k_max), ``estimator=cumulative|ema``, ``probe=0``.
 
 Steps log: ``policy_value`` = α̂ (per-request: mean α̂_i over its last decided batch); ``k_max``
 column = the largest k used in the step.
@@ -57,7 +66,7 @@ from simspec.errors import ConfigError
 from simspec.policies.base import PolicyContext, SpecLenPolicy, StepRecord, register_spec_len
 from simspec.simulator.methods.base import Method
 
-ESTIMATORS = ("draft", "token")
+ESTIMATORS = ("cumulative", "ema")
 
 
 def choose_by_goodput(tokens: np.ndarray, step_ms: np.ndarray, kv_ok: np.ndarray, bonus: float) -> np.ndarray:
@@ -84,7 +93,7 @@ def iid_tokens(alpha: np.ndarray, k_max: int) -> np.ndarray:
 
 @register_spec_len("smartspec")
 class SmartSpec(SpecLenPolicy):
-    param_defaults = {"alpha0": 0.7, "decay": 0.85, "interval": 20, "bonus": 1.1, "k_max": -1, "estimator": "draft",
+    param_defaults = {"alpha0": 0.7, "decay": 0.85, "interval": 20, "bonus": 1.1, "k_max": -1, "estimator": "cumulative",
                       "probe": 0}
 
     def __init__(self, params, ctx: PolicyContext):
@@ -110,7 +119,9 @@ class SmartSpec(SpecLenPolicy):
         self.k_max = km
         if p["estimator"] not in ESTIMATORS:
             raise ConfigError(f"{flag}: estimator must be one of {', '.join(ESTIMATORS)}, got {p['estimator']!r}")
-        self.token_estimator = p["estimator"] == "token"
+        self.ema = p["estimator"] == "ema"
+        self.drafted_total = 0
+        self.position_accepts_total = 0
         pr = p["probe"]
         if isinstance(pr, bool) or not isinstance(pr, int) or pr < 0:
             raise ConfigError(f"{flag}: probe must be an integer >= 0 (0: off), got {pr!r}")
@@ -142,19 +153,37 @@ class SmartSpec(SpecLenPolicy):
             k[:] = min(1, self.k_max)
         return self._kv_clip(idx, k, res, kv_free_tokens)
 
+    def horizon_steps(self, step_index: int) -> int:
+        h = self.interval - step_index % self.interval
+        if self.probe > 0:  # a probe step (step % P == P − 1) runs on its own
+            h = min(h, (self.probe - 1 - step_index % self.probe) or 1)
+        return h
+
     def observe(self, record: StepRecord) -> None:
         dec = ~record.prefill
         drafted = int(record.drafted[dec].sum())
         if drafted <= 0:
             return
-        accepted = int(record.accepted[dec].sum())
-        if self.token_estimator:
-            d = record.drafted[dec]
-            rej = int(((record.accepted[dec] < d) & (d > 0)).sum())
-            rate = accepted / (accepted + rej)
+        pa = record.position_accepts if record.position_accepts is not None else record.accepted
+        accepted = int(pa[dec].sum())
+        if self.ema:
+            self.alpha = self.decay * self.alpha + (1.0 - self.decay) * (accepted / drafted)
         else:
-            rate = accepted / drafted
-        self.alpha = self.decay * self.alpha + (1.0 - self.decay) * rate
+            self.drafted_total += drafted
+            self.position_accepts_total += accepted
+            self.alpha = self.position_accepts_total / self.drafted_total
+
+    def observe_window(self, record) -> np.ndarray:
+        if self.ema:
+            return super().observe_window(record)
+        d = np.cumsum(record.drafted.sum(axis=1)) + self.drafted_total
+        a = np.cumsum(record.position_accepts.sum(axis=1)) + self.position_accepts_total
+        values = np.where(d > 0, a / np.maximum(d, 1), self.alpha)
+        # a step that drafted nothing leaves α̂ as it was: carry the last value forward
+        self.drafted_total = int(d[-1])
+        self.position_accepts_total = int(a[-1])
+        self.alpha = float(values[-1])
+        return values
 
     def log_value(self) -> float:
         return float(self.alpha)
@@ -235,9 +264,10 @@ class SmartSpecPerRequest(SmartSpec):
                 self.k_i[sel] = 0
             else:
                 kv_ok = self._extra(sel, res[todo]) <= kv_free_tokens
-                self.k_i[sel] = choose_by_goodput(self._tokens(self.alpha_i[sel]), self._step_ms(idx.size, kv_tokens),
+                self.k_i[sel] = choose_by_goodput(self._tokens(self._levels(sel)), self._step_ms(idx.size, kv_tokens),
                                                   kv_ok, self.bonus)
-        self.alpha = float(self.alpha_i[idx].mean())
+            # logged: mean α̂_i of the batch at its latest decision
+            self.alpha = float(self._levels(idx).mean())
         k = self.k_i[idx].copy()
         if self._probing(step_index):
             k[k == 0] = min(1, self.k_max)
@@ -245,18 +275,28 @@ class SmartSpecPerRequest(SmartSpec):
         self.k = int(k.max())
         return k
 
+    def _levels(self, idx: np.ndarray) -> np.ndarray:
+        """α̂_i: the request's cumulative accepted/drafted positions (engine counters), or its EMA."""
+        if self.ema:
+            return self.alpha_i[idx]
+        t = self.ctx.table
+        d = t.drafted[idx]
+        return np.where(d > 0, t.position_accepts[idx] / np.maximum(d, 1), self.alpha0)
+
     def observe(self, record: StepRecord) -> None:
+        if not self.ema:
+            return  # the engine's per-request counters are the estimate
         dec = ~record.prefill & (record.drafted > 0)
         if not dec.any():
             return
         i = record.idx[dec]
-        d = record.drafted[dec]
-        a = record.accepted[dec]
-        if self.token_estimator:
-            rate = a / (a + (a < d))
-        else:
-            rate = a / d
-        self.alpha_i[i] = self.decay * self.alpha_i[i] + (1.0 - self.decay) * rate
+        pa = record.position_accepts if record.position_accepts is not None else record.accepted
+        self.alpha_i[i] = self.decay * self.alpha_i[i] + (1.0 - self.decay) * pa[dec] / record.drafted[dec]
+
+    def observe_window(self, record) -> np.ndarray:
+        if self.ema:
+            return SpecLenPolicy.observe_window(self, record)
+        return np.full(record.n_steps, self.log_value())
 
 
 def _unit(flag: str, name: str, v) -> float:

@@ -28,8 +28,11 @@ Every latency model maps one batch shape — ``batch_size`` (requests in the ste
 Optional on any model: ``valid`` (ranges it was fitted on), ``fit`` (``heldout_mape_pct``,
 ``n_train``, ``n_heldout``), ``samples`` (``[[B, batched_tokens, kv_tokens, ms], ...]``).
 
-Stage names: whole-model ``target_step`` and ``draft_step`` (one draft-model decode pass), or
-layer-level ``layer`` (one decoder layer), ``lm_head`` (final norm + LM head), ``embed``, ``adapter``.
+Stage names: whole-model ``target_step`` and ``draft_step``, or layer-level ``layer`` (one decoder
+layer), ``lm_head`` (final norm + LM head), ``embed``, ``adapter``. ``draft_step`` is one
+draft-model decode pass (``"per": "pass"``, default: charged once per draft token) or, with
+``"per": "step"``, the whole drafting of one speculative step whatever k is (an EAGLE-class drafter
+costed as one figure per step, as some published simulators do).
 
 An acceptance entry (per method, per class)::
 
@@ -285,6 +288,8 @@ def validate_profile(doc: Any, where: str) -> None:
 def _validate_latency_model(where: str, fp: str, model: Any, stages: dict[str, Any]) -> None:
     model = _obj(where, fp, model)
     kind = model.get("kind")
+    if "per" in model and model["per"] not in ("pass", "step"):
+        _fail(where, f"{fp}.per", f"expected 'pass' or 'step', got {model['per']!r}")
     if kind not in LATENCY_KINDS:
         _fail(where, f"{fp}.kind", f"expected one of {', '.join(LATENCY_KINDS)}, got {kind!r}")
     if kind == "linear":

@@ -161,7 +161,11 @@ RUN_OPTIONS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "max_batch": (None, _check_int(1, nullable=True), "requests per step per replica"),
     "kv_budget_tokens": (None, _check_int(1, nullable=True), "KV-cache tokens per replica"),
     "max_batched_tokens": (None, _check_int(1, nullable=True), "tokens fed per step per replica"),
-    "preempt": ("keep", _check_choice("keep", "recompute"), "preemption mode"),
+    "preempt": ("recompute", _check_choice("recompute", "swap", "keep"), "preemption mode"),
+    "batching": ("vllm", _check_choice("vllm", "preemptive"), "batch formation (vllm | preemptive)"),
+    "block_size": (16, _check_int(1), "KV-cache block size, tokens"),
+    "chunked_prefill": (True, _check_bool, "split long prompts over steps"),
+    "long_prefill_token_threshold": (None, _check_int(1, nullable=True), "most prompt tokens per request per step"),
     "seed": (0, _check_int(0), "run seed (>= 0)"),
     "slo_ttft_ms": (None, _check_pos_float(), "TTFT SLO, ms"),
     "slo_tpot_ms": (None, _check_pos_float(), "TPOT SLO, ms"),
@@ -471,7 +475,9 @@ def run_config_from_options(opts: dict[str, Any]):
     return build_config(opts["policy"], opts["spec"], opts["spec_len"], opts["replicas"], opts["router"],
                         opts["max_batch"], opts["kv_budget_tokens"], opts["preempt"], opts["seed"],
                         opts["slo_ttft_ms"], opts["slo_tpot_ms"], opts["allow_extrapolation"],
-                        opts["max_batched_tokens"])
+                        opts["max_batched_tokens"],
+                        {k: opts[k] for k in ("batching", "block_size", "chunked_prefill",
+                                              "long_prefill_token_threshold")})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+_sum = np.add.reduce  # skips ndarray.sum's Python wrapper: cheaper on small arrays
+
 from simspec.errors import ProfileError
 from simspec.profile import Profile, alpha_mean
 
@@ -39,6 +41,19 @@ class ClassAcceptance:
             return np.full(n, float(self.alpha["value"]))
         values = np.asarray(self.alpha["values"], dtype=np.float64)
         return values[rng.integers(0, values.size, size=n)]
+
+    def alpha_from_uniform(self, u: np.ndarray) -> np.ndarray:
+        """Per-request levels by inverse CDF of uniforms ``u`` (one per request): a request's level
+        then depends only on its own draw, not on the other requests of the trace."""
+        kind = self.alpha["kind"]
+        if kind == "beta":
+            from scipy.special import betaincinv
+
+            return betaincinv(float(self.alpha["a"]), float(self.alpha["b"]), u)
+        if kind == "fixed":
+            return np.full(u.shape[0], float(self.alpha["value"]))
+        values = np.asarray(self.alpha["values"], dtype=np.float64)
+        return values[np.minimum((u * values.size).astype(np.int64), values.size - 1)]
 
 
 def position_shape(position_conditional: list[float] | None) -> np.ndarray:
@@ -97,6 +112,15 @@ class AcceptanceModel:
                 out[sel] = cls.draw_alpha(rng, sel.size)
         return out
 
+    def alphas_from_uniforms(self, u: np.ndarray, class_idx: np.ndarray) -> np.ndarray:
+        """One α per request from its own uniform ``u`` (inverse CDF of its class's distribution)."""
+        out = np.empty(class_idx.shape[0])
+        for ci, cls in enumerate(self.classes):
+            sel = np.flatnonzero(class_idx == ci)
+            if sel.size:
+                out[sel] = cls.alpha_from_uniform(u[sel])
+        return out
+
     def position_probs(self, alpha: np.ndarray, class_idx: np.ndarray, kmax: int) -> np.ndarray:
         """(B, kmax) conditional acceptance probabilities for the batch."""
         return np.minimum(1.0, alpha[:, None] * self.shape[class_idx, :kmax])
@@ -107,10 +131,21 @@ class AcceptanceModel:
         kmax = int(k.max()) if k.size else 0
         if kmax == 0:
             return np.zeros(k.shape[0], dtype=np.int64)
+        return self.sample_accepted_positions(rng, alpha, class_idx, k)[0]
+
+    def sample_accepted_positions(self, rng, alpha: np.ndarray, class_idx: np.ndarray,
+                                  k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(accepted prefix length, accepted positions) for each request given ``k_i`` drafts: the
+        second counts every drafted position whose own draw was accepted, prefix or not (an
+        unbiased count for a per-token acceptance estimate)."""
+        kmax = int(k.max()) if k.size else 0
+        if kmax == 0:
+            z = np.zeros(k.shape[0], dtype=np.int64)
+            return z, z.copy()
         p = self.position_probs(alpha, class_idx, kmax)
         ok = rng.random(p.shape) < p
         ok &= np.arange(kmax)[None, :] < k[:, None]
-        return np.cumprod(ok, axis=1).sum(axis=1)
+        return np.cumprod(ok, axis=1).sum(axis=1), ok.sum(axis=1)
 
 
 def expected_tokens_iid(alpha: float, k: int) -> float:

@@ -8,7 +8,14 @@ from typing import Any
 from simspec.errors import ConfigError
 
 ROUTERS = ("round-robin", "least-outstanding")
-PREEMPT_MODES = ("recompute", "keep")
+PREEMPT_MODES = ("recompute", "swap")
+#: old name of ``swap`` (before the vLLM-style engine, "keep" meant "keep KV while it fits")
+PREEMPT_ALIASES = {"keep": "swap"}
+BATCHING_MODES = ("vllm", "preemptive")
+#: vLLM V1's ``max_num_batched_tokens`` default for ``vllm serve`` on GPUs with ≥ 70 GiB
+#: (vllm/engine/arg_utils.py, EngineArgs._set_default_args); used when neither the run nor the
+#: profile gives a token budget
+DEFAULT_MAX_BATCHED_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -62,13 +69,24 @@ class RunConfig:
         router: ``round-robin`` or ``least-outstanding`` (fewest outstanding tokens).
         max_batch_size: most requests in one step of one replica (None: the profile's capacity).
         kv_budget_tokens: KV-cache capacity of one replica in tokens (None: the profile's capacity).
-        max_batched_tokens: most tokens fed in one step of one replica (prefill tokens plus k+1 per
-            decode request), like vLLM's ``max_num_batched_tokens``; the first request in priority
-            order always runs, even if its prompt alone is larger (None: the profile's capacity,
-            else unlimited).
-        preempt_mode: what happens to the KV of a request pushed out of the batch: ``keep``
-            (default: kept while memory allows, lowest priority evicted first) or ``recompute``
-            (always dropped). An evicted request re-prefills its whole context on resume.
+        max_batched_tokens: most tokens fed in one step of one replica (prefill chunks plus k+1 per
+            decode request), vLLM's ``max_num_batched_tokens`` (None: the profile's capacity, else
+            8192, vLLM's ``vllm serve`` default on large GPUs).
+        batching: ``vllm`` (default: vLLM V1's scheduler — running requests first, admission in
+            priority order into the room left, preemption only when a KV allocation fails) or
+            ``preemptive`` (the scheduler picks the batch every step; see
+            :mod:`simspec.simulator.batching`).
+        block_size: KV-cache block size in tokens (vLLM's ``--block-size``, default 16).
+        chunked_prefill: split long prompts over steps within ``max_batched_tokens`` (vLLM's
+            default); off: a prompt runs whole in one step.
+        long_prefill_token_threshold: most prompt tokens one request feeds per step (None: no cap).
+        watermark: share of KV blocks kept free when admitting a waiting request (vLLM's 0.01).
+        preempt_mode: what happens to a preempted request's KV: ``recompute`` (default, vLLM V1:
+            dropped, its context re-prefilled on resume) or ``swap`` (moved out and restored
+            without recompute; the transfer time is not modelled). ``keep`` is the old name of
+            ``swap``.
+        window_steps: most decode-only steps the engine advances per SimPy event when the batch is
+            stable (1: one step per event; outputs are identical either way).
         seed: run seed; every random stream derives from it.
         slo_ttft_ms / slo_tpot_ms: optional SLO thresholds for attainment metrics.
         allow_extrapolation: permit latency lookups outside the profile's measured range.
@@ -82,7 +100,13 @@ class RunConfig:
     max_batch_size: int | None = None
     kv_budget_tokens: int | None = None
     max_batched_tokens: int | None = None
-    preempt_mode: str = "keep"
+    preempt_mode: str = "recompute"
+    batching: str = "vllm"
+    block_size: int = 16
+    chunked_prefill: bool = True
+    long_prefill_token_threshold: int | None = None
+    watermark: float = 0.01
+    window_steps: int = 256
     seed: int = 0
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
@@ -93,6 +117,19 @@ class RunConfig:
             raise ConfigError(f"replicas: must be >= 1, got {self.replicas}")
         if self.router not in ROUTERS:
             raise ConfigError(f"router: unknown {self.router!r} (choose from {', '.join(ROUTERS)})")
+        if self.preempt_mode in PREEMPT_ALIASES:
+            object.__setattr__(self, "preempt_mode", PREEMPT_ALIASES[self.preempt_mode])
+        if self.batching not in BATCHING_MODES:
+            raise ConfigError(f"batching: unknown {self.batching!r} (choose from {', '.join(BATCHING_MODES)})")
+        for name in ("block_size", "window_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}: must be an integer >= 1, got {v!r}")
+        lp = self.long_prefill_token_threshold
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or lp < 1):
+            raise ConfigError(f"long_prefill_token_threshold: must be an integer >= 1, got {lp!r}")
+        if not isinstance(self.watermark, (int, float)) or isinstance(self.watermark, bool) or not 0 <= self.watermark < 1:
+            raise ConfigError(f"watermark: must be a number in [0, 1), got {self.watermark!r}")
         if self.preempt_mode not in PREEMPT_MODES:
             raise ConfigError(f"preempt_mode: unknown {self.preempt_mode!r} (choose from {', '.join(PREEMPT_MODES)})")
         if self.max_batch_size is not None and self.max_batch_size < 1:

@@ -1,29 +1,40 @@
 """The SimPy cluster: an arrival process, a router, and one process per replica.
 
-Each replica is one SimPy process woken by an event when work arrives; each batch step is one SimPy
-timeout. A step is four pure phases: order (scheduler) → form batch (batch-size and KV limits) →
-choose k (speculation-length policy) → cost and progress (method, vectorised over the batch).
-State the hot path touches lives in :class:`~simspec.simulator.state.RequestTable` arrays.
+Each replica is one SimPy process woken by an event when work arrives. An iteration of its loop
+reads like vLLM's engine step:
+
+1. **schedule** — form the batch (:mod:`simspec.simulator.batching`: running pass, then waiting /
+   admission pass, in the scheduler's priority order; or the ``preemptive`` mode);
+2. **choose k** — the speculation-length policy picks each decode member's drafts;
+3. **cost and progress** — the method prices the step and samples acceptance;
+4. **bookkeeping** — tokens, first-token and completion times, KV, policy observations, step log.
+
+**Fast path.** When the batch is *stable* (every member decoding, nothing admitted or preempted,
+whatever waits blocked by a limit that decode-only steps cannot loosen), its membership and k stay
+fixed until a member completes, a KV allocation would fail, a request arrives, or the
+speculation-length policy's decision horizon ends. The replica then advances up to
+``window_steps`` steps in one SimPy timeout (:meth:`Method.decode_window`). Acceptance draws are
+counter-based per request (:func:`simspec.rng.counter_uniforms`), every step's cost is computed
+with the same arithmetic as a single step, and the replica's clock adds step times one by one, so
+``window_steps=1`` (one step per event) gives byte-identical outputs — tested for every scheduler ×
+method × speculation-length policy × batching mode.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-# ufunc reductions skip ndarray-method dispatch: measurably cheaper on the small arrays of a step
-_sum = np.add.reduce
-_any = np.logical_or.reduce
-_max = np.maximum.reduce
-_min = np.minimum.reduce
+_sum = np.add.reduce  # skips ndarray.sum's Python wrapper: cheaper on small arrays
 import simpy
 
-from simspec.policies.base import PolicyContext, Scheduler, SpecLenPolicy, StepRecord
-from simspec.rng import stream
-from simspec.simulator.methods.base import BatchStep, Method
+from simspec.policies.base import PolicyContext, Scheduler, SpecLenPolicy, StepRecord, WindowRecord
+from simspec.simulator.batching import BatchFormer, StepPlan, blocks_for
+from simspec.simulator.methods.base import BatchStep, DecodeWindow, Method, StepRandom
 from simspec.simulator.state import RequestTable
+from simspec.simulator.steplog import StepLog
 
 STEP_COLUMNS = ("replica", "step", "start_s", "end_s", "step_ms", "batch_size", "prefills", "k_max",
                 "drafted", "accepted", "committed", "fed_tokens", "kv_tokens_used", "queue_len",
@@ -32,11 +43,26 @@ STEP_COLUMNS = ("replica", "step", "start_s", "end_s", "step_ms", "batch_size", 
 
 @dataclass
 class Capacity:
-    """Per-replica limits: requests per step and KV-cache tokens."""
+    """Per-replica limits and engine settings.
+
+    ``max_batch_size``: requests per step (vLLM's ``max_num_seqs``); ``kv_budget_tokens``: KV-cache
+    capacity in tokens (allocated in blocks of ``block_size``); ``max_batched_tokens``: tokens fed
+    per step (``max_num_batched_tokens``; None: unlimited); ``chunked_prefill``: split prompts over
+    steps within that budget; ``long_prefill_token_threshold``: most prompt tokens one request
+    feeds in a step (None: no cap); ``watermark``: share of KV blocks kept free when admitting.
+    """
 
     max_batch_size: int
     kv_budget_tokens: int
-    max_batched_tokens: int | None = None  # tokens fed per step (vLLM's max_num_batched_tokens)
+    max_batched_tokens: int | None = None
+    block_size: int = 16
+    chunked_prefill: bool = True
+    long_prefill_token_threshold: int | None = None
+    watermark: float = 0.01
+
+    @property
+    def kv_blocks(self) -> int:
+        return self.kv_budget_tokens // self.block_size
 
 
 class Replica:
@@ -46,16 +72,24 @@ class Replica:
         self.cluster = cluster
         self.rid = rid
         self.spec_len = spec_len
-        self.active = np.empty(0, dtype=np.int64)  # unfinished requests here, in arrival order
+        self.former = BatchFormer(self)
         self.pending: list[int] = []
         self.wake: simpy.Event | None = None
-        self.last_batch = np.empty(0, dtype=np.int64)
-        self.rng = stream(cluster.seed, f"acceptance-step/{rid}")
         self.step_index = 0
         self.busy_s = 0.0
+        self.clock_s = 0.0
         self.outstanding_tokens = 0
-        self.steps_log: list[tuple] = []
+        self.log = StepLog()
+        self.last_batch = np.empty(0, dtype=np.int64)
+        # a window in flight: its step end times and cumulative committed tokens (router's view)
+        self._inflight_end_s: np.ndarray | None = None
+        self._inflight_committed: np.ndarray | None = None
+        #: largest KV use (tokens) recounted from the request table after each step (audit mode)
+        self.audit_max_kv_tokens = 0
+        self._k_reserve = 0
+        self._last_step_s = 0.0  # duration of the latest step (window sizing)
 
+    # ------------------------------------------------------------------------------ routing
     def enqueue(self, i: int) -> None:
         t = self.cluster.table
         self.pending.append(i)
@@ -63,144 +97,278 @@ class Replica:
         if self.wake is not None and not self.wake.triggered:
             self.wake.succeed()
 
+    def outstanding_at(self, now_s: float) -> int:
+        """Outstanding tokens as a one-step engine would know them at ``now_s`` (steps of a window
+        in flight that ended by then count as done)."""
+        if self._inflight_end_s is None:
+            return self.outstanding_tokens
+        n = int(np.searchsorted(self._inflight_end_s, now_s, side="right"))
+        return self.outstanding_tokens - (int(self._inflight_committed[n - 1]) if n else 0)
+
+    # ------------------------------------------------------------------------------ main loop
     def process(self):
         env = self.cluster.env
-        t = self.cluster.table
-        cap = self.cluster.capacity
-        sched = self.cluster.scheduler
-        method = self.cluster.method
-        keep_mode = self.cluster.preempt_mode == "keep"
-        budget = cap.kv_budget_tokens
+        former = self.former
+        cl = self.cluster
+        max_batch = cl.capacity.max_batch_size
+        schedule = former.schedule_vllm if cl.batching == "vllm" else former.schedule_preemptive
         while True:
             if self.pending:
-                self.active = np.concatenate([self.active, np.asarray(self.pending, dtype=np.int64)])
+                former.add_waiting(np.asarray(self.pending, dtype=np.int64))
                 self.pending.clear()
-            if self.active.size == 0:
+            if former.running.size == 0 and former.waiting.size == 0:
                 self.wake = env.event()
                 yield self.wake
                 self.wake = None
+                self.clock_s = env.now
                 continue
-            now = env.now
-            # 1. order
-            order = sched.order(self.active, now)
-            # 2. form the batch: the longest prefix of the order within both limits
-            cand = order[: cap.max_batch_size]
-            resident = t.kv_resident[cand]
-            ctx = t.prompt_tokens[cand] + t.generated[cand]
-            remaining = t.output_tokens[cand] - t.generated[cand]
-            k_res = np.where(resident, np.minimum(self.spec_len.k_reserve(), remaining - 1), 0)
-            need = ctx + 1 + k_res
-            cum = np.cumsum(need)
-            nb = int(np.searchsorted(cum, budget, side="right"))
-            if cap.max_batched_tokens is not None and nb > 1:
-                fed_need = np.where(resident[:nb], k_res[:nb] + 1, ctx[:nb])
-                nb = max(1, min(nb, int(np.searchsorted(np.cumsum(fed_need), cap.max_batched_tokens, side="right"))))
-            if nb == 0:  # cannot happen after the up-front check; guard against silent stalls
-                raise RuntimeError(f"replica {self.rid}: top request {t.request_id[cand[0]]} cannot fit the KV budget")
-            batch = cand[:nb]
-            prefill = ~resident[:nb]
-            used = int(cum[nb - 1])
-            # residents pushed out of the batch keep their KV while it fits (keep mode)
-            rest = order[nb:]
-            rest_res = rest[t.kv_resident[rest]]
-            if rest_res.size:
-                if keep_mode:
-                    kept_cum = used + np.cumsum(t.prompt_tokens[rest_res] + t.generated[rest_res])
-                    n_keep = int(np.searchsorted(kept_cum, budget, side="right"))
-                    if n_keep:
-                        used = int(kept_cum[n_keep - 1])
-                    evict = rest_res[n_keep:]
-                else:
-                    evict = rest_res
-                if evict.size:
-                    t.kv_resident[evict] = False
-                    t.recomputes[evict] += 1
-            # preemptions: in the last batch, unfinished, not in this one
-            last = self.last_batch
-            if last.size and not (last.size == nb and (last == batch).all()):
-                t.in_batch[last] = False
-                t.in_batch[batch] = True
-                pushed = last[~t.in_batch[last]]
-                if pushed.size:
-                    t.preemptions[pushed] += 1
+            now = self.clock_s
+            self._k_reserve = self.spec_len.k_reserve()
+            plan = schedule(now, self._k_reserve, max_batch)
+            self._count_pauses(plan)
+            if plan.idx.size == 0:
+                # nothing fits (e.g. KV held by requests that cannot grow): cannot happen after the
+                # up-front capacity check; fail loudly rather than stall
+                raise RuntimeError(f"replica {self.rid}: no request could be scheduled at t={now:.6f}s "
+                                   f"({former.running.size} running, {former.waiting.size} waiting)")
+            if bool(plan.prefill.any()):
+                end = self._mixed_step(plan, now)
             else:
-                t.in_batch[batch] = True
-            self.last_batch = batch
-            any_prefill = bool(_any(prefill))
-            if any_prefill:
-                new_start = np.isnan(t.start_s[batch])
-                if _any(new_start):
-                    t.start_s[batch[new_start]] = now
-            # 3. choose k for decode members
-            rem_b = remaining[:nb]
-            ctx_b = ctx[:nb]
-            k = np.zeros(nb, dtype=np.int64)
-            dec = ~prefill
-            if _any(dec):
-                dec_idx = batch[dec]
-                kv_free = budget - used
-                k_dec = np.asarray(self.spec_len.choose_k(dec_idx, float(_sum(ctx_b[dec])), kv_free,
-                                                          self.step_index), dtype=np.int64)
-                k_dec = np.minimum(np.maximum(k_dec, 0), rem_b[dec] - 1)
-                # drafts beyond those reserved at batch formation must fit the KV room and the
-                # per-step token budget; members later in priority order lose theirs first
-                k_base = k_res[:nb][dec]
-                if _any(k_dec > k_base):
-                    extra_i = np.maximum(k_dec - k_base, 0)
-                    room = kv_free
-                    if cap.max_batched_tokens is not None:
-                        planned = int(_sum(np.where(prefill, ctx_b, k_res[:nb] + 1)))
-                        room = min(room, max(cap.max_batched_tokens - planned, 0))
-                    cum_extra = np.cumsum(extra_i)
-                    if int(cum_extra[-1]) > room:
-                        over = cum_extra > room
-                        k_dec = np.where(over, np.minimum(k_dec, k_base), k_dec)
-                        extra_i = np.where(over, 0, extra_i)
-                    used += int(_sum(extra_i))
-                k[dec] = k_dec
-            fed = np.where(prefill, ctx_b, k + 1)
-            step = BatchStep(idx=batch, prefill=prefill, fed_tokens=fed, ctx_tokens=np.where(prefill, 0, ctx_b),
-                             k=k, remaining=rem_b, alpha=t.alpha[batch], class_idx=t.class_idx[batch])
-            # 4. cost and progress
-            out = method.step(self.rng, step)
-            step_s = out.step_ms / 1000.0
-            yield env.timeout(step_s)
-            end = env.now
-            self.busy_s += step_s
-            committed = np.where(prefill, 1, np.minimum(out.accepted + 1, rem_b))
-            gen = t.generated[batch] + committed
-            t.generated[batch] = gen
-            t.steps[batch] += 1
-            t.drafted[batch] += out.drafted
-            t.accepted[batch] += out.accepted
-            self.outstanding_tokens -= int(_sum(committed))
-            if any_prefill:
-                t.kv_resident[batch] = True
-                t.decode_steps[batch[dec]] += 1
-                newly = np.isnan(t.first_token_s[batch])
-                if _any(newly):
-                    t.first_token_s[batch[newly]] = end
-                    self.outstanding_tokens -= int(t.prompt_tokens[batch[newly]].sum())
-            else:
-                t.decode_steps[batch] += 1
-            done = gen >= t.output_tokens[batch]
-            if _any(done):
-                fin = batch[done]
-                t.completion_s[fin] = end
-                t.kv_resident[fin] = False
-                t.in_batch[fin] = False
-                self.last_batch = batch[~done]
-                self.active = self.active[np.isnan(t.completion_s[self.active])]
-                self.cluster.on_complete(int(fin.size))
-            record = StepRecord(idx=batch, prefill=prefill, drafted=out.drafted, accepted=out.accepted,
-                                committed=committed, step_ms=out.step_ms, end_s=end)
-            sched.observe(record)
-            self.spec_len.observe(record)
-            self.steps_log.append((self.rid, self.step_index, now, end, out.step_ms, nb, int(_sum(prefill)),
-                                   int(_max(k)), int(_sum(out.drafted)), int(_sum(out.accepted)),
-                                   int(_sum(committed)), int(_sum(fed)), used, int(self.active.size),
-                                   self.spec_len.log_value()))
-            self.step_index += 1
+                end = self._decode_steps(plan, now)
+            yield env.timeout(max(end - env.now, 0.0))
+            self._inflight_end_s = self._inflight_committed = None
+            self._after_steps()
+
+    # ------------------------------------------------------------------------------ phases
+    def _count_pauses(self, plan: StepPlan) -> None:
+        """A request holding KV that is not in this step's batch sits the step out (a pause)."""
+        t = self.cluster.table
+        run = self.former.running
+        if run.size > plan.idx.size:
+            mark = self.cluster.scratch
+            mark[plan.idx] = True
+            out = run[~mark[run]]
+            mark[plan.idx] = False
+            t.pauses[out] += 1
+
+    def _choose_k(self, plan: StepPlan, dec: np.ndarray) -> np.ndarray:
+        """k for each decode member: the policy's choice, within what was reserved unless the extra
+        drafts fit the token budget and free KV (lower-priority members lose them first)."""
+        t = self.cluster.table
+        former = self.former
+        idx = plan.idx[dec]
+        k_res = plan.k_reserved[dec]
+        ctx = t.prompt_tokens[idx] + t.generated[idx]
+        k = np.asarray(self.spec_len.choose_k(idx, float(_sum(ctx)), former.free_blocks * former.bs, self.step_index),
+                       dtype=np.int64)
+        rem = t.output_tokens[idx] - t.generated[idx]
+        k = np.minimum(np.maximum(k, 0), rem - 1)
+        extra = k - k_res
+        if bool((extra > 0).any()):
+            extra = np.maximum(extra, 0)
+            slots = ctx + 1 + k
+            blocks = np.maximum(blocks_for(slots, former.bs) - t.kv_blocks[idx], 0)
+            over = (np.cumsum(extra) > plan.budget_left_tokens) | (np.cumsum(blocks) > former.free_blocks)
+            k = np.where(over, np.minimum(k, k_res), k)
+            grow = (k > k_res)
+            for i, s_ in zip(idx[grow].tolist(), slots[grow].tolist()):
+                former._grant(i, s_, former._allocate(i, s_))
+        return k
+
+    def _mixed_step(self, plan: StepPlan, now: float) -> float:
+        """One step with prefill chunks in it (the method's :meth:`~Method.step`)."""
+        cl = self.cluster
+        t = cl.table
+        idx = plan.idx
+        pre = plan.prefill
+        dec = ~pre
+        k = np.zeros(idx.size, dtype=np.int64)
+        if bool(dec.any()):
+            k[dec] = self._choose_k(plan, dec)
+        fed = np.where(pre, plan.fed_tokens, k + 1)
+        ctx = np.where(pre, t.computed[idx], t.prompt_tokens[idx] + t.generated[idx])
+        rem = t.output_tokens[idx] - t.generated[idx]
+        new_start = np.isnan(t.start_s[idx])
+        if bool(new_start.any()):
+            t.start_s[idx[new_start]] = now
+        batch = BatchStep(idx=idx, prefill=pre, fed_tokens=fed, ctx_tokens=ctx, k=k, remaining=rem,
+                          alpha=t.alpha[idx], class_idx=t.class_idx[idx])
+        rnd = StepRandom(t.rng_base[idx], t.draws[idx])
+        out = cl.method.step(rnd, batch)
+        fixed = cl.method.draws_per_step
+        if fixed is not None:
+            t.draws[idx[dec]] += np.uint64(fixed)
+        else:
+            t.draws[idx] += rnd.used
+        end = now + out.step_ms / 1000.0
+        # progress: a chunk that completes its prompt samples one token; decodes commit accepted + 1
+        done_prefill = pre & (t.computed[idx] + plan.fed_tokens >= t.prefill_target[idx])
+        t.computed[idx[pre]] += plan.fed_tokens[pre]
+        committed = np.where(pre, done_prefill.astype(np.int64), np.minimum(out.accepted + 1, rem))
+        t.generated[idx] += committed
+        t.steps[idx] += 1
+        t.decode_steps[idx[dec]] += 1
+        drafted = np.where(pre, 0, out.drafted)
+        accepted = np.where(pre, 0, out.accepted)
+        pos_acc = out.position_accepts if out.position_accepts is not None else out.accepted
+        pos_acc = np.where(pre, 0, pos_acc)
+        t.drafted[idx] += drafted
+        t.accepted[idx] += accepted
+        t.position_accepts[idx] += pos_acc
+        first = done_prefill & np.isnan(t.first_token_s[idx])
+        if bool(first.any()):
+            t.first_token_s[idx[first]] = end
+            self.outstanding_tokens -= int(_sum(t.prompt_tokens[idx[first]]))
+        self.outstanding_tokens -= int(_sum(committed))
+        self.busy_s += out.step_ms / 1000.0
+        kv_used = self._kv_used_tokens()  # during the step, before completions free their blocks
+        self._finish(idx, t.generated[idx] >= t.output_tokens[idx], end)
+        record = StepRecord(idx=idx, prefill=pre, drafted=drafted, accepted=accepted, committed=committed,
+                            step_ms=out.step_ms, end_s=end, fed_tokens=fed, position_accepts=pos_acc)
+        cl.scheduler.observe(record)
+        self.spec_len.observe(record)
+        self.log.append_one(self.rid, self.step_index, now, end, out.step_ms, idx.size, int(_sum(pre)),
+                            int(k.max()) if k.size else 0, int(_sum(drafted)), int(_sum(accepted)),
+                            int(_sum(committed)), int(_sum(fed)), kv_used,
+                            int(self.former.waiting.size), self.spec_len.log_value())
+        self.step_index += 1
+        self._last_step_s = out.step_ms / 1000.0
+        self.clock_s = end
+        self._mark_batch(idx)
+        return end
+
+    def _decode_steps(self, plan: StepPlan, now: float) -> float:
+        """One or more decode-only steps of the planned batch (the fast path when it is stable)."""
+        cl = self.cluster
+        t = cl.table
+        former = self.former
+        idx = plan.idx
+        dec = np.ones(idx.size, dtype=bool)
+        k = self._choose_k(plan, dec)
+        ctx0 = t.prompt_tokens[idx] + t.generated[idx]
+        rem0 = t.output_tokens[idx] - t.generated[idx]
+        n_max = 1
+        if plan.stable and cl.window_steps > 1:
+            # how far to look ahead: the policy's horizon; no further than the shortest request's
+            # remaining tokens (it commits at least one per step); about as far as the next arrival
+            # at the last step's pace (a guess: too short only costs another window)
+            n_max = min(cl.window_steps, self.spec_len.horizon_steps(self.step_index), int(rem0.min()))
+            gap = cl.next_arrival_for(self.rid) - now
+            if gap < float("inf") and self._last_step_s > 0:
+                n_max = min(n_max, int(gap / self._last_step_s) + 2)
+            n_max = max(n_max, 1)
+        win = DecodeWindow(idx=idx, ctx_tokens=ctx0, k=k, remaining=rem0, alpha=t.alpha[idx],
+                           class_idx=t.class_idx[idx], rng_base=t.rng_base[idx], draws=t.draws[idx], n_steps=n_max)
+        out = cl.method.decode_window(win)
+        s_n = out.n_steps
+        ends = np.cumsum(np.concatenate(([now], out.step_ms / 1000.0)))[1:]
+        # KV: blocks each member holds after each step (step 0 was allocated by the scheduler)
+        held0 = t.kv_blocks[idx]
+        if s_n > 1:
+            before = np.cumsum(out.committed, axis=0) - out.committed
+            # each step reserves slots as the scheduler would: its reservation (capped at
+            # remaining − 1) or the drafts chosen, whichever is larger
+            rem_s = rem0[None, :] - before
+            # (step 0 was scheduled with the reservation before this choice, later steps with the
+            # policy's reservation after it)
+            kr = np.full((rem_s.shape[0], 1), self.spec_len.k_reserve(), dtype=np.int64)
+            kr[0] = self._k_reserve
+            reserved = np.maximum(np.minimum(kr, rem_s - 1), out.k)
+            slots = ctx0[None, :] + before + 1 + reserved
+            held = np.maximum.accumulate(np.maximum(blocks_for(slots, former.bs), held0[None, :]), axis=0)
+            grown = held.sum(axis=1) - int(_sum(held0))
+            fits = grown <= former.free_blocks
+            s_n = int(fits.argmin()) if not fits.all() else s_n
+            # stop at the step during which the next request for this replica arrives
+            nxt = cl.next_arrival_for(self.rid)
+            if nxt <= ends[s_n - 1]:
+                s_n = min(s_n, int(np.searchsorted(ends, nxt, side="left")) + 1)
+            if s_n < out.n_steps:
+                out = _trim(out, s_n)
+                ends = ends[:s_n]
+            held_end = held[s_n - 1]
+            slots_max = slots[:s_n].max(axis=0)
+        else:
+            held_end = held0
+            slots_max = None
+        # bookkeeping
+        committed_tot = out.committed.sum(axis=0)
+        t.generated[idx] += committed_tot
+        t.steps[idx] += s_n
+        t.decode_steps[idx] += s_n
+        t.drafted[idx] += out.drafted.sum(axis=0)
+        t.accepted[idx] += out.accepted.sum(axis=0)
+        t.position_accepts[idx] += out.position_accepts.sum(axis=0)
+        t.draws[idx] += out.draws[:s_n].sum(axis=0).astype(np.uint64)
+        if slots_max is not None:
+            former.free_blocks -= int(_sum(held_end) - _sum(held0))
+            t.kv_blocks[idx] = held_end
+            t.kv_tokens[idx] = np.maximum(t.kv_tokens[idx], slots_max)
+        per_step_committed = out.committed.sum(axis=1)
+        if s_n > 1:
+            self._inflight_end_s = ends
+            self._inflight_committed = np.cumsum(per_step_committed)
+        self.outstanding_tokens -= int(_sum(committed_tot))
+        self.busy_s = float(np.cumsum(np.concatenate(([self.busy_s], out.step_ms / 1000.0)))[-1])
+        end = float(ends[-1])
+        used_end = self._kv_used_tokens()  # after the last step's allocation, before completions
+        self._finish(idx, t.generated[idx] >= t.output_tokens[idx], end)
+        rec = WindowRecord(idx=idx, drafted=out.drafted, accepted=out.accepted, position_accepts=out.position_accepts,
+                           committed=out.committed, fed_tokens=out.fed_tokens, step_ms=out.step_ms, end_s=ends)
+        cl.scheduler.observe_window(rec)
+        values = self.spec_len.observe_window(rec)
+        if s_n > 1:
+            kv_used = used_end - (int(_sum(held_end)) - held.sum(axis=1)[:s_n]) * former.bs
+        else:
+            kv_used = np.array([used_end])
+        starts = np.concatenate(([now], ends[:-1]))
+        self.log.append_window(self.rid, self.step_index, starts, ends, out.step_ms, idx.size,
+                               out.k.max(axis=1), out.drafted.sum(axis=1), out.accepted.sum(axis=1),
+                               per_step_committed, out.fed_tokens.sum(axis=1), kv_used,
+                               int(self.former.waiting.size), values)
+        self.step_index += s_n
+        self._last_step_s = float(out.step_ms[-1]) / 1000.0
+        self.clock_s = end
+        self._mark_batch(idx)
+        return end
+
+    def _mark_batch(self, idx: np.ndarray) -> None:
+        """``in_batch``: unfinished members of the replica's last step (LAPS-SD reads the shape)."""
+        t = self.cluster.table
+        t.in_batch[self.last_batch] = False
+        live = idx[np.isnan(t.completion_s[idx])]
+        t.in_batch[live] = True
+        self.last_batch = live
+
+    def _finish(self, idx: np.ndarray, done: np.ndarray, end: float) -> None:
+        t = self.cluster.table
+        if bool(done.any()):
+            fin = idx[done]
+            t.completion_s[fin] = end
+            t.computed[fin] = t.prefill_target[fin]
+            t.in_batch[fin] = False
+            self.former.release(fin)
+            self.cluster.on_complete(int(fin.size))
+
+    def _kv_used_tokens(self) -> int:
+        return (self.former.total_blocks - self.former.free_blocks) * self.former.bs
+
+    def _after_steps(self) -> None:
+        """Audit mode: recount KV from the request table (not the allocator's counter)."""
+        if self.cluster.audit:
+            t = self.cluster.table
+            mine = np.flatnonzero((t.replica == self.rid) & np.isnan(t.completion_s))
+            used = int(blocks_for(t.kv_tokens[mine][t.kv_blocks[mine] > 0], self.former.bs).sum()) * self.former.bs
+            self.audit_max_kv_tokens = max(self.audit_max_kv_tokens, used)
+
+
+def _trim(out, n: int):
+    """The first ``n`` steps of a window outcome."""
+    from simspec.simulator.methods.base import WindowOutcome
+
+    return WindowOutcome(step_ms=out.step_ms[:n], k=out.k[:n], drafted=out.drafted[:n], accepted=out.accepted[:n],
+                         position_accepts=out.position_accepts[:n], committed=out.committed[:n],
+                         fed_tokens=out.fed_tokens[:n], draws=out.draws[:n])
 
 
 class Cluster:
@@ -209,7 +377,8 @@ class Cluster:
     def __init__(self, table: RequestTable, method: Method, scheduler: Scheduler,
                  spec_len_factory: Callable[[PolicyContext], SpecLenPolicy], capacity: Capacity,
                  replicas: int, router: str, preempt_mode: str, seed: int,
-                 on_complete: Callable[[int], None] | None = None):
+                 on_complete: Callable[[int], None] | None = None, batching: str = "vllm",
+                 window_steps: int = 256, audit: bool = False):
         self.env = simpy.Environment()
         self.table = table
         self.method = method
@@ -217,15 +386,32 @@ class Cluster:
         self.capacity = capacity
         self.router = router
         self.preempt_mode = preempt_mode
+        self.batching = batching
+        self.window_steps = int(window_steps)
+        self.audit = audit
         self.seed = seed
         self._on_complete = on_complete
         self.completed = 0
+        self.next_arrival_s = float(table.arrival_s[0]) if len(table) else float("inf")
+        #: all-False flags over requests, for set operations without np.isin (reset after each use)
+        self.scratch = np.zeros(len(table), dtype=bool)
         self.replicas = []
         for r in range(replicas):
             ctx = PolicyContext(table=table, method=method, max_batch_size=capacity.max_batch_size,
                                 kv_budget_tokens=capacity.kv_budget_tokens, seed=seed, replica=r)
             self.replicas.append(Replica(self, r, spec_len_factory(ctx)))
         self._rr = 0
+        self._next_index = 0  # the next request the arrival process will route
+
+    def next_arrival_for(self, rid: int) -> float:
+        """Arrival time of the next request that may be routed to replica ``rid``: under round-robin
+        routing the next one whose turn it is, otherwise the next arrival of all."""
+        if self.router != "round-robin":
+            return self.next_arrival_s
+        n = len(self.table)
+        r = len(self.replicas)
+        j = self._next_index + ((rid - self._rr) % r)  # arrivals are routed in turn from _rr on
+        return float(self.table.arrival_s[j]) if j < n else float("inf")
 
     def on_complete(self, n: int) -> None:
         self.completed += n
@@ -238,16 +424,20 @@ class Cluster:
             self._rr += 1
             return rep
         # least outstanding tokens; ties to the lowest replica id
-        return min(self.replicas, key=lambda rp: (rp.outstanding_tokens, rp.rid))
+        now = self.env.now
+        return min(self.replicas, key=lambda rp: (rp.outstanding_at(now), rp.rid))
 
     def arrivals(self):
         env = self.env
         t = self.table
         arrival = t.arrival_s
-        for i in range(len(t)):
+        n = len(t)
+        for i in range(n):
             a = float(arrival[i])
             if a > env.now:
                 yield env.timeout(a - env.now)
+            self.next_arrival_s = float(arrival[i + 1]) if i + 1 < n else float("inf")
+            self._next_index = i + 1
             rep = self.route(i)
             t.replica[i] = rep.rid
             rep.enqueue(i)

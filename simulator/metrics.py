@@ -19,8 +19,9 @@ def requests_frame(t: RequestTable, extra: dict[str, np.ndarray]) -> pd.DataFram
     ttft = t.first_token_s - t.arrival_s
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(t.output_tokens > 1, (t.completion_s - t.first_token_s) / (t.output_tokens - 1), np.nan)
-        # tokens committed per verification step: the prefill step commits one token
-        decode_tokens = t.generated - (t.steps - t.decode_steps)
+        # tokens committed per verification step: a decode step commits accepted + 1 (k is capped
+        # at remaining − 1, so the cap at the request's end never bites)
+        decode_tokens = t.accepted + t.decode_steps
         mean_acc = np.where(t.decode_steps > 0, decode_tokens / np.maximum(t.decode_steps, 1), np.nan)
     cols: dict[str, Any] = {
         "request_id": t.request_id.astype(str),
@@ -43,8 +44,11 @@ def requests_frame(t: RequestTable, extra: dict[str, np.ndarray]) -> pd.DataFram
         "drafted": t.drafted,
         "accepted": t.accepted,
         "mean_accepted_len": mean_acc,
+        "position_accepts": t.position_accepts,
+        "pauses": t.pauses,
         "preemptions": t.preemptions,
         "recomputes": t.recomputes,
+        "recomputed_tokens": t.recomputed_tokens,
         "alpha": t.alpha,
     }
     for name, arr in extra.items():
@@ -52,9 +56,11 @@ def requests_frame(t: RequestTable, extra: dict[str, np.ndarray]) -> pd.DataFram
     return pd.DataFrame(cols)
 
 
-def steps_frame(logs: list[list[tuple]]) -> pd.DataFrame:
-    rows = [r for log in logs for r in log]
-    df = pd.DataFrame.from_records(rows, columns=list(STEP_COLUMNS))
+def steps_frame(logs: list) -> pd.DataFrame:
+    """All replicas' step logs (:class:`~simspec.simulator.steplog.StepLog`), ordered by start time."""
+    parts = [log.columns() for log in logs]
+    cols = {c: np.concatenate([p[c] for p in parts]) if parts else np.empty(0) for c in STEP_COLUMNS}
+    df = pd.DataFrame(cols)
     if df.empty:
         return df
     return df.sort_values(["start_s", "replica"], kind="stable").reset_index(drop=True)
@@ -94,14 +100,18 @@ def summary(req: pd.DataFrame, steps: pd.DataFrame, busy_s: list[float], slo_ttf
     # vLLM's spec-decode name: accepted draft positions per drafted position
     s["draft_acceptance_rate"] = accepted / drafted if drafted else None
     s["wasted_draft_tokens"] = drafted - accepted
+    # drafted positions whose own draw was accepted, prefix or not (SmartSpec's per-position rate)
+    s["position_acceptance_rate"] = int(req["position_accepts"].sum()) / drafted if drafted else None
     dsteps = int(req["decode_steps"].sum())
-    decode_tokens = int((req["generated_tokens"] - (req["steps"] - req["decode_steps"])).sum())
+    decode_tokens = accepted + dsteps
     s["mean_tokens_per_decode_step"] = decode_tokens / dsteps if dsteps else None
     s["steps"] = int(len(steps))
     s["request_steps"] = int(req["steps"].sum())
     s["mean_batch_size"] = float(steps["batch_size"].mean()) if len(steps) else None
     s["preemptions"] = int(req["preemptions"].sum())
     s["recomputes"] = int(req["recomputes"].sum())
+    s["recomputed_tokens"] = int(req["recomputed_tokens"].sum())
+    s["pauses"] = int(req["pauses"].sum())
     s["replica_utilisation"] = [b / makespan if makespan > 0 else None for b in busy_s]
     if slo_ttft_ms is not None or slo_tpot_ms is not None:
         ok = np.ones(len(req), dtype=bool)

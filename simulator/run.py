@@ -12,9 +12,9 @@ from simspec import __version__
 from simspec.errors import ConfigError, ProfileError
 from simspec.policies import PolicyContext, get_scheduler_class, get_spec_len_class
 from simspec.profile import Profile
-from simspec.rng import stream
+from simspec.rng import request_bases, request_keys, stream, stream_key
 from simspec.simulator.acceptance import resolve_classes
-from simspec.simulator.config import RunConfig
+from simspec.simulator.config import DEFAULT_MAX_BATCHED_TOKENS, RunConfig
 from simspec.simulator.cost import CostModel
 from simspec.simulator.engine import Capacity, Cluster
 from simspec.simulator.methods import get_method_class
@@ -32,6 +32,7 @@ class RunResult:
     steps: pd.DataFrame
     summary: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    audit: dict[str, Any] | None = None
 
 
 def resolve_capacity(config: RunConfig, profile: Profile) -> Capacity:
@@ -43,8 +44,14 @@ def resolve_capacity(config: RunConfig, profile: Profile) -> Capacity:
     if kv is None:
         raise ConfigError(f"--kv-budget-tokens: not given and profile {profile.name} has no capacity.kv_budget_tokens")
     mt = config.max_batched_tokens if config.max_batched_tokens is not None else cap.get("max_batched_tokens")
-    return Capacity(max_batch_size=int(mb), kv_budget_tokens=int(kv),
-                    max_batched_tokens=int(mt) if mt is not None else None)
+    if mt is None:
+        mt = DEFAULT_MAX_BATCHED_TOKENS
+    if int(kv) < config.block_size:
+        raise ConfigError(f"--kv-budget-tokens: {kv} tokens is less than one KV block of --block-size "
+                          f"{config.block_size}")
+    return Capacity(max_batch_size=int(mb), kv_budget_tokens=int(kv), max_batched_tokens=int(mt),
+                    block_size=config.block_size, chunked_prefill=config.chunked_prefill,
+                    long_prefill_token_threshold=config.long_prefill_token_threshold, watermark=config.watermark)
 
 
 def check_ranges(profile: Profile, capacity: Capacity, trace: Trace) -> list[str]:
@@ -64,10 +71,31 @@ def check_ranges(profile: Profile, capacity: Capacity, trace: Trace) -> list[str
     return out
 
 
-def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool = False) -> RunResult:
-    """Replay ``trace`` under ``config`` with ``profile``. Deterministic in (config, trace, profile)."""
+def canonical_order(trace: Trace) -> Trace:
+    """The trace with requests of equal arrival time ordered by request id, so permuting rows with
+    tied arrivals changes nothing (routing, FCFS ties, every output)."""
+    a = trace.arrival_s
+    if a.size < 2 or not bool((np.diff(a) == 0).any()):
+        return trace
+    order = np.lexsort((trace.request_id.astype(str), a))
+    if bool((order == np.arange(order.size)).all()):
+        return trace
+    from dataclasses import replace
+
+    return replace(trace, request_id=trace.request_id[order], arrival_s=a[order],
+                   prompt_tokens=trace.prompt_tokens[order], output_tokens=trace.output_tokens[order],
+                   acceptance_class=trace.acceptance_class[order], slo_class=trace.slo_class[order])
+
+
+def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool = False,
+             audit: bool = False) -> RunResult:
+    """Replay ``trace`` under ``config`` with ``profile``. Deterministic in (config, trace, profile).
+    ``audit``: recount KV from the request table after every step (tests; see ``RunResult.audit``)."""
     notes: list[str] = list(trace.notes)
+    trace = canonical_order(trace)
     table = RequestTable.from_trace(trace)
+    keys = request_keys(table.request_id)
+    table.rng_base[:] = request_bases(stream_key(config.seed, "acceptance-step"), keys)
     capacity = resolve_capacity(config, profile)
     cost = CostModel(profile)
     method = get_method_class(config.method.name)(dict(config.method.params), profile, cost)
@@ -76,6 +104,8 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
         notes += acc_notes
         model = method.build_acceptance(entries)
         method.bind_acceptance(model)
+        # drawn in the table's canonical order (arrival, then request id), so permuting trace rows
+        # with tied arrivals changes nothing
         table.alpha[:] = model.draw_alphas(stream(config.seed, "acceptance-request"), table.class_idx)
     notes += list(getattr(method, "notes", []))
     ctx0 = PolicyContext(table=table, method=method, max_batch_size=capacity.max_batch_size,
@@ -86,14 +116,25 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
     probe = spec_len_cls(spec_len_params, ctx0)  # validates parameters before the run starts
     k_res = probe.k_reserve()
     need = table.prompt_tokens + table.output_tokens + np.minimum(k_res, table.output_tokens - 1)
-    bad = np.flatnonzero(need > capacity.kv_budget_tokens)
+    bs = capacity.block_size
+    usable = capacity.kv_blocks * bs
+    bad = np.flatnonzero(-(-need // bs) > capacity.kv_blocks)
     if bad.size:
         i = int(bad[0])
         raise ConfigError(f"{trace.source or 'trace'}: request {table.request_id[i]} (row {i + 1} after sorting) "
                           f"needs {int(need[i])} KV tokens (prompt {table.prompt_tokens[i]} + output "
                           f"{table.output_tokens[i]} + {min(k_res, int(table.output_tokens[i]) - 1)} drafts) but "
-                          f"--kv-budget-tokens is {capacity.kv_budget_tokens}: it can never run "
-                          f"({bad.size} such request(s))")
+                          f"the KV cache holds {usable} tokens ({capacity.kv_blocks} blocks of {bs}): it can never "
+                          f"run ({bad.size} such request(s))")
+    if not capacity.chunked_prefill and capacity.max_batched_tokens is not None:
+        big = np.flatnonzero(table.prompt_tokens + table.output_tokens > capacity.max_batched_tokens)
+        if big.size:
+            i = int(big[0])
+            raise ConfigError(f"{trace.source or 'trace'}: request {table.request_id[i]} has a {table.prompt_tokens[i]}-"
+                              f"token prompt (+{table.output_tokens[i]} output, re-prefilled after a preemption) "
+                              f"but --max-batched-tokens is {capacity.max_batched_tokens} and chunked prefill is "
+                              f"off: it may never run ({big.size} such request(s)); enable chunked prefill or "
+                              f"raise the budget")
     out_of_range = check_ranges(profile, capacity, trace)
     if out_of_range:
         msg = "; ".join(out_of_range[:3]) + (f" (+{len(out_of_range) - 3} more)" if len(out_of_range) > 3 else "")
@@ -111,7 +152,8 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
         pbar = tqdm(total=len(table), unit="req", desc="replay", delay=2.0, mininterval=0.5, leave=False)
     cluster = Cluster(table, method, scheduler, lambda ctx: spec_len_cls(spec_len_params, ctx), capacity,
                       config.replicas, config.router, config.preempt_mode, config.seed,
-                      on_complete=pbar.update if pbar is not None else None)
+                      on_complete=pbar.update if pbar is not None else None, batching=config.batching,
+                      window_steps=config.window_steps, audit=audit)
     try:
         cluster.run()
     finally:
@@ -122,15 +164,22 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
         raise RuntimeError(f"simulation ended with {unfinished.size} unfinished request(s), first "
                            f"{table.request_id[unfinished[0]]}: a policy never scheduled it")
     requests = requests_frame(table, scheduler.extra_columns())
-    steps = steps_frame([r.steps_log for r in cluster.replicas])
+    steps = steps_frame([r.log for r in cluster.replicas])
     summ = summary(requests, steps, [r.busy_s for r in cluster.replicas], config.slo_ttft_ms, config.slo_tpot_ms)
     summ["profile_source"] = profile.source
     cfg = {
         "simspec_version": __version__,
         "run": config.to_dict(),
         "capacity": {"max_batch_size": capacity.max_batch_size, "kv_budget_tokens": capacity.kv_budget_tokens,
-                     "max_batched_tokens": capacity.max_batched_tokens},
+                     "max_batched_tokens": capacity.max_batched_tokens, "block_size": capacity.block_size,
+                     "kv_blocks": capacity.kv_blocks, "chunked_prefill": capacity.chunked_prefill,
+                     "long_prefill_token_threshold": capacity.long_prefill_token_threshold,
+                     "watermark": capacity.watermark},
         "profile": {"name": profile.name, "path": profile.path, "sha256": profile.sha256, "source": profile.source},
         "trace": {"source": trace.source, "n_requests": len(trace)},
     }
-    return RunResult(config=cfg, requests=requests, steps=steps, summary=summ, notes=notes)
+    res = RunResult(config=cfg, requests=requests, steps=steps, summary=summ, notes=notes)
+    if audit:
+        res.audit = {"max_kv_tokens": [r.audit_max_kv_tokens for r in cluster.replicas],
+                     "kv_capacity_tokens": capacity.kv_blocks * capacity.block_size}
+    return res

@@ -21,8 +21,18 @@ class RequestTable:
     Progress: ``generated`` (tokens committed so far), ``kv_resident`` (its KV is in the cache),
     ``in_batch`` (was in its replica's last step), ``start_s`` (first scheduled, NaN before),
     ``first_token_s``, ``completion_s`` (NaN until then), ``steps``, ``decode_steps``,
-    ``drafted``, ``accepted``, ``preemptions`` (pushed out of the batch while unfinished),
-    ``recomputes`` (KV evicted and re-prefilled), ``replica``.
+    ``drafted``, ``accepted`` (accepted prefix), ``position_accepts`` (drafted positions whose own
+    draw was accepted, prefix or not: SmartSpec's per-position counter), ``replica``.
+
+    Engine (vLLM-style) state: ``prefill_target`` (tokens to compute before the next token can be
+    sampled: the prompt, or prompt + generated after a recompute preemption), ``computed`` (of
+    those, already computed: chunked prefill progress), ``kv_tokens`` (KV slots allocated,
+    tokens) and ``kv_blocks`` (blocks held). ``draws`` counts the request's counter-based random
+    draws (see :func:`simspec.rng.counter_uniforms`), ``rng_base`` is its stream state.
+
+    Accounting: ``pauses`` (steps a request holding KV sat out of its replica's batch),
+    ``preemptions`` (its KV was freed while unfinished: vLLM's meaning), ``recomputes`` (of those,
+    resumed by re-prefilling) and ``recomputed_tokens`` (tokens prefilled again because of them).
     """
 
     request_id: np.ndarray
@@ -46,6 +56,15 @@ class RequestTable:
     preemptions: np.ndarray
     recomputes: np.ndarray
     replica: np.ndarray
+    position_accepts: np.ndarray
+    prefill_target: np.ndarray
+    computed: np.ndarray
+    kv_tokens: np.ndarray
+    kv_blocks: np.ndarray
+    pauses: np.ndarray
+    recomputed_tokens: np.ndarray
+    draws: np.ndarray
+    rng_base: np.ndarray
 
     @classmethod
     def from_trace(cls, trace: Trace) -> "RequestTable":
@@ -64,6 +83,9 @@ class RequestTable:
             start_s=nan.copy(), first_token_s=nan.copy(), completion_s=nan.copy(), steps=zeros.copy(),
             decode_steps=zeros.copy(), drafted=zeros.copy(), accepted=zeros.copy(),
             preemptions=zeros.copy(), recomputes=zeros.copy(), replica=np.full(n, -1, dtype=np.int64),
+            position_accepts=zeros.copy(), prefill_target=trace.prompt_tokens.astype(np.int64).copy(),
+            computed=zeros.copy(), kv_tokens=zeros.copy(), kv_blocks=zeros.copy(), pauses=zeros.copy(),
+            recomputed_tokens=zeros.copy(), draws=np.zeros(n, dtype=np.uint64), rng_base=np.zeros(n, dtype=np.uint64),
         )
 
     def __len__(self) -> int:

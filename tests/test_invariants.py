@@ -23,24 +23,31 @@ def scenarios(draw):
     replicas = draw(st.integers(1, 3))
     router = draw(st.sampled_from(["round-robin", "least-outstanding"]))
     max_batch = draw(st.integers(1, 16))
-    preempt = draw(st.sampled_from(["keep", "recompute"]))
+    preempt = draw(st.sampled_from(["swap", "recompute"]))
+    batching = draw(st.sampled_from(["vllm", "preemptive"]))
+    block = draw(st.sampled_from([1, 16]))
+    chunked = draw(st.booleans())
     # KV budget at least the largest single request (+ drafts) so every request can run
-    kv = max(p + o + 8 for p, o in zip(prompt, output)) + draw(st.integers(0, 2000))
-    mbt = draw(st.sampled_from([None, 64, 512]))
+    need = max(p + o + 8 for p, o in zip(prompt, output))
+    kv = (-(-need // block) + draw(st.integers(0, 120))) * block
+    mbt = draw(st.sampled_from([None, 64, 512])) if chunked else draw(st.sampled_from([None, 512]))
     seed = draw(st.integers(0, 3))
-    return (np.cumsum(gaps), prompt, output, policy, spec, replicas, router, max_batch, preempt, kv, mbt, seed)
+    return (np.cumsum(gaps), prompt, output, policy, spec, replicas, router, max_batch, preempt, kv, mbt, seed,
+            batching, block, chunked)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_invariants(sc):
-    arrival, prompt, output, policy, spec, replicas, router, max_batch, preempt, kv, mbt, seed = sc
+    (arrival, prompt, output, policy, spec, replicas, router, max_batch, preempt, kv, mbt, seed, batching, block,
+     chunked) = sc
     trace = make_trace(arrival, prompt, output)
     cfg = RunConfig(scheduler=ComponentSpec.parse(policy, "p"), method=ComponentSpec.parse(spec, "s"),
                     replicas=replicas, router=router, max_batch_size=max_batch, kv_budget_tokens=kv,
-                    max_batched_tokens=mbt, preempt_mode=preempt, seed=seed)
-    res = simulate(cfg, trace, load_profile("llama70b-4xh100-smartspec"))
-    check_invariants(res, len(trace), max_batch, kv, mbt)
+                    max_batched_tokens=mbt, preempt_mode=preempt, seed=seed, batching=batching, block_size=block,
+                    chunked_prefill=chunked or mbt is None)
+    res = simulate(cfg, trace, load_profile("llama70b-4xh100-smartspec"), audit=True)
+    check_invariants(res, len(trace), max_batch, kv, mbt if mbt is not None else 8192)
 
 
 def test_acceptance_matches_closed_form(flat_profile):

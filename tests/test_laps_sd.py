@@ -127,20 +127,25 @@ def test_new_arrival_preempts_long_running_non_perceptible():
 
 
 def test_new_arrival_preempts_in_the_engine(flat_profile):
-    # one request per step: the long request is displaced at the first step boundary after the
-    # short one arrives, under LAPS-SD (and LAS) but not FCFS
+    # one request per step, preemptive batching: the long request is displaced at the first step
+    # boundary after the short one arrives, under LAPS-SD (and LAS) but not FCFS; the long one
+    # keeps its KV (a pause, not a preemption). In vllm mode a running request keeps its slot.
     tr = make_trace([0.0, 1.0], [8, 8], [500, 5])
     prof = flat_profile(alpha=0.5, max_batch_size=1)
     out = {}
-    for pol in ("laps-sd", "las", "fcfs"):
-        cfg = RunConfig(scheduler=ComponentSpec.parse(pol, "p"), method=ComponentSpec.parse("draft:k=3", "s"),
-                        max_batch_size=1, kv_budget_tokens=10_000, seed=1)
-        out[pol] = simulate(cfg, tr, prof).requests
+    for batching in ("preemptive", "vllm"):
+        for pol in ("laps-sd", "las", "fcfs"):
+            cfg = RunConfig(scheduler=ComponentSpec.parse(pol, "p"), method=ComponentSpec.parse("draft:k=3", "s"),
+                            max_batch_size=1, kv_budget_tokens=10_000, seed=1, batching=batching)
+            out[batching, pol] = simulate(cfg, tr, prof).requests
     for pol in ("laps-sd", "las"):
-        r = out[pol]
+        r = out["preemptive", pol]
         assert r["start_s"][1] - r["arrival_s"][1] < 0.0131 + 1e-9  # the next step boundary (13 ms steps)
-        assert r["preemptions"][0] >= 1 and r["completion_s"][1] < r["completion_s"][0]
-    assert out["fcfs"]["completion_s"][1] > out["fcfs"]["completion_s"][0]
+        assert r["pauses"][0] >= 1 and r["completion_s"][1] < r["completion_s"][0]
+        assert r["preemptions"][0] == 0
+    for pol in ("laps-sd", "las", "fcfs"):
+        assert out["vllm", pol]["completion_s"][1] > out["vllm", pol]["completion_s"][0]
+    assert out["preemptive", "fcfs"]["completion_s"][1] > out["preemptive", "fcfs"]["completion_s"][0]
 
 
 # --------------------------------------------------------------------------- stability test
@@ -283,13 +288,13 @@ def test_one_queue_stable_from_first_step_orders_like_srpt():
 def test_merge_within_a_queue():
     # queue 0 (threshold 32): request 0 perceptible with 10 tokens left (finishes in the queue),
     # request 1 perceptible with 500 left (outlasts it), requests 2, 3 non-perceptible
-    pol = make("laps-sd", output=[20, 510, 1000, 1000])
+    pol = make("laps-sd", {"within": "attained"}, output=[20, 510, 1000, 1000])
     make_perceptible(pol, 0, 1, steps=5, committed=2)  # 10 served
     make_perceptible(pol, 1, 1, steps=5, committed=2)
     step(pol, 2, committed=3)
     assert pol.queue[:4].tolist() == [0, 0, 0, 0] and not pol.perceptible[2:].any()
     assert list(pol.order(np.arange(4), 0.0)) == [0, 3, 2, 1]
-    ahead = make("laps-sd", {"merge": "ahead"}, output=[20, 510, 1000, 1000])
+    ahead = make("laps-sd", {"merge": "ahead", "within": "attained"}, output=[20, 510, 1000, 1000])
     make_perceptible(ahead, 0, 1, steps=5, committed=2)
     make_perceptible(ahead, 1, 1, steps=5, committed=2)
     step(ahead, 2, committed=3)
@@ -306,10 +311,18 @@ def test_las_within_arrival_is_fcfs_per_queue():
     step(pol, 0, committed=20)
     step(pol, 1, committed=5)
     assert list(pol.order(np.arange(3), 0.0)) == [0, 1, 2]
-    las = make("las", output=[1000, 1000, 1000])
+    las = make("las", {"within": "attained"}, output=[1000, 1000, 1000])
     step(las, 0, committed=20)
     step(las, 1, committed=5)
     assert list(las.order(np.arange(3), 0.0)) == [2, 1, 0]
+    # the default is MLFQ: FCFS within a queue, so queues and q change the order
+    mlfq = make("las", output=[1000, 1000, 1000])
+    step(mlfq, 0, committed=40)  # queue 1 (q = 32)
+    step(mlfq, 1, committed=5)
+    assert list(mlfq.order(np.arange(3), 0.0)) == [1, 2, 0]
+    coarse = make("las", {"queues": 1}, output=[1000, 1000, 1000])
+    step(coarse, 0, committed=40)
+    assert list(coarse.order(np.arange(3), 0.0)) == [0, 1, 2]
 
 
 # --------------------------------------------------------------------------- end to end

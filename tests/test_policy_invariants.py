@@ -5,7 +5,10 @@ each replica's clock only moves forward."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,7 +30,7 @@ SCHED_VARIANTS = {
                 "laps-sd:queues=1,m=1,predictor=class-mean", "laps-sd:queues=2,q=4,predictor=lognormal,eps=0.2"],
 }
 SPEC_LEN_VARIANTS = {
-    "smartspec": ["smartspec", "smartspec:interval=3,estimator=token,bonus=1.0,probe=2"],
+    "smartspec": ["smartspec", "smartspec:interval=3,estimator=ema,bonus=1.0,probe=2"],
     "smartspec-per-request": ["smartspec-per-request", "smartspec-per-request:interval=2,alpha0=0.3,probe=3"],
 }
 SCHEDULER_SPECS = [v for name in sorted(SCHEDULERS) if not name.startswith("test-")
@@ -48,30 +51,39 @@ def scenarios(draw):
     spec_len = draw(st.sampled_from(SPEC_LEN_SPECS))
     replicas = draw(st.integers(1, 2))
     max_batch = draw(st.integers(1, 8))
-    preempt = draw(st.sampled_from(["keep", "recompute"]))
-    kv = max(p + o + 16 for p, o in zip(prompt, output)) + draw(st.sampled_from([0, 50, 400, 5000]))
+    preempt = draw(st.sampled_from(["swap", "recompute"]))
+    block = draw(st.sampled_from([1, 16]))
+    need = max(p + o + 16 for p, o in zip(prompt, output)) + draw(st.sampled_from([0, 50, 400, 5000]))
+    kv = -(-need // block) * block
     mbt = draw(st.sampled_from([None, 128]))
     seed = draw(st.integers(0, 3))
-    return np.cumsum(gaps), prompt, output, classes, spec_len, replicas, max_batch, preempt, kv, mbt, seed
+    batching = draw(st.sampled_from(["vllm", "preemptive"]))
+    return (np.cumsum(gaps), prompt, output, classes, spec_len, replicas, max_batch, preempt, kv, mbt, seed,
+            batching, block)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("policy", SCHEDULER_SPECS)
-@settings(max_examples=7, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow],
           derandomize=True)
 @given(sc=scenarios())
 def test_policy_invariants(policy, method, sc):
-    arrival, prompt, output, classes, spec_len, replicas, max_batch, preempt, kv, mbt, seed = sc
+    arrival, prompt, output, classes, spec_len, replicas, max_batch, preempt, kv, mbt, seed, batching, block = sc
     trace = make_trace(arrival, prompt, output, classes)
     cfg = RunConfig(scheduler=ComponentSpec.parse(policy, "p"),
                     method=ComponentSpec.parse(METHOD_SPECS.get(method, method), "s"),
                     spec_len=ComponentSpec.parse(spec_len, "l"), replicas=replicas, max_batch_size=max_batch,
                     kv_budget_tokens=kv, max_batched_tokens=mbt, preempt_mode=preempt, seed=seed,
-                    allow_extrapolation=True)
+                    allow_extrapolation=True, batching=batching, block_size=block)
     profile = load_profile(PROFILE)
     try:  # a method added later that this profile cannot run is skipped, not failed
         get_method_class(cfg.method.name)(dict(cfg.method.params), profile, CostModel(profile))
     except SimspecError as exc:
         pytest.skip(f"{method} on {PROFILE}: {exc}")
-    res = simulate(cfg, trace, profile)
-    check_invariants(res, len(trace), max_batch, kv, mbt)
+    res = simulate(cfg, trace, profile, audit=True)
+    check_invariants(res, len(trace), max_batch, kv, mbt if mbt is not None else 8192)
+    # the fast path (many decode steps per event) equals one step per event, byte for byte
+    one = simulate(replace(cfg, window_steps=1), trace, profile)
+    pd.testing.assert_frame_equal(res.requests, one.requests, check_exact=True)
+    pd.testing.assert_frame_equal(res.steps, one.steps, check_exact=True)
+    assert res.summary == one.summary

@@ -55,7 +55,7 @@ def _choices(kind: str) -> str:
 
 
 def build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt, seed,
-                 slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens=None):
+                 slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens=None, engine=None):
     from simspec.policies import get_scheduler_class, get_spec_len_class
     from simspec.simulator.config import ComponentSpec, RunConfig
     from simspec.simulator.methods import get_method_class
@@ -70,7 +70,40 @@ def build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_
                      max_batch_size=max_batch, kv_budget_tokens=kv_budget_tokens,
                      max_batched_tokens=max_batched_tokens, preempt_mode=preempt,
                      seed=seed, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms,
-                     allow_extrapolation=allow_extrapolation)
+                     allow_extrapolation=allow_extrapolation, **(engine or {}))
+
+
+ENGINE_KEYS = ("batching", "block_size", "chunked_prefill", "long_prefill_token_threshold", "window_steps")
+
+
+def engine_options(f):
+    """Engine semantics options (vLLM's names), gathered into one ``engine`` dict argument."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        engine = {k: kw.pop(k) for k in ENGINE_KEYS}
+        return f(*args, engine=engine, **kw)
+
+    opts = [
+        click.option("--batching", default="vllm", show_default=True, type=click.Choice(["vllm", "preemptive"]),
+                     help="Batch formation. vllm: vLLM V1's scheduler (running requests first, waiting ones "
+                          "admitted in the scheduler's priority order into the room left, preemption only "
+                          "when a KV allocation fails). preemptive: the scheduler picks the batch every step "
+                          "(paper-style SRPT/LAS/LAPS-SD); pushed-out requests keep their KV while it fits."),
+        click.option("--block-size", default=16, show_default=True, type=click.IntRange(min=1),
+                     help="KV-cache block size in tokens (vLLM's --block-size)."),
+        click.option("--chunked-prefill/--no-chunked-prefill", default=True, show_default=True,
+                     help="Split long prompts over steps within --max-batched-tokens (vLLM's default)."),
+        click.option("--long-prefill-token-threshold", type=click.IntRange(min=1), default=None,
+                     help="Most prompt tokens one request feeds per step [default: no cap]."),
+        click.option("--window-steps", default=256, show_default=True, type=click.IntRange(min=1),
+                     help="Most decode-only steps advanced per simulation event when the batch is stable "
+                          "(speed only: 1 gives byte-identical outputs, one step per event)."),
+    ]
+    for o in reversed(opts):
+        wrapper = o(wrapper)
+    return wrapper
 
 
 def run_options(f):
@@ -99,9 +132,11 @@ def run_options(f):
                      help="Most tokens fed per step per replica (prefill + k+1 per decode request) "
                           "[default: the profile's capacity, else unlimited]. --max-num-batched-tokens is "
                           "vLLM's name for it."),
-        click.option("--preempt", default="keep", show_default=True, type=click.Choice(["keep", "recompute"]),
-                     help="KV of a request pushed out of the batch: keep while memory allows, or always "
-                          "drop it (recompute its context on resume)."),
+        click.option("--preempt", default="recompute", show_default=True,
+                     type=click.Choice(["recompute", "swap", "keep"]),
+                     help="A preempted request's KV (freed when an allocation fails): recompute its context "
+                          "on resume (vLLM V1), or swap it out and back without recompute (transfer time not "
+                          "modelled; 'keep' is the old name of swap)."),
         click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
                      help="Run seed, >= 0 (all random streams)."),
         click.option("--slo-ttft-ms", type=float, default=None, help="TTFT SLO in ms (for attainment)."),
@@ -131,8 +166,8 @@ SUMMARY_ROWS = [
     ("mean TPOT (ms)", "tpot_ms_mean", 2), ("throughput (tok/s)", "throughput_tokens_per_s", 1),
     ("tokens / decode step (mean over steps)", "mean_tokens_per_decode_step", 2),
     ("draft acceptance rate", "draft_acceptance_rate", 3),
-    ("preemptions", "preemptions", 0), ("SLO attainment", "slo_attainment", 3),
-    ("SLO goodput (req/s)", "slo_goodput_requests_per_s", 3),
+    ("pauses", "pauses", 0), ("preemptions", "preemptions", 0), ("recomputed tokens", "recomputed_tokens", 0),
+    ("SLO attainment", "slo_attainment", 3), ("SLO goodput (req/s)", "slo_goodput_requests_per_s", 3),
 ]
 # the same run as `vllm bench serve` prints it (its metric names)
 VLLM_ROWS = [
@@ -181,9 +216,10 @@ def _finish_result(result, goodput_slo, trace_rec: dict) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table (the run directory is still printed).")
 @format_option
 @transform_options
+@engine_options
 def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_batch, kv_budget_tokens,
            max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, goodput, out_dir, force,
-           quiet, fmt, transforms):
+           quiet, fmt, transforms, engine):
     """Replay TRACE through the simulated cluster and write a run directory.
 
     TRACE is a file in any supported format (canonical CSV, Azure, …; auto-detected; .gz read
@@ -197,7 +233,7 @@ def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_ba
     from simspec.vllm_metrics import GoodputSLO
 
     config = build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt, seed,
-                          slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens)
+                          slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens, engine)
     goodput_slo = GoodputSLO.parse(goodput)
     if out_dir is not None:
         check_output_dir(out_dir, "run", force=force)
@@ -234,9 +270,10 @@ def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_ba
 @click.option("--force", is_flag=True, help="Replace run directories that exist (simspec outputs only).")
 @format_option
 @transform_options
+@engine_options
 def compare(trace, policies, spec, spec_len, profile_name, replicas, router, max_batch, kv_budget_tokens,
             max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, goodput, out_dir, force,
-            fmt, transforms):
+            fmt, transforms, engine):
     """Replay TRACE (default: the bundled Azure coding trace) under several schedulers and print
     the comparison. This is the quickstart's main job."""
     from simspec.atomic import check_output_dir
@@ -255,7 +292,8 @@ def compare(trace, policies, spec, spec_len, profile_name, replicas, router, max
         if name in configs:
             raise ConfigError(f"--policies: {name!r} given twice")
         configs[name] = build_config(name, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt,
-                                     seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens)
+                                     seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens,
+                                     engine)
     canon = {}
     for name, cfg in configs.items():
         key = str(cfg.scheduler)

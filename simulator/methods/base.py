@@ -75,6 +75,90 @@ class StepOutcome:
     step_ms: float
     drafted: np.ndarray
     accepted: np.ndarray
+    position_accepts: np.ndarray | None = None  # accepted positions, prefix or not (None: = accepted)
+
+
+@dataclass
+class DecodeWindow:
+    """Up to ``n_steps`` consecutive decode-only steps of one fixed batch (every member decoding,
+    each with a fixed speculation length ``k``, capped per step at its remaining − 1).
+
+    Inputs are per member (aligned with ``idx``): ``ctx_tokens`` and ``remaining`` at the window's
+    start, ``rng_base``/``draws`` (counter-based random state, see :class:`StepRandom`).
+    """
+
+    idx: np.ndarray
+    ctx_tokens: np.ndarray
+    k: np.ndarray
+    remaining: np.ndarray
+    alpha: np.ndarray
+    class_idx: np.ndarray
+    rng_base: np.ndarray
+    draws: np.ndarray
+    n_steps: int
+
+
+@dataclass
+class WindowOutcome:
+    """Per-step results of a :class:`DecodeWindow`, arrays of shape (steps, members) unless said.
+
+    The window stops at the first step in which a member completes (that step included), so every
+    member is unfinished at the start of every step. ``step_ms`` (steps,); ``k`` the speculation
+    length each member used; ``draws`` the random draws each member consumed in each step.
+    """
+
+    step_ms: np.ndarray
+    k: np.ndarray
+    drafted: np.ndarray
+    accepted: np.ndarray
+    position_accepts: np.ndarray
+    committed: np.ndarray
+    fed_tokens: np.ndarray
+    draws: np.ndarray
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.step_ms.shape[0])
+
+
+class StepRandom:
+    """Counter-based uniforms for one step's batch, a drop-in for ``Generator.random(shape)``.
+
+    Row r of every draw belongs to batch member r; its numbers are ``counter_uniforms(base_r,
+    draws_r + offset_r + j)``, so what a request draws depends only on the run seed, its id and how
+    many numbers it drew before — not on the batch, the replica, or how steps are grouped. Methods
+    that draw for a subset of rows pass ``rows``. ``used`` is each row's count after the step.
+    """
+
+    __slots__ = ("base", "start", "used")
+
+    def __init__(self, base: np.ndarray, draws: np.ndarray):
+        self.base = base
+        self.start = draws
+        self.used = np.zeros(base.shape[0], dtype=np.uint64)
+
+    def random(self, shape, rows: np.ndarray | None = None) -> np.ndarray:
+        from simspec.rng import counter_uniforms
+
+        m = int(shape[1]) if len(shape) > 1 else 1
+        if rows is None:
+            base, ctr = self.base, self.start + self.used
+        else:
+            base, ctr = self.base[rows], self.start[rows] + self.used[rows]
+        u = counter_uniforms(base[:, None], ctr[:, None] + np.arange(m, dtype=np.uint64)[None, :])
+        if rows is None:
+            self.used += np.uint64(m)
+        else:
+            self.used[rows] += np.uint64(m)
+        return u if len(shape) > 1 else u[:, 0]
+
+
+def draw_random(rng, shape, rows: np.ndarray | None = None) -> np.ndarray:
+    """``rng.random(shape)`` for the batch rows ``rows`` (all when None); works for a plain
+    ``numpy.random.Generator`` (tests) and for :class:`StepRandom` (the engine)."""
+    if isinstance(rng, StepRandom):
+        return rng.random(shape, rows)
+    return rng.random(shape)
 
 
 class Method:
@@ -116,6 +200,49 @@ class Method:
     # --- per step ----------------------------------------------------------------------------
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         raise NotImplementedError
+
+    #: uniforms a decode member consumes per step whatever it drafts (None: what it actually drew).
+    #: Methods with a vectorised :meth:`decode_window` fix it so draws line up across steps.
+    draws_per_step: ClassVar[int | None] = None
+
+    def decode_window(self, w: DecodeWindow) -> WindowOutcome:
+        """Run up to ``w.n_steps`` decode-only steps of a fixed batch (see :class:`DecodeWindow`).
+
+        This generic version calls :meth:`step` once per step; methods override it with a
+        vectorised one. Either way step ``s`` of a window is exactly what a one-step window started
+        there would compute, which the engine's equivalence tests check."""
+        n = w.idx.shape[0]
+        zeros_b = np.zeros(n, dtype=bool)
+        ctx = w.ctx_tokens.copy()
+        rem = w.remaining.copy()
+        draws = w.draws.copy()
+        cols: dict[str, list] = {key: [] for key in ("ms", "k", "d", "a", "p", "c", "f", "r")}
+        fixed = self.draws_per_step
+        for _ in range(w.n_steps):
+            k = np.minimum(w.k, rem - 1)
+            batch = BatchStep(idx=w.idx, prefill=zeros_b, fed_tokens=k + 1, ctx_tokens=ctx, k=k, remaining=rem,
+                              alpha=w.alpha, class_idx=w.class_idx)
+            rnd = StepRandom(w.rng_base, draws)
+            out = self.step(rnd, batch)
+            used = np.full(n, fixed, dtype=np.uint64) if fixed is not None else rnd.used
+            draws = draws + used
+            cols["r"].append(used)
+            committed = np.minimum(out.accepted + 1, rem)
+            pa = out.position_accepts if out.position_accepts is not None else out.accepted
+            for key, v in (("ms", out.step_ms), ("k", k), ("d", out.drafted), ("a", out.accepted), ("p", pa),
+                           ("c", committed), ("f", k + 1)):
+                cols[key].append(v)
+            rem = rem - committed
+            ctx = ctx + committed
+            if bool((rem <= 0).any()):
+                break
+        return WindowOutcome(step_ms=np.asarray(cols["ms"], dtype=np.float64), k=np.asarray(cols["k"]),
+                             drafted=np.asarray(cols["d"], dtype=np.int64),
+                             accepted=np.asarray(cols["a"], dtype=np.int64),
+                             position_accepts=np.asarray(cols["p"], dtype=np.int64),
+                             committed=np.asarray(cols["c"], dtype=np.int64),
+                             fed_tokens=np.asarray(cols["f"], dtype=np.int64),
+                             draws=np.asarray(cols["r"], dtype=np.uint64))
 
     # --- estimates used by policies (SmartSpec, LAPS-SD) ----------------------------------------
     def stage_estimates_ms(self, batch_size: int, kv_tokens: float, k: int) -> tuple[float, float]:

@@ -19,7 +19,9 @@ _max = np.maximum.reduce
 _min = np.minimum.reduce
 
 from simspec.errors import ConfigError
-from simspec.simulator.methods.base import BatchStep, Method, StepOutcome, register_method
+from simspec.rng import counter_uniforms
+from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, WindowOutcome,
+                                            register_method)
 
 
 @register_method("draft")
@@ -35,6 +37,8 @@ class DraftModel(Method):
             raise ConfigError(f"--spec draft: k must be an integer >= 0, got {k!r}")
         self._k = k
         self.draft_layers = int(self.params["draft_layers"])
+        #: the profile's draft_step covers a whole step's drafting ("per": "step"), not one pass
+        self.per_step = cost.has("draft_step") and profile.stages["draft_step"].get("per") == "step"
         if not cost.has("draft_step"):
             if cost.whole_model or self.draft_layers <= 0:
                 raise ConfigError(f"--spec draft: profile {profile.name} has no 'draft_step' stage"
@@ -49,8 +53,9 @@ class DraftModel(Method):
 
     def draft_pass_ms(self, batch_size: float, batched_tokens: float, kv_tokens: float,
                       logits_tokens: float | None = None) -> float:
-        """One draft-model forward over the batch (LM head over ``logits_tokens``, default all)."""
-        if batch_size <= 0:
+        """One draft-model forward over the batch (LM head over ``logits_tokens``, default all).
+        Arrays (one entry per step) are costed entry by entry."""
+        if type(batch_size) is not np.ndarray and batch_size <= 0:
             return 0.0
         c = self.cost
         if c.has("draft_step"):
@@ -72,7 +77,12 @@ class DraftModel(Method):
         if _any(pre):  # the draft model prefills the same context
             n_pre = int(_sum(pre))
             ms += self.draft_pass_ms(n_pre, float(_sum(batch.fed_tokens[pre])), 0.0, logits_tokens=n_pre)
-        if speculating:
+        if speculating and self.per_step:
+            sel = k > 0
+            b = int(_sum(sel))
+            ms += self.draft_pass_ms(b, b, float(_sum(batch.ctx_tokens[sel])))
+            accepted, positions = self.acceptance.sample_accepted_positions(rng, batch.alpha, batch.class_idx, k)
+        elif speculating:
             kmax = int(_max(k))
             if int(_min(k)) == kmax:  # uniform k: every pass has the same shape except growing context
                 ctx_sum = float(_sum(batch.ctx_tokens))
@@ -83,12 +93,89 @@ class DraftModel(Method):
                     sel = k > j
                     b = int(_sum(sel))
                     ms += self.draft_pass_ms(b, b, float(_sum(batch.ctx_tokens[sel])) + j * b)
-            accepted = self.acceptance.sample_accepted(rng, batch.alpha, batch.class_idx, k)
+            accepted, positions = self.acceptance.sample_accepted_positions(rng, batch.alpha, batch.class_idx, k)
         else:
             accepted = np.zeros(n, dtype=np.int64)
-        return StepOutcome(step_ms=self.cost.finish(ms), drafted=k.astype(np.int64), accepted=accepted)
+            positions = accepted
+        return StepOutcome(step_ms=self.cost.finish(ms), drafted=k.astype(np.int64), accepted=accepted,
+                           position_accepts=positions)
+
+    @property
+    def draws_per_step(self) -> int:  # type: ignore[override]
+        """Every decode step consumes k_max uniforms per member (the first k are used)."""
+        return self._k
+
+    def decode_window(self, w: DecodeWindow) -> WindowOutcome:
+        """All the window's acceptance draws at once; step s of member i uses draws
+        ``draws_i + s·k_max + j``. Capping k at remaining − 1 never changes how many tokens a step
+        commits (``min(accepted + 1, remaining)`` either way), so the completion step and every
+        step's context follow from cumulative sums; cost is evaluated over all steps as arrays."""
+        n, steps = w.idx.shape[0], w.n_steps
+        kk = int(w.k.max()) if n else 0
+        rem0 = w.remaining
+        pos = np.arange(max(kk, 1))
+        if kk > 0:
+            ctr = (w.draws[None, :, None] + np.arange(steps, dtype=np.uint64)[:, None, None] * np.uint64(self._k)
+                   + pos[:kk].astype(np.uint64)[None, None, :])
+            p = self.acceptance.position_probs(w.alpha, w.class_idx, kk)
+            ok = counter_uniforms(w.rng_base[None, :, None], ctr) < p[None]
+            ok &= pos[:kk][None, None, :] < w.k[None, :, None]
+            acc_full = np.cumprod(ok, axis=2).sum(axis=2)
+        else:
+            ok = None
+            acc_full = np.zeros((steps, n), dtype=np.int64)
+        commit_full = acc_full + 1
+        csum = np.cumsum(commit_full, axis=0)
+        any_done = (csum >= rem0[None, :]).any(axis=1)
+        if any_done.any():
+            last = int(any_done.argmax()) + 1
+            commit_full, csum, acc_full = commit_full[:last], csum[:last], acc_full[:last]
+            if ok is not None:
+                ok = ok[:last]
+        s_eff = commit_full.shape[0]
+        before = csum - commit_full
+        rem_s = rem0[None, :] - before
+        k_eff = np.minimum(w.k[None, :], rem_s - 1)
+        accepted = np.minimum(acc_full, k_eff)
+        if ok is not None:
+            positions = (ok & (pos[:kk][None, None, :] < k_eff[:, :, None])).sum(axis=2)
+        else:
+            positions = accepted
+        committed = np.minimum(accepted + 1, rem_s)
+        ctx = w.ctx_tokens[None, :] + before
+        fed = k_eff + 1
+        fed_sum = fed.sum(axis=1).astype(np.float64)
+        b = np.full(s_eff, float(n))
+        kmax_s = k_eff.max(axis=1)
+        ctx_sum = ctx.sum(axis=1).astype(np.float64)
+        ms = self.cost.target_ms(b, fed_sum, ctx_sum, kmax_s > 0, logits_tokens=fed_sum)
+        kk_all = int(kmax_s.max()) if s_eff else 0
+        if kk_all and self.per_step:
+            sel = k_eff > 0
+            bs_ = sel.sum(axis=1).astype(np.float64)
+            ms = ms + self.draft_pass_ms(bs_, bs_, (ctx * sel).sum(axis=1).astype(np.float64))
+        elif kk_all:
+            # draft pass j runs the members with k > j over their context + j: all passes of all
+            # steps in one (steps, passes) evaluation, added pass by pass
+            jj = np.arange(kk_all)
+            if int(k_eff.min()) == kk_all:
+                bj = np.broadcast_to(b[:, None], (s_eff, kk_all))
+                kv = ctx_sum[:, None] + jj[None, :] * float(n)
+            else:
+                sel = k_eff[:, :, None] > jj[None, None, :]
+                bj = sel.sum(axis=1).astype(np.float64)
+                kv = (ctx[:, :, None] * sel).sum(axis=1).astype(np.float64) + jj[None, :] * bj
+            passes = self.draft_pass_ms(bj, bj, kv)
+            for j in range(kk_all):
+                ms = ms + passes[:, j]
+        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_eff, drafted=k_eff.astype(np.int64),
+                             accepted=accepted.astype(np.int64), position_accepts=positions.astype(np.int64),
+                             committed=committed.astype(np.int64), fed_tokens=fed.astype(np.int64),
+                             draws=np.full((s_eff, n), self._k, dtype=np.uint64))
 
     def stage_estimates_ms(self, batch_size: int, kv_tokens: float, k: int) -> tuple[float, float]:
         draft = self.draft_pass_ms(batch_size, batch_size, kv_tokens)
+        if self.per_step:  # one figure per step: per draft token, spread over the k drafts
+            draft = draft / k if k > 0 else 0.0
         verify = self.cost.target_ms(batch_size, batch_size * (k + 1), kv_tokens, speculating=k > 0)
         return draft, verify

@@ -37,7 +37,7 @@ import numpy as np
 
 from simspec.errors import ConfigError
 from simspec.simulator.acceptance_early_exit import HiSpecAcceptance, hispec_buffer_expectations
-from simspec.simulator.methods.base import BatchStep, Method, StepOutcome, register_method
+from simspec.simulator.methods.base import draw_random, BatchStep, Method, StepOutcome, register_method
 from simspec.simulator.methods.kangaroo import (DEFAULT_ALPHA, class_entry_names, early_exit_step_ms,
                                                 int_param, profile_setting, require_layer_level,
                                                 setting_notes)
@@ -134,7 +134,7 @@ class HiSpec(Method):
                     break
                 mi = m[ai]
                 d = np.minimum(nd, k[ai] - mi)
-                ok = (rng.random((ai.size, nd)) < p_d[ai]) & (pos < d[:, None])
+                ok = (draw_random(rng, (ai.size, nd), ai) < p_d[ai]) & (pos < d[:, None])
                 agreed = np.cumprod(ok, axis=1).sum(axis=1)
                 c_ai = ctx[ai] + mi
                 ms += self._draft_rounds_ms(d, c_ai)

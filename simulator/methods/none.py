@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from simspec.simulator.methods.base import BatchStep, Method, StepOutcome, register_method
+from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, WindowOutcome,
+                                            register_method)
 
 
 @register_method("none")
@@ -20,3 +21,19 @@ class NoSpeculation(Method):
         ms = self.cost.target_ms(n, float(batch.fed_tokens.sum()), kv, logits_tokens=batch.logits_tokens())
         zeros = np.zeros(n, dtype=np.int64)
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=zeros, accepted=zeros.copy())
+
+    draws_per_step = 0
+
+    def decode_window(self, w: DecodeWindow) -> WindowOutcome:
+        """One token per member per step; the window ends when the shortest request completes."""
+        n = w.idx.shape[0]
+        s_eff = min(w.n_steps, int(w.remaining.min()))
+        s = np.arange(s_eff, dtype=np.int64)
+        ctx_sum = (int(w.ctx_tokens.sum()) + n * s).astype(np.float64)
+        b = np.full(s_eff, n, dtype=np.int64)
+        ms = self.cost.target_ms(b, b.astype(np.float64), ctx_sum, logits_tokens=b.astype(np.float64))
+        zeros = np.zeros((s_eff, n), dtype=np.int64)
+        ones = np.ones((s_eff, n), dtype=np.int64)
+        return WindowOutcome(step_ms=self.cost.finish(ms), k=zeros, drafted=zeros, accepted=zeros,
+                             position_accepts=zeros, committed=ones, fed_tokens=ones,
+                             draws=np.zeros((s_eff, n), dtype=np.uint64))

@@ -1,0 +1,188 @@
+"""Engine semantics (vLLM-style batching, chunked prefill, preemption) and the fast path's
+equivalence: golden cases worked by hand, scheduler-independence when nothing saturates, no
+starvation, no recompute storm, SmartSpec's estimator, row-order invariance."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from simspec.errors import ConfigError
+from simspec.profile import load_profile, profile_from_doc
+from simspec.simulator.config import ComponentSpec, RunConfig
+from simspec.simulator.run import simulate
+from tests.conftest import flat_profile_doc, make_trace
+
+
+def cfg(policy="fcfs", spec="none", spec_len="fixed", **kw) -> RunConfig:
+    return RunConfig(scheduler=ComponentSpec.parse(policy, "p"), method=ComponentSpec.parse(spec, "s"),
+                     spec_len=ComponentSpec.parse(spec_len, "l"), **kw)
+
+
+def col(res, name):
+    return res.requests[name].to_numpy()
+
+
+def test_chunked_prefill_golden(flat_profile):
+    # Flat 10 ms steps, token budget 8, block size 1. B (prompt 4, output 10) and A (prompt 20,
+    # output 2) arrive at 0; B is first (ties by request id: B is r0).
+    # step 1: B prefills 4, A gets the 4 tokens left          → B's first token at 0.01
+    # step 2: B decodes 1 (decodes first), A chunk 7 (11 done)
+    # step 3: B 1, A 7 (18 done); step 4: B 1, A 2 → A's prompt completes: first token at 0.04
+    # step 5: B 1, A 1 → A done at 0.05; B decodes every step: done at 0.10
+    tr = make_trace([0, 0], [4, 20], [10, 2])
+    res = simulate(cfg(max_batched_tokens=8, block_size=1), tr, flat_profile())
+    assert col(res, "first_token_s") == pytest.approx([0.01, 0.04])
+    assert col(res, "completion_s") == pytest.approx([0.10, 0.05])
+    assert list(col(res, "pauses")) == [0, 0]
+    assert list(res.steps["fed_tokens"][:6]) == [8, 8, 8, 3, 2, 1]
+    assert list(res.steps["prefills"][:5]) == [2, 1, 1, 1, 0]
+    # without chunked prefill the 20-token prompt can never fit an 8-token step: refused up front
+    with pytest.raises(ConfigError, match="chunked prefill is off"):
+        simulate(cfg(max_batched_tokens=8, block_size=1, chunked_prefill=False), tr, flat_profile())
+    # long_prefill_token_threshold caps a prompt's chunk even when the budget has room
+    res = simulate(cfg(max_batched_tokens=64, block_size=1, long_prefill_token_threshold=5),
+                   make_trace([0], [20], [1]), flat_profile())
+    assert col(res, "first_token_s") == pytest.approx([0.04])  # chunks 5, 5, 5, 5
+
+
+def test_kv_allocation_preempts_the_lowest_priority_running_request(flat_profile):
+    # Block size 4, 5 blocks, no watermark, FCFS (admission order A, B, C). Prompts 4, 7, 1;
+    # outputs 3, 3, 2. Step 1 prefills all: A needs 5 slots (2 blocks), B 8 (2), C 2 (1): full.
+    # Step 2: A needs 6 slots (still 2 blocks); B needs 9 slots → a 3rd block, none free: the
+    # victim is the lowest-priority running request, C (not B, which asked): C's block is freed and
+    # C goes back to waiting (recompute). A and B finish at 0.03; C re-prefills prompt + its one
+    # generated token (2 tokens) at 0.04 and samples its 2nd token: done at 0.04.
+    tr = make_trace([0, 0, 0], [4, 7, 1], [3, 3, 2])
+    res = simulate(cfg(block_size=4, kv_budget_tokens=20, watermark=0.0), tr, flat_profile())
+    assert col(res, "completion_s") == pytest.approx([0.03, 0.03, 0.04])
+    assert list(col(res, "preemptions")) == [0, 0, 1]
+    assert list(col(res, "recomputes")) == [0, 0, 1]
+    assert list(col(res, "recomputed_tokens")) == [0, 0, 2]
+    assert col(res, "first_token_s") == pytest.approx([0.01, 0.01, 0.01])
+    # swap: C comes back with its KV, no recompute
+    res = simulate(cfg(block_size=4, kv_budget_tokens=20, watermark=0.0, preempt_mode="swap"), tr, flat_profile())
+    assert list(col(res, "preemptions")) == [0, 0, 1]
+    assert list(col(res, "recomputes")) == [0, 0, 0]
+    assert col(res, "completion_s") == pytest.approx([0.03, 0.03, 0.04])
+
+
+def _random_trace(n, seed, rate=2.0, prompt=(10, 400), output=(5, 300)):
+    rng = np.random.default_rng(seed)
+    return make_trace(np.cumsum(rng.exponential(1 / rate, n)), rng.integers(*prompt, n), rng.integers(*output, n))
+
+
+SCHEDULERS = ["fcfs", "srpt", "las", "laps-sd"]
+CORE = ["request_id", "start_s", "first_token_s", "completion_s", "steps", "drafted", "accepted", "pauses",
+        "preemptions"]
+
+
+@pytest.mark.parametrize("batching", ["vllm", "preemptive"])
+def test_schedulers_coincide_when_nothing_saturates(batching):
+    # batch cap, token budget and KV never bind: order has nothing to act on
+    tr = _random_trace(40, 1)
+    prof = load_profile("llama70b-4xh100-smartspec")
+    frames = [simulate(cfg(p, "draft:k=4", batching=batching, max_batch_size=256), tr, prof).requests[CORE]
+              for p in SCHEDULERS]
+    for f in frames[1:]:
+        pd.testing.assert_frame_equal(frames[0], f)
+
+
+@pytest.mark.parametrize("policy", SCHEDULERS)
+def test_running_decodes_are_never_starved_in_vllm_mode(policy):
+    # long prompts, a tight token budget: every decoding request still runs in every step from its
+    # first token to its completion (its decode steps = its replica's steps in that interval)
+    tr = _random_trace(30, 2, rate=20.0, prompt=(200, 1500), output=(5, 60))
+    res = simulate(cfg(policy, "draft:k=3", max_batched_tokens=256, max_batch_size=16),
+                   tr, load_profile("llama70b-4xh100-smartspec"))
+    st = res.steps
+    for _, r in res.requests.iterrows():
+        mine = st[(st["replica"] == r["replica"]) & (st["start_s"] >= r["first_token_s"] - 1e-12)
+                  & (st["end_s"] <= r["completion_s"] + 1e-12)]
+        assert len(mine) == r["decode_steps"], r["request_id"]
+
+
+@pytest.mark.parametrize("batching", ["vllm", "preemptive"])
+def test_no_recompute_storm_on_the_demo_trace(batching):
+    from simspec.traces.formats import load_trace
+
+    tr = load_trace("traces/data/azure_code_2023.csv")
+    prof = load_profile("llama70b-4xh100-smartspec")
+    for policy in ("las", "laps-sd", "srpt"):
+        res = simulate(cfg(policy, "draft:k=4", replicas=2, batching=batching), tr, prof)
+        s = res.summary
+        assert s["recomputes"] <= 0.01 * len(tr), (policy, s["recomputes"])
+        assert s["latency_ms_mean"] < 60_000, (policy, s["latency_ms_mean"])
+
+
+def test_smartspec_estimate_converges_to_the_true_acceptance():
+    # per-request α ~ Beta(7, 3); the replica's α̂ (cumulative accepted / drafted positions) ends
+    # within 5 % of the true mean acceptance over the positions it drafted
+    tr = make_trace(np.linspace(0, 5, 60), np.full(60, 100), np.full(60, 600))
+    res = simulate(cfg("fcfs", "draft:k=5", "smartspec", max_batch_size=16), tr, load_profile("llama70b-4xh100-smartspec"))
+    req = res.requests
+    true = float((req["alpha"] * req["drafted"]).sum() / req["drafted"].sum())
+    est = float(res.steps["policy_value"].iloc[-1])
+    assert abs(est - true) / true < 0.05
+    assert res.steps["k_max"].mean() > 1.0  # no k = 0 trap
+    # fixed α = 0.6 on a flat profile: the estimate is 0.6 within 5 %
+    prof = profile_from_doc(flat_profile_doc(alpha=0.6, max_batch_size=16), "flat")
+    res = simulate(cfg("fcfs", "draft:k=4", "smartspec", max_batch_size=16), tr, prof)
+    assert abs(float(res.steps["policy_value"].iloc[-1]) - 0.6) < 0.03
+
+
+def test_permuting_rows_with_tied_arrivals_changes_nothing():
+    arrival = np.repeat([0.0, 0.5, 1.0, 1.5], 6)
+    rng = np.random.default_rng(3)
+    prompt, output = rng.integers(10, 300, arrival.size), rng.integers(5, 200, arrival.size)
+    ids = [f"q{i:02d}" for i in range(arrival.size)]
+    perm = np.concatenate([rng.permutation(np.flatnonzero(arrival == a)) for a in np.unique(arrival)])
+    from simspec.trace import Trace
+
+    def trace(order):
+        return Trace.from_columns(request_id=[ids[i] for i in order], arrival_s=arrival[order],
+                                  prompt_tokens=prompt[order], output_tokens=output[order], source="t")
+
+    prof = load_profile("llama70b-4xh100-smartspec")
+    for policy in ("fcfs", "laps-sd"):
+        c = cfg(policy, "draft:k=4", replicas=2, max_batch_size=4)
+        a = simulate(c, trace(np.arange(arrival.size)), prof).requests
+        b = simulate(c, trace(perm), prof).requests
+        pd.testing.assert_frame_equal(a.sort_values("request_id").reset_index(drop=True),
+                                      b.sort_values("request_id").reset_index(drop=True))
+
+
+def test_fast_path_equals_one_step_per_event_on_a_saturated_run():
+    # a run with every kind of event: chunked prefills, preemptions, completions, arrivals
+    tr = _random_trace(120, 4, rate=30.0, prompt=(50, 2000), output=(5, 400))
+    prof = load_profile("llama70b-4xh100-smartspec")
+    for batching in ("vllm", "preemptive"):
+        c = cfg("laps-sd", "draft:k=4", "smartspec", replicas=2, max_batch_size=8, kv_budget_tokens=6000,
+                max_batched_tokens=1024, batching=batching)
+        a, b = simulate(c, tr, prof), simulate(replace(c, window_steps=1), tr, prof)
+        pd.testing.assert_frame_equal(a.requests, b.requests, check_exact=True)
+        pd.testing.assert_frame_equal(a.steps, b.steps, check_exact=True)
+        assert a.summary == b.summary
+        assert a.summary["preemptions"] > 0 or batching == "preemptive"
+
+
+def test_smartspec_within_5_percent_of_the_best_fixed_k_at_every_load():
+    # the "when speculation hurts" study (benchmarks/study_when_speculation_hurts.py): same trace
+    # shape, profile and seed, at its lowest, middle and highest loads
+    import sys
+
+    sys.path.insert(0, "benchmarks")
+    from study_when_speculation_hurts import run_one
+
+    from simspec.traces.synthetic import FixedLengths, PoissonArrivals, synthesize
+
+    prof = load_profile("llama70b-4xh100-smartspec")
+    for rate in (1.0, 12.0, 20.0, 40.0):
+        tr = synthesize(PoissonArrivals(rate), FixedLengths(128, 256), n=800, seed=0, source="t")
+        fixed = min(run_one(tr, prof, spec, "fixed", 0)["latency_ms_mean"]
+                    for spec in ("none", "draft:k=1", "draft:k=3", "draft:k=5"))
+        smart = run_one(tr, prof, "draft:k=5", "smartspec", 0)["latency_ms_mean"]
+        assert smart <= 1.05 * fixed, (rate, smart, fixed)
