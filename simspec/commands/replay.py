@@ -73,7 +73,8 @@ def build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_
                      allow_extrapolation=allow_extrapolation, **(engine or {}))
 
 
-ENGINE_KEYS = ("batching", "block_size", "chunked_prefill", "long_prefill_token_threshold", "window_steps")
+ENGINE_KEYS = ("batching", "block_size", "chunked_prefill", "long_prefill_token_threshold", "window_steps",
+               "gpu_memory_utilization")
 
 
 def engine_options(f):
@@ -97,6 +98,9 @@ def engine_options(f):
                      help="Split long prompts over steps within --max-batched-tokens (vLLM's default)."),
         click.option("--long-prefill-token-threshold", type=click.IntRange(min=1), default=None,
                      help="Most prompt tokens one request feeds per step [default: no cap]."),
+        click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Share of GPU memory the engine may use (vLLM's option): derive the KV budget from "
+                          "the profile's memory figures (analytic profiles) instead of its kv_budget_tokens."),
         click.option("--window-steps", default=256, show_default=True, type=click.IntRange(min=1),
                      help="Most decode-only steps advanced per simulation event when the batch is stable "
                           "(speed only: 1 gives byte-identical outputs, one step per event)."),

@@ -197,6 +197,12 @@ class Method:
     def bind_acceptance(self, model: AcceptanceModel) -> None:
         self.acceptance = model
 
+    def stages_used(self) -> set[str]:
+        """Profile latency stages this method's steps evaluate (range checks look at these only)."""
+        if self.cost.whole_model:
+            return {"target_step"}
+        return {"layer", "lm_head", "embed"}
+
     # --- per step ----------------------------------------------------------------------------
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         raise NotImplementedError

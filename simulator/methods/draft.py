@@ -51,6 +51,12 @@ class DraftModel(Method):
     def k_max(self) -> int:
         return self._k
 
+    def stages_used(self) -> set[str]:
+        used = super().stages_used()
+        if self.cost.has("draft_step"):
+            return used | {"draft_step"}
+        return used | {"layer", "lm_head", "embed"}
+
     def draft_pass_ms(self, batch_size: float, batched_tokens: float, kv_tokens: float,
                       logits_tokens: float | None = None) -> float:
         """One draft-model forward over the batch (LM head over ``logits_tokens``, default all).
