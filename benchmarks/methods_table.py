@@ -72,7 +72,7 @@ def main() -> None:
         for r, spec, s in rows:
             if r != rate:
                 continue
-            acc = s.get("acceptance_rate")
+            acc = s.get("draft_acceptance_rate")
             print(f"| {rate:g} | {spec} | {s['latency_ms_mean']:,.0f} | {s['latency_ms_p99']:,.0f} | "
                   f"{s['tpot_ms_mean']:.2f} | {s['mean_tokens_per_decode_step']:.2f} | "
                   f"{'-' if acc is None else f'{acc:.2f}'} | {ref / s['latency_ms_mean']:.2f}x |")

@@ -58,7 +58,7 @@ def run_one(trace, profile, spec: str, spec_len: str, seed: int) -> dict:
         "latency_ms_mean": s["latency_ms_mean"], "latency_ms_p50": s["latency_ms_p50"],
         "latency_ms_p99": s["latency_ms_p99"], "ttft_ms_mean": s["ttft_ms_mean"], "tpot_ms_mean": s["tpot_ms_mean"],
         "throughput_tokens_per_s": s["throughput_tokens_per_s"], "mean_batch_size": s["mean_batch_size"],
-        "tokens_per_decode_step": s["mean_tokens_per_decode_step"], "acceptance_rate": s["acceptance_rate"],
+        "tokens_per_decode_step": s["mean_tokens_per_decode_step"], "acceptance_rate": s["draft_acceptance_rate"],
         "utilisation": s["replica_utilisation"][0],
         "mean_k": float(dec["k_max"].mean()) if len(dec) else 0.0,
         "mean_alpha_hat": float(st["policy_value"].mean()) if st["policy_value"].notna().any() else float("nan"),

@@ -257,3 +257,24 @@ def load_model(spec: str = "smollm2-135m", dtype: str = "bf16", device: str = "c
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id,
                        config_dict=_plain_config_dict(model.config), dtype=dtype, device=device,
                        source=source, load_s=time.perf_counter() - t0)
+
+
+def silence_progress_bars() -> None:
+    """Turn off the progress bars transformers and huggingface_hub draw while loading models
+    (``calibrate --no-progress`` / ``--quiet``)."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass

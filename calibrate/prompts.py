@@ -57,6 +57,8 @@ def jsonl_objects(path: str | Path, label: str):
     p = Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise SimspecError(f"{label} {p}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected JSONL") from None
     except OSError as exc:
         raise SimspecError(f"{label} {p}: cannot read ({exc.strerror})") from None
     for no, line in enumerate(lines, 1):

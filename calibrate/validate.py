@@ -380,16 +380,22 @@ def load_info() -> dict[str, Any]:
 def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | None, policy: str, profile_arg: str,
                    device: str, out_dir: str, time_scale: float = 1.0, seed: int = 0, dtype: str | None = None,
                    threads: int | None = None, fit_overhead_to: str | None = None, heldout: bool = True,
-                   echo: Any = print) -> dict[str, Any]:
+                   echo: Any = print, force: bool = False) -> dict[str, Any]:
     """The whole of ``simspec validate``: checks, real run, simulated run, held-out checks, report.
 
     Returns the ``validation.json`` document. With ``fit_overhead_to``, also fits the per-step
     overhead on this run and writes a copy of the profile there with it (see :func:`fit_overhead`).
+    ``out_dir`` is checked first (an existing one is replaced only with ``force``, and only if
+    simspec wrote it) and written atomically at the end.
     """
     from pathlib import Path
 
     from simspec import __version__
-    from simspec.atomic import write_json, write_text
+    from simspec.atomic import atomic_dir, check_output_dir, check_output_file, write_json, write_text
+
+    check_output_dir(out_dir, "validation", force=force)
+    if fit_overhead_to:
+        check_output_file(fit_overhead_to, force=True, what="--fit-overhead")
     from simspec.policies import get_scheduler_class
     from simspec.profile import load_profile
     from simspec.simulator.acceptance import resolve_classes
@@ -525,15 +531,14 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
         "preemptions_sim": int(sim.requests["preemptions"].sum()), "notes": notes,
     }
     title = f"{Path(str(trace_arg)).stem} · {mspec} · {sspec} · {profile.name}"
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    doc = write_report(out, real.requests, sim.requests, meta=meta, heldout=held, title=title)
-    write_json(out / "summary.json", {"meta": {k: meta[k] for k in ("trace", "method", "policy", "device", "dtype",
-                                                                     "machine_load_after")},
-                                      "profile": profile.name, **doc["errors"]})
-    write_text(out / "real_requests.csv", real.requests.to_csv(index=False, float_format="%.6f"))
-    write_text(out / "real_steps.csv", steps.to_csv(index=False, float_format="%.4f"))
-    write_text(out / "sim_requests.csv", sim.requests.to_csv(index=False, float_format="%.6f"))
+    with atomic_dir(out_dir, overwrite=force, kind="validation") as out:
+        doc = write_report(out, real.requests, sim.requests, meta=meta, heldout=held, title=title)
+        write_json(out / "summary.json", {"meta": {k: meta[k] for k in ("trace", "method", "policy", "device",
+                                                                         "dtype", "machine_load_after")},
+                                          "profile": profile.name, **doc["errors"]})
+        write_text(out / "real_requests.csv", real.requests.to_csv(index=False, float_format="%.6f"))
+        write_text(out / "real_steps.csv", steps.to_csv(index=False, float_format="%.4f"))
+        write_text(out / "sim_requests.csv", sim.requests.to_csv(index=False, float_format="%.6f"))
     echo(format_table(doc["errors"], title))
     echo(format_heldout(held))
     for n in notes:

@@ -105,16 +105,24 @@ class WindowRecord:
     fed_tokens: np.ndarray
     step_ms: np.ndarray
     end_s: np.ndarray
+    active: np.ndarray | None = None  # (S, B): member still running in step s (None: all)
 
     @property
     def n_steps(self) -> int:
         return int(self.step_ms.shape[0])
 
     def step(self, s: int) -> StepRecord:
-        return StepRecord(idx=self.idx, prefill=np.zeros(self.idx.shape[0], dtype=bool), drafted=self.drafted[s],
-                          accepted=self.accepted[s], committed=self.committed[s], step_ms=float(self.step_ms[s]),
-                          end_s=float(self.end_s[s]), fed_tokens=self.fed_tokens[s],
-                          position_accepts=self.position_accepts[s])
+        """Step ``s`` as a one-step engine records it (finished members are not in it)."""
+        if self.active is None:
+            m = slice(None)
+            idx = self.idx
+        else:
+            m = self.active[s]
+            idx = self.idx[m]
+        return StepRecord(idx=idx, prefill=np.zeros(idx.shape[0], dtype=bool), drafted=self.drafted[s][m],
+                          accepted=self.accepted[s][m], committed=self.committed[s][m],
+                          step_ms=float(self.step_ms[s]), end_s=float(self.end_s[s]), fed_tokens=self.fed_tokens[s][m],
+                          position_accepts=self.position_accepts[s][m])
 
 
 class _Configurable:
@@ -167,6 +175,9 @@ class SpecLenPolicy(_Configurable):
     """Chooses each decode member's speculation length for one replica's next step."""
 
     flag = "--spec-len"
+    #: whether the k it gives each member (and its KV reservation) stays the same when other
+    #: members leave the batch between decisions; the engine then runs windows past completions
+    batch_independent: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any], ctx: PolicyContext):
         self.params = self._params(params)

@@ -13,6 +13,7 @@ from simspec.policies.base import PolicyContext, SpecLenPolicy, register_spec_le
 @register_spec_len("fixed")
 class FixedK(SpecLenPolicy):
     param_defaults = {"k": -1}
+    batch_independent = True
 
     def __init__(self, params, ctx: PolicyContext):
         super().__init__(params, ctx)

@@ -111,7 +111,10 @@ class MultiLevelQueues(Scheduler):
         self.served_tokens[idx] += record.committed.sum(axis=0)
         acc = np.empty((record.n_steps + 1, idx.size))
         acc[0] = self.attained[idx]
-        acc[1:] = record.step_ms[:, None] if self.time_service else record.committed
+        if self.time_service:
+            acc[1:] = record.step_ms[:, None] if record.active is None else record.step_ms[:, None] * record.active
+        else:
+            acc[1:] = record.committed
         self.attained[idx] = np.cumsum(acc, axis=0)[-1]  # sequential adds, as one step at a time
         newq = self.queue_of(self.attained[idx])
         self.queue_changes[idx] += newq - self.queue[idx]

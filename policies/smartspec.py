@@ -93,6 +93,7 @@ def iid_tokens(alpha: np.ndarray, k_max: int) -> np.ndarray:
 
 @register_spec_len("smartspec")
 class SmartSpec(SpecLenPolicy):
+    batch_independent = True  # one k for every member, decided only at window starts
     param_defaults = {"alpha0": 0.7, "decay": 0.85, "interval": 20, "bonus": 1.1, "k_max": -1, "estimator": "cumulative",
                       "probe": 0}
 
@@ -238,6 +239,8 @@ class SmartSpec(SpecLenPolicy):
 @register_spec_len("smartspec-per-request")
 class SmartSpecPerRequest(SmartSpec):
     """SmartSpec with a per-request acceptance estimate and per-request k (see the module doc)."""
+
+    batch_independent = False  # its reservation is the largest k_i of the current batch
 
     def __init__(self, params, ctx: PolicyContext):
         super().__init__(params, ctx)

@@ -130,15 +130,25 @@ def check_range(rate_lo: float, rate_hi: float, tol_rps: float) -> None:
         raise ConfigError(f"--rate-hi ({rate_hi:g}) must be greater than --rate-lo ({rate_lo:g})")
 
 
+def max_evaluations(rate_lo: float, rate_hi: float, tol_rps: float) -> int:
+    """Most simulations one search takes: both ends, then one per halving of the bracket."""
+    import math
+
+    return 2 + max(0, math.ceil(math.log2((rate_hi - rate_lo) / tol_rps))) if tol_rps > 0 else 2
+
+
 def search_capacity(config, trace, profile, slo: SLO, rate_lo: float, rate_hi: float,
-                    tol_rps: float) -> CapacityResult:
-    """Bisection over the request rate in [``rate_lo``, ``rate_hi``] req/s to within ``tol_rps``."""
+                    tol_rps: float, on_eval=None) -> CapacityResult:
+    """Bisection over the request rate in [``rate_lo``, ``rate_hi``] req/s to within ``tol_rps``
+    (``on_eval()`` is called after each simulation, for progress)."""
     check_range(rate_lo, rate_hi, tol_rps)
     evals: list[Evaluation] = []
 
     def ev(rate: float) -> bool:
         e = evaluate_rate(config, trace, profile, rate, slo)
         evals.append(e)
+        if on_eval is not None:
+            on_eval()
         return e.holds
 
     names = (str(config.scheduler), str(config.method), str(config.spec_len))
@@ -171,7 +181,7 @@ def split_components(text: str) -> list[str]:
     return out
 
 
-def capacity_task(task: dict[str, Any]) -> dict[str, Any]:
+def capacity_task(task: dict[str, Any], on_eval=None) -> dict[str, Any]:
     """Worker entry point (plain data in and out): search one policy/method combination."""
     from simspec.simulator.config import RunConfig
     from simspec.sweep import _load_run_profile, load_run_trace
@@ -180,7 +190,7 @@ def capacity_task(task: dict[str, Any]) -> dict[str, Any]:
     profile = _load_run_profile(task["profile"], task["profile_sha256"])
     slo = SLO(**task["slo"])
     res = search_capacity(RunConfig.from_dict(task["run_config"]), trace, profile, slo, task["rate_lo"],
-                          task["rate_hi"], task["tol_rps"])
+                          task["rate_hi"], task["tol_rps"], on_eval=on_eval)
     return res.to_dict()
 
 

@@ -193,16 +193,30 @@ def resolve_profile_path(name_or_path: str) -> Path:
 def load_profile(name_or_path: str | os.PathLike) -> Profile:
     """Load and validate a profile (bundled name or file path). Raises :class:`ProfileError`."""
     path = resolve_profile_path(str(name_or_path))
+    if path.is_dir():
+        raise ProfileError(f"profile {path}: is a directory, not a profile JSON file")
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise ProfileError(f"profile {path}: {path.stat().st_size:,} bytes; a profile is a JSON file of at most "
+                               f"{MAX_PROFILE_BYTES:,} bytes")
+        data = path.read_bytes()
     except OSError as exc:
         raise ProfileError(f"profile {path}: cannot read ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        kind = "a pickle" if data[:1] == b"\x80" else "binary data"
+        raise ProfileError(f"profile {path}: not a JSON text file (looks like {kind}: not UTF-8 at byte "
+                           f"{exc.start}); simspec reads JSON profiles only") from None
     try:
         doc = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
         raise ProfileError(f"profile {path}: not valid JSON ({exc})") from None
     validate_profile(doc, str(path))
     return Profile(doc=doc, path=str(path), sha256=canonical_hash(doc))
+
+
+MAX_PROFILE_BYTES = 256 << 20
 
 
 def profile_from_doc(doc: dict[str, Any], label: str = "<memory>") -> Profile:
@@ -321,6 +335,7 @@ def _validate_latency_model(where: str, fp: str, model: Any, stages: dict[str, A
             _num(where, f"{fp}.coef.{c}", coef[c])
         if "c_spec" in coef:
             _num(where, f"{fp}.coef.c_spec", coef["c_spec"])
+        _check_linear_nonnegative(where, fp, coef, model.get("valid"))
     elif kind == "scaled":
         of = model.get("of")
         if of not in stages or of == fp.rsplit(".", 1)[-1]:
@@ -346,6 +361,45 @@ def _validate_latency_model(where: str, fp: str, model: Any, stages: dict[str, A
         fit = _obj(where, f"{fp}.fit", model["fit"])
         if "heldout_mape_pct" in fit and fit["heldout_mape_pct"] is not None:
             _num(where, f"{fp}.fit.heldout_mape_pct", fit["heldout_mape_pct"], nonneg=True)
+
+
+# the shapes a linear stage is checked over when it declares no ``valid`` range: from one request of
+# one token to a large batch of long contexts
+_DEFAULT_LINEAR_BOX = {"batch_size": (1.0, 1024.0), "tokens_per_request": (1.0, 32768.0),
+                       "context_tokens": (0.0, 131072.0)}
+
+
+def _check_linear_nonnegative(where: str, fp: str, coef: dict[str, Any], valid: Any) -> None:
+    """A linear stage must not predict a negative time anywhere in its range: ``valid`` (batch_size,
+    tokens_per_request, context_tokens: [lo, hi]) or, without one, :data:`_DEFAULT_LINEAR_BOX`.
+    ms = c0 + c_b*B + c_t*B*tokens_per_request + c_kv*B*context (+ c_spec) is multilinear in the
+    three, so its minimum over the box is at a corner; the error names the negative coefficient
+    that makes it negative and the corner."""
+    import itertools
+
+    box = dict(_DEFAULT_LINEAR_BOX)
+    if isinstance(valid, dict):
+        for ax in box:
+            rng = valid.get(ax)
+            if isinstance(rng, (list, tuple)) and len(rng) == 2 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in rng):
+                box[ax] = (float(min(rng)), float(max(rng)))
+    c0, cb, ct, ckv = (float(coef[k]) for k in ("c0", "c_b", "c_t", "c_kv"))
+    cs = float(coef.get("c_spec", 0.0))
+    worst = None
+    for b, t, c, spec in itertools.product(box["batch_size"], box["tokens_per_request"], box["context_tokens"],
+                                           (0.0, 1.0)):
+        ms = c0 + cb * b + ct * b * t + ckv * b * c + cs * spec
+        if worst is None or ms < worst[0]:
+            worst = (ms, b, t, c, spec)
+    if worst is not None and worst[0] < 0:
+        negs = {k: float(coef[k]) for k in ("c0", "c_b", "c_t", "c_kv", "c_spec") if float(coef.get(k, 0.0)) < 0}
+        name = min(negs, key=negs.get) if negs else "c0"
+        ms, b, t, c, spec = worst
+        _fail(where, f"{fp}.coef.{name}", f"negative coefficient {float(coef.get(name, 0.0)):g} makes the stage "
+                                          f"negative ({ms:.4g} ms at batch_size {b:g}, tokens_per_request {t:g}, "
+                                          f"context_tokens {c:g}{', speculating' if spec else ''}) within its "
+                                          f"{'valid' if isinstance(valid, dict) else 'default'} range")
 
 
 def _check_grid(where: str, fp: str, arr: Any, shape: list[int]) -> None:

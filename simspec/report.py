@@ -49,10 +49,11 @@ KEY_METRICS: list[tuple[str, str, int]] = [
     ("tpot_ms_mean", "mean TPOT (ms)", 2),
     ("tpot_ms_p99", "p99 TPOT (ms)", 2),
     ("throughput_tokens_per_s", "throughput (tok/s)", 1),
-    ("goodput_requests_per_s", "SLO goodput (req/s)", 3),
+    ("slo_goodput_requests_per_s", "SLO goodput (req/s)", 3),
     ("slo_attainment", "SLO attainment", 3),
-    ("acceptance_rate", "acceptance rate", 3),
-    ("mean_tokens_per_decode_step", "tokens/decode step", 2),
+    ("request_goodput", "vLLM request_goodput (req/s)", 3),
+    ("draft_acceptance_rate", "draft acceptance rate", 3),
+    ("mean_tokens_per_decode_step", "tokens/decode step (mean over steps)", 2),
     ("mean_batch_size", "mean batch", 1),
     ("preemptions", "preemptions", 0),
 ]
@@ -60,6 +61,52 @@ COMPACT_METRICS = ("latency_ms_mean", "latency_ms_p99", "ttft_ms_p99", "tpot_ms_
                    "slo_attainment", "mean_tokens_per_decode_step")
 MAX_TIMELINES = 6
 MAX_CDF_RATES = 4
+MAX_TIMELINE_REPLICAS = 8  # one panel row per replica, up to this many
+# summary keys of older runs → their current names (runs and sweeps written before the rename)
+LEGACY_KEYS = {"goodput_requests_per_s": "slo_goodput_requests_per_s",
+               "goodput_tokens_per_busy_s": "smartspec_goodput_tokens_per_busy_s",
+               "acceptance_rate": "draft_acceptance_rate"}
+# names of run facts, as the labels show them
+FACT_NAMES = {"scheduler": "policy", "method": "spec", "spec_len": "spec-len", "replicas": "replicas",
+              "router": "router", "seed": "seed", "max_batch_size": "max-batch", "kv_budget_tokens": "kv-budget",
+              "preempt_mode": "preempt", "profile": "profile", "trace": "trace", "rate": "rate"}
+
+
+def upgrade_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """A summary (or table row) with legacy metric names renamed to the current ones."""
+    out = dict(d)
+    for old, new in LEGACY_KEYS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
+
+
+def read_parquet(path: Path, **kw) -> pd.DataFrame:
+    """``pd.read_parquet`` with a one-line :class:`SimspecError` for a missing or corrupt file."""
+    try:
+        return pd.read_parquet(path, **kw)
+    except FileNotFoundError:
+        raise SimspecError(f"{path}: no such file") from None
+    except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError, ...)
+        msg = " ".join(str(exc).split())[:120]
+        raise SimspecError(f"{path}: not a readable parquet file ({type(exc).__name__}: {msg})") from None
+
+
+def read_json_file(path: Path) -> Any:
+    """A JSON document, with a one-line :class:`SimspecError` for a missing or corrupt file."""
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SimspecError(f"{path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise SimspecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); not a JSON file "
+                           f"simspec wrote") from None
+    except ValueError as exc:
+        raise SimspecError(f"{path}: not valid JSON ({' '.join(str(exc).split())[:120]})") from None
+    except OSError as exc:
+        raise SimspecError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,13 +127,13 @@ class RunInput:
     @property
     def requests(self) -> pd.DataFrame:
         if self._requests is None:
-            self._requests = pd.read_parquet(self.path / "requests.parquet")
+            self._requests = read_parquet(self.path / "requests.parquet")
         return self._requests
 
     @property
     def steps(self) -> pd.DataFrame:
         if self._steps is None:
-            self._steps = pd.read_parquet(self.path / "steps.parquet")
+            self._steps = read_parquet(self.path / "steps.parquet")
         return self._steps
 
 
@@ -112,14 +159,15 @@ def _is_run_dir(p: Path) -> bool:
 
 
 def load_run(path: str | Path, label: str = "") -> RunInput:
-    import json
-
     path = Path(path)
     if not _is_run_dir(path):
         raise SimspecError(f"{path}: not a complete run directory (needs config.json, summary.json, "
                            f"requests.parquet, steps.parquet)")
-    return RunInput(path=path, config=json.loads((path / "config.json").read_text()),
-                    summary=json.loads((path / "summary.json").read_text()), label=label)
+    config, summary = read_json_file(path / "config.json"), read_json_file(path / "summary.json")
+    for name, doc in (("config.json", config), ("summary.json", summary)):
+        if not isinstance(doc, dict):
+            raise SimspecError(f"{path / name}: expected a JSON object, got {type(doc).__name__}")
+    return RunInput(path=path, config=config, summary=upgrade_keys(summary), label=label)
 
 
 def load_sweep(path: str | Path) -> SweepInput:
@@ -128,6 +176,7 @@ def load_sweep(path: str | Path) -> SweepInput:
 
     path = Path(path)
     table = read_sweep(path)
+    table = table.rename(columns={o: n for o, n in LEGACY_KEYS.items() if o in table.columns and n not in table.columns})
     manifest = read_manifest(path)
     axes = [a for a in manifest.get("axes", []) if a in table.columns]
     if not manifest:
@@ -145,9 +194,13 @@ def load_sweep(path: str | Path) -> SweepInput:
 
 
 def _labels(table: pd.DataFrame, series: list[str]) -> list[str]:
+    """One axis: its value (the legend title names it); several: ``name value, name value``."""
     if not series:
         return ["all"] * len(table)
-    return [" / ".join(_fmt_value(v) for v in vals) for vals in table[series].itertuples(index=False)]
+    if len(series) == 1:
+        return [_fmt_value(v) for v in table[series[0]]]
+    return [", ".join(f"{FACT_NAMES.get(a, a)} {_fmt_value(v)}" for a, v in zip(series, vals))
+            for vals in table[series].itertuples(index=False)]
 
 
 def _fmt_value(v: Any) -> str:
@@ -197,7 +250,7 @@ def _label_runs(runs: list[RunInput]) -> None:
     if not varying and all_facts:
         varying = ["scheduler", "method"]
     for r, f in zip(runs, all_facts):
-        r.label = r.label or " / ".join(f[k] for k in varying)
+        r.label = r.label or ", ".join(f"{FACT_NAMES.get(k, k)} {f[k]}" for k in varying)
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.label] = counts.get(r.label, 0) + 1
@@ -311,11 +364,20 @@ def _ecdf(ax, values: np.ndarray, label: str, **kw) -> None:
     ax.step(np.concatenate([[x[0]], x]), np.concatenate([[0.0], y]), where="post", label=label, **kw)
 
 
-def plot_latency_cdf(panels: list[tuple[str, dict[str, pd.DataFrame]]], title: str):
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width=width, break_long_words=True)) or text
+
+
+def plot_latency_cdf(panels: list[tuple[str, dict[str, pd.DataFrame]]], title: str, legend_title: str | None = None):
     """``panels``: (panel title, {series label: requests frame}); one row of two panels
-    (end-to-end latency, TTFT) per entry."""
+    (end-to-end latency, TTFT) per entry. One legend for the figure, below the panels (never over
+    an axis or its label)."""
     n = len(panels)
-    fig = _figure(11, 3.4 * n + 0.6)
+    n_series = max((len(series) for _, series in panels), default=1)
+    legend_rows = math.ceil(n_series / 2)
+    fig = _figure(11, 3.4 * n + 0.9 + 0.22 * legend_rows)
     axes = fig.subplots(n, 2, squeeze=False)
     for i, (ptitle, series) in enumerate(panels):
         for label, req in series.items():
@@ -329,8 +391,11 @@ def plot_latency_cdf(panels: list[tuple[str, dict[str, pd.DataFrame]]], title: s
             ax.grid(alpha=0.3)
             ax.set_title(f"{what.capitalize()}" + (f" — {ptitle}" if ptitle else ""), fontsize=10)
             ax.axhline(0.99, color="grey", lw=0.7, ls=":")
-        axes[i][0].legend(fontsize=8, title="policy / method" if ptitle is not None else None, title_fontsize=8)
-    fig.suptitle(title)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, [_wrap(lb, 60) for lb in labels], loc="outside lower center", ncols=min(2, len(handles)),
+                   fontsize=8, title=legend_title, title_fontsize=8, frameon=False)
+    fig.suptitle(_wrap(title, 100))
     return fig
 
 
@@ -362,8 +427,12 @@ def plot_vs_rate(sweep: SweepInput, metrics: list[tuple[str, str, float]], title
         ax.set_title(ylabel.split(" (")[0], fontsize=10)
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
-    axes[0].legend(fontsize=8, title=" / ".join(sweep.series_axes) or None, title_fontsize=8)
-    fig.suptitle(title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, [_wrap(lb, 60) for lb in labels], loc="outside lower center",
+                   ncols=min(len(handles), len(metrics)), fontsize=8, title=", ".join(sweep.series_axes) or None,
+                   title_fontsize=8, frameon=False)
+    fig.suptitle(_wrap(title, 100))
     return fig
 
 
@@ -383,25 +452,37 @@ def _with_idle(s: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def plot_timeline(run: RunInput, title: str):
-    """Batch size and chosen k (``k_max``) per replica over simulated time."""
+    """Batch size and chosen k (``k_max``) over simulated time: one row of two panels (batch size,
+    k) per replica, up to :data:`MAX_TIMELINE_REPLICAS` replicas (the rest are named in the title),
+    so that replicas never draw over each other."""
     steps = run.steps
-    fig = _figure(11, 5.6)
-    ax_b, ax_k = fig.subplots(2, 1, sharex=True)
-    for rep, s in steps.groupby("replica", sort=True):
-        t, b, k = _with_idle(s)
-        ax_b.step(t, b, where="post", lw=0.8, label=f"replica {rep}")
-        ax_k.step(t, k, where="post", lw=0.8, label=f"replica {rep}")
-    ax_b.set_ylabel("batch size (requests)")
-    ax_b.set_title("Requests in each step (0: replica idle)", fontsize=10)
-    ax_k.set_ylabel("chosen k (draft tokens)")
-    ax_k.set_title("Speculation length chosen for each step (largest k in the batch)", fontsize=10)
-    ax_k.set_xlabel("simulated time (s)")
-    for ax in (ax_b, ax_k):
-        ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
-        if steps["replica"].nunique() <= 8:
-            ax.legend(fontsize=8, loc="upper right")
-    fig.suptitle(title)
+    reps = sorted(steps["replica"].unique().tolist()) if len(steps) else [0]
+    shown = reps[:MAX_TIMELINE_REPLICAS]
+    n = len(shown)
+    fig = _figure(12, 1.9 * n + 1.6)
+    axes = fig.subplots(n, 2, squeeze=False, sharex=True)
+    kmax = float(steps["k_max"].max()) if len(steps) else 0.0
+    bmax = float(steps["batch_size"].max()) if len(steps) else 1.0
+    for i, rep in enumerate(shown):
+        s = steps[steps["replica"] == rep]
+        ax_b, ax_k = axes[i]
+        if len(s):
+            t, b, k = _with_idle(s)
+            ax_b.step(t, b, where="post", lw=0.7, color="C0")
+            ax_k.step(t, k, where="post", lw=0.7, color="C1")
+        ax_b.set_ylabel(f"replica {rep}\nrequests", fontsize=9)
+        ax_k.set_ylabel("k (drafts)", fontsize=9)
+        ax_b.set_ylim(0, bmax * 1.08 + 0.5)
+        ax_k.set_ylim(0, max(kmax, 1.0) * 1.08 + 0.2)
+        for ax in (ax_b, ax_k):
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+    axes[0][0].set_title("Requests in each step (0: replica idle)", fontsize=10)
+    axes[0][1].set_title("Speculation length of each step (largest k in the batch)", fontsize=10)
+    for ax in axes[-1]:
+        ax.set_xlabel("simulated time (s)")
+    more = f" (first {n} of {len(reps)} replicas shown)" if len(reps) > n else ""
+    fig.suptitle(_wrap(title + more, 110), fontsize=11)
     return fig
 
 
@@ -415,7 +496,7 @@ def plot_accepted_hist(series: dict[str, pd.DataFrame], title: str):
     n = max(len(vals), 1)
     cols = 1 if n == 1 else 2
     rows = math.ceil(n / cols)
-    fig = _figure(5.2 * cols, 2.6 * rows + 0.8)
+    fig = _figure(5.6 * cols, 2.9 * rows + 1.0)
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
     colors = [f"C{i % 10}" for i in range(n)]
     for i, (label, v) in enumerate(vals.items()):
@@ -423,17 +504,20 @@ def plot_accepted_hist(series: dict[str, pd.DataFrame], title: str):
         if v.size:
             ax.hist(v, bins=bins, color=colors[i], weights=np.full(v.size, 1.0 / v.size))
             ax.axvline(v.mean(), color="black", lw=1, ls="--")
-        ax.set_title(f"{label}  (mean {v.mean():.2f})" if v.size else f"{label} (no decode steps)", fontsize=9)
+        ax.set_title(_wrap(f"{label}  (mean {v.mean():.2f})" if v.size else f"{label} (no decode steps)", 55),
+                     fontsize=9)
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
     for j in range(len(vals), rows * cols):
         axes[j // cols][j % cols].set_visible(False)
+    xlabel = "per-request mean tokens per decode step"
     for ax in axes[-1]:
-        ax.set_xlabel("tokens per decode step (accepted drafts + 1)")
+        ax.set_xlabel(xlabel)
     if rows > 1 and len(vals) % cols:
-        axes[-2][-1].set_xlabel("tokens per decode step (accepted drafts + 1)")
+        axes[-2][-1].set_xlabel(xlabel)
         axes[-2][-1].xaxis.set_tick_params(labelbottom=True)
-    fig.suptitle(title + "\n(per-request mean; dashed line: mean over requests)", fontsize=11)
+    fig.suptitle(_wrap(title, 90) + "\n(each request's mean of accepted drafts + 1; dashed line: mean over requests)",
+                 fontsize=11)
     return fig
 
 
@@ -442,7 +526,8 @@ def plot_accepted_hist(series: dict[str, pd.DataFrame], title: str):
 # ---------------------------------------------------------------------------------------------
 
 def _slug(text: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
+    """A file-name-safe form of a label: letters, digits, ``.``, ``-`` and ``_`` only (no ``=``)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("=", "")).strip("_")
     return s[:80] or "run"
 
 
@@ -453,10 +538,13 @@ class ReportFiles:
     files: dict[str, bytes] = field(default_factory=dict)
     terminal: list[str] = field(default_factory=list)
     markdown: list[str] = field(default_factory=list)
+    pbar: Any = None  # a tqdm bar advanced once per plot (None: no progress)
 
     def add_png(self, name: str, fig, caption: str) -> None:
         self.files[name] = _png(fig)
         self.markdown.append(f"![{caption}]({name})\n")
+        if self.pbar is not None:
+            self.pbar.update(1)
 
 
 def _report_runs(runs: list[RunInput], prefix: str, out: ReportFiles, table_rows: list[pd.DataFrame]) -> None:
@@ -511,7 +599,7 @@ def _report_sweep(sw: SweepInput, prefix: str, out: ReportFiles, table_rows: lis
         """Requests of ``rows``, pooled over seeds, per series label."""
         series: dict[str, list[pd.DataFrame]] = {}
         for row in rows.itertuples(index=False):
-            req = pd.read_parquet(sw.path / row.run_dir / "requests.parquet",
+            req = read_parquet(sw.path / row.run_dir / "requests.parquet",
                                   columns=["latency_s", "ttft_s", "mean_accepted_len"])
             series.setdefault(row.label, []).append(req)
         return {k: pd.concat(v, ignore_index=True) for k, v in series.items()}
@@ -520,7 +608,8 @@ def _report_sweep(sw: SweepInput, prefix: str, out: ReportFiles, table_rows: lis
         rates = _pick_rates(ok["offered_rate_rps"].dropna().tolist(), MAX_CDF_RATES)
         panels = [(f"{r:.3g} req/s", runs_for(ok[np.isclose(ok["offered_rate_rps"], r)])) for r in rates]
         out.add_png(f"{prefix}latency_cdf.png",
-                    plot_latency_cdf(panels, f"Latency CDF per policy/method — {sw.name} (seeds pooled)"),
+                    plot_latency_cdf(panels, f"Latency CDF per policy/method — {sw.name} (seeds pooled)",
+                                     ", ".join(sw.series_axes) or None),
                     "latency CDFs")
         out.add_png(f"{prefix}latency_vs_rate.png",
                     plot_vs_rate(sw, [("latency_ms_mean", "mean latency (s)", 1e-3),
@@ -528,7 +617,7 @@ def _report_sweep(sw: SweepInput, prefix: str, out: ReportFiles, table_rows: lis
                                       ("ttft_ms_p99", "p99 TTFT (s)", 1e-3)],
                                  f"Latency vs request rate — {sw.name}"), "latency vs rate")
         out.add_png(f"{prefix}goodput_vs_rate.png",
-                    plot_vs_rate(sw, [("goodput_requests_per_s", "SLO goodput (req/s)", 1.0),
+                    plot_vs_rate(sw, [("slo_goodput_requests_per_s", "SLO goodput (req/s)", 1.0),
                                       ("slo_attainment", "SLO attainment (fraction)", 1.0),
                                       ("throughput_tokens_per_s", "throughput (output tok/s)", 1.0)],
                                  f"Goodput vs request rate — {sw.name}"), "goodput vs rate")
@@ -538,7 +627,8 @@ def _report_sweep(sw: SweepInput, prefix: str, out: ReportFiles, table_rows: lis
         top = ok[np.isclose(ok["offered_rate_rps"], ok["offered_rate_rps"].max())]
     else:
         out.add_png(f"{prefix}latency_cdf.png",
-                    plot_latency_cdf([("", runs_for(ok))], f"Latency CDF per policy/method — {sw.name}"),
+                    plot_latency_cdf([("", runs_for(ok))], f"Latency CDF per policy/method — {sw.name}",
+                                     ", ".join(sw.series_axes) or None),
                     "latency CDFs")
         hist_rows = ok
         hist_title = f"Tokens committed per decode step — {sw.name}"
@@ -559,12 +649,19 @@ def _report_sweep(sw: SweepInput, prefix: str, out: ReportFiles, table_rows: lis
                     f"timeline {row.label}")
 
 
-def build_report(paths: list[str | Path]) -> ReportFiles:
-    """Tables and figures for ``paths`` (runs, directories of runs, sweeps), in memory."""
+def build_report(paths: list[str | Path], progress: bool = False) -> ReportFiles:
+    """Tables and figures for ``paths`` (runs, directories of runs, sweeps), in memory
+    (``progress``: a bar on stderr, counting plots, shown when the report takes over a second)."""
     if not paths:
         raise SimspecError("report: give at least one run or sweep directory")
     runs, sweeps = load_inputs(paths)
     out = ReportFiles()
+    if progress:
+        from tqdm import tqdm
+
+        n_plots = (2 + min(len(runs), MAX_TIMELINES) if runs else 0) + sum(
+            (4 if sw.rate_axis else 2) + min(sw.table["label"].nunique(), MAX_TIMELINES) for sw in sweeps)
+        out.pbar = tqdm(total=n_plots, unit="plot", desc="report", delay=1.0, leave=False)
     out.markdown.append("# simspec report\n")
     out.markdown.append("Inputs: " + ", ".join(f"`{p}`" for p in paths) + "\n")
     groups = (1 if runs else 0) + len(sweeps)
@@ -583,16 +680,22 @@ def build_report(paths: list[str | Path]) -> ReportFiles:
     lead = [c for c in ["group", "label"] + [a for sw in sweeps for a in sw.axes] + ["status"] if c in table]
     out.files["summary.md"] = markdown_table(display_frame(table, list(dict.fromkeys(lead)))).encode()
     out.files["report.md"] = "\n".join(out.markdown).encode()
+    if out.pbar is not None:
+        out.pbar.close()
+        out.pbar = None
     return out
 
 
-def write_report(paths: list[str | Path], out_dir: str | Path, force: bool = False) -> ReportFiles:
+def write_report(paths: list[str | Path], out_dir: str | Path, force: bool = False,
+                 progress: bool = False) -> ReportFiles:
     """Build the report and write its files into ``out_dir`` atomically (the directory appears
-    complete or not at all; ``force`` replaces an existing one)."""
-    from simspec.atomic import atomic_dir
+    complete or not at all; ``force`` replaces an existing simspec output). ``out_dir`` is checked
+    before anything is read."""
+    from simspec.atomic import atomic_dir, check_output_dir
 
-    rep = build_report(paths)
-    with atomic_dir(out_dir, overwrite=force) as tmp:
+    check_output_dir(out_dir, "report", force=force)
+    rep = build_report(paths, progress=progress)
+    with atomic_dir(out_dir, overwrite=force, kind="report") as tmp:
         for name, data in rep.files.items():
             (tmp / name).write_bytes(data)
     return rep

@@ -127,6 +127,18 @@ def _check_choice(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _check_goodput(v: Any) -> str | None:
+    if v is None:
+        return None
+    from simspec.vllm_metrics import GoodputSLO
+
+    try:
+        slo = GoodputSLO.parse([str(v)])
+    except ConfigError as exc:
+        raise ValueError(str(exc).replace("--goodput ", "")) from None
+    return slo.describe() if slo else None
+
+
 def _check_window(v: Any) -> str | None:
     if v is None:
         return None
@@ -154,10 +166,11 @@ RUN_OPTIONS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "block_size": (16, _check_int(1), "KV-cache block size, tokens"),
     "chunked_prefill": (True, _check_bool, "split long prompts over steps"),
     "long_prefill_token_threshold": (None, _check_int(1, nullable=True), "most prompt tokens per request per step"),
-    "seed": (0, _check_int(), "run seed"),
+    "seed": (0, _check_int(0), "run seed (>= 0)"),
     "slo_ttft_ms": (None, _check_pos_float(), "TTFT SLO, ms"),
     "slo_tpot_ms": (None, _check_pos_float(), "TPOT SLO, ms"),
     "allow_extrapolation": (False, _check_bool, "allow latency lookups outside the profile's range"),
+    "goodput": (None, _check_goodput, "vLLM goodput bounds, e.g. 'ttft:500 tpot:50' (ms): request_goodput"),
 }
 TRACE_OPTIONS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "trace": (None, _check_str, "trace file (relative to the grid) or bundled name"),
@@ -171,10 +184,16 @@ TRACE_OPTIONS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "max_prompt_tokens": (None, _check_int(1, nullable=True), "clip prompt lengths"),
     "max_output_tokens": (None, _check_int(1, nullable=True), "clip output lengths"),
     "relabel_classes": (None, _check_opt_str, "set acceptance classes (mixture or mapping)"),
+    "burstiness": (None, _check_pos_float(), "with rate: Gamma arrivals of this shape (vLLM's --burstiness)"),
 }
+# vLLM's names (``vllm serve`` / ``vllm bench serve``) accepted as grid keys
+OPTION_ALIASES = {"max_num_seqs": "max_batch", "max_num_batched_tokens": "max_batched_tokens",
+                  "request_rate": "rate"}
 OPTIONS = {**RUN_OPTIONS, **TRACE_OPTIONS}
 TRANSFORM_KEYS = ("window", "only_class", "first", "rate", "rate_scale", "max_prompt_tokens",
-                  "max_output_tokens", "relabel_classes")
+                  "max_output_tokens", "relabel_classes", "burstiness")
+# transforms added later: left out of a run's identity while unset, so older sweeps keep their ids
+_NEW_TRANSFORM_KEYS = ("burstiness",)
 GRID_KEYS = ("name", "description", "base", "axes")
 
 
@@ -273,7 +292,8 @@ def _check_value(key: str, value: Any) -> Any:
 
 
 def _norm_key(key: Any) -> str:
-    return str(key).strip().replace("-", "_")
+    key = str(key).strip().replace("-", "_")
+    return OPTION_ALIASES.get(key, key)
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -318,6 +338,8 @@ def expand_grid(doc: Any, where: str = "<grid>", base_dir: str | Path = ".") -> 
         key = _norm_key(raw)
         if key not in OPTIONS:
             raise ConfigError(f"{where}: base.{raw}: unknown option (known: {', '.join(sorted(OPTIONS))})")
+        if key in base:
+            raise ConfigError(f"{where}: base.{raw}: given twice (under another name)")
         try:
             base[key] = _check_value(key, value)
         except ValueError as exc:
@@ -404,8 +426,11 @@ def expand_grid(doc: Any, where: str = "<grid>", base_dir: str | Path = ".") -> 
             from simspec.traces.stats import mean_rate_rps
 
             transformed[tk] = mean_rate_rps(tr.arrival_s)
+        id_transforms = {k: v for k, v in transforms.items() if not (k in _NEW_TRANSFORM_KEYS and v is None)}
         identity = {"run": cfg.to_dict(), "trace_sha256": tsha, "format": opts["format"],
-                    "transforms": transforms, "profile_sha256": psha}
+                    "transforms": id_transforms, "profile_sha256": psha}
+        if opts.get("goodput"):  # only when set, so that older sweeps keep their ids
+            identity["goodput"] = opts["goodput"]
         run_id = hashlib.sha256(dumps_json(identity).encode()).hexdigest()[:12]
         if run_id in ids:
             raise ConfigError(f"{where}: runs {ids[run_id]} and {label} resolve to the same configuration "
@@ -531,6 +556,12 @@ def execute_run(task: dict[str, Any]) -> dict[str, Any]:
                                {k: opts[k] for k in TRANSFORM_KEYS}, opts["seed"])
         config = RunConfig.from_dict(task["run_config"])
         result = simulate(config, trace, profile)
+        if opts.get("goodput"):
+            from simspec.vllm_metrics import GoodputSLO, vllm_goodput
+
+            slo = GoodputSLO.parse([opts["goodput"]])
+            result.summary.update(vllm_goodput(result.requests, result.summary["makespan_s"], slo))
+            result.config["vllm_goodput_slo_ms"] = slo.to_dict()
         result.config["sweep"] = {"run_id": task["run_id"], "axes": task["axes"], "options": opts,
                                   "trace_sha256": task["trace_sha256"],
                                   "offered_rate_rps": task["offered_rate_rps"]}
@@ -596,7 +627,8 @@ def open_executor(workers: int | None = None, scheduler_address: str | None = No
         return
     workers = workers or default_workers()
     ctx = _mp_context()
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                                  initializer=watch_parent, initargs=(os.getpid(),))
     def cancel() -> None:
         """Stop now (Ctrl-C): drop queued runs and terminate the workers; a run cut short leaves
         only a temporary directory, removed when the sweep is resumed."""
@@ -612,6 +644,53 @@ def open_executor(workers: int | None = None, scheduler_address: str | None = No
                        description=f"{workers} local process(es)", cancel=cancel)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+PARENT_POLL_S = 0.5  # how often a worker checks that the process that started it is alive
+
+
+def watch_parent(driver_pid: int) -> None:
+    """Worker initializer: a daemon thread that ends this worker as soon as the driver (the
+    ``simspec sweep``/``capacity`` process, ``driver_pid``) is gone, even if it was SIGKILLed and
+    could not stop its workers. (With ``forkserver`` a worker's parent is the fork server, not the
+    driver, so ``os.getppid()`` alone cannot tell; the driver's pid is polled, and the parent too.)"""
+    import threading
+
+    parent = os.getppid()
+
+    def poll() -> None:
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if not _pid_running(driver_pid) or os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=poll, name="simspec-parent-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def terminate_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt while the block runs (main thread only), so a
+    ``kill`` of the driver goes through the same path as Ctrl-C: workers terminated, partial runs
+    removed on resume, exit status 130."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _mp_context():
@@ -677,6 +756,17 @@ def _sweep_lock(out_dir: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
+def _pid_running(pid: int) -> bool:
+    """Alive and not a zombie (a killed driver stays a zombie until its own parent reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        return _pid_alive(pid)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -705,14 +795,22 @@ def _read_json(path: Path) -> Any:
 
 
 def make_row(run: RunSpec, status: str, error: str | None, summary: dict[str, Any] | None) -> dict[str, Any]:
-    """One ``sweep.parquet`` row: axes, identity, status, offered rate, scalar summary metrics
-    (a list metric such as ``replica_utilisation`` becomes its mean, ``<name>_mean``)."""
+    """One ``sweep.parquet`` row: axes, identity, status, offered rate, every other option's value
+    (the grid's base and defaults), scalar summary metrics (a list metric such as
+    ``replica_utilisation`` becomes its mean, ``<name>_mean``)."""
     row: dict[str, Any] = dict(run.axes)
     for k, v in list(row.items()):
         if isinstance(v, (list, tuple)):
             row[k] = ",".join(map(str, v))
     row.update({"run_id": run.run_id, "status": status, "error": error,
                 "run_dir": f"{RUNS_DIR}/{run.run_id}", "offered_rate_rps": run.offered_rate_rps})
+    # the base (non-axis) values too, so a row says everything the run used (trace and profile
+    # as written in the grid)
+    for k in OPTIONS:
+        if k in row:
+            continue
+        v = run.options.get(f"{k}_ref", run.options.get(k)) if k in ("trace", "profile") else run.options.get(k)
+        row[k] = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
     for k, v in (summary or {}).items():
         if k in row:
             continue
@@ -752,11 +850,16 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, workers: int | None = None,
     ``workers``: local processes (default: all cores); ``scheduler_address``: run on that Dask
     cluster instead. Finished runs are skipped; failed ones are skipped unless ``retry_failed``.
     """
+    from simspec.atomic import MARKER, check_output_dir, chmod_tree, dir_mode, write_marker
+
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if scheduler_address and workers:
         raise ConfigError("--workers sets local processes; with --scheduler-address the cluster's workers run")
+    check_output_dir(out_dir, "sweep", resume=True)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=dir_mode())
+    if not (out_dir / MARKER).is_file():
+        write_marker(out_dir, "sweep")
     runs_dir, failed_dir = out_dir / RUNS_DIR, out_dir / FAILED_DIR
     notes: list[str] = []
 
@@ -860,10 +963,22 @@ def read_sweep(path: str | Path):
     table = path / SWEEP_TABLE if path.is_dir() else path
     if not table.is_file():
         raise SimspecError(f"{path}: not a sweep directory (no {SWEEP_TABLE}; is the sweep finished?)")
-    return pd.read_parquet(table)
+    try:
+        return pd.read_parquet(table)
+    except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError, ...)
+        msg = " ".join(str(exc).split())[:120]
+        raise SimspecError(f"{table}: not a readable parquet file ({type(exc).__name__}: {msg})") from None
 
 
 def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:
     """``sweep.json`` of a sweep directory (``{}`` if absent)."""
     p = Path(sweep_dir) / SWEEP_MANIFEST
-    return _read_json(p) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        doc = _read_json(p)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SimspecError(f"{p}: not valid JSON ({' '.join(str(exc).split())[:120]})") from None
+    if not isinstance(doc, dict):
+        raise SimspecError(f"{p}: expected a JSON object, got {type(doc).__name__}")
+    return doc

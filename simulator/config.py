@@ -87,6 +87,10 @@ class RunConfig:
             ``swap``.
         window_steps: most decode-only steps the engine advances per SimPy event when the batch is
             stable (1: one step per event; outputs are identical either way).
+        gpu_memory_utilization: share of GPU memory the engine may use, as vLLM's
+            ``--gpu-memory-utilization``: the KV budget is then derived from the profile's memory
+            figures (GPU memory × TP × share − weights − activation reserve, over KV bytes per
+            token) instead of taken from ``kv_budget_tokens`` (None: the profile's budget).
         seed: run seed; every random stream derives from it.
         slo_ttft_ms / slo_tpot_ms: optional SLO thresholds for attainment metrics.
         allow_extrapolation: permit latency lookups outside the profile's measured range.
@@ -107,6 +111,7 @@ class RunConfig:
     long_prefill_token_threshold: int | None = None
     watermark: float = 0.01
     window_steps: int = 256
+    gpu_memory_utilization: float | None = None
     seed: int = 0
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
@@ -130,6 +135,12 @@ class RunConfig:
             raise ConfigError(f"long_prefill_token_threshold: must be an integer >= 1, got {lp!r}")
         if not isinstance(self.watermark, (int, float)) or isinstance(self.watermark, bool) or not 0 <= self.watermark < 1:
             raise ConfigError(f"watermark: must be a number in [0, 1), got {self.watermark!r}")
+        u = self.gpu_memory_utilization
+        if u is not None:
+            if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+                raise ConfigError(f"gpu_memory_utilization: must be a number in (0, 1], got {u!r}")
+            if self.kv_budget_tokens is not None:
+                raise ConfigError("gpu_memory_utilization: give it or kv_budget_tokens, not both")
         if self.preempt_mode not in PREEMPT_MODES:
             raise ConfigError(f"preempt_mode: unknown {self.preempt_mode!r} (choose from {', '.join(PREEMPT_MODES)})")
         if self.max_batch_size is not None and self.max_batch_size < 1:

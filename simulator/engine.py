@@ -248,34 +248,44 @@ class Replica:
         ctx0 = t.prompt_tokens[idx] + t.generated[idx]
         rem0 = t.output_tokens[idx] - t.generated[idx]
         n_max = 1
+        through = False
         if plan.stable and cl.window_steps > 1:
-            # how far to look ahead: the policy's horizon; no further than the shortest request's
-            # remaining tokens (it commits at least one per step); about as far as the next arrival
-            # at the last step's pace (a guess: too short only costs another window)
-            n_max = min(cl.window_steps, self.spec_len.horizon_steps(self.step_index), int(rem0.min()))
+            # past completions too when nothing waits for admission (a completion then only
+            # shrinks the batch) and the policy's k does not depend on the batch's membership
+            through = former.waiting.size == 0 and self.spec_len.batch_independent
+            # how far to look ahead: the policy's horizon; no further than the requests' remaining
+            # tokens (each commits at least one per step); about as far as the next arrival at the
+            # last step's pace (a guess: too short only costs another window)
+            n_max = min(cl.window_steps, self.spec_len.horizon_steps(self.step_index),
+                        int(rem0.max() if through else rem0.min()))
             gap = cl.next_arrival_for(self.rid) - now
             if gap < float("inf") and self._last_step_s > 0:
                 n_max = min(n_max, int(gap / self._last_step_s) + 2)
             n_max = max(n_max, 1)
         win = DecodeWindow(idx=idx, ctx_tokens=ctx0, k=k, remaining=rem0, alpha=t.alpha[idx],
-                           class_idx=t.class_idx[idx], rng_base=t.rng_base[idx], draws=t.draws[idx], n_steps=n_max)
+                           class_idx=t.class_idx[idx], rng_base=t.rng_base[idx], draws=t.draws[idx], n_steps=n_max,
+                           through=through)
         out = cl.method.decode_window(win)
         s_n = out.n_steps
         ends = np.cumsum(np.concatenate(([now], out.step_ms / 1000.0)))[1:]
         # KV: blocks each member holds after each step (step 0 was allocated by the scheduler)
         held0 = t.kv_blocks[idx]
+        held = None
         if s_n > 1:
             before = np.cumsum(out.committed, axis=0) - out.committed
             # each step reserves slots as the scheduler would: its reservation (capped at
-            # remaining − 1) or the drafts chosen, whichever is larger
+            # remaining − 1) or the drafts chosen, whichever is larger (step 0 was scheduled with
+            # the reservation before this choice, later steps with the policy's after it)
             rem_s = rem0[None, :] - before
-            # (step 0 was scheduled with the reservation before this choice, later steps with the
-            # policy's reservation after it)
             kr = np.full((rem_s.shape[0], 1), self.spec_len.k_reserve(), dtype=np.int64)
             kr[0] = self._k_reserve
             reserved = np.maximum(np.minimum(kr, rem_s - 1), out.k)
             slots = ctx0[None, :] + before + 1 + reserved
-            held = np.maximum.accumulate(np.maximum(blocks_for(slots, former.bs), held0[None, :]), axis=0)
+            need = blocks_for(slots, former.bs)
+            if out.active is not None:  # finished members hold what they had (freed at the end)
+                need = np.where(out.active, need, 0)
+                slots = np.where(out.active, slots, 0)
+            held = np.maximum.accumulate(np.maximum(need, held0[None, :]), axis=0)
             grown = held.sum(axis=1) - int(_sum(held0))
             fits = grown <= former.free_blocks
             s_n = int(fits.argmin()) if not fits.all() else s_n
@@ -286,20 +296,23 @@ class Replica:
             if s_n < out.n_steps:
                 out = _trim(out, s_n)
                 ends = ends[:s_n]
-            held_end = held[s_n - 1]
+                held = held[:s_n]
+            held_end = held[-1]
             slots_max = slots[:s_n].max(axis=0)
         else:
             held_end = held0
             slots_max = None
+        act = out.active
         # bookkeeping
         committed_tot = out.committed.sum(axis=0)
+        steps_run = act.sum(axis=0) if act is not None else s_n
         t.generated[idx] += committed_tot
-        t.steps[idx] += s_n
-        t.decode_steps[idx] += s_n
+        t.steps[idx] += steps_run
+        t.decode_steps[idx] += steps_run
         t.drafted[idx] += out.drafted.sum(axis=0)
         t.accepted[idx] += out.accepted.sum(axis=0)
         t.position_accepts[idx] += out.position_accepts.sum(axis=0)
-        t.draws[idx] += out.draws[:s_n].sum(axis=0).astype(np.uint64)
+        t.draws[idx] += out.draws.sum(axis=0).astype(np.uint64)
         if slots_max is not None:
             former.free_blocks -= int(_sum(held_end) - _sum(held0))
             t.kv_blocks[idx] = held_end
@@ -312,17 +325,25 @@ class Replica:
         self.busy_s = float(np.cumsum(np.concatenate(([self.busy_s], out.step_ms / 1000.0)))[-1])
         end = float(ends[-1])
         used_end = self._kv_used_tokens()  # after the last step's allocation, before completions
-        self._finish(idx, t.generated[idx] >= t.output_tokens[idx], end)
+        done = t.generated[idx] >= t.output_tokens[idx]
+        # each member completes at the end of its last step in the window
+        self._finish(idx, done, end if act is None else ends[np.maximum(steps_run - 1, 0)])
         rec = WindowRecord(idx=idx, drafted=out.drafted, accepted=out.accepted, position_accepts=out.position_accepts,
-                           committed=out.committed, fed_tokens=out.fed_tokens, step_ms=out.step_ms, end_s=ends)
+                           committed=out.committed, fed_tokens=out.fed_tokens, step_ms=out.step_ms, end_s=ends,
+                           active=act)
         cl.scheduler.observe_window(rec)
         values = self.spec_len.observe_window(rec)
-        if s_n > 1:
-            kv_used = used_end - (int(_sum(held_end)) - held.sum(axis=1)[:s_n]) * former.bs
+        if held is not None:
+            # as a one-step engine logs it: blocks of the members still running (a finished member's
+            # are freed at its completion) plus those of requests outside the batch
+            other = used_end - int(_sum(held_end)) * former.bs
+            live_blocks = (held * act).sum(axis=1) if act is not None else held.sum(axis=1)
+            kv_used = other + live_blocks * former.bs
         else:
             kv_used = np.array([used_end])
         starts = np.concatenate(([now], ends[:-1]))
-        self.log.append_window(self.rid, self.step_index, starts, ends, out.step_ms, idx.size,
+        batch_sizes = act.sum(axis=1) if act is not None else idx.size
+        self.log.append_window(self.rid, self.step_index, starts, ends, out.step_ms, batch_sizes,
                                out.k.max(axis=1), out.drafted.sum(axis=1), out.accepted.sum(axis=1),
                                per_step_committed, out.fed_tokens.sum(axis=1), kv_used,
                                int(self.former.waiting.size), values)
@@ -340,11 +361,12 @@ class Replica:
         t.in_batch[live] = True
         self.last_batch = live
 
-    def _finish(self, idx: np.ndarray, done: np.ndarray, end: float) -> None:
+    def _finish(self, idx: np.ndarray, done: np.ndarray, end) -> None:
+        """Members ``done`` completed at ``end`` (seconds; one time, or one per member)."""
         t = self.cluster.table
         if bool(done.any()):
             fin = idx[done]
-            t.completion_s[fin] = end
+            t.completion_s[fin] = end if np.ndim(end) == 0 else end[done]
             t.computed[fin] = t.prefill_target[fin]
             t.in_batch[fin] = False
             self.former.release(fin)
@@ -366,9 +388,11 @@ def _trim(out, n: int):
     """The first ``n`` steps of a window outcome."""
     from simspec.simulator.methods.base import WindowOutcome
 
+    act = out.active[:n] if out.active is not None else None
     return WindowOutcome(step_ms=out.step_ms[:n], k=out.k[:n], drafted=out.drafted[:n], accepted=out.accepted[:n],
                          position_accepts=out.position_accepts[:n], committed=out.committed[:n],
-                         fed_tokens=out.fed_tokens[:n], draws=out.draws[:n])
+                         fed_tokens=out.fed_tokens[:n], draws=out.draws[:n],
+                         active=act if act is not None and not bool(act.all()) else None)
 
 
 class Cluster:

@@ -94,10 +94,11 @@ def summary(req: pd.DataFrame, steps: pd.DataFrame, busy_s: list[float], slo_ttf
     s["throughput_requests_per_s"] = len(req) / makespan if makespan > 0 else None
     total_busy = float(sum(busy_s))
     # SmartSpec's goodput: committed tokens per second of step time (per replica busy time)
-    s["goodput_tokens_per_busy_s"] = tokens / total_busy if total_busy > 0 else None
+    s["smartspec_goodput_tokens_per_busy_s"] = tokens / total_busy if total_busy > 0 else None
     s["drafted_tokens"] = drafted
     s["accepted_tokens"] = accepted
-    s["acceptance_rate"] = accepted / drafted if drafted else None
+    # vLLM's spec-decode name: accepted draft positions per drafted position
+    s["draft_acceptance_rate"] = accepted / drafted if drafted else None
     s["wasted_draft_tokens"] = drafted - accepted
     # drafted positions whose own draw was accepted, prefix or not (SmartSpec's per-position rate)
     s["position_acceptance_rate"] = int(req["position_accepts"].sum()) / drafted if drafted else None
@@ -120,5 +121,8 @@ def summary(req: pd.DataFrame, steps: pd.DataFrame, busy_s: list[float], slo_ttf
             tp = req["tpot_s"].to_numpy(float) * 1000.0
             ok &= np.isnan(tp) | (tp <= slo_tpot_ms)
         s["slo_attainment"] = float(ok.mean())
-        s["goodput_requests_per_s"] = float(ok.sum()) / makespan if makespan > 0 else None
+        s["slo_goodput_requests_per_s"] = float(ok.sum()) / makespan if makespan > 0 else None
+    from simspec.vllm_metrics import vllm_bench_metrics
+
+    s.update(vllm_bench_metrics(req, makespan))  # the same run under `vllm bench serve`'s names
     return s

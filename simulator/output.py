@@ -23,7 +23,7 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
 def write_run(result: RunResult, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``result`` as a run directory at ``out_dir`` (atomic rename at the end)."""
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="run") as tmp:
         write_json(tmp / "config.json", {**result.config, "notes": result.notes})
         write_parquet(result.requests, tmp / "requests.parquet")
         write_parquet(result.steps, tmp / "steps.parquet")

@@ -39,6 +39,8 @@ def resolve_capacity(config: RunConfig, profile: Profile) -> Capacity:
     cap = profile.capacity
     mb = config.max_batch_size if config.max_batch_size is not None else cap.get("max_batch_size")
     kv = config.kv_budget_tokens if config.kv_budget_tokens is not None else cap.get("kv_budget_tokens")
+    if config.gpu_memory_utilization is not None:
+        kv = kv_budget_from_memory(profile, config.gpu_memory_utilization)
     if mb is None:
         raise ConfigError(f"--max-batch: not given and profile {profile.name} has no capacity.max_batch_size")
     if kv is None:
@@ -54,21 +56,57 @@ def resolve_capacity(config: RunConfig, profile: Profile) -> Capacity:
                     long_prefill_token_threshold=config.long_prefill_token_threshold, watermark=config.watermark)
 
 
-def check_ranges(profile: Profile, capacity: Capacity, trace: Trace) -> list[str]:
-    """Compare the run's largest shapes with each stage's measured ``valid`` ranges.
+def kv_budget_from_memory(profile: Profile, utilisation: float) -> int:
+    """KV-cache tokens per replica as vLLM sizes it: ``tp × GPU memory × utilisation − weights −
+    tp × activation reserve``, over the KV bytes per token of the target (and draft) model. Needs
+    the memory figures an analytic profile records (``meta.analytic.gpu.memory_bytes``,
+    ``meta.analytic.tp``, ``meta.analytic.efficiency.activation_reserve_gib``,
+    ``models.*.weights_bytes`` and ``models.*.kv_bytes_per_token``)."""
+    where = f"--gpu-memory-utilization: profile {profile.name}"
+    an = (profile.meta or {}).get("analytic") or {}
+    try:
+        mem = float(an["gpu"]["memory_bytes"])
+        tp = int(an.get("tp", 1))
+        reserve = float(an.get("efficiency", {}).get("activation_reserve_gib", 0.0)) * 2**30
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{where} has no GPU memory figures (field meta.analytic.gpu.memory_bytes); "
+                          f"give --kv-budget-tokens instead") from None
+    weights = kv_per_token = 0.0
+    for role, m in profile.models.items():
+        if not isinstance(m, dict) or "weights_bytes" not in m or "kv_bytes_per_token" not in m:
+            raise ConfigError(f"{where}: field models.{role}.weights_bytes / kv_bytes_per_token missing; "
+                              f"give --kv-budget-tokens instead")
+        weights += float(m["weights_bytes"])
+        kv_per_token += float(m["kv_bytes_per_token"])
+    usable = tp * mem * utilisation - weights - tp * reserve
+    if usable <= 0 or kv_per_token <= 0:
+        raise ConfigError(f"{where}: {weights / 1e9:.1f} GB of weights leave no KV cache at "
+                          f"{utilisation:.0%} of {tp} x {mem / 2**30:.0f} GiB")
+    return int(usable // kv_per_token)
 
-    Returns the violations (empty when all lookups stay in range)."""
+
+def check_ranges(profile: Profile, capacity: Capacity, trace: Trace, stages: set[str] | None = None) -> list[str]:
+    """Compare the run's largest shapes with the ``valid`` ranges of the stages it uses (all when
+    ``stages`` is None). Returns the violations (empty when all lookups stay in range)."""
     worst = {"batch_size": capacity.max_batch_size,
              "tokens_per_request": int(trace.prompt_tokens.max() + trace.output_tokens.max()),
              "context_tokens": int(trace.prompt_tokens.max() + trace.output_tokens.max())}
     out = []
     for name, doc in profile.stages.items():
+        if stages is not None and name not in stages:
+            continue
         valid = doc.get("valid") or {}
         for axis, hi_needed in worst.items():
             rng = valid.get(axis)
             if isinstance(rng, (list, tuple)) and len(rng) == 2 and hi_needed > float(rng[1]):
-                out.append(f"{name}.{axis} up to {hi_needed} > measured {rng[1]:g}")
+                out.append(f"{name}.{axis} up to {hi_needed} > {rng[1]:g}")
     return out
+
+
+def range_words(profile: Profile) -> str:
+    """What a stage's ``valid`` range is, by the profile's source."""
+    return {"measured": "measured range", "analytic": "range its analytic grid covers",
+            "published": "range its published fit covers"}.get(profile.source, "valid range")
 
 
 def canonical_order(trace: Trace) -> Trace:
@@ -135,13 +173,17 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
                               f"but --max-batched-tokens is {capacity.max_batched_tokens} and chunked prefill is "
                               f"off: it may never run ({big.size} such request(s)); enable chunked prefill or "
                               f"raise the budget")
-    out_of_range = check_ranges(profile, capacity, trace)
+    out_of_range = check_ranges(profile, capacity, trace, method.stages_used())
     if out_of_range:
-        msg = "; ".join(out_of_range[:3]) + (f" (+{len(out_of_range) - 3} more)" if len(out_of_range) > 3 else "")
+        msg = "; ".join(out_of_range)
+        window = (profile.models.get("target") or {}).get("max_position_embeddings")
+        longest = int((trace.prompt_tokens + trace.output_tokens).max())
+        if isinstance(window, (int, float)) and longest > window:
+            msg += f"; the longest request ({longest} tokens) is beyond the model's context window of {int(window)}"
         if not config.allow_extrapolation:
-            raise ProfileError(f"profile {profile.name}: this run needs latencies outside the measured range "
+            raise ProfileError(f"profile {profile.name}: this run needs latencies outside the {range_words(profile)} "
                                f"({msg}); cap the trace or pass --allow-extrapolation")
-        notes.append(f"latency extrapolated beyond the profile's measured range: {msg}")
+        notes.append(f"latency extrapolated beyond the profile's {range_words(profile)}: {msg}")
     if profile.source == "analytic":
         notes.append(f"profile {profile.name} is ANALYTIC (a roofline estimate, not a measurement)")
 

@@ -30,8 +30,8 @@ def test_replay_bundled_trace_end_to_end(tmp_path):
     out = tmp_path / "run"
     r = simspec("replay", "--policy", "srpt", "--spec", "draft:k=4", "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "requests.parquet", "steps.parquet",
-                                                     "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".simspec-output", "config.json", "requests.parquet",
+                                                     "steps.parquet", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_requests"] == 8819
     assert summary["latency_ms_p99"] >= summary["latency_ms_p50"] > 0

@@ -186,3 +186,34 @@ def test_smartspec_within_5_percent_of_the_best_fixed_k_at_every_load():
                     for spec in ("none", "draft:k=1", "draft:k=3", "draft:k=5"))
         smart = run_one(tr, prof, "draft:k=5", "smartspec", 0)["latency_ms_mean"]
         assert smart <= 1.05 * fixed, (rate, smart, fixed)
+
+
+def test_gpu_memory_utilization_derives_the_kv_budget_like_vllm():
+    from simspec.simulator.run import kv_budget_from_memory
+
+    prof = load_profile("vicuna7b-a100-analytic")
+    # the analytic profile sized its own budget at 0.9: the same formula gives the same tokens
+    assert kv_budget_from_memory(prof, 0.9) == prof.capacity["kv_budget_tokens"]
+    assert kv_budget_from_memory(prof, 0.5) < kv_budget_from_memory(prof, 0.9)
+    res = simulate(cfg(gpu_memory_utilization=0.5, allow_extrapolation=True), make_trace([0], [10], [5]), prof)
+    assert res.config["capacity"]["kv_budget_tokens"] == kv_budget_from_memory(prof, 0.5)
+    with pytest.raises(ConfigError, match="memory_bytes"):
+        simulate(cfg(gpu_memory_utilization=0.9), make_trace([0], [10], [5]), load_profile("llama70b-4xh100-smartspec"))
+    with pytest.raises(ConfigError, match="not both"):
+        cfg(gpu_memory_utilization=0.9, kv_budget_tokens=1000)
+
+
+def test_range_check_looks_only_at_stages_the_method_uses():
+    from simspec.errors import ProfileError
+
+    doc = flat_profile_doc()
+    doc["latency"]["stages"]["draft_step"] = {"kind": "linear", "coef": {"c0": 1.0, "c_b": 0.0, "c_t": 0.0, "c_kv": 0.0},
+                                              "valid": {"context_tokens": [0, 100]}}
+    prof = profile_from_doc(doc, "ranges")
+    tr = make_trace([0], [500], [5])
+    simulate(cfg(spec="none"), tr, prof)  # draft_step is never evaluated: no complaint
+    with pytest.raises(ProfileError, match=r"draft_step\.context_tokens up to 505 > 100"):
+        simulate(cfg(spec="draft:k=2"), tr, prof)
+    res = simulate(cfg(spec="draft:k=2", allow_extrapolation=True), tr, prof)
+    assert any("draft_step" in n for n in res.notes)
+    assert not any("draft_step" in n for n in simulate(cfg(spec="none", allow_extrapolation=True), tr, prof).notes)

@@ -41,7 +41,7 @@ def test_report_on_a_sweep_writes_tables_and_plots(sweep_dir, tmp_path, capsys):
                 "goodput_vs_rate.png", "accepted_per_step.png"}
     assert expected <= files
     timelines = sorted(f for f in files if f.startswith("timeline_"))
-    assert timelines == ["timeline_draft_k=4.png", "timeline_none.png"]  # one per series
+    assert timelines == ["timeline_draft_k4.png", "timeline_none.png"]  # one per series, no "=" in names
     for f in files:
         if f.endswith(".png"):
             data = (out / f).read_bytes()
@@ -69,8 +69,8 @@ def test_report_on_runs_and_a_sweep_with_failures(sweep_dir, tmp_path):
     rep = build_report(runs + [tmp_path / "s"])
     names = set(rep.files)
     # two groups: the runs given directly and the sweep, each with its own file prefix
-    assert {"runs_latency_cdf.png", "runs_accepted_per_step.png", "runs_timeline_none.png",
-            "runs_timeline_draft_k=4.png", "kv_latency_cdf.png", "kv_timeline_default.png"} <= names
+    assert {"runs_latency_cdf.png", "runs_accepted_per_step.png", "runs_timeline_spec_none.png",
+            "runs_timeline_spec_draft_k4.png", "kv_latency_cdf.png", "kv_timeline_default.png"} <= names
     assert "kv_latency_vs_rate.png" not in names  # that sweep has no rate axis
     table = "\n".join(rep.terminal)
     assert "runs (2):" in table and "draft:k=4" in table and "1 failed" in table

@@ -162,4 +162,5 @@ def test_transform_options_decorator_collects_one_dict():
                                    "--seed", "4"])
     assert res.exit_code == 0, res.output
     assert seen == {"rate": 3.0, "rate_scale": None, "window": "0:10", "first": None, "max_prompt_tokens": None,
-                    "max_output_tokens": None, "only_class": ("a", "b"), "relabel_classes": None, "seed": 4}
+                    "max_output_tokens": None, "only_class": ("a", "b"), "relabel_classes": None, "burstiness": None,
+                    "seed": 4}

@@ -28,11 +28,17 @@ mix time-zone-aware and naive timestamps read the naive ones as UTC, counted in 
 Everything else a reader cannot parse (truncated rows, wrong delimiter, unknown header or key,
 non-numbers, non-integers, lengths < 1, negative times, duplicate ids) is refused with one
 :class:`~simspec.errors.TraceError` naming the file, the line and the column.
+
+Any file may be gzip-compressed (``trace.csv.gz``; recognised by its magic bytes). Limits that keep
+a malformed or hostile file from exhausting memory: a line is at most :data:`MAX_LINE_BYTES`
+(checked while reading, before anything is parsed), an id or class name at most
+:data:`MAX_FIELD_CHARS` characters; values echoed in errors are cut to 80 characters.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import re
@@ -43,8 +49,13 @@ from typing import Callable
 
 import numpy as np
 
+from simspec.atomic import clip
 from simspec.errors import TraceError
 from simspec.trace import CANONICAL_COLUMNS, OPTIONAL_COLUMNS, Trace
+
+MAX_LINE_BYTES = 1 << 20  # 1 MiB: no trace format has lines anywhere near this long
+MAX_FIELD_CHARS = 1024  # request_id, acceptance_class, slo_class
+_READ_CHUNK = 16 << 20
 
 Reader = Callable[[Path], Trace]
 FORMATS: dict[str, Reader] = {}
@@ -136,16 +147,90 @@ def _delimiter_hint(header: list[str]) -> str:
     return ""
 
 
+def is_gzip(path: Path) -> bool:
+    """Whether ``path`` starts with gzip's magic bytes."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+def _too_long(path: Path, line: int) -> TraceError:
+    return TraceError(f"{path}: line {line}: longer than {MAX_LINE_BYTES:,} bytes (no trace format has lines "
+                      f"this long; a binary or corrupt file?)")
+
+
+def read_text(path: Path) -> str:
+    """The whole file as text (gzip decompressed; UTF-8, a byte-order mark ignored), refusing a line
+    longer than :data:`MAX_LINE_BYTES` as soon as it is met (a 2 GB one-line file never reaches
+    memory whole). Raises :class:`TraceError` with one line."""
+    chunks: list[bytes] = []
+    lines_before = 0
+    carry = 0  # length of the unfinished line at the end of the previous chunk
+    try:
+        with _open_binary(path) as fh:
+            while True:
+                b = fh.read(_READ_CHUNK)
+                if not b:
+                    break
+                nl = np.flatnonzero(np.frombuffer(b, dtype=np.uint8) == 10)
+                if nl.size == 0:
+                    carry += len(b)
+                    if carry > MAX_LINE_BYTES:
+                        raise _too_long(path, lines_before + 1)
+                else:
+                    if carry + int(nl[0]) > MAX_LINE_BYTES:
+                        raise _too_long(path, lines_before + 1)
+                    if nl.size > 1:
+                        gaps = np.diff(nl) - 1
+                        j = int(np.argmax(gaps))
+                        if int(gaps[j]) > MAX_LINE_BYTES:
+                            raise _too_long(path, lines_before + j + 2)
+                    lines_before += int(nl.size)
+                    carry = len(b) - int(nl[-1]) - 1
+                    if carry > MAX_LINE_BYTES:
+                        raise _too_long(path, lines_before + 1)
+                chunks.append(b)
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise TraceError(f"{path}: is a directory, not a trace file") from None
+    except (gzip.BadGzipFile, EOFError, zlib_error()) as exc:
+        raise TraceError(f"{path}: a corrupt or truncated gzip file ({exc})") from None
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return b"".join(chunks).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error
+
+
 def _first_line(path: Path) -> str:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            return fh.readline()
+        with _open_binary(path) as fh:
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+        if len(raw) > MAX_LINE_BYTES:
+            raise _too_long(path, 1)
+        return raw.decode("utf-8-sig")
     except FileNotFoundError:
         raise TraceError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise TraceError(f"{path}: is a directory, not a trace file") from None
     except UnicodeDecodeError as exc:
         raise TraceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (gzip.BadGzipFile, EOFError, zlib_error()) as exc:
+        raise TraceError(f"{path}: a corrupt or truncated gzip file ({exc})") from None
     except OSError as exc:
         raise TraceError(f"{path}: cannot read ({exc})") from None
 
@@ -185,7 +270,7 @@ def detect_format(path: Path) -> str:
         for name, pred in _JSONL_DETECTORS:
             if pred(keys):
                 return name
-        raise TraceError(f"{path}: line 1: unknown JSONL record keys {','.join(rec)!r}; expected Mooncake's "
+        raise TraceError(f"{path}: line 1: unknown JSONL record keys {clip(','.join(map(str, rec)))}; expected Mooncake's "
                          f"timestamp,input_length,output_length[,hash_ids] (see docs/workloads.md)")
     header = [h.strip() for h in next(csv.reader([first]))]
     fields = {h.lower() for h in header}
@@ -194,14 +279,14 @@ def detect_format(path: Path) -> str:
             if name == "azure2023":
                 return _azure_flavour(path)
             return name
-    raise TraceError(f"{path}: line 1: unknown header {','.join(header)!r}{_delimiter_hint(header)}; expected the "
+    raise TraceError(f"{path}: line 1: unknown header {clip(','.join(header))}{_delimiter_hint(header)}; expected the "
                      f"canonical columns {','.join(CANONICAL_COLUMNS)} or a known public format "
                      f"(see docs/workloads.md)")
 
 
 def _azure_flavour(path: Path) -> str:
     """azure2024 when the first data row's timestamp carries a time zone, else azure2023."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with _open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh)
         header = [h.strip().lower() for h in next(reader)]
         for row in reader:
@@ -258,14 +343,7 @@ def read_csv_strings(path: Path, required: tuple[str, ...], optional: tuple[str,
     Errors name the file and line: a row with the wrong number of fields, a missing or unknown
     column, a file with a header and no rows. A UTF-8 byte-order mark is ignored.
     """
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise TraceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except FileNotFoundError:
-        raise TraceError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot read ({exc})") from None
+    text = read_text(path)
     quoted = '"' in text
     try:  # without quotes, only the header now: the body is read by _regular_body or further below
         nl = text.find("\n")
@@ -280,10 +358,10 @@ def read_csv_strings(path: Path, required: tuple[str, ...], optional: tuple[str,
     pos: dict[str, int] = {}
     for i, h in enumerate(header):
         if key(h) not in known:
-            raise TraceError(f"{path}: line 1: column {i + 1}: unexpected column {h!r}{_delimiter_hint(header)} "
+            raise TraceError(f"{path}: line 1: column {i + 1}: unexpected column {clip(h)}{_delimiter_hint(header)} "
                              f"(expected {', '.join(required + optional)})")
         if known[key(h)] in pos:
-            raise TraceError(f"{path}: line 1: column {h!r} appears twice")
+            raise TraceError(f"{path}: line 1: column {clip(h)} appears twice")
         pos[known[key(h)]] = i
     for c in required:
         if c not in pos:
@@ -355,13 +433,13 @@ def parse_numeric(path: Path, column: str, values: list[str], lines: list[int], 
         try:
             x = float(v)
         except ValueError:
-            raise TraceError(f"{path}: line {lines[j]}: column {column}: not a number ({v!r})") from None
+            raise TraceError(f"{path}: line {lines[j]}: column {column}: not a number ({clip(v)})") from None
         if not np.isfinite(x):
-            raise TraceError(f"{path}: line {lines[j]}: column {column}: not a finite number ({v!r})")
+            raise TraceError(f"{path}: line {lines[j]}: column {column}: not a finite number ({clip(v)})")
         if integer and x != int(x):
-            raise TraceError(f"{path}: line {lines[j]}: column {column}: not an integer ({v!r})")
+            raise TraceError(f"{path}: line {lines[j]}: column {column}: not an integer ({clip(v)})")
         if min_value is not None and x < min_value:
-            raise TraceError(f"{path}: line {lines[j]}: column {column}: must be >= {min_value:g}, got {v}")
+            raise TraceError(f"{path}: line {lines[j]}: column {column}: must be >= {min_value:g}, got {clip(v)[1:-1]}")
         out[j] = x
     return out.astype(np.int64) if integer else out
 
@@ -370,10 +448,19 @@ def _finish(path: Path, fmt: str, lines: list[int], rid, arr, pt, ot, acc=None, 
             notes: list[str] | None = None, ids_from_file: bool = True) -> Trace:
     """Duplicate-id check with line numbers (ids read from the file), then build (sorting
     out-of-order arrivals, reported)."""
+    for column, values in (("request_id", rid if ids_from_file else None), ("acceptance_class", acc),
+                           ("slo_class", slo)):
+        if values is None or len(values) == 0:
+            continue
+        lens = np.fromiter(map(len, map(str, values)), dtype=np.int64, count=len(values))
+        if int(lens.max()) > MAX_FIELD_CHARS:
+            j = int(np.argmax(lens > MAX_FIELD_CHARS))
+            raise TraceError(f"{path}: line {lines[j]}: column {column}: {int(lens[j]):,} characters (at most "
+                             f"{MAX_FIELD_CHARS:,}): {clip(str(values[j]))}")
     seen: dict[str, int] = {}
     for j, r in enumerate(rid if ids_from_file else ()):
         if r in seen:
-            raise TraceError(f"{path}: line {lines[j]}: column request_id: duplicate id {r!r} "
+            raise TraceError(f"{path}: line {lines[j]}: column request_id: duplicate id {clip(r)} "
                              f"(first at line {seen[r]})")
         seen[r] = lines[j]
     return Trace.from_columns(request_id=rid, arrival_s=arr, prompt_tokens=pt, output_tokens=ot,
@@ -444,7 +531,7 @@ def _read_azure(path: Path, fmt: str) -> Trace:
         bad = np.flatnonzero(ts.isna().to_numpy())
     if bad.size:
         j = int(bad[0])
-        raise TraceError(f"{path}: line {lines[j]}: column TIMESTAMP: not a timestamp ({raw[j]!r}; expected "
+        raise TraceError(f"{path}: line {lines[j]}: column TIMESTAMP: not a timestamp ({clip(raw[j])}; expected "
                          f"YYYY-MM-DD HH:MM:SS[.fraction][+HH:MM|Z])")
     notes: list[str] = []
     aware = s.str.contains(_TZ_RE).to_numpy(dtype=bool)
@@ -485,13 +572,13 @@ _MOONCAKE_OPTIONAL = ("hash_ids",)
 
 def _json_number(path: Path, ln: int, key: str, v, *, integer: bool, min_value: float) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TraceError(f"{path}: line {ln}: column {key}: not a number ({v!r})")
+        raise TraceError(f"{path}: line {ln}: column {key}: not a number ({clip(v)})")
     if not np.isfinite(v):
-        raise TraceError(f"{path}: line {ln}: column {key}: not a finite number ({v!r})")
+        raise TraceError(f"{path}: line {ln}: column {key}: not a finite number ({clip(v)})")
     if integer and v != int(v):
-        raise TraceError(f"{path}: line {ln}: column {key}: not an integer ({v!r})")
+        raise TraceError(f"{path}: line {ln}: column {key}: not an integer ({clip(v)})")
     if v < min_value:
-        raise TraceError(f"{path}: line {ln}: column {key}: must be >= {min_value:g}, got {v!r}")
+        raise TraceError(f"{path}: line {ln}: column {key}: must be >= {min_value:g}, got {clip(v)}")
     return float(v)
 
 
@@ -503,10 +590,7 @@ def read_mooncake(path: Path) -> Trace:
 
     arrival_s = timestamp / 1000. Request ids are ``mooncake-<line>``. Unknown keys are refused.
     """
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise TraceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_text(path)
     ts: list[float] = []
     pt: list[float] = []
     ot: list[float] = []
@@ -518,7 +602,7 @@ def read_mooncake(path: Path) -> Trace:
         rec = _json_record(path, line, ln)
         for k in rec:
             if k not in allowed:
-                raise TraceError(f"{path}: line {ln}: column {k}: unexpected key {k!r} "
+                raise TraceError(f"{path}: line {ln}: column {str(k)[:80]}: unexpected key {clip(k)} "
                                  f"(expected {', '.join(_MOONCAKE_KEYS + _MOONCAKE_OPTIONAL)})")
         for k in _MOONCAKE_KEYS:
             if k not in rec:

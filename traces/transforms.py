@@ -9,7 +9,10 @@ Each function returns a new trace (the input is not modified) and appends what i
 3. ``--first N`` — keep the first N requests (by arrival).
 4. ``--rate R`` (target mean rate, req/s, as ``simspec trace stats`` measures it: (n−1)/span) or
    ``--rate-scale X`` (X times the rate) — arrival times are multiplied by a constant, so order is
-   kept and the span is divided by the rate factor.
+   kept and the span is divided by the rate factor. With ``--burstiness B`` (as ``vllm bench
+   serve``) the trace's own arrival times are replaced instead: requests, in order, arrive with
+   Gamma-distributed gaps of shape B and mean 1/R (CV = 1/sqrt(B); B = 1 is Poisson), drawn from
+   ``simspec.rng.stream(seed, "arrivals")``; the first request arrives at 0.
 5. ``--max-prompt-tokens N``, ``--max-output-tokens N`` — clip lengths to at most N (counted).
 6. ``--relabel-classes SPEC`` — a class mixture ``code:0.3,chat:0.7``, one name, or a mapping
    ``map:default=chat,*=code`` (see :mod:`simspec.traces.synthetic`).
@@ -37,7 +40,7 @@ from simspec.trace import Trace
 from simspec.traces.stats import mean_rate_rps
 
 TRANSFORM_KEYS = ("window", "only_class", "first", "rate", "rate_scale", "max_prompt_tokens",
-                  "max_output_tokens", "relabel_classes")
+                  "max_output_tokens", "relabel_classes", "burstiness")
 
 
 def _with(trace: Trace, note: str, **cols) -> Trace:
@@ -71,6 +74,36 @@ def rescale_rate(trace: Trace, *, rate: float | None = None, scale: float | None
         factor = scale
         note = f"rescaled the arrival rate by {scale:g}x (arrival times divided by {scale:g})"
     return _with(trace, note, arrival_s=trace.arrival_s / factor)
+
+
+def check_burstiness(burstiness: float | None, rate: float | None) -> None:
+    """``--burstiness`` must be a finite number > 0 and goes with ``--rate``/``--request-rate``."""
+    if burstiness is None:
+        return
+    if isinstance(burstiness, bool) or not isinstance(burstiness, (int, float)) or not (
+            math.isfinite(burstiness) and burstiness > 0):
+        raise ConfigError(f"--burstiness must be a finite number > 0, got {burstiness!r}")
+    if rate is None:
+        raise ConfigError("--burstiness B needs --rate/--request-rate R (Gamma arrivals of shape B at R req/s)")
+
+
+def gamma_burst_arrivals(n: int, rate: float, burstiness: float, seed: int) -> np.ndarray:
+    """Arrival times of ``n`` requests as ``vllm bench serve --request-rate R --burstiness B`` sends
+    them: the first at 0, then Gamma gaps of shape B and scale 1/(R*B) (mean 1/R, CV 1/sqrt(B))."""
+    from simspec.rng import stream
+
+    gaps = stream(seed, "arrivals").gamma(float(burstiness), 1.0 / (float(rate) * float(burstiness)), size=n)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])]) if n else np.zeros(0)
+
+
+def burst_arrivals(trace: Trace, *, rate: float, burstiness: float, seed: int = 0) -> Trace:
+    """Replace the trace's arrival times by :func:`gamma_burst_arrivals` (request order kept)."""
+    check_burstiness(burstiness, rate)
+    if not (math.isfinite(rate) and rate > 0):
+        raise ConfigError(f"--rate must be a finite number > 0, got {rate!r}")
+    t = gamma_burst_arrivals(len(trace), rate, burstiness, seed)
+    return _with(trace, f"arrival times replaced by Gamma arrivals at {rate:g} req/s, burstiness {burstiness:g} "
+                        f"(CV {1 / math.sqrt(burstiness):.3g}), seed {seed}", arrival_s=t)
 
 
 def parse_window(text: str) -> tuple[float | None, float | None]:
@@ -161,10 +194,11 @@ def set_classes(trace: Trace, spec: str, *, seed: int = 0) -> Trace:
 
 def apply_transforms(trace: Trace, *, seed: int = 0, window=None, only_class=(), first=None, rate=None,
                      rate_scale=None, max_prompt_tokens=None, max_output_tokens=None,
-                     relabel_classes: str | None = None) -> Trace:
+                     relabel_classes: str | None = None, burstiness: float | None = None) -> Trace:
     """Apply the transform options in the documented order; options left at None/empty do nothing."""
     if rate is not None and rate_scale is not None:
         raise ConfigError("give --rate or --rate-scale, not both")
+    check_burstiness(burstiness, rate)
     t = trace
     if window is not None:
         s, e = parse_window(window) if isinstance(window, str) else window
@@ -173,7 +207,9 @@ def apply_transforms(trace: Trace, *, seed: int = 0, window=None, only_class=(),
         t = filter_classes(t, only_class)
     if first is not None:
         t = first_n(t, first)
-    if rate is not None or rate_scale is not None:
+    if burstiness is not None:
+        t = burst_arrivals(t, rate=rate, burstiness=burstiness, seed=seed)
+    elif rate is not None or rate_scale is not None:
         t = rescale_rate(t, rate=rate, scale=rate_scale)
     if max_prompt_tokens is not None or max_output_tokens is not None:
         t = cap_lengths(t, max_prompt_tokens=max_prompt_tokens, max_output_tokens=max_output_tokens)
@@ -196,8 +232,12 @@ def load_and_transform(path: str | Path, fmt: str | None = None, *, seed: int = 
             raise ConfigError(length_table_refusal(path))
         if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
             raise ConfigError(f"--rate must be a finite number > 0, got {rate!r}")
+        burstiness = transforms.get("burstiness")
+        check_burstiness(burstiness, rate)
         trace = load_trace(path, fmt, arrivals=PoissonArrivals(float(rate)), seed=seed)
-        transforms = {**transforms, "rate": None}
+        if burstiness is not None:
+            trace = burst_arrivals(trace, rate=float(rate), burstiness=float(burstiness), seed=seed)
+        transforms = {**transforms, "rate": None, "burstiness": None}
     else:
         trace = load_trace(path, fmt)
     return apply_transforms(trace, seed=seed, **transforms)
@@ -215,9 +255,12 @@ def transform_options(fn):
 
     wrapper.__click_params__ = list(getattr(fn, "__click_params__", []))  # type: ignore[attr-defined]
     options = [
-        click.option("--rate", type=float, default=None, metavar="R",
+        click.option("--rate", "--request-rate", "rate", type=float, default=None, metavar="R",
                      help="Rescale arrival times to a mean rate of R req/s (a length-only table gets "
-                          "Poisson arrivals at R)."),
+                          "Poisson arrivals at R). --request-rate is vLLM's name for it."),
+        click.option("--burstiness", type=float, default=None, metavar="B",
+                     help="With --rate R: replace the arrival times by Gamma arrivals of shape B at R req/s "
+                          "(CV 1/sqrt(B); 1 = Poisson), as `vllm bench serve --burstiness`; seeded by --seed."),
         click.option("--rate-scale", type=float, default=None, metavar="X",
                      help="Multiply the arrival rate by X (arrival times divided by X)."),
         click.option("--window", default=None, metavar="START:END",

@@ -62,20 +62,23 @@ def _set_threads(threads: int | None) -> None:
 @click.command("acceptance")
 @click.option("--model", "model_spec", default="smollm2-135m", show_default=True,
               help="Target model: bundled name, local HF directory or hub id.")
-@click.option("--method", type=click.Choice(["draft", "kangaroo", "hispec"]), required=True)
+@click.option("--method", type=click.Choice(["draft", "kangaroo", "hispec"]), required=True,
+              help="Speculation method to measure: a draft model, Kangaroo (one early exit) or HiSpec (two exits).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True,
               help="Profile JSON to create or update (acceptance[method] is replaced).")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None, help=PROMPTS_HELP)
 @click.option("--limit-per-category", type=int, default=8, show_default=True,
               help="Prompts per acceptance class (MT-Bench's categories interleaved); 0 = all.")
 @click.option("--category", "categories", multiple=True, help="Only these classes (repeatable).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="Tokens generated per prompt (greedy; EOS ignored).")
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True,
               help="Cut longer prompt messages at the end so the prompt fits.")
 @click.option("--heldout-share", type=float, default=0.25, show_default=True,
               help="Share of each class's prompts held out to test the fit (every 1/share-th prompt).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="Model dtype.")
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu | cuda | cuda:N.")
 @click.option("--draft", "draft_spec", default=None, help="draft: a separate draft model (same tokenizer).")
 @click.option("--draft-layers", type=int, default=None,
               help="draft: use the target's first L layers + LM head as the draft (default N/6).")
@@ -98,7 +101,7 @@ def _set_threads(threads: int | None) -> None:
 @click.option("--min-exposure", type=int, default=10, show_default=True,
               help="Keep a draft position in position_conditional only if offered this often.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress output (model-loading bars included).")
 def acceptance(model_spec: str, method: str, out_path: str, prompts_path: str | None, limit_per_category: int,
                categories: tuple[str, ...], max_new_tokens: int, max_prompt_tokens: int, heldout_share: float,
                dtype: str, device: str, draft_spec: str | None, draft_layers: int | None, k: int,
@@ -115,6 +118,10 @@ def acceptance(model_spec: str, method: str, out_path: str, prompts_path: str | 
     if max_new_tokens < 2:
         raise SimspecError(f"--max-new-tokens {max_new_tokens}: must be >= 2")
     say = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    if quiet:
+        from simspec.calibrate.models import silence_progress_bars
+
+        silence_progress_bars()
     prompt_file = Path(prompts_path) if prompts_path else P.bundled_prompts_path()
     chosen = P.select(P.load_prompts(prompt_file), limit_per_category or None, 0, list(categories) or None)
 
@@ -252,27 +259,35 @@ def _adapter_label(adapter_dir: str | None) -> str:
 
 
 @click.command("adapter")
-@click.option("--model", "model_spec", default="smollm2-135m", show_default=True)
+@click.option("--model", "model_spec", default="smollm2-135m", show_default=True,
+              help="Model: bundled name, local Hugging Face directory or hub id.")
 @click.option("--exit", "exits", type=int, multiple=True, required=True,
               help="Exit layer to train an adapter for (repeat for HiSpec's two exits).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Adapter directory to write (adapter.json and one exit<L>.safetensors per exit).")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None, help=PROMPTS_HELP)
-@click.option("--train-per-category", type=int, default=6, show_default=True)
-@click.option("--heldout-per-category", type=int, default=1, show_default=True)
+@click.option("--train-per-category", type=int, default=6, show_default=True,
+              help="Training prompts per class.")
+@click.option("--heldout-per-category", type=int, default=1, show_default=True,
+              help="Held-out prompts per class, for the before/after agreement report.")
 @click.option("--skip-per-category", type=int, default=16, show_default=True,
               help="Skip each class's first prompts (those `calibrate acceptance` uses by default).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True,
               help="Greedy continuation length per prompt (the model's own outputs).")
-@click.option("--max-prompt-tokens", type=int, default=384, show_default=True)
+@click.option("--max-prompt-tokens", type=int, default=384, show_default=True,
+              help="Cut longer prompt messages at the end so the prompt fits.")
 @click.option("--steps", type=int, default=150, show_default=True, help="Optimiser steps per exit.")
-@click.option("--lr", type=float, default=1e-2, show_default=True)
-@click.option("--tokens-per-step", type=int, default=256, show_default=True)
+@click.option("--lr", type=float, default=1e-2, show_default=True, help="Optimiser (Adam) learning rate.")
+@click.option("--tokens-per-step", type=int, default=256, show_default=True,
+              help="Token positions per optimiser step (minibatch size).")
 @click.option("--top-k", type=int, default=64, show_default=True, help="Teacher tokens kept per position.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--save-dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--threads", type=int, default=None)
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the minibatch order and initialisation (>= 0).")
+@click.option("--save-dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="dtype of the saved adapter weights.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (one simspec wrote).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output (model-loading bars included).")
 def adapter(model_spec: str, exits: tuple[int, ...], out_dir: str, prompts_path: str | None,
             train_per_category: int, heldout_per_category: int, skip_per_category: int, max_new_tokens: int,
             max_prompt_tokens: int, steps: int, lr: float, tokens_per_step: int, top_k: int, seed: int,
@@ -282,11 +297,16 @@ def adapter(model_spec: str, exits: tuple[int, ...], out_dir: str, prompts_path:
     from simspec.atomic import atomic_dir
     from simspec.calibrate import prompts as P
 
-    if Path(out_dir).exists() and not force:
-        raise SimspecError(f"output directory {out_dir} already exists (use --force to replace it)")
+    from simspec.atomic import check_output_dir
+
+    check_output_dir(out_dir, "adapter", force=force)  # before any training
     if train_per_category < 1 or heldout_per_category < 1:
         raise SimspecError("--train-per-category and --heldout-per-category must be >= 1")
     say = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    if quiet:
+        from simspec.calibrate.models import silence_progress_bars
+
+        silence_progress_bars()
     prompt_file = Path(prompts_path) if prompts_path else P.bundled_prompts_path()
     allp = P.load_prompts(prompt_file)
     train_sel = P.select(allp, train_per_category, skip_per_category)
@@ -330,7 +350,7 @@ def adapter(model_spec: str, exits: tuple[int, ...], out_dir: str, prompts_path:
                                "heldout_loss_before": round(r.heldout_loss_before, 4),
                                "heldout_loss_after": round(r.heldout_loss_after, 4),
                                "train_s": round(r.train_s, 1)} for e, r in reports.items()}}
-    with atomic_dir(out_dir, overwrite=force) as tmp:
+    with atomic_dir(out_dir, overwrite=force, kind="adapter") as tmp:
         save_adapters(Path(tmp), adapters, info,
                       dtype=torch.bfloat16 if save_dtype == "bf16" else torch.float32)
     for e, r in sorted(reports.items()):
@@ -345,7 +365,8 @@ def adapter(model_spec: str, exits: tuple[int, ...], out_dir: str, prompts_path:
 
 @click.command("import-acceptance")
 @click.argument("log_path", type=click.Path(dir_okay=False))
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True,
+              help="Profile JSON to create or update (acceptance[method] is replaced).")
 @click.option("--method", default="draft", show_default=True,
               help="Acceptance method the log measured (draft, kangaroo, ...).")
 @click.option("--k", type=int, default=None,
@@ -354,7 +375,7 @@ def adapter(model_spec: str, exits: tuple[int, ...], out_dir: str, prompts_path:
               help="Share of each class's answers held out to test the fit.")
 @click.option("--min-exposure", type=int, default=10, show_default=True,
               help="Keep a draft position in position_conditional only if offered this often.")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def import_acceptance(log_path: str, out_path: str, method: str, k: int | None, heldout_share: float,
                       min_exposure: int, quiet: bool) -> None:
     """Import Spec-Bench-style answer JSONL (choices[].accept_lengths per step, category) as acceptance."""

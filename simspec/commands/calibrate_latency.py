@@ -88,6 +88,10 @@ def latency(model_spec: str, draft_spec: str | None, device: str, dtype: str, gr
     if device == "cpu" and load_before and load_before[0] > 0.5 * cpus and _scheduler() in ("SCHED_OTHER", None):
         click.echo(f"simspec: warning: load average {load_before[0]} on {cpus} CPU(s): other processes "
                    "will distort the timings", err=True)
+    if not progress:
+        from simspec.calibrate.models import silence_progress_bars
+
+        silence_progress_bars()
     target = load_model(model_spec, dtype, device)
     draft = load_model(draft_spec, dtype, device) if draft_spec else None
     result = calibrate_latency(target, grid, draft=draft, threads=threads, progress=progress)

@@ -36,10 +36,11 @@ from simspec.commands.replay import run_options
                    "combination, at most the CPU cores].")
 @click.option("--out", "out_path", default="capacity.json", show_default=True, type=click.Path(dir_okay=False),
               help="JSON file with every search and every simulated point.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help="Replace --out if it is a capacity file simspec wrote.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table (the output file is still printed).")
 def capacity(trace_arg, fmt, first, window, policy, spec, spec_len, profile_name, replicas, router, max_batch,
              kv_budget_tokens, max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation,
-             attainment, p99, rate_lo, rate_hi, tol_rps, workers, out_path, force):
+             goodput, attainment, p99, rate_lo, rate_hi, tol_rps, workers, out_path, force, quiet):
     """Find, by bisection over the request rate, the highest rate at which the SLO holds, for each
     combination of --policy, --spec and --spec-len (each accepts a comma list).
 
@@ -53,13 +54,14 @@ def capacity(trace_arg, fmt, first, window, policy, spec, spec_len, profile_name
     """
     import itertools
 
-    from simspec.atomic import write_json
-    from simspec.capacity import SLO, check_range, capacity_task, result_from_dict, split_components
+    from simspec.atomic import check_output_file, marker_doc, write_json
+    from simspec.capacity import SLO, capacity_task, check_range, max_evaluations, result_from_dict, split_components
     from simspec.commands.replay import build_config
     from simspec.errors import ConfigError
     from simspec.profile import DEFAULT_PROFILE
     from simspec.sweep import (
         _sha256_file, default_workers, load_run_trace, open_executor, resolve_profile, resolve_trace,
+        terminate_on_signals,
     )
     from simspec.profile import load_profile
     from simspec.traces.formats import DEFAULT_TRACE
@@ -68,8 +70,10 @@ def capacity(trace_arg, fmt, first, window, policy, spec, spec_len, profile_name
     if attainment is not None and p99:
         raise ConfigError("--attainment and --p99: choose one criterion")
     slo = SLO(ttft_ms=slo_ttft_ms, tpot_ms=slo_tpot_ms, attainment=attainment)
-    if Path(out_path).exists() and not force:
-        raise ConfigError(f"--out: {out_path} already exists (use --force to replace it)")
+    if goodput:
+        raise ConfigError("--goodput: not used by capacity (its criterion is --slo-ttft-ms/--slo-tpot-ms with "
+                          "--attainment or --p99)")
+    check_output_file(out_path, force=force, simspec_json=True)
     tpath = resolve_trace(trace_arg or DEFAULT_TRACE, Path.cwd())
     tsha = _sha256_file(tpath)
     transforms = {"window": window, "only_class": (), "first": first, "rate": None, "rate_scale": None,
@@ -101,14 +105,34 @@ def capacity(trace_arg, fmt, first, window, policy, spec, spec_len, profile_name
                err=True)
     n_workers = workers or min(default_workers(), len(tasks))
     results = [None] * len(tasks)
-    if n_workers == 1 or len(tasks) == 1:
-        for i, t in enumerate(tasks):
-            results[i] = capacity_task(t)
-    else:
-        with open_executor(n_workers) as ex:
-            futs = {ex.submit(capacity_task, t, str(i)): i for i, t in enumerate(tasks)}
-            for fut in ex.as_completed(list(futs)):
-                results[futs[fut]] = fut.result()
+    per_task = max_evaluations(lo, hi, tol)
+    pbar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=per_task * len(tasks), unit="sim", desc="capacity", delay=1.0, leave=False)
+    try:
+        with terminate_on_signals():
+            if n_workers == 1 or len(tasks) == 1:
+                for i, t in enumerate(tasks):
+                    done0 = pbar.n if pbar is not None else 0
+                    results[i] = capacity_task(t, on_eval=(lambda: pbar.update(1)) if pbar is not None else None)
+                    if pbar is not None:  # a search that stops at an end of the range needs fewer
+                        pbar.update(per_task - (pbar.n - done0))
+            else:
+                with open_executor(n_workers) as ex:
+                    futs = {ex.submit(capacity_task, t, str(i)): i for i, t in enumerate(tasks)}
+                    try:
+                        for fut in ex.as_completed(list(futs)):
+                            results[futs[fut]] = fut.result()
+                            if pbar is not None:
+                                pbar.update(per_task)
+                    except BaseException:
+                        ex.cancel()
+                        raise
+    finally:
+        if pbar is not None:
+            pbar.close()
     res = [result_from_dict(r) for r in results]
 
     rows = [["policy", "spec", "spec-len", "capacity (req/s)", "bracket (req/s)", "p99 TTFT (ms)",
@@ -123,11 +147,12 @@ def capacity(trace_arg, fmt, first, window, policy, spec, spec_len, profile_name
                      f(at.ttft_ms_p99 if at else None, 1), f(at.tpot_ms_p99 if at else None, 2),
                      f(at.slo_attainment if at else None, 3), str(len(r.evaluations))])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for j, row in enumerate(rows):
+    for j, row in enumerate(rows if not quiet else []):
         click.echo("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if j == 0:
             click.echo("  ".join("-" * w for w in widths))
     write_json(out_path, {
+        "simspec_output": marker_doc("capacity"),
         "trace": {"path": str(tpath), "sha256": tsha, "n_requests": len(trace), "recorded_rate_rps": native,
                   "first": first, "window": window},
         "profile": {"name": prof.name, "path": str(ppath), "sha256": prof.sha256},
@@ -136,4 +161,4 @@ def capacity(trace_arg, fmt, first, window, policy, spec, spec_len, profile_name
         "search": {"rate_lo_rps": lo, "rate_hi_rps": hi, "tol_rps": tol, "seed": seed},
         "results": [r.to_dict() for r in res],
     })
-    click.echo(f"\nwrote {out_path}")
+    click.echo(f"{'' if quiet else chr(10)}wrote {out_path}")

@@ -19,6 +19,34 @@ def load_trace_arg(trace: str | None, fmt: str | None, seed: int, transforms: di
     return load_and_transform(resolve_trace_arg(trace or DEFAULT_TRACE), fmt, seed=seed, **transforms)
 
 
+def trace_record(trace_arg: str | None, fmt: str | None, seed: int, transforms: dict, tr) -> dict:
+    """What ``config.json`` records about the trace so that the run can be repeated exactly: the
+    absolute path, its sha256, the format and every transform as a structured field."""
+    from simspec.sweep import _sha256_file
+    from simspec.traces.formats import DEFAULT_TRACE, resolve_trace_arg
+
+    path = Path(resolve_trace_arg(trace_arg or DEFAULT_TRACE)).resolve()
+    tf = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transforms.items()}
+    return {"source": tr.source, "n_requests": len(tr), "arg": trace_arg or DEFAULT_TRACE, "path": str(path),
+            "sha256": _sha256_file(path), "format": fmt, "transforms": tf, "transform_seed": seed}
+
+
+def default_run_name(trace: str | None, policy: str, spec: str, spec_len: str, replicas: int, profile_name: str,
+                     seed: int, identity: dict) -> str:
+    """``runs/<trace>-<policy>-<spec>[-<spec_len>]-r<replicas>-<profile>-s<seed>-<hash>``: readable, and
+    different for any two runs that differ in anything (the hash covers every option and transform)."""
+    import hashlib
+
+    from simspec.atomic import dumps_json
+
+    stem = Path(trace).name.split(".")[0] if trace else "azure_code_2023"
+    parts = [stem, policy, spec] + ([spec_len] if spec_len != "fixed" else []) + [f"r{replicas}", profile_name,
+                                                                                  f"s{seed}"]
+    h = hashlib.sha256(dumps_json(identity).encode()).hexdigest()[:8]
+    clean = lambda t: "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in t.replace("=", ""))
+    return str(Path("runs") / "-".join(clean(Path(p).name if "/" in p else p)[:40] for p in parts + [h]))
+
+
 def _choices(kind: str) -> str:
     from simspec.policies import SCHEDULERS, SPEC_LEN_POLICIES
     from simspec.simulator.methods import METHODS
@@ -45,7 +73,8 @@ def build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_
                      allow_extrapolation=allow_extrapolation, **(engine or {}))
 
 
-ENGINE_KEYS = ("batching", "block_size", "chunked_prefill", "long_prefill_token_threshold", "window_steps")
+ENGINE_KEYS = ("batching", "block_size", "chunked_prefill", "long_prefill_token_threshold", "window_steps",
+               "gpu_memory_utilization")
 
 
 def engine_options(f):
@@ -69,6 +98,9 @@ def engine_options(f):
                      help="Split long prompts over steps within --max-batched-tokens (vLLM's default)."),
         click.option("--long-prefill-token-threshold", type=click.IntRange(min=1), default=None,
                      help="Most prompt tokens one request feeds per step [default: no cap]."),
+        click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Share of GPU memory the engine may use (vLLM's option): derive the KV budget from "
+                          "the profile's memory figures (analytic profiles) instead of its kv_budget_tokens."),
         click.option("--window-steps", default=256, show_default=True, type=click.IntRange(min=1),
                      help="Most decode-only steps advanced per simulation event when the batch is stable "
                           "(speed only: 1 gives byte-identical outputs, one step per event)."),
@@ -94,23 +126,30 @@ def run_options(f):
         click.option("--router", default="round-robin", show_default=True,
                      type=click.Choice(["round-robin", "least-outstanding"]),
                      help="How arrivals are spread over replicas (least-outstanding: fewest outstanding tokens)."),
-        click.option("--max-batch", type=click.IntRange(min=1), default=None,
-                     help="Most requests per step per replica [default: the profile's capacity]."),
+        click.option("--max-batch", "--max-num-seqs", "max_batch", type=click.IntRange(min=1), default=None,
+                     help="Most requests per step per replica [default: the profile's capacity]. "
+                          "--max-num-seqs is vLLM's name for it."),
         click.option("--kv-budget-tokens", type=click.IntRange(min=1), default=None,
                      help="KV-cache capacity per replica, in tokens [default: the profile's capacity]."),
-        click.option("--max-batched-tokens", type=click.IntRange(min=1), default=None,
+        click.option("--max-batched-tokens", "--max-num-batched-tokens", "max_batched_tokens",
+                     type=click.IntRange(min=1), default=None,
                      help="Most tokens fed per step per replica (prefill + k+1 per decode request) "
-                          "[default: the profile's capacity, else unlimited]."),
+                          "[default: the profile's capacity, else unlimited]. --max-num-batched-tokens is "
+                          "vLLM's name for it."),
         click.option("--preempt", default="recompute", show_default=True,
                      type=click.Choice(["recompute", "swap", "keep"]),
                      help="A preempted request's KV (freed when an allocation fails): recompute its context "
                           "on resume (vLLM V1), or swap it out and back without recompute (transfer time not "
                           "modelled; 'keep' is the old name of swap)."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Run seed (all random streams)."),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Run seed, >= 0 (all random streams)."),
         click.option("--slo-ttft-ms", type=float, default=None, help="TTFT SLO in ms (for attainment)."),
         click.option("--slo-tpot-ms", type=float, default=None, help="TPOT SLO in ms (for attainment)."),
         click.option("--allow-extrapolation", is_flag=True,
                      help="Allow latency lookups beyond the profile's measured range (reported)."),
+        click.option("--goodput", "goodput", multiple=True, metavar="'ttft:MS tpot:MS e2el:MS'",
+                     help="vLLM's goodput: requests/s that meet every given bound (ms), reported as "
+                          "request_goodput (as `vllm bench serve --goodput`)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -129,16 +168,26 @@ SUMMARY_ROWS = [
     ("requests", "n_requests", 0), ("mean latency (ms)", "latency_ms_mean", 1), ("p50 latency (ms)", "latency_ms_p50", 1),
     ("p99 latency (ms)", "latency_ms_p99", 1), ("mean TTFT (ms)", "ttft_ms_mean", 1), ("p99 TTFT (ms)", "ttft_ms_p99", 1),
     ("mean TPOT (ms)", "tpot_ms_mean", 2), ("throughput (tok/s)", "throughput_tokens_per_s", 1),
-    ("tokens / decode step", "mean_tokens_per_decode_step", 2), ("acceptance rate", "acceptance_rate", 3),
+    ("tokens / decode step (mean over steps)", "mean_tokens_per_decode_step", 2),
+    ("draft acceptance rate", "draft_acceptance_rate", 3),
     ("pauses", "pauses", 0), ("preemptions", "preemptions", 0), ("recomputed tokens", "recomputed_tokens", 0),
-    ("SLO attainment", "slo_attainment", 3),
+    ("SLO attainment", "slo_attainment", 3), ("SLO goodput (req/s)", "slo_goodput_requests_per_s", 3),
 ]
+# the same run as `vllm bench serve` prints it (its metric names)
+VLLM_ROWS = [
+    ("request_throughput (req/s)", "request_throughput", 3), ("output_throughput (tok/s)", "output_throughput", 1),
+    ("request_goodput (req/s)", "request_goodput", 3),
+] + [(f"{stat}_{m}_ms", f"{stat}_{m}_ms", 2) for m in ("ttft", "tpot", "itl", "e2el")
+     for stat in ("mean", "median", "p90", "p95", "p99")]
 
 
 def print_table(columns: list[tuple[str, dict]]) -> None:
-    """Print summary metrics, one column per run."""
+    """Print summary metrics, one column per run: simspec's, then `vllm bench serve`'s names."""
     rows = [["metric"] + [name for name, _ in columns]]
-    for label, key, digits in SUMMARY_ROWS:
+    for label, key, digits in SUMMARY_ROWS + [("-- as vllm bench serve --", None, 0)] + VLLM_ROWS:
+        if key is None:
+            rows.append([label] + [""] * len(columns))
+            continue
         if all(s.get(key) is None for _, s in columns):
             continue
         rows.append([label] + [_fmt(s.get(key), digits) for _, s in columns])
@@ -149,44 +198,61 @@ def print_table(columns: list[tuple[str, dict]]) -> None:
             click.echo("  ".join("-" * w for w in widths))
 
 
+def _finish_result(result, goodput_slo, trace_rec: dict) -> None:
+    """Add vLLM's goodput (``--goodput``) and the rerun record of the trace to a run's result."""
+    from simspec.vllm_metrics import vllm_goodput
+
+    if goodput_slo is not None:
+        result.summary.update(vllm_goodput(result.requests, result.summary["makespan_s"], goodput_slo))
+        result.config["vllm_goodput_slo_ms"] = goodput_slo.to_dict()
+    result.config["trace"] = {**result.config.get("trace", {}), **trace_rec}
+
+
 @click.command("replay")
-@click.argument("trace", required=False, metavar="TRACE")
+@click.argument("trace", required=False, metavar="[TRACE]")
 @click.option("--policy", default="fcfs", show_default=True, metavar="SCHEDULER[:k=v,...]",
               help="Request scheduler: fcfs | srpt[:predictor=oracle|lognormal|class-mean,sigma=0.5] | laps-sd | las.")
 @run_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory to write (config.json, requests.parquet, steps.parquet, summary.json). "
-                   "[default: runs/<trace>-<policy>-<spec>-s<seed>]")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
+                   "[default: runs/<trace>-<policy>-<spec>-r<replicas>-<profile>-s<seed>-<hash of all options>]")
+@click.option("--force", is_flag=True, help="Replace --out if it is a simspec output directory.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table (the run directory is still printed).")
 @format_option
 @transform_options
 @engine_options
 def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_batch, kv_budget_tokens,
-           max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, out_dir, force, quiet,
-           fmt, transforms, engine):
+           max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, goodput, out_dir, force,
+           quiet, fmt, transforms, engine):
     """Replay TRACE through the simulated cluster and write a run directory.
 
-    TRACE is a file in any supported format (canonical CSV, Azure, …; auto-detected) or a bundled
-    trace name [default: azure_code_2023, the Azure LLM coding trace, 8,819 requests]. Times are
-    simulated; the same options and seed always give byte-identical outputs.
+    TRACE is a file in any supported format (canonical CSV, Azure, …; auto-detected; .gz read
+    as gzip) or a bundled trace name [default: azure_code_2023, the Azure LLM coding trace, 8,819
+    requests]. Times are simulated; the same options and seed always give byte-identical outputs.
     """
+    from simspec.atomic import check_output_dir
     from simspec.profile import DEFAULT_PROFILE, load_profile
     from simspec.simulator.output import write_run
     from simspec.simulator.run import simulate
+    from simspec.vllm_metrics import GoodputSLO
+
     config = build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt, seed,
                           slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens, engine)
+    goodput_slo = GoodputSLO.parse(goodput)
+    if out_dir is not None:
+        check_output_dir(out_dir, "run", force=force)
     profile = load_profile(profile_name or DEFAULT_PROFILE)
     tr = load_trace_arg(trace, fmt, seed, transforms)
+    trace_rec = trace_record(trace, fmt, seed, transforms, tr)
     if out_dir is None:
-        stem = Path(trace).stem if trace else "azure_code_2023"
-        safe = lambda s: "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in s)
-        out_dir = str(Path("runs") / safe(f"{stem}-{policy}-{spec}-s{seed}"))
-    if Path(out_dir).exists() and not force:
-        raise ConfigError(f"--out: {out_dir} already exists (use --force to replace it)")
+        out_dir = default_run_name(trace, policy, spec, spec_len, replicas, profile.name, seed,
+                                   {"run": config.to_dict(), "profile": profile.sha256, "trace": trace_rec,
+                                    "goodput": goodput_slo.to_dict() if goodput_slo else None})
+        check_output_dir(out_dir, "run", force=force)
     t0 = time.perf_counter()
     result = simulate(config, tr, profile, progress=not quiet)
     wall = time.perf_counter() - t0
+    _finish_result(result, goodput_slo, trace_rec)
     write_run(result, out_dir, overwrite=force)
     if not quiet:
         for n in result.notes:
@@ -194,43 +260,81 @@ def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_ba
         print_table([(f"{policy} / {spec}", result.summary)])
         click.echo(f"\n{len(tr)} requests, {result.summary['request_steps']:,} request-steps in {wall:.2f} s wall; "
                    f"wrote {out_dir}")
+    else:
+        click.echo(f"wrote {out_dir}")
 
 
 @click.command("compare")
-@click.argument("trace", required=False, metavar="TRACE")
+@click.argument("trace", required=False, metavar="[TRACE]")
 @click.option("--policies", default=None, metavar="P1,P2,...",
               help="Schedulers to compare [default: every registered scheduler].")
 @run_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Directory for one run directory per scheduler [default: none written].")
-@click.option("--force", is_flag=True, help="Replace run directories that exist.")
+@click.option("--force", is_flag=True, help="Replace run directories that exist (simspec outputs only).")
 @format_option
 @transform_options
 @engine_options
 def compare(trace, policies, spec, spec_len, profile_name, replicas, router, max_batch, kv_budget_tokens,
-            max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, out_dir, force,
+            max_batched_tokens, preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, goodput, out_dir, force,
             fmt, transforms, engine):
     """Replay TRACE (default: the bundled Azure coding trace) under several schedulers and print
     the comparison. This is the quickstart's main job."""
+    from simspec.atomic import check_output_dir
     from simspec.policies import SCHEDULERS
     from simspec.profile import DEFAULT_PROFILE, load_profile
     from simspec.simulator.output import write_run
     from simspec.simulator.run import simulate
+    from simspec.vllm_metrics import GoodputSLO
 
     names = [p.strip() for p in policies.split(",")] if policies else sorted(SCHEDULERS)
+    # everything is checked before the first simulation: names, duplicates, outputs
+    if not all(names):
+        raise ConfigError(f"--policies {policies!r}: empty name in the list")
+    configs = {}
+    for name in names:
+        if name in configs:
+            raise ConfigError(f"--policies: {name!r} given twice")
+        configs[name] = build_config(name, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt,
+                                     seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens,
+                                     engine)
+    canon = {}
+    for name, cfg in configs.items():
+        key = str(cfg.scheduler)
+        if key in canon:
+            raise ConfigError(f"--policies: {canon[key]!r} and {name!r} are the same scheduler")
+        canon[key] = name
+    goodput_slo = GoodputSLO.parse(goodput)
+    dirs = {}
+    if out_dir:
+        check_output_dir(out_dir, "compare", force=force, resume=True) if Path(out_dir).exists() else \
+            check_output_dir(out_dir, "compare")
+        for name in names:
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.replace("=", ""))
+            dirs[name] = Path(out_dir) / safe
+            check_output_dir(dirs[name], "run", force=force, what="--out run")
+        if len(set(dirs.values())) < len(dirs):
+            raise ConfigError("--policies: two schedulers map to the same run directory name")
     profile = load_profile(profile_name or DEFAULT_PROFILE)
     tr = load_trace_arg(trace, fmt, seed, transforms)
+    trace_rec = trace_record(trace, fmt, seed, transforms, tr) if out_dir else {}
     click.echo(f"trace: {tr.source} ({len(tr)} requests); profile: {profile.name} [{profile.source}]; "
                f"spec: {spec}; spec-len: {spec_len}; replicas: {replicas}; seed: {seed}")
     cols = []
     for name in names:
-        config = build_config(name, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt, seed,
-                              slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens, engine)
         t0 = time.perf_counter()
-        result = simulate(config, tr, profile, progress=True)
+        result = simulate(configs[name], tr, profile, progress=True)
         click.echo(f"  {name}: {time.perf_counter() - t0:.2f} s wall", err=True)
+        _finish_result(result, goodput_slo, trace_rec)
         if out_dir:
-            write_run(result, Path(out_dir) / name, overwrite=force)
+            from simspec.atomic import MARKER, write_marker
+
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            if not (Path(out_dir) / MARKER).is_file():
+                write_marker(out_dir, "compare")
+            write_run(result, dirs[name], overwrite=force)
         cols.append((name, result.summary))
     click.echo()
     print_table(cols)
+    if out_dir:
+        click.echo(f"\nwrote {len(cols)} run directories under {out_dir}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 
@@ -11,8 +9,9 @@ import click
 @click.argument("inputs", nargs=-1, required=True, metavar="RUN_OR_SWEEP...")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for summary.csv, summary.md, report.md and the PNG plots.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def report(inputs, out_dir, force):
+@click.option("--force", is_flag=True, help="Replace --out if it is a simspec output directory.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def report(inputs, out_dir, force, no_progress):
     """Compare runs and sweeps: print tables, write CSV/Markdown and PNG plots.
 
     Each input is a run directory (from `simspec replay --out`), a directory of runs (from
@@ -21,12 +20,11 @@ def report(inputs, out_dir, force):
     the request rate; batch size and chosen k over time per replica; tokens committed per decode
     step.
     """
-    from simspec.errors import ConfigError
+    from simspec.atomic import check_output_dir
     from simspec.report import write_report
 
-    if Path(out_dir).exists() and not force:
-        raise ConfigError(f"--out: {out_dir} already exists (use --force to replace it)")
-    rep = write_report(list(inputs), out_dir, force=force)
+    check_output_dir(out_dir, "report", force=force)
+    rep = write_report(list(inputs), out_dir, force=force, progress=not no_progress)
     for line in rep.terminal:
         click.echo(line)
     pngs = sorted(n for n in rep.files if n.endswith(".png"))

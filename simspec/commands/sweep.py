@@ -9,7 +9,8 @@ import click
 @click.argument("grid", metavar="GRID.yaml")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Sweep directory: runs/<id>/ per run, failed/<id>.json per failed run, sweep.parquet, "
-                   "sweep.json. Rerunning into the same directory resumes.")
+                   "sweep.json. Rerunning into the same directory resumes; a directory that is not a "
+                   "sweep is refused.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Local worker processes [default: all CPU cores].")
 @click.option("--scheduler-address", default=None, metavar="tcp://HOST:PORT",
@@ -23,7 +24,8 @@ def sweep(grid, out_dir, workers, scheduler_address, retry_failed, dry_run, quie
     OUT/sweep.parquet.
 
     \b
-    GRID.yaml:
+    GRID.yaml (option names as in `simspec replay`, or vLLM's max_num_seqs,
+    max_num_batched_tokens, request_rate):
       base:                      # any replay option (trace, profile, policy, spec, spec_len,
         trace: azure_code_2023   #  replicas, max_batch, kv_budget_tokens, seed, slo_ttft_ms, ...)
         first: 200               #  and trace transforms (first, rate, rate_scale, window, ...)
@@ -36,9 +38,12 @@ def sweep(grid, out_dir, workers, scheduler_address, retry_failed, dry_run, quie
     An interrupted sweep restarted with the same command skips the finished runs; a run that
     fails is recorded in OUT/failed/<id>.json and the others go on. See docs/sweeps.md.
     """
+    from simspec.atomic import check_output_dir
     from simspec.report import display_frame, text_table
-    from simspec.sweep import load_grid, run_sweep
+    from simspec.sweep import load_grid, run_sweep, terminate_on_signals
 
+    if not dry_run:  # before the grid is expanded (it reads every trace): a bad --out fails at once
+        check_output_dir(out_dir, "sweep", resume=True)
     g = load_grid(grid)
     if dry_run:
         click.echo(f"{grid}: {len(g.runs)} run(s) over axes {', '.join(g.axes) or '(none)'}")
@@ -47,8 +52,9 @@ def sweep(grid, out_dir, workers, scheduler_address, retry_failed, dry_run, quie
                        + (f"  ({r.offered_rate_rps:.3g} req/s)" if r.offered_rate_rps else ""))
         return
     try:
-        res = run_sweep(g, out_dir, workers=workers, scheduler_address=scheduler_address, progress=not quiet,
-                        retry_failed=retry_failed, echo=lambda m: click.echo(m, err=True))
+        with terminate_on_signals():
+            res = run_sweep(g, out_dir, workers=workers, scheduler_address=scheduler_address, progress=not quiet,
+                            retry_failed=retry_failed, echo=lambda m: click.echo(m, err=True))
     except KeyboardInterrupt:
         click.echo(f"sweep stopped; finished runs are kept in {out_dir}/runs: run the same command to resume",
                    err=True)

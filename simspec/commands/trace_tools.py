@@ -20,24 +20,61 @@ def _echo_notes(trace) -> None:
         click.echo(f"note: {n}", err=True)
 
 
+class _Phases:
+    """A progress bar over the phases of a long command (read, transform, statistics, write),
+    shown on stderr only when the command takes more than a second."""
+
+    def __init__(self, names: list[str], enabled: bool = True):
+        self.names = names
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(names), desc=names[0], unit="phase", delay=1.0, leave=False,
+                            bar_format="{desc}: {n_fmt}/{total_fmt} phases [{elapsed}]")
+
+    def next(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.bar.n < len(self.names):
+                self.bar.set_description(self.names[self.bar.n])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _load_with_progress(file, fmt, seed, transforms, phases: _Phases):
+    from simspec.traces.formats import resolve_trace_arg
+
+    trace = load_and_transform(resolve_trace_arg(file), fmt, seed=seed, **transforms)
+    phases.next()
+    return trace
+
+
 @click.command("stats")
 @click.argument("file")
 @format_option
 @transform_options
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed for arrivals given to a length-only table and for class mixtures.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed for arrivals given to a length-only table and for class mixtures (>= 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
-def stats(file, fmt, seed, as_json, transforms):
+@click.option("--no-progress", is_flag=True, help="No progress bar (shown only when reading takes over a second).")
+def stats(file, fmt, seed, as_json, no_progress, transforms):
     """Count, span, mean rate, interarrival CV, length percentiles and classes of FILE.
 
     Mean rate is (n-1)/span; CV is std/mean of the interarrival gaps (ddof 0); percentiles are
     linear-interpolated (numpy). Transform options apply before the statistics are taken.
     """
-    from simspec.traces.formats import resolve_trace_arg
     from simspec.traces.stats import format_stats, trace_stats
 
-    trace = load_and_transform(resolve_trace_arg(file), fmt, seed=seed, **transforms)
-    st = trace_stats(trace)
+    phases = _Phases(["reading and transforming", "statistics"], enabled=not no_progress)
+    try:
+        trace = _load_with_progress(file, fmt, seed, transforms, phases)
+        st = trace_stats(trace)
+        phases.next()
+    finally:
+        phases.close()
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True, allow_nan=False))
     else:
@@ -49,15 +86,19 @@ def stats(file, fmt, seed, as_json, transforms):
 @click.argument("dst", metavar="OUT")
 @format_option
 @transform_options
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed for arrivals given to a length-only table and for class mixtures.")
-def convert(src, dst, fmt, seed, transforms):
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed for arrivals given to a length-only table and for class mixtures (>= 0).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (a regular file).")
+def convert(src, dst, fmt, seed, force, transforms):
     """Convert IN (any supported format) to the canonical CSV OUT, written atomically.
 
     Transform options (rate, window, first N, caps, class filter/relabel) are applied on the way.
+    OUT is checked (writable, not an existing file unless --force) before IN is read.
     """
+    from simspec.atomic import check_output_file
     from simspec.traces.formats import resolve_trace_arg, write_canonical
 
+    check_output_file(dst, force=force, what="OUT")
     trace = load_and_transform(resolve_trace_arg(src), fmt, seed=seed, **transforms)
     write_canonical(trace, dst)
     _echo_notes(trace)
@@ -81,10 +122,12 @@ def convert(src, dst, fmt, seed, transforms):
 @click.option("--slo-class", default="", help="SLO class for every request (default none).")
 @click.option("--max-prompt-tokens", type=int, default=None, metavar="N", help="Clip prompt lengths to N.")
 @click.option("--max-output-tokens", type=int, default=None, metavar="N", help="Clip output lengths to N.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random stream.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of every random stream (>= 0).")
 @click.option("--out", "out", required=True, metavar="FILE", help="Canonical CSV to write (atomically).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (a regular file).")
 def synth(arrivals_spec, rate, cv, n, duration_s, lengths_spec, classes_spec, slo_class,
-          max_prompt_tokens, max_output_tokens, seed, out):
+          max_prompt_tokens, max_output_tokens, seed, out, force):
     """Generate a synthetic workload and write it as canonical CSV.
 
     Example: simspec trace synth --arrivals gamma --rate 4 --cv 2 --n 2000
@@ -96,8 +139,11 @@ def synth(arrivals_spec, rate, cv, n, duration_s, lengths_spec, classes_spec, sl
                                           synthesize)
     from simspec.traces.transforms import cap_lengths, rescale_rate
 
+    from simspec.atomic import check_output_file
+
     if n is None and duration_s is None and not arrivals_spec.lower().startswith(("replay:", "trace:")):
         raise ConfigError("give --n N (requests) or --duration-s D (seconds)")
+    check_output_file(out, force=force)
     process = parse_arrivals(arrivals_spec, None if arrivals_spec.lower().startswith(("replay", "trace")) else rate, cv)
     replay_rate = None
     if isinstance(process, ReplayedArrivals) and rate is not None:

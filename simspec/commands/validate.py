@@ -26,16 +26,18 @@ import click
               help="torch CPU threads [default: the profile's meta.threads].")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Report directory: validation.json, summary.json, per_request.csv, latency_scatter.png, "
-                   "report.txt, real_requests.csv, real_steps.csv, sim_requests.csv.")
+                   "report.txt, real_requests.csv, real_steps.csv, sim_requests.csv. Must not exist (or --force).")
 @click.option("--time-scale", type=float, default=1.0, show_default=True,
               help="Multiply the trace's arrival times by this (both runs use the scaled trace).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the simulated run and policies.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the simulated run and policies (>= 0).")
 @click.option("--fit-overhead", "fit_overhead_to", default=None, metavar="PATH",
               help="Also fit latency.overhead (fraction, fixed_ms) from this run's steps and write a copy "
                    "of the profile with it to PATH. Validate that profile on a different trace.")
 @click.option("--no-heldout", is_flag=True, help="Skip the held-out latency-model measurements.")
+@click.option("--force", is_flag=True, help="Replace --out if it is a simspec output directory.")
 def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, threads, out_dir, time_scale, seed,
-             fit_overhead_to, no_heldout):
+             fit_overhead_to, no_heldout, force):
     """Measure the simulator against real execution of TRACE and report its error.
 
     Serves TRACE on one batch-size-1 replica with the real runner (arrivals on the wall clock,
@@ -46,4 +48,4 @@ def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, 
 
     run_validation(trace, model=model, method=method, adapter=adapter, policy=policy, profile_arg=profile_arg,
                    device=device, out_dir=out_dir, time_scale=time_scale, seed=seed, dtype=dtype, threads=threads,
-                   fit_overhead_to=fit_overhead_to, heldout=not no_heldout, echo=click.echo)
+                   fit_overhead_to=fit_overhead_to, heldout=not no_heldout, echo=click.echo, force=force)

@@ -85,6 +85,9 @@ class DecodeWindow:
 
     Inputs are per member (aligned with ``idx``): ``ctx_tokens`` and ``remaining`` at the window's
     start, ``rng_base``/``draws`` (counter-based random state, see :class:`StepRandom`).
+    ``through``: run on past completions with the members left (the batch only shrinks; the engine
+    allows it when nothing waits for admission) until every member is done or ``n_steps``;
+    otherwise stop at the first step in which a member completes.
     """
 
     idx: np.ndarray
@@ -96,6 +99,7 @@ class DecodeWindow:
     rng_base: np.ndarray
     draws: np.ndarray
     n_steps: int
+    through: bool = False
 
 
 @dataclass
@@ -115,6 +119,7 @@ class WindowOutcome:
     committed: np.ndarray
     fed_tokens: np.ndarray
     draws: np.ndarray
+    active: np.ndarray | None = None  # (steps, members): member still running (None: all)
 
     @property
     def n_steps(self) -> int:
@@ -197,6 +202,12 @@ class Method:
     def bind_acceptance(self, model: AcceptanceModel) -> None:
         self.acceptance = model
 
+    def stages_used(self) -> set[str]:
+        """Profile latency stages this method's steps evaluate (range checks look at these only)."""
+        if self.cost.whole_model:
+            return {"target_step"}
+        return {"layer", "lm_head", "embed"}
+
     # --- per step ----------------------------------------------------------------------------
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         raise NotImplementedError
@@ -212,37 +223,51 @@ class Method:
         vectorised one. Either way step ``s`` of a window is exactly what a one-step window started
         there would compute, which the engine's equivalence tests check."""
         n = w.idx.shape[0]
-        zeros_b = np.zeros(n, dtype=bool)
         ctx = w.ctx_tokens.copy()
         rem = w.remaining.copy()
         draws = w.draws.copy()
-        cols: dict[str, list] = {key: [] for key in ("ms", "k", "d", "a", "p", "c", "f", "r")}
+        cols: dict[str, list] = {key: [] for key in ("ms", "k", "d", "a", "p", "c", "f", "r", "act")}
         fixed = self.draws_per_step
+        act = np.ones(n, dtype=bool)
         for _ in range(w.n_steps):
-            k = np.minimum(w.k, rem - 1)
-            batch = BatchStep(idx=w.idx, prefill=zeros_b, fed_tokens=k + 1, ctx_tokens=ctx, k=k, remaining=rem,
-                              alpha=w.alpha, class_idx=w.class_idx)
-            rnd = StepRandom(w.rng_base, draws)
+            sel = np.flatnonzero(act)
+            k_s = np.minimum(w.k[sel], rem[sel] - 1)
+            batch = BatchStep(idx=w.idx[sel], prefill=np.zeros(sel.size, dtype=bool), fed_tokens=k_s + 1,
+                              ctx_tokens=ctx[sel], k=k_s, remaining=rem[sel], alpha=w.alpha[sel],
+                              class_idx=w.class_idx[sel])
+            rnd = StepRandom(w.rng_base[sel], draws[sel])
             out = self.step(rnd, batch)
-            used = np.full(n, fixed, dtype=np.uint64) if fixed is not None else rnd.used
+            used = np.zeros(n, dtype=np.uint64)
+            used[sel] = np.uint64(fixed) if fixed is not None else rnd.used
             draws = draws + used
-            cols["r"].append(used)
-            committed = np.minimum(out.accepted + 1, rem)
+            committed_s = np.minimum(out.accepted + 1, rem[sel])
             pa = out.position_accepts if out.position_accepts is not None else out.accepted
-            for key, v in (("ms", out.step_ms), ("k", k), ("d", out.drafted), ("a", out.accepted), ("p", pa),
-                           ("c", committed), ("f", k + 1)):
-                cols[key].append(v)
-            rem = rem - committed
-            ctx = ctx + committed
-            if bool((rem <= 0).any()):
+            full = {}
+            for key, v in (("k", k_s), ("d", out.drafted), ("a", out.accepted), ("p", pa), ("c", committed_s),
+                           ("f", k_s + 1)):
+                arr = np.zeros(n, dtype=np.int64)
+                arr[sel] = v
+                full[key] = arr
+                cols[key].append(arr)
+            cols["ms"].append(out.step_ms)
+            cols["r"].append(used)
+            cols["act"].append(act.copy())
+            rem = rem - full["c"]
+            ctx = ctx + full["c"]
+            act = act & (rem > 0)
+            if not w.through and not bool(act.all()):
                 break
+            if not bool(act.any()):
+                break
+        active = np.asarray(cols["act"], dtype=bool)
         return WindowOutcome(step_ms=np.asarray(cols["ms"], dtype=np.float64), k=np.asarray(cols["k"]),
                              drafted=np.asarray(cols["d"], dtype=np.int64),
                              accepted=np.asarray(cols["a"], dtype=np.int64),
                              position_accepts=np.asarray(cols["p"], dtype=np.int64),
                              committed=np.asarray(cols["c"], dtype=np.int64),
                              fed_tokens=np.asarray(cols["f"], dtype=np.int64),
-                             draws=np.asarray(cols["r"], dtype=np.uint64))
+                             draws=np.asarray(cols["r"], dtype=np.uint64),
+                             active=None if bool(active.all()) else active)
 
     # --- estimates used by policies (SmartSpec, LAPS-SD) ----------------------------------------
     def stage_estimates_ms(self, batch_size: int, kv_tokens: float, k: int) -> tuple[float, float]:

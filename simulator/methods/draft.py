@@ -54,6 +54,12 @@ class DraftModel(Method):
     def k_max(self) -> int:
         return self._k
 
+    def stages_used(self) -> set[str]:
+        used = super().stages_used()
+        if self.cost.has("draft_step"):
+            return used | {"draft_step"}
+        return used | {"layer", "lm_head", "embed"}
+
     def draft_pass_ms(self, batch_size: float, batched_tokens: float, kv_tokens: float,
                       logits_tokens: float | None = None) -> float:
         """One draft-model forward over the batch (LM head over ``logits_tokens``, default all).
@@ -129,26 +135,39 @@ class DraftModel(Method):
             acc_full = np.zeros((steps, n), dtype=np.int64)
         commit_full = acc_full + 1
         csum = np.cumsum(commit_full, axis=0)
-        any_done = (csum >= rem0[None, :]).any(axis=1)
-        if any_done.any():
-            last = int(any_done.argmax()) + 1
+        done = csum >= rem0[None, :]
+        ever = done.any(axis=0)
+        done_step = np.where(ever, done.argmax(axis=0), steps)  # step in which each member completes
+        if w.through:
+            last = min(steps, int(done_step.max()) + 1)
+        else:
+            last = min(steps, int(done_step.min()) + 1)
+        if last < steps:
             commit_full, csum, acc_full = commit_full[:last], csum[:last], acc_full[:last]
             if ok is not None:
                 ok = ok[:last]
         s_eff = commit_full.shape[0]
+        act = np.arange(s_eff)[:, None] <= done_step[None, :]  # member still running at step s
+        all_act = bool(act.all())
         before = csum - commit_full
         rem_s = rem0[None, :] - before
         k_eff = np.minimum(w.k[None, :], rem_s - 1)
+        if not all_act:
+            k_eff = np.where(act, k_eff, 0)
         accepted = np.minimum(acc_full, k_eff)
         if ok is not None:
             positions = (ok & (pos[:kk][None, None, :] < k_eff[:, :, None])).sum(axis=2)
         else:
             positions = accepted
         committed = np.minimum(accepted + 1, rem_s)
-        ctx = w.ctx_tokens[None, :] + before
         fed = k_eff + 1
+        ctx = w.ctx_tokens[None, :] + before
+        if not all_act:
+            committed = np.where(act, committed, 0)
+            fed = np.where(act, fed, 0)
+            ctx = np.where(act, ctx, 0)
         fed_sum = fed.sum(axis=1).astype(np.float64)
-        b = np.full(s_eff, float(n))
+        b = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_eff, float(n))
         kmax_s = k_eff.max(axis=1)
         ctx_sum = ctx.sum(axis=1).astype(np.float64)
         ms = self.cost.target_ms(b, fed_sum, ctx_sum, kmax_s > 0, logits_tokens=fed_sum)
@@ -161,7 +180,7 @@ class DraftModel(Method):
             # draft pass j runs the members with k > j over their context + j: all passes of all
             # steps in one (steps, passes) evaluation, added pass by pass
             jj = np.arange(kk_all)
-            if int(k_eff.min()) == kk_all:
+            if all_act and int(k_eff.min()) == kk_all:
                 bj = np.broadcast_to(b[:, None], (s_eff, kk_all))
                 kv = ctx_sum[:, None] + jj[None, :] * float(n)
             else:
@@ -171,10 +190,13 @@ class DraftModel(Method):
             passes = self.draft_pass_ms(bj, bj, kv)
             for j in range(kk_all):
                 ms = ms + passes[:, j]
+        draws = np.full((s_eff, n), self._k, dtype=np.uint64)
+        if not all_act:
+            draws[~act] = 0
         return WindowOutcome(step_ms=self.cost.finish(ms), k=k_eff, drafted=k_eff.astype(np.int64),
                              accepted=accepted.astype(np.int64), position_accepts=positions.astype(np.int64),
                              committed=committed.astype(np.int64), fed_tokens=fed.astype(np.int64),
-                             draws=np.full((s_eff, n), self._k, dtype=np.uint64))
+                             draws=draws, active=None if all_act else act)
 
     def stage_estimates_ms(self, batch_size: int, kv_tokens: float, k: int) -> tuple[float, float]:
         draft = self.draft_pass_ms(batch_size, batch_size, kv_tokens)

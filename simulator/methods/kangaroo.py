@@ -193,6 +193,9 @@ class Kangaroo(Method):
     def k_max(self) -> int:
         return self.gamma
 
+    def stages_used(self) -> set[str]:
+        return super().stages_used() | {"adapter"}
+
     def build_acceptance(self, entries):
         model = KangarooAcceptance(entries, self.eta, class_entry_names(self.profile, "kangaroo", entries))
         if 0.0 < self.eta < 1.0 and any(e.get("confidence") is None for e in entries):
