@@ -71,6 +71,9 @@ def _scheduler() -> str | None:
 @click.option("--max-batched-tokens", type=click.IntRange(min=1), default=None,
               help="Skip shapes with batch x tokens per request above this (not serving shapes); the "
                    "grid nodes are filled from the linear fit and listed in the profile.")
+@click.option("--stages", "stages_csv", default=None, metavar="S1,S2,...",
+              help="Measure only these stages (embed, layer, lm_head, adapter, draft_step) "
+                   "[default: all that apply].")
 @click.option("--max-wall-s", type=click.FloatRange(min=1), default=None,
               help="Stop measuring after this many seconds; remaining points are skipped and listed.")
 @click.option("--grid", "grid_spec", default="quick", show_default=True,
@@ -86,7 +89,8 @@ def _scheduler() -> str | None:
 def latency(model_spec: str, draft_spec: str | None, device: str, dtype: str, grid_spec: str, out: str,
             threads: int | None, name: str | None, description: str | None, progress: bool,
             config_spec: str | None = None, random_weights: bool = False, cuda_graphs: bool = False,
-            max_batched_tokens: int | None = None, max_wall_s: float | None = None) -> None:
+            max_batched_tokens: int | None = None, max_wall_s: float | None = None,
+            stages_csv: str | None = None) -> None:
     """Time one decoder layer, the LM head, the embedding, a Kangaroo-style adapter and (with
     --draft) the draft model's decode step over a grid of batch size x tokens per request x context
     length; fit per-stage latency models, score them on held-out shapes, and write the profile.
@@ -101,6 +105,10 @@ def latency(model_spec: str, draft_spec: str | None, device: str, dtype: str, gr
         raise SimspecError("--config: only with --random-weights (to load real weights use --model DIR)")
     if cuda_graphs and not device.startswith("cuda"):
         raise SimspecError("--cuda-graphs: needs --device cuda")
+    stages = [x.strip() for x in stages_csv.split(",") if x.strip()] if stages_csv else None
+    known = ("embed", "layer", "lm_head", "adapter", "draft_step")
+    if stages is not None and (not stages or any(x not in known for x in stages)):
+        raise SimspecError(f"--stages {stages_csv!r}: expected a comma-separated subset of {', '.join(known)}")
     if config_spec:
         from simspec.calibrate.models import resolve_config_path
 
@@ -126,7 +134,7 @@ def latency(model_spec: str, draft_spec: str | None, device: str, dtype: str, gr
     draft = load_model(draft_spec, dtype, device) if draft_spec else None
     result = calibrate_latency(target, grid, draft=draft, threads=threads, progress=progress,
                                cuda_graphs=cuda_graphs, max_batched_tokens=max_batched_tokens,
-                               max_wall_s=max_wall_s)
+                               max_wall_s=max_wall_s, stages=stages)
 
     meta = dict(result.meta)
     meta["name"] = name or out_path.stem
