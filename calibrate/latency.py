@@ -488,7 +488,7 @@ class ModuleStage:
                           use_cache=True, **ckw)
 
         def reset():
-            calls[state[0]][1].crop(-t)
+            _crop_static(calls[state[0]][1], t)
             state[0] = (state[0] + 1) % len(calls)
 
         # Check that the module really writes to the cache (else the timing would miss it).
@@ -501,6 +501,16 @@ class ModuleStage:
                                f"{type(calls[0][0]).__name__} (length {got}, expected {c + t}); "
                                "unsupported transformers/model version")
         return run, reset
+
+
+def _crop_static(layer: Any, tokens: int) -> None:
+    """Drop the last ``tokens`` positions of a static cache layer: ``crop(-t)`` where transformers has
+    it (>= 5.2x); before that (5.17 on the GPU machine) the same in-place step back of the layer's
+    ``cumulative_length`` counter, which is what ``crop`` does (graph-capturable either way)."""
+    if hasattr(layer, "crop"):
+        layer.crop(-tokens)
+    else:
+        layer.cumulative_length.sub_(tokens)
 
 
 def _kv_zeros(cfg: Any, b: int, like: torch.Tensor) -> torch.Tensor:
@@ -633,7 +643,7 @@ class WholeModelStage:
         def reset():
             for layer in layers:
                 if getattr(layer, "is_initialized", True):
-                    layer.crop(-t)
+                    _crop_static(layer, t)
 
         run()
         got = int(cache.get_seq_length())
