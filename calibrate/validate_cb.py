@@ -264,6 +264,8 @@ def _step_log(records: list[dict[str, Any]], t0_ref: list[float]) -> Iterator[No
             current.update(start_s=start - t0_ref[0], n_requests=len(reqs), q_tokens=int(sum(q)),
                            ctx_tokens=int(sum(ctx)), max_q=int(max(q) if q else 0),
                            prefill_requests=int(sum(1 for x in q if x > 1)),
+                           # a prefill chunk that does not finish its prompt yields no token
+                           partial_prefills=int(sum(1 for f in reqs if not getattr(f, "has_new_token", True))),
                            request_ids=" ".join(str(f.state.request_id) for f in reqs))
             return out
         return schedule_batch
@@ -367,7 +369,8 @@ def engine_run(model: Any, settings: EngineSettings, trace: Trace, prompt_ids: l
                      "acceptance_class": str(trace.acceptance_class[i])})
     req = pd.DataFrame(rows)
     steps = pd.DataFrame.from_records(records, columns=["start_s", "end_s", "step_ms", "n_requests", "q_tokens",
-                                                        "ctx_tokens", "max_q", "prefill_requests", "request_ids"])
+                                                        "ctx_tokens", "max_q", "prefill_requests", "partial_prefills",
+                                                        "request_ids"])
     lag = np.asarray(lags)
     return EngineRun(requests=req, steps=steps, wall_s=wall,
                      admission_lag_ms={"mean": float(lag.mean()), "max": float(lag.max())})
@@ -498,6 +501,7 @@ def run_engine_validation(trace_arg: str, *, model: str, profile_arg: str, out_d
     pre = steps[steps["max_q"] > 1] if len(steps) else steps
     held = {"engine_steps": {
         "n_steps": int(len(steps)), "n_decode_only": int(len(dec)), "n_with_prefill": int(len(pre)),
+        "n_with_chunked_prefill": int((steps["partial_prefills"] > 0).sum()) if len(steps) else 0,
         "mean_requests_per_step": float(steps["n_requests"].mean()) if len(steps) else None,
         "decode_real_ms_mean": float(dec["step_ms"].mean()) if len(dec) else None,
         "decode_model_ms_mean": float(dec["model_ms"].mean()) if len(dec) else None,
