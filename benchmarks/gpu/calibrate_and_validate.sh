@@ -160,8 +160,8 @@ else
   MODELS=("llama2-7b:llama-2-7b" "llama3-8b:llama-3-8b")
   VAL_MODEL=llama-2-7b; VAL_PROFILE="$OUT/profiles/llama2-7b-h200-bf16.json"
   N_CAL=24; N_REQ=48; RATE=6; PMIN=64; PMAX=1024; OMIN=32; OMAX=192
-  # 2048 pages x 64 tokens = 131k KV tokens (64 GiB for Llama-2-7B in bf16): no preemption.
-  ENGINE_ARGS=(--max-batch 32 --max-batch-tokens 2048 --page-size 64 --num-blocks 2048)
+  # 1024 pages x 64 tokens = 65k KV tokens (32 GiB for Llama-2-7B in bf16): the traces need < 35k at once.
+  ENGINE_ARGS=(--max-batch 32 --max-batch-tokens 2048 --page-size 64 --num-blocks 1024)
   THREADS=()
 fi
 SUFFIX=$([ "$DRY_RUN" = 1 ] && echo "cpu-fp32" || echo "h200-bf16")
