@@ -90,24 +90,35 @@ def run_config_for_engine(settings: EngineSettings, *, seed: int = 0) -> Any:
     """The simulated run configured like the engine: THE mapping from transformers' continuous
     batching onto simspec (one function, so it switches in one place).
 
-    Today's RunConfig (no ``batching`` field yet) — ``fcfs`` orders requests by arrival, which is
-    FIFO's order whenever no prompt is split (decoding requests arrived before waiting ones);
-    ``max_batch_size`` = ``max_requests_per_batch``; ``max_batched_tokens`` = ``max_batch_tokens``
-    (simspec skips a prompt that does not fit the remaining budget where the engine splits it:
-    chunked prefill is not modelled until ``batching="vllm"``); ``kv_budget_tokens`` = pages x page
-    size; ``preempt_mode="recompute"`` (the engine frees a preempted request's blocks). When the
-    lead's vLLM-faithful mode lands, set ``batching="vllm"`` here with the engine's block size and
-    token budget (and chunked prefill on).
+    - scheduler ``fifo`` → ``fcfs`` under ``batching="vllm"``: running (decoding or partly
+      prefilled) requests first, then waiting ones admitted in arrival order into the room left;
+    - ``max_requests_per_batch`` → ``max_batch_size``; ``max_batch_tokens`` →
+      ``max_batched_tokens`` with ``chunked_prefill=True`` (a prompt that does not fit the room
+      left is split, as the engine does);
+    - ``page_size`` → ``block_size``; ``num_blocks × page_size`` → ``kv_budget_tokens``;
+    - ``safety_margin`` (no new prefill while fewer than this share of blocks is free; fifo's
+      default 0.15) → ``watermark`` (share of blocks kept free when admitting);
+    - preemption: the engine frees a preempted request's blocks (or offloads them) →
+      ``preempt_mode="recompute"``.
+
+    On a simulator without the vLLM batching mode (``RunConfig`` with no ``batching`` field) the
+    same limits are set on the fields it has (whole-prompt prefills, no block rounding).
     """
     from simspec.simulator.config import ComponentSpec, RunConfig
 
     if settings.scheduler != "fifo":
         raise ConfigError(f"--engine-scheduler {settings.scheduler}: only fifo has a simspec counterpart (fcfs)")
-    return RunConfig(scheduler=ComponentSpec("fcfs"), method=ComponentSpec("none"),
-                     max_batch_size=int(settings.max_requests_per_batch),
-                     kv_budget_tokens=int(settings.kv_capacity_tokens),
-                     max_batched_tokens=int(settings.max_batch_tokens), preempt_mode="recompute",
-                     seed=seed, allow_extrapolation=True)
+    kw: dict[str, Any] = dict(scheduler=ComponentSpec("fcfs"), method=ComponentSpec("none"),
+                              max_batch_size=int(settings.max_requests_per_batch),
+                              kv_budget_tokens=int(settings.kv_capacity_tokens),
+                              max_batched_tokens=int(settings.max_batch_tokens), preempt_mode="recompute",
+                              seed=seed, allow_extrapolation=True)
+    fields = RunConfig.__dataclass_fields__
+    if "batching" in fields:
+        kw.update(batching="vllm", block_size=int(settings.page_size_tokens), chunked_prefill=True)
+        if "watermark" in fields:
+            kw["watermark"] = float(settings.safety_margin if settings.safety_margin is not None else 0.15)
+    return RunConfig(**kw)
 
 
 def mapping_notes(settings: EngineSettings) -> list[str]:
@@ -116,20 +127,26 @@ def mapping_notes(settings: EngineSettings) -> list[str]:
     from simspec.simulator.config import RunConfig
 
     vllm = "batching" in RunConfig.__dataclass_fields__
-    return [
-        "simulated with fcfs, max_batch_size = max_requests_per_batch, max_batched_tokens = max_batch_tokens, "
-        "kv_budget_tokens = num_blocks x page_size, preempt_mode recompute"
-        + ("" if vllm else " (RunConfig has no vllm batching mode yet: whole-prompt prefills)"),
-        "chunked prefill: the engine splits a prompt that does not fit the step's remaining token budget; "
-        "the simulator defers it to a later step instead",
-        "KV safety margin (no new prefill when under "
-        f"{settings.safety_margin if settings.safety_margin is not None else 0.15:.0%} free blocks) and "
-        "paged-block rounding are not modelled: the trace stays far below the KV capacity "
-        f"({settings.kv_capacity_tokens} tokens)",
+    notes = ["simulated with fcfs, max_batch_size = max_requests_per_batch, max_batched_tokens = "
+             "max_batch_tokens, kv_budget_tokens = num_blocks x page_size, preempt_mode recompute"
+             + (", batching vllm, block_size = page_size, chunked prefill on, watermark = the engine's "
+                "safety margin" if vllm else
+                " (this simulator has no vllm batching mode: whole-prompt prefills, no block rounding)")]
+    if vllm:
+        notes.append("safety margin vs watermark: the engine stops admitting new prefills while fewer than "
+                     "that share of blocks is free; the simulator keeps that share free when admitting "
+                     "(same threshold, slightly different rule); the trace stays far below the KV capacity "
+                     f"({settings.kv_capacity_tokens} tokens) either way")
+    else:
+        notes.append("chunked prefill: the engine splits a prompt that does not fit the step's remaining token "
+                     "budget; this simulator defers it to a later step instead")
+    notes += [
         "LM head: both the engine and the simulator compute logits for the last prompt token of a prefill only",
         "the engine's per-step host work (scheduling, building the paged-attention index tensors, "
-        "sampling) is outside the profile's stages; it is measured per step in engine_steps.csv",
+        "sampling) is outside the profile's stages; it is measured per step in engine_steps.csv and "
+        "folded into latency.overhead by --fit-overhead",
     ]
+    return notes
 
 
 # ------------------------------------------------------------------------------------ load sampler

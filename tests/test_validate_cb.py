@@ -31,7 +31,12 @@ def test_run_config_for_engine_mapping():
     assert str(c.scheduler) == "fcfs" and str(c.method) == "none"
     assert (c.max_batch_size, c.max_batched_tokens, c.kv_budget_tokens) == (6, 256, 1600)
     assert c.preempt_mode == "recompute" and c.seed == 3
-    assert any("chunked prefill" in n for n in mapping_notes(s))
+    if hasattr(c, "batching"):  # the simulator's vLLM-faithful mode
+        assert (c.batching, c.block_size, c.chunked_prefill) == ("vllm", 16, True)
+        assert c.watermark == pytest.approx(0.15)
+        assert any("chunked prefill on" in n for n in mapping_notes(s))
+    else:
+        assert any("chunked prefill" in n for n in mapping_notes(s))
     with pytest.raises(ConfigError):
         EngineSettings(page_size_tokens=2)
     with pytest.raises(ConfigError):
