@@ -3,14 +3,17 @@
 # Each run is refused (exit 2) when the machine was contended; this script waits for a quiet
 # moment (1-minute load below QUIET) and retries until DEADLINE (epoch seconds, default +1 h).
 #   docs/validation/transformers-cb/rerun.sh [OUT_DIR]
+# PROFILE: the latency profile [smollm2-135m-cpu-fp32-1thread.json here]; GRID: if set and PROFILE
+# does not exist yet, calibrate it first on that grid (1 thread, embed/layer/lm_head).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 D=${1:-$REPO/docs/validation/transformers-cb}
 PY=${PYTHON:-$REPO/.venv/bin/python}
 QUIET=${QUIET:-1.3}
 DEADLINE=${DEADLINE:-$(( $(date +%s) + 3600 ))}
-P=$REPO/docs/validation/transformers-cb/smollm2-135m-cpu-fp32-1thread.json
-FIT=$D/smollm2-135m-cpu-fp32-1thread-cb-overhead.json
+P=${PROFILE:-$REPO/docs/validation/transformers-cb/smollm2-135m-cpu-fp32-1thread.json}
+FIT=$D/$(basename "${P%.json}")-cb-overhead.json
+mkdir -p "$D"
 COMMON=(--engine transformers-cb --threads 1 --time-scale 0.5 --max-batch 8 --max-batch-tokens 512 --page-size 32 --num-blocks 512)
 wait_quiet() {
   while :; do
@@ -31,6 +34,10 @@ attempt() {  # NAME CMD...
   done
 }
 cd "$REPO"
+if [ -n "${GRID:-}" ] && [ ! -f "$P" ]; then
+  attempt profile "$PY" -m simspec.cli calibrate latency --model smollm2-135m --dtype fp32 --device cpu --threads 1 \
+      --grid "$GRID" --stages embed,layer,lm_head --max-batched-tokens 512 --out "$P" --no-progress
+fi
 # 1. calibration trace: fit the engine's per-step overhead into a copy of the profile
 attempt calib "$PY" -m simspec.cli validate traces/data/validation_calib.csv "${COMMON[@]}" --profile "$P" \
     --out "$D/calib-none-fifo" --fit-overhead "$FIT"
