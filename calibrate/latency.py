@@ -1029,6 +1029,10 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
         doc["measures"] = STAGE_DESCRIPTIONS[name]
         stage_docs[name] = doc
 
+    if not stage_docs:
+        kinds = _skip_summary(skipped)["counts"]
+        raise SimspecError(f"no stage could be measured (skipped: {', '.join(f'{k} {v}' for k, v in kinds.items())})")
+
     tsum = model_summary(target)
     models = {"target": tsum}
     dsum = model_summary(draft) if draft is not None else None

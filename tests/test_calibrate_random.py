@@ -162,3 +162,41 @@ def test_memory_estimate_skips_what_cannot_fit():
     # KV of one layer: 2 (K,V) x 8 heads x 128 x 2 bytes = 4 KiB per token; 256 x 8009 tokens twice
     assert big > 2 * 256 * 8000 * 4096 and small < 64 * 2**20
     assert point_memory_bytes("lm_head", 64, 1, 0, cfg, 2) >= 64 * 128256 * 4
+
+
+@pytest.mark.torch
+def test_time_limit_skips_and_fills(tmp_path):
+    """--max-wall-s: points left when the time is up are skipped (listed with the reason) and their
+    nodes filled; with no time at all, a one-line error instead of an empty profile."""
+    pytest.importorskip("torch")
+    from simspec.calibrate.latency import calibrate_latency, load_grid
+    from simspec.calibrate.models import random_model
+    from simspec.errors import SimspecError
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    lm = random_model(str(cfg), "fp32", "cpu")
+    with pytest.raises(SimspecError, match="no stage could be measured .*time limit"):
+        calibrate_latency(lm, load_grid("dry-run"), threads=1, progress=False, max_wall_s=0.0,
+                          stages=["layer"])
+    import simspec.calibrate.latency as lat
+
+    calls = {"n": 0}
+    real = lat.Timer.measure
+
+    def slow_after_five(self, *a, **k):  # the 6th measured point onwards is over the limit
+        calls["n"] += 1
+        if calls["n"] == 5:
+            import time
+            time.sleep(3.5)
+        return real(self, *a, **k)
+
+    lat.Timer.measure = slow_after_five
+    try:
+        res = calibrate_latency(lm, load_grid("dry-run"), threads=1, progress=False, max_wall_s=3.0,
+                                stages=["layer"])
+    finally:
+        lat.Timer.measure = real
+    lc = res.meta["latency_calibration"]
+    assert lc["skipped"]["counts"].get("layer: time limit", 0) > 0
+    assert res.latency["stages"]["layer"]["fit"].get("filled_nodes")
