@@ -499,8 +499,8 @@ def run_engine_validation(trace_arg: str, *, model: str, profile_arg: str, out_d
     if overloaded and not allow_overload:
         why = (f"load average reached {worst} on {cpus} CPU(s)" if worst > cpus else
                f"other processes kept {others} of {cpus} CPU(s) busy on average (this run needs {ours})")
-        raise SimspecError(f"machine {why} during the engine run: timings are not representative, not "
-                           "reporting (rerun on a quiet machine)")
+        raise SimspecError(f"machine too busy: {why} during the engine run; timings are not representative, "
+                           "not reporting (rerun on a quiet machine)")
 
     # --- simulated run on the admission times the engine recorded --------------------------------
     sim_trace = Trace.from_columns(request_id=real.requests["request_id"].to_numpy(),
