@@ -592,3 +592,58 @@ def _head(trace: Trace, n: int) -> Trace:
                               prompt_tokens=trace.prompt_tokens[:k], output_tokens=trace.output_tokens[:k],
                               acceptance_class=trace.acceptance_class[:k], slo_class=trace.slo_class[:k],
                               source=trace.source)
+
+
+def resimulate(run_dir: str, profile_arg: str, out_dir: str, echo: Any = print) -> dict[str, Any]:
+    """Simulate a committed engine run again with another profile (no torch, no engine run): the
+    real tables of ``run_dir`` (``real_requests.csv``, ``engine_steps.csv``, ``validation.json``'s
+    engine settings and seed) against a fresh simulation with ``profile_arg``; the report goes to
+    ``out_dir`` like ``simspec validate``'s. Use it to score a profile on a run it was not fitted on."""
+    import json
+    from pathlib import Path
+
+    from simspec.atomic import write_json, write_text
+    from simspec.profile import load_profile
+    from simspec.simulator.cost import CostModel
+    from simspec.simulator.run import simulate
+    from simspec.validation_report import format_table, write_report
+
+    src = Path(run_dir)
+    try:
+        doc = json.loads((src / "validation.json").read_text(encoding="utf-8"))
+        real = pd.read_csv(src / "real_requests.csv")
+        steps = pd.read_csv(src / "engine_steps.csv")
+    except (OSError, ValueError) as exc:
+        raise SimspecError(f"{run_dir}: not a transformers-cb validation folder ({exc})") from None
+    meta = dict(doc.get("meta", {}))
+    if meta.get("engine") != ENGINE_NAME:
+        raise SimspecError(f"{run_dir}: not a {ENGINE_NAME} validation (meta.engine {meta.get('engine')!r})")
+    settings = EngineSettings(**meta["engine_settings"])
+    profile = load_profile(profile_arg)
+    real["request_id"] = real["request_id"].astype(str)
+    trace = Trace.from_columns(request_id=real["request_id"].to_numpy(),
+                               arrival_s=np.maximum(real["arrival_s"].to_numpy(), 0.0),
+                               prompt_tokens=real["prompt_tokens"].to_numpy(),
+                               output_tokens=real["output_tokens"].to_numpy(),
+                               acceptance_class=real["acceptance_class"].astype(str).to_numpy(),
+                               source=str(src), sort=False)
+    sim = simulate(run_config_for_engine(settings, seed=int(meta.get("seed", 0))), trace, profile)
+    steps["model_ms"] = model_step_ms(CostModel(profile), steps) if len(steps) else []
+    meta.update(resimulated_from=str(src), profile={"name": profile.name, "path": profile.path,
+                                                   "sha256": profile.sha256, "overhead": dict(profile.overhead)},
+                simulated_config=run_config_for_engine(settings).to_dict(),
+                notes=list(meta.get("notes", [])) + [f"re-simulated from the real run in {src} with profile "
+                                                     f"{profile.name} (no new engine run)"])
+    held = {"engine_steps": {"decode_real_over_model_median": float(
+        (steps.loc[steps["max_q"] <= 1, "step_ms"] / steps.loc[steps["max_q"] <= 1, "model_ms"]).median())
+        if len(steps) else None, "sim_steps": int(len(sim.steps)), "n_steps": int(len(steps))}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{src.name} re-simulated · {ENGINE_NAME} vs simspec · {profile.name}"
+    rep = write_report(out, real, sim.requests, meta=meta, heldout=held, title=title)
+    write_json(out / "summary.json", {"meta": {k: meta.get(k) for k in ("engine", "engine_version", "trace",
+                                                                         "resimulated_from", "machine_load_during")},
+                                      "profile": profile.name, **rep["errors"]})
+    write_text(out / "sim_requests.csv", sim.requests.to_csv(index=False, float_format="%.6f"))
+    echo(format_table(rep["errors"], title))
+    return rep
