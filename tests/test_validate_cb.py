@@ -99,8 +99,9 @@ def test_transformers_cb_end_to_end_tiny_random(tmp_path):
     real = pd.read_csv(out / "real_requests.csv")
     assert (real["generated_tokens"] == real["output_tokens"]).all()
     assert (real["first_token_s"] >= real["arrival_s"]).all() and (real["completion_s"] >= real["first_token_s"]).all()
-    # re-simulating the committed real run with the same profile reproduces the report exactly
+    # re-simulating the committed real run with the same profile reproduces the report
     from simspec.calibrate.validate_cb import resimulate
 
     again = resimulate(str(out), str(prof), str(tmp_path / "resim"), echo=lambda *_: None)
-    assert again["latency_mape_pct"] == pytest.approx(doc["latency_mape_pct"], rel=1e-9)
+    # (the CSV keeps times to the microsecond: equal to that precision)
+    assert again["latency_mape_pct"] == pytest.approx(doc["latency_mape_pct"], rel=1e-3)
