@@ -63,6 +63,7 @@ def test_engine_options_refused_with_simspec_engine(tmp_path):
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_transformers_cb_end_to_end_tiny_random(tmp_path):
     pytest.importorskip("torch")
     tr = pytest.importorskip("transformers")
