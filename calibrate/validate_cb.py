@@ -436,18 +436,24 @@ def run_engine_validation(trace_arg: str, *, model: str, profile_arg: str, out_d
                           threads: int | None = None, time_scale: float = 1.0, seed: int = 0,
                           random_config: str | None = None, max_requests: int | None = None,
                           allow_overload: bool = False, fit_overhead_to: str | None = None,
-                          echo: Any = print) -> dict[str, Any]:
+                          echo: Any = print, force: bool = False) -> dict[str, Any]:
     """The whole of ``simspec validate --engine transformers-cb``: checks, engine run, simulated run,
     report. Returns the ``validation.json`` document.
 
     ``fit_overhead_to``: also fit ``latency.overhead`` (``real = model·(1+fraction) + fixed_ms``)
     on this run's engine steps and write a copy of the profile with it there; validate that copy on
     a different trace. ``allow_overload``: report even when the load average exceeded the CPU count
-    (the report is then marked ``valid: false``; for smoke tests only)."""
+    (the report is then marked ``valid: false``; for smoke tests only). ``out_dir`` is checked
+    first (an existing one is replaced only with ``force``, and only if simspec wrote it) and written
+    atomically at the end."""
     from pathlib import Path
 
     from simspec import __version__
-    from simspec.atomic import write_json, write_text
+    from simspec.atomic import atomic_dir, check_output_dir, check_output_file, write_json, write_text
+
+    check_output_dir(out_dir, "validation", force=force)
+    if fit_overhead_to:
+        check_output_file(fit_overhead_to, force=True, what="--fit-overhead")
     from simspec.calibrate.validate import scale_trace
     from simspec.profile import load_profile
     from simspec.simulator.cost import CostModel
@@ -569,16 +575,16 @@ def run_engine_validation(trace_arg: str, *, model: str, profile_arg: str, out_d
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": notes,
     }
     title = f"{Path(str(trace_arg)).stem} x{time_scale:g} · {ENGINE_NAME} vs simspec · {profile.name}"
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    doc = write_report(out, real.requests, sim.requests, meta=meta, heldout=held, title=title)
-    write_json(out / "summary.json", {"meta": {k: meta[k] for k in ("engine", "engine_version", "trace", "time_scale",
-                                                                     "device", "dtype", "machine_load_during")},
-                                      "profile": profile.name, **doc["errors"]})
-    write_text(out / "real_requests.csv", real.requests.to_csv(index=False, float_format="%.6f"))
-    write_text(out / "engine_steps.csv", steps.to_csv(index=False, float_format="%.4f"))
-    write_text(out / "sim_requests.csv", sim.requests.to_csv(index=False, float_format="%.6f"))
-    write_text(out / "sim_steps.csv", sim.steps.to_csv(index=False, float_format="%.4f"))
+    with atomic_dir(out_dir, overwrite=force, kind="validation") as out:
+        doc = write_report(out, real.requests, sim.requests, meta=meta, heldout=held, title=title)
+        write_json(out / "summary.json", {"meta": {k: meta[k] for k in ("engine", "engine_version", "trace",
+                                                                         "time_scale", "device", "dtype",
+                                                                         "machine_load_during")},
+                                          "profile": profile.name, **doc["errors"]})
+        write_text(out / "real_requests.csv", real.requests.to_csv(index=False, float_format="%.6f"))
+        write_text(out / "engine_steps.csv", steps.to_csv(index=False, float_format="%.4f"))
+        write_text(out / "sim_requests.csv", sim.requests.to_csv(index=False, float_format="%.6f"))
+        write_text(out / "sim_steps.csv", sim.steps.to_csv(index=False, float_format="%.4f"))
     echo(format_table(doc["errors"], title))
     for n in notes:
         echo(f"note: {n}")
@@ -594,7 +600,7 @@ def _head(trace: Trace, n: int) -> Trace:
                               source=trace.source)
 
 
-def resimulate(run_dir: str, profile_arg: str, out_dir: str, echo: Any = print) -> dict[str, Any]:
+def resimulate(run_dir: str, profile_arg: str, out_dir: str, echo: Any = print, force: bool = False) -> dict[str, Any]:
     """Simulate a committed engine run again with another profile (no torch, no engine run): the
     real tables of ``run_dir`` (``real_requests.csv``, ``engine_steps.csv``, ``validation.json``'s
     engine settings and seed) against a fresh simulation with ``profile_arg``; the report goes to
@@ -602,12 +608,13 @@ def resimulate(run_dir: str, profile_arg: str, out_dir: str, echo: Any = print) 
     import json
     from pathlib import Path
 
-    from simspec.atomic import write_json, write_text
+    from simspec.atomic import atomic_dir, check_output_dir, write_json, write_text
     from simspec.profile import load_profile
     from simspec.simulator.cost import CostModel
     from simspec.simulator.run import simulate
     from simspec.validation_report import format_table, write_report
 
+    check_output_dir(out_dir, "validation", force=force)
     src = Path(run_dir)
     try:
         doc = json.loads((src / "validation.json").read_text(encoding="utf-8"))
@@ -637,13 +644,13 @@ def resimulate(run_dir: str, profile_arg: str, out_dir: str, echo: Any = print) 
     held = {"engine_steps": {"decode_real_over_model_median": float(
         (steps.loc[steps["max_q"] <= 1, "step_ms"] / steps.loc[steps["max_q"] <= 1, "model_ms"]).median())
         if len(steps) else None, "sim_steps": int(len(sim.steps)), "n_steps": int(len(steps))}}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     title = f"{src.name} re-simulated · {ENGINE_NAME} vs simspec · {profile.name}"
-    rep = write_report(out, real, sim.requests, meta=meta, heldout=held, title=title)
-    write_json(out / "summary.json", {"meta": {k: meta.get(k) for k in ("engine", "engine_version", "trace",
-                                                                         "resimulated_from", "machine_load_during")},
-                                      "profile": profile.name, **rep["errors"]})
-    write_text(out / "sim_requests.csv", sim.requests.to_csv(index=False, float_format="%.6f"))
+    with atomic_dir(out_dir, overwrite=force, kind="validation") as out:
+        rep = write_report(out, real, sim.requests, meta=meta, heldout=held, title=title)
+        write_json(out / "summary.json", {"meta": {k: meta.get(k) for k in ("engine", "engine_version", "trace",
+                                                                             "resimulated_from",
+                                                                             "machine_load_during")},
+                                          "profile": profile.name, **rep["errors"]})
+        write_text(out / "sim_requests.csv", sim.requests.to_csv(index=False, float_format="%.6f"))
     echo(format_table(rep["errors"], title))
     return rep

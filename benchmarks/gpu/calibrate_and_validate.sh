@@ -201,11 +201,11 @@ FITTED="${VAL_PROFILE%.json}-cb-overhead.json"
 if [ -f "$VAL_PROFILE" ]; then
   step validate-engine-calib 120 "${SIMSPEC[@]}" validate "$OUT/validation/trace-calib.csv" --engine transformers-cb \
       --config "$VAL_MODEL" --profile "$VAL_PROFILE" --device "$DEVICE" --dtype "$DTYPE" "${ENGINE_ARGS[@]}" \
-      --fit-overhead "$FITTED" --out "$OUT/validation/transformers-cb-calib"
+      --fit-overhead "$FITTED" --out "$OUT/validation/transformers-cb-calib" --force
   [ -f "$FITTED" ] || FITTED="$VAL_PROFILE"
   step validate-engine 120 "${SIMSPEC[@]}" validate "$OUT/validation/trace.csv" --engine transformers-cb \
       --config "$VAL_MODEL" --profile "$FITTED" --device "$DEVICE" --dtype "$DTYPE" "${ENGINE_ARGS[@]}" \
-      --out "$OUT/validation/transformers-cb-none-fifo"
+      --out "$OUT/validation/transformers-cb-none-fifo" --force
 else
   log "SKIP validate-engine: no profile $VAL_PROFILE"; echo "validate-engine: skipped (no profile)" >> "$OUT/SUMMARY.txt"
 fi

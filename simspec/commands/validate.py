@@ -80,7 +80,8 @@ def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, 
         run_engine_validation(trace, model=model, profile_arg=profile_arg, out_dir=out_dir, settings=settings,
                               device=device, dtype=dtype, threads=threads, time_scale=time_scale, seed=seed,
                               random_config=random_config, max_requests=max_requests,
-                              allow_overload=allow_overload, fit_overhead_to=fit_overhead_to, echo=click.echo)
+                              allow_overload=allow_overload, fit_overhead_to=fit_overhead_to, echo=click.echo,
+                              force=force)
         return
     if random_config or max_requests:
         from simspec.errors import ConfigError

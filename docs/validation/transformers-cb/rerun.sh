@@ -14,7 +14,7 @@ DEADLINE=${DEADLINE:-$(( $(date +%s) + 3600 ))}
 P=${PROFILE:-$REPO/docs/validation/transformers-cb/smollm2-135m-cpu-fp32-1thread.json}
 FIT=$D/$(basename "${P%.json}")-cb-overhead.json
 mkdir -p "$D"
-COMMON=(--engine transformers-cb --threads 1 --time-scale 0.5 --max-batch 8 --max-batch-tokens 512 --page-size 32 --num-blocks 512)
+COMMON=(--force --engine transformers-cb --threads 1 --time-scale 0.5 --max-batch 8 --max-batch-tokens 512 --page-size 32 --num-blocks 512)
 wait_quiet() {
   while :; do
     [ "$(date +%s)" -ge "$DEADLINE" ] && { echo "deadline reached"; exit 1; }

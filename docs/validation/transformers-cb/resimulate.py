@@ -10,6 +10,6 @@ if __name__ == "__main__":
     if len(sys.argv) != 4:
         sys.exit(__doc__)
     try:
-        resimulate(*sys.argv[1:])
+        resimulate(*sys.argv[1:], force=True)
     except SimspecError as exc:
         sys.exit(f"resimulate: error: {exc}")
