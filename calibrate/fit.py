@@ -83,30 +83,42 @@ def monotone_table(table: np.ndarray, axes: Sequence[int] = (2, 1, 0)) -> np.nda
 
 
 def grid_model(points: Iterable[Point], batch_sizes: Sequence[int], tokens: Sequence[int],
-               contexts: Sequence[int], *, monotone: bool = True) -> dict[str, Any]:
-    """A ``grid`` latency model from measured grid points (every node must be present)."""
+               contexts: Sequence[int], *, monotone: bool = True,
+               fill: Any = None) -> dict[str, Any]:
+    """A ``grid`` latency model from measured grid points. Every node must be present, unless
+    ``fill(B, T, C) -> ms`` is given: it supplies the nodes that were not measured (listed in the
+    result's ``filled_nodes``)."""
     idx = {(p.batch_size, p.tokens_per_request, p.context_tokens): p.median_ms for p in points}
     table = np.empty((len(batch_sizes), len(tokens), len(contexts)))
+    filled: list[list[int]] = []
     for i, b in enumerate(batch_sizes):
         for j, t in enumerate(tokens):
             for k, c in enumerate(contexts):
                 if (b, t, c) not in idx:
-                    raise ValueError(f"grid point B={b} T={t} C={c} was not measured")
-                table[i, j, k] = idx[(b, t, c)]
+                    if fill is None:
+                        raise ValueError(f"grid point B={b} T={t} C={c} was not measured")
+                    table[i, j, k] = float(fill(b, t, c))
+                    filled.append([int(b), int(t), int(c)])
+                else:
+                    table[i, j, k] = idx[(b, t, c)]
     if monotone:
         table = monotone_table(table, axes=(2,))
     return {"kind": "grid",
             "axes": {"batch_size": [int(b) for b in batch_sizes],
                      "tokens_per_request": [int(t) for t in tokens],
                      "context_tokens": [int(c) for c in contexts]},
-            "ms": [[[round(float(v), 6) for v in row] for row in plane] for plane in table]}
+            "ms": [[[round(float(v), 6) for v in row] for row in plane] for plane in table],
+            **({"filled_nodes": filled} if filled else {})}
 
 
 def linear_model(points: Sequence[Point], *, use_kv: bool = True) -> dict[str, Any]:
     """A ``linear`` model by non-negative least squares on relative error (rows scaled by
     1/median): every coefficient >= 0, so predicted cost never falls when a step has more requests,
     tokens or context, and never goes negative."""
-    from scipy.optimize import nnls
+    try:
+        from scipy.optimize import nnls
+    except ImportError:  # a bare GPU machine: numpy only (exact for these few columns)
+        nnls = _nnls_small
 
     x = np.array([[1.0, p.batch_size, p.batched_tokens, p.kv_tokens if use_kv else 0.0] for p in points])
     y = np.array([p.median_ms for p in points])
@@ -118,6 +130,25 @@ def linear_model(points: Sequence[Point], *, use_kv: bool = True) -> dict[str, A
     return {"kind": "linear",
             "coef": {"c0": float(coef[0]), "c_b": float(coef[1]), "c_t": float(coef[2]),
                      "c_kv": float(coef[3])}}
+
+
+def _nnls_small(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Non-negative least squares for a few columns by enumerating the active sets (numpy only):
+    the unconstrained least squares on every subset of columns, keeping the best feasible one."""
+    import itertools
+
+    n = a.shape[1]
+    best, best_res = np.zeros(n), float(np.linalg.norm(y))
+    for r in range(1, n + 1):
+        for cols in itertools.combinations(range(n), r):
+            sol, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+            if np.all(sol >= 0):
+                x = np.zeros(n)
+                x[list(cols)] = sol
+                res = float(np.linalg.norm(a @ x - y))
+                if res < best_res - 1e-12:
+                    best, best_res = x, res
+    return best, best_res
 
 
 def heldout_errors(model: dict[str, Any], points: Sequence[Point]) -> list[float]:
@@ -136,17 +167,30 @@ def _summary(errors: Sequence[float]) -> tuple[float | None, float | None]:
 
 def fit_stage(train: Sequence[Point], heldout: Sequence[Point], batch_sizes: Sequence[int],
               tokens: Sequence[int], contexts: Sequence[int], *,
-              candidates: Sequence[str] = ("grid", "linear")) -> dict[str, Any]:
+              candidates: Sequence[str] = ("grid", "linear"), fill_missing: bool = False) -> dict[str, Any]:
     """Fit one stage: build the candidate models, score them on ``heldout``, keep the better one.
+
+    With ``fill_missing``, grid nodes that were not measured (shapes skipped for memory, window or
+    token budget) are filled with the linear model's prediction and listed in
+    ``fit.filled_nodes``; without it every node must be present.
 
     Returns the stage document (``kind`` and its parameters, ``fit``, ``valid``, ``samples``,
     ``heldout_samples``).
     """
     built: dict[str, dict[str, Any]] = {}
+    lin = linear_model(train, use_kv=len(set(contexts)) > 1)
+    fill = None
+    if fill_missing:
+        co = lin["coef"]
+
+        def fill(b: int, t: int, c: int) -> float:
+            return max(co["c0"] + co["c_b"] * b + co["c_t"] * b * t + co["c_kv"] * b * c, 1e-6)
+    filled: list[list[int]] = []
     if "grid" in candidates:
-        built["grid"] = grid_model(train, batch_sizes, tokens, contexts)
+        built["grid"] = grid_model(train, batch_sizes, tokens, contexts, fill=fill)
+        filled = built["grid"].pop("filled_nodes", [])
     if "linear" in candidates:
-        built["linear"] = linear_model(train, use_kv=len(set(contexts)) > 1)
+        built["linear"] = lin
     scores = {kind: _summary(heldout_errors(m, heldout)) for kind, m in built.items()}
     if heldout:
         best = min(built, key=lambda k: scores[k][0])
@@ -160,6 +204,8 @@ def fit_stage(train: Sequence[Point], heldout: Sequence[Point], batch_sizes: Seq
                    "non-negative least squares on relative error over the grid points"),
         "heldout_mape_pct": mape, "heldout_max_ape_pct": max_ape,
         "n_train": len(train), "n_heldout": len(heldout),
+        **({"filled_nodes": filled, "filled_with": "the linear candidate's prediction (node not measured)"}
+           if filled else {}),
         "candidates": {k: {"heldout_mape_pct": s[0], "heldout_max_ape_pct": s[1]} for k, s in scores.items()},
     }
     doc["valid"] = {"batch_size": [int(min(batch_sizes)), int(max(batch_sizes))],

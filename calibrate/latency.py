@@ -145,6 +145,11 @@ GRIDS: dict[str, dict[str, Any]] = {
 }
 
 
+from simspec.calibrate.grids import EXTRA_GRIDS  # noqa: E402  (serving / h200-8min / dry-run)
+
+GRIDS.update(EXTRA_GRIDS)
+
+
 def load_grid(spec: str) -> Grid:
     """A named grid (``tiny``, ``quick``, ``full``) or a JSON/YAML file with the same keys:
     ``batch_sizes``, ``tokens_per_request``, ``context_tokens`` (lists), optional ``heldout``
@@ -190,16 +195,29 @@ def load_grid(spec: str) -> Grid:
 # ---------------------------------------------------------------------------------------- timing
 
 
-class Timer:
-    """Times a zero-argument callable: warm-ups, then repeats; returns (median_ms, iqr_ms, n)."""
+class GraphCaptureError(RuntimeError):
+    """A stage's call could not be captured into a CUDA graph (a host sync or an unsupported op)."""
 
-    def __init__(self, device: str, grid: Grid):
+
+class Timer:
+    """Times a zero-argument callable: warm-ups, then repeats; returns (median_ms, iqr_ms, n).
+
+    With ``cuda_graphs`` (CUDA only) the call sequence ``n_calls × (run(); reset())`` is captured
+    once into a CUDA graph after side-stream warm-ups, and each repeat times one graph replay
+    (divided by ``n_calls``): the engine mode where a serving step's kernels are launched from a
+    captured graph, without Python or launch overhead. Eager mode times ``run()`` itself."""
+
+    def __init__(self, device: str, grid: Grid, cuda_graphs: bool = False):
         self.cuda = device.startswith("cuda")
         self.device = device
         self.grid = grid
+        self.cuda_graphs = bool(cuda_graphs and self.cuda)
 
     @torch.inference_mode()
-    def measure(self, run: Callable[[], Any], reset: Callable[[], None]) -> tuple[float, float, int]:
+    def measure(self, run: Callable[[], Any], reset: Callable[[], None], n_calls: int = 1,
+                graphs: bool | None = None) -> tuple[float, float, int]:
+        if self.cuda_graphs if graphs is None else (graphs and self.cuda):
+            return self._measure_graph(run, reset, max(1, n_calls))
         g = self.grid
         for _ in range(g.warmup):
             run()
@@ -223,6 +241,45 @@ class Timer:
             reset()
             times.append(ms)
             spent += ms / 1e3
+        return statistics.median(times), _iqr(times), len(times)
+
+    def _measure_graph(self, run: Callable[[], Any], reset: Callable[[], None], n_calls: int
+                       ) -> tuple[float, float, int]:
+        g = self.grid
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-ups off the capture stream, as torch's docs require
+            for _ in range(max(1, g.warmup) * n_calls):
+                run()
+                reset()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(n_calls):
+                    run()
+                    reset()
+        except Exception as exc:  # capture failed: a host sync or an op graphs cannot hold
+            del graph
+            torch.cuda.synchronize(self.device)
+            raise GraphCaptureError(str(exc).strip().splitlines()[0] if str(exc).strip()
+                                    else type(exc).__name__) from None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(g.warmup):
+            graph.replay()
+        torch.cuda.synchronize(self.device)
+        times: list[float] = []
+        spent = 0.0
+        while len(times) < g.min_repeats or (len(times) < g.max_repeats and spent < g.target_s):
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize(self.device)
+            ms = start.elapsed_time(end) / n_calls
+            times.append(ms)
+            spent += ms * n_calls / 1e3
+        del graph
         return statistics.median(times), _iqr(times), len(times)
 
 
@@ -336,11 +393,19 @@ def _causal_mask(config: Any, embeds, cache, position_ids):
 
 
 class TokenSource:
-    """Real token ids: ``rows`` distinct passages of the text (different starting offsets),
-    long enough for ``length`` tokens each."""
+    """Token ids to feed: ``rows`` distinct passages of the text (different starting offsets), long
+    enough for ``length`` tokens each. Without a tokenizer (random-weight models) the passage is a
+    seeded pseudo-random sequence of ids below ``vocab_size`` (latency does not depend on which
+    ids)."""
 
-    def __init__(self, tokenizer: Any, device: str):
-        ids = tokenizer(_TEXT, add_special_tokens=False)["input_ids"]
+    def __init__(self, tokenizer: Any, device: str, vocab_size: int | None = None):
+        if tokenizer is None:
+            if not vocab_size:
+                raise SimspecError("calibration without a tokenizer needs the model's vocab_size")
+            gen = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, int(vocab_size), (4099,), generator=gen).tolist()
+        else:
+            ids = tokenizer(_TEXT, add_special_tokens=False)["input_ids"]
         if not ids:
             raise SimspecError("tokenizer produced no tokens for the calibration text")
         self.ids = list(ids)
@@ -371,6 +436,7 @@ class ModuleStage:
                  max_context: int, distinct_rows: int, cache_kw: str):
         self.name = name
         self.pool = list(pool)
+        self.n_calls = len(self.pool)  # one timed call per pool member before the rotation repeats
         self.parts = parts
         self.tokens = tokens
         self.cache_kw = cache_kw
@@ -422,7 +488,7 @@ class ModuleStage:
                           use_cache=True, **ckw)
 
         def reset():
-            calls[state[0]][1].crop(-t)
+            _crop_static(calls[state[0]][1], t)
             state[0] = (state[0] + 1) % len(calls)
 
         # Check that the module really writes to the cache (else the timing would miss it).
@@ -435,6 +501,16 @@ class ModuleStage:
                                f"{type(calls[0][0]).__name__} (length {got}, expected {c + t}); "
                                "unsupported transformers/model version")
         return run, reset
+
+
+def _crop_static(layer: Any, tokens: int) -> None:
+    """Drop the last ``tokens`` positions of a static cache layer: ``crop(-t)`` where transformers has
+    it (>= 5.2x); before that (5.17 on the GPU machine) the same in-place step back of the layer's
+    ``cumulative_length`` counter, which is what ``crop`` does (graph-capturable either way)."""
+    if hasattr(layer, "crop"):
+        layer.crop(-tokens)
+    else:
+        layer.cumulative_length.sub_(tokens)
 
 
 def _kv_zeros(cfg: Any, b: int, like: torch.Tensor) -> torch.Tensor:
@@ -510,6 +586,7 @@ class LmHeadStage:
 
         self.parts, self.tokens = parts, tokens
         self.heads = [parts.lm_head] + [copy.deepcopy(parts.lm_head) for _ in range(max(copies, 1) - 1)]
+        self.n_calls = len(self.heads)
 
     @torch.inference_mode()
     def prepare(self, b: int, t: int, c: int):
@@ -566,7 +643,7 @@ class WholeModelStage:
         def reset():
             for layer in layers:
                 if getattr(layer, "is_initialized", True):
-                    layer.crop(-t)
+                    _crop_static(layer, t)
 
         run()
         got = int(cache.get_seq_length())
@@ -575,6 +652,67 @@ class WholeModelStage:
             raise SimspecError(f"stage {self.name}: the KV cache was not used by {type(model).__name__} "
                                f"(length {got}, expected {c + t})")
         return run, reset
+
+
+# ------------------------------------------------------------------------ shapes that cannot run
+
+
+def point_memory_bytes(name: str, b: int, t: int, c: int, cfg: Any, elem_bytes: int, n_pool: int = 1) -> int:
+    """Upper estimate of the memory one measured point allocates (bytes): the static KV cache of every
+    pool member (``B*(C+T)`` tokens) plus the tiled copy it is filled from, activations of ``B*T``
+    tokens through attention and MLP, the attention mask and (when the attention kernel
+    materialises them) the scores, and the logits for the LM head. Used to skip shapes that do not
+    fit before trying them; an out-of-memory error while measuring is caught as well."""
+    heads = int(cfg.num_attention_heads)
+    kvh = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    hidden, inter = int(cfg.hidden_size), int(getattr(cfg, "intermediate_size", 0) or 4 * cfg.hidden_size)
+    n_layers = int(cfg.num_hidden_layers)
+    tok = b * t
+    kv_tok = 2 * kvh * hd * elem_bytes  # K and V of one token in one layer
+    act = tok * (6 * hidden + 3 * inter + 2 * heads * hd) * elem_bytes
+    mask = b * t * (c + t) * 4
+    scores = b * heads * t * (c + t) * 4
+    if name == "lm_head":
+        return tok * (hidden + 2 * int(cfg.vocab_size)) * 4
+    if name == "embed":
+        return tok * hidden * elem_bytes + mask
+    if name in ("layer", "adapter"):
+        return n_pool * b * (c + t) * kv_tok + b * c * kv_tok + act + mask + scores
+    # whole forwards (target_step for the composition check, draft_step)
+    return (n_layers * b * (c + t) * kv_tok + n_layers * b * c * kv_tok + act + mask + scores
+            + tok * int(cfg.vocab_size) * 4)
+
+
+def free_memory_bytes(device: str) -> int:
+    """Memory a measurement may still allocate: free GPU memory (CUDA) or available RAM (CPU)."""
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def skip_reason(name: str, b: int, t: int, c: int, *, window: int | None, max_batched_tokens: int | None
+                ) -> str | None:
+    """Why a shape is not a serving shape of this model (None: measure it): a context beyond the
+    model's window, or more tokens in one step than the engine's per-step token budget."""
+    if window and c + t > window:
+        return f"context + tokens {c + t} > the model's window {window}"
+    if max_batched_tokens and b * t > max_batched_tokens:
+        return f"B*T {b * t} > max batched tokens {max_batched_tokens}"
+    return None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or (isinstance(exc, RuntimeError)
+                                                          and "out of memory" in str(exc).lower())
 
 
 # ----------------------------------------------------------------------------------- the driver
@@ -656,13 +794,43 @@ def _versions() -> dict[str, str]:
             "simspec": simspec.__version__, "python": platform.python_version()}
 
 
+def effective_grid(grid: Grid, window: int | None) -> tuple[Grid, list[str]]:
+    """``grid`` restricted to the model's context window: context nodes with ``C + 1 > window`` and
+    token nodes with ``T > window`` are dropped (no request of this model can have them)."""
+    if not window:
+        return grid, []
+    cs = [c for c in grid.context_tokens if c + 1 <= window]
+    ts = [t for t in grid.tokens_per_request if t <= window]
+    notes = []
+    if cs != grid.context_tokens or ts != grid.tokens_per_request:
+        notes.append(f"grid cut to the model's window of {window} tokens: context nodes "
+                     f"{[c for c in grid.context_tokens if c not in cs]} and token nodes "
+                     f"{[t for t in grid.tokens_per_request if t not in ts]} dropped")
+    if not cs or not ts:
+        raise SimspecError(f"grid {grid.name}: no node fits the model's window of {window} tokens")
+    g = Grid(**{**asdict(grid), "context_tokens": cs, "tokens_per_request": ts,
+                "heldout": [p for p in grid.heldout if p[1] + p[2] <= window],
+                "composition_check": [p for p in grid.composition_check if p[1] + p[2] <= window]})
+    return g, notes
+
+
 def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | None = None,
                       threads: int | None = None, progress: bool = True,
-                      stages: Sequence[str] | None = None) -> LatencyResult:
+                      stages: Sequence[str] | None = None, cuda_graphs: bool = False,
+                      max_batched_tokens: int | None = None, memory_fraction: float = 0.9,
+                      max_wall_s: float | None = None) -> LatencyResult:
     """Measure every stage on ``grid`` and its held-out shapes, fit, and return the sections.
 
     ``threads``: torch intra-op threads on CPU (default: all CPUs). ``stages``: restrict to a subset
     (default: embed, layer, lm_head, adapter, and draft_step when ``draft`` is given).
+    ``cuda_graphs``: time CUDA-graph replays instead of eager calls (see :class:`Timer`); a stage
+    whose calls cannot be captured falls back to eager, and ``meta.latency_calibration`` says so.
+    ``max_batched_tokens``: shapes with ``B*T`` above it are not serving shapes and are skipped.
+    ``memory_fraction``: a shape whose estimated memory (:func:`point_memory_bytes`) exceeds this
+    share of the free memory is skipped, as is one that runs out of memory while measured.
+    ``max_wall_s``: once the measurement has run this long, the remaining points are skipped.
+    Skipped grid nodes are filled from the stage's linear fit (``fit.filled_nodes``) and every skip
+    is listed with its reason in ``meta.latency_calibration.skipped``.
     """
     from tqdm.auto import tqdm
 
@@ -675,10 +843,19 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
     wanted = list(stages) if stages else [s for s in STAGES if s != "draft_step" or draft is not None]
     if "draft_step" in wanted and draft is None:
         raise SimspecError("stage draft_step needs --draft")
+    if cuda_graphs and not device.startswith("cuda"):
+        raise SimspecError("--cuda-graphs needs --device cuda")
     parts = model_parts(target)
-    tokens = TokenSource(target.tokenizer, device)
+    cfg = target.model.config
+    window = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
+    if draft is not None:
+        dwin = int(getattr(draft.model.config, "max_position_embeddings", 0) or 0) or None
+        window = min(w for w in (window, dwin) if w) if (window or dwin) else None
+    grid, notes = effective_grid(grid, window)
+    tokens = TokenSource(target.tokenizer, device, vocab_size=int(cfg.vocab_size))
     max_c = max(grid.context_tokens + [p[2] for p in grid.heldout + grid.composition_check])
     rows = min(max(grid.batch_sizes + [p[0] for p in grid.heldout]), 4)
+    elem = torch.tensor([], dtype=next(target.model.parameters()).dtype).element_size()
 
     llc = last_level_cache_bytes(device)
     n_layers = len(parts.layers)
@@ -698,7 +875,7 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
         adapter = Adapter(parts).to(device=device, dtype=next(target.model.parameters()).dtype).eval()
         benches["adapter"] = ModuleStage("adapter", [(adapter, 0)], parts, tokens, max_c, rows, "cache")
     if "draft_step" in wanted:
-        dtokens = TokenSource(draft.tokenizer, draft.device)
+        dtokens = TokenSource(draft.tokenizer, draft.device, vocab_size=int(draft.model.config.vocab_size))
         benches["draft_step"] = WholeModelStage("draft_step", draft, dtokens, max_c, min(rows, 2))
 
     check_whole = bool(grid.composition_check) and {"embed", "layer", "lm_head"} <= set(benches)
@@ -706,28 +883,55 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
         ctx = max(p[2] for p in grid.composition_check)
         benches["target_step"] = WholeModelStage("target_step", target, tokens, ctx, min(rows, 2))
 
-    timer = Timer(device, grid)
+    timer = Timer(device, grid, cuda_graphs=cuda_graphs)
     shapes_grid = [(b, t, c) for b in grid.batch_sizes for t in grid.tokens_per_request
                    for c in grid.context_tokens]
     heldout = [tuple(p) for p in grid.heldout]
     c0 = grid.context_tokens[0]
     lm_bs = grid.lm_head_batch_sizes or grid.batch_sizes
-    plan: list[tuple[str, str, tuple[int, int, int]]] = []
+    plan_all: list[tuple[str, str, tuple[int, int, int]]] = []
     for name in benches:
         if name == "target_step":  # whole forwards for the composition check, not a stage
-            plan += [(name, "check", tuple(p)) for p in grid.composition_check]
+            plan_all += [(name, "check", tuple(p)) for p in grid.composition_check]
         elif name == "lm_head":  # context-independent: measured at one context only
-            plan += [(name, "train", (b, t, c0)) for b in lm_bs for t in grid.tokens_per_request]
-            plan += [(name, "heldout", (b, t, c0)) for b, t, _ in heldout]
+            plan_all += [(name, "train", (b, t, c0)) for b in lm_bs for t in grid.tokens_per_request]
+            plan_all += [(name, "heldout", (b, t, c0)) for b, t, _ in heldout]
         else:
-            plan += [(name, "train", s) for s in shapes_grid]
-            plan += [(name, "heldout", s) for s in heldout]
+            plan_all += [(name, "train", s) for s in shapes_grid]
+            plan_all += [(name, "heldout", s) for s in heldout]
+
+    # Shapes that are not serving shapes of this model (beyond its window, above the step's token
+    # budget) or that cannot fit in memory are skipped, with the reason recorded.
+    skipped: list[dict[str, Any]] = []
+    budget = memory_fraction * free_memory_bytes(device)
+
+    def why_skip(name: str, b: int, t: int, c: int) -> str | None:
+        r = skip_reason(name, b, t, c, window=window, max_batched_tokens=max_batched_tokens)
+        if r:
+            return r
+        pool_n = n_pool if name == "layer" else 1
+        model_cfg = draft.model.config if name == "draft_step" else cfg
+        need = point_memory_bytes(name, b, t, c, model_cfg, elem, pool_n)
+        if need > budget:
+            return f"needs ~{need / 2**30:.1f} GiB > {memory_fraction:.0%} of free memory ({budget / 2**30:.1f} GiB)"
+        return None
+
+    plan: list[tuple[str, str, tuple[int, int, int]]] = []
+    for item in plan_all:
+        r = why_skip(item[0], *item[2])
+        if r:
+            skipped.append({"stage": item[0], "role": item[1], "shape": list(item[2]), "reason": r})
+        else:
+            plan.append(item)
 
     # One-time costs (kernel selection, first-touch allocations, lazy inits) land in a global
-    # warm-up, not in the first measured point.
+    # warm-up, not in the first measured point (at the stage's smallest measured shape).
     with torch.inference_mode():
         for name, bench in benches.items():
-            run, reset = bench.prepare(*next(shape for n, _, shape in plan if n == name))
+            mine = [shape for n, _, shape in plan if n == name]
+            if not mine:
+                continue
+            run, reset = bench.prepare(*min(mine, key=lambda s: (s[0] * s[1], s[2])))
             t_end = time.perf_counter() + 0.3
             for i in range(50):
                 run()
@@ -744,24 +948,52 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
     random.Random(0).shuffle(plan)
     measured: dict[str, dict[str, list[Point]]] = {n: {"train": [], "heldout": [], "check": []}
                                                    for n in benches}
+    graph_failed: dict[str, str] = {}
+
     def measure_point(name: str, b: int, t: int, c: int) -> Point:
-        run, reset = benches[name].prepare(b, t, c)
-        med, spread, n = timer.measure(run, reset)
+        bench = benches[name]
+        run, reset = bench.prepare(b, t, c)
+        use_graphs = cuda_graphs and name not in graph_failed
+        try:
+            med, spread, n = timer.measure(run, reset, getattr(bench, "n_calls", 1), graphs=use_graphs)
+        except GraphCaptureError as exc:
+            graph_failed[name] = str(exc)
+            run, reset = bench.prepare(b, t, c)
+            med, spread, n = timer.measure(run, reset, graphs=False)
         return Point(b, t, c, med, spread, n)
 
-    results: list[Point] = []
+    def try_point(name: str, role: str, b: int, t: int, c: int) -> Point | None:
+        if max_wall_s is not None and time.perf_counter() - t_start > max_wall_s:
+            skipped.append({"stage": name, "role": role, "shape": [b, t, c],
+                            "reason": f"time limit of {max_wall_s:g} s reached"})
+            return None
+        try:
+            return measure_point(name, b, t, c)
+        except Exception as exc:  # noqa: BLE001  (only out-of-memory is skipped; the rest re-raised)
+            if not _is_oom(exc):
+                raise
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+            skipped.append({"stage": name, "role": role, "shape": [b, t, c], "reason": "out of memory"})
+            return None
+
+    results: list[Point | None] = []
+    noisy: list[int] = []
     bar = tqdm(total=len(plan), desc="calibrate latency", unit="pt", disable=not progress, dynamic_ncols=True)
     try:
         for name, role, (b, t, c) in plan:
             bar.set_postfix_str(f"{name} B={b} T={t} C={c}", refresh=False)
-            results.append(measure_point(name, b, t, c))
+            results.append(try_point(name, role, b, t, c))
             bar.update(1)
         # Second pass: points whose repeats disagreed (interquartile range above 20% of the
         # median: something else ran) are measured again later, and the quieter of the two
         # measurements (smaller relative spread) is kept.
-        noisy = [i for i, q in enumerate(results)
-                 if q.spread_ms > REMEASURE_REL_SPREAD * q.median_ms and q.median_ms < REMEASURE_MAX_MS]
+        noisy = [i for i, q in enumerate(results) if q is not None
+                 and q.spread_ms > REMEASURE_REL_SPREAD * q.median_ms and q.median_ms < REMEASURE_MAX_MS]
         noisy = noisy[: max(1, len(results) // 4)]
+        if max_wall_s is not None and time.perf_counter() - t_start > max_wall_s:
+            noisy = []
         bar.reset(total=len(noisy))
         bar.set_description("re-measure noisy points")
         for i in noisy:
@@ -774,7 +1006,8 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
     finally:
         bar.close()
     for (name, role, _), q in zip(plan, results):
-        measured[name][role].append(q)
+        if q is not None:
+            measured[name][role].append(q)
 
     for pts in measured.values():
         for role in pts:
@@ -782,15 +1015,23 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
     whole_pts = measured.pop("target_step", {}).get("check", [])
     stage_docs: dict[str, Any] = {}
     for name, pts in measured.items():
+        if not pts["train"]:
+            notes.append(f"stage {name}: no grid point could be measured; stage left out")
+            continue
         if name == "lm_head":
-            doc = fit_stage(pts["train"], pts["heldout"], lm_bs, grid.tokens_per_request, [c0])
+            doc = fit_stage(pts["train"], pts["heldout"], lm_bs, grid.tokens_per_request, [c0],
+                            fill_missing=True)
             # the LM head never reads the KV cache: one context axis value, constant along it
             doc["valid"]["context_tokens"] = [0, max(grid.context_tokens)]
         else:
             doc = fit_stage(pts["train"], pts["heldout"], grid.batch_sizes, grid.tokens_per_request,
-                            grid.context_tokens)
+                            grid.context_tokens, fill_missing=True)
         doc["measures"] = STAGE_DESCRIPTIONS[name]
         stage_docs[name] = doc
+
+    if not stage_docs:
+        kinds = _skip_summary(skipped)["counts"]
+        raise SimspecError(f"no stage could be measured (skipped: {', '.join(f'{k} {v}' for k, v in kinds.items())})")
 
     tsum = model_summary(target)
     models = {"target": tsum}
@@ -798,9 +1039,12 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
     if dsum:
         models["draft"] = dsum
     capacity, cap_note = choose_capacity(device, grid, tsum, dsum)
+    if max_batched_tokens and capacity["max_batched_tokens"] > max_batched_tokens:
+        capacity["max_batched_tokens"] = int(max_batched_tokens)
+        cap_note += f" (capped to the --max-batched-tokens {max_batched_tokens} the grid was measured under)"
 
     composition = composition_check(whole_pts, stage_docs, int(target.model.config.num_hidden_layers)) \
-        if whole_pts else None
+        if whole_pts and {"embed", "layer", "lm_head"} <= set(stage_docs) else None
 
     wall = time.perf_counter() - t_start
     meta = {
@@ -811,6 +1055,8 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "versions": _versions(),
         "model_ids": {"target": target.model_id, **({"draft": draft.model_id} if draft else {})},
+        "weights": ({"target": "random (" + str(target.extra.get("config_path")) + "; timing does not depend "
+                     "on weight values)"} if target.extra.get("random_weights") else {"target": "real"}),
         "model_configs": {"target": _jsonable(target.config_dict),
                           **({"draft": _jsonable(draft.config_dict)} if draft else {})},
         "threads": int(torch.get_num_threads()) if not device.startswith("cuda") else None,
@@ -829,8 +1075,15 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
             "attn_implementation": getattr(target.model.config, "_attn_implementation", None),
             "wall_time_s": round(wall, 1),
             "model_load_s": round(target.load_s, 2),
-            "points_measured": len(plan),
+            "points_measured": sum(q is not None for q in results),
             "points_remeasured": len(noisy),
+            "mode": ("cuda graphs (replay of a captured call sequence)" if cuda_graphs else "eager"),
+            "cuda_graphs_failed": graph_failed,
+            "max_batched_tokens": max_batched_tokens,
+            "window_tokens": window,
+            "memory_budget_bytes": int(budget),
+            "skipped": _skip_summary(skipped),
+            "notes": notes,
         },
         "capacity_note": cap_note,
     }
@@ -842,6 +1095,18 @@ def calibrate_latency(target: LoadedModel, grid: Grid, *, draft: LoadedModel | N
         meta["composition_check"]["with_forward_overhead_mape_pct"] = \
             latency["forward_overhead"]["fit"]["with_overhead_mape_pct"]
     return LatencyResult(latency=latency, models=models, capacity=capacity, meta=meta)
+
+
+def _skip_summary(skipped: Sequence[dict[str, Any]], keep: int = 200) -> dict[str, Any]:
+    """Counts of skipped shapes per reason kind and stage, and the first ``keep`` of them in full."""
+    counts: dict[str, int] = {}
+    for s in skipped:
+        kind = s["reason"].split(" ")[0] if not s["reason"].startswith(("B*T", "context")) else \
+            ("token budget" if s["reason"].startswith("B*T") else "window")
+        kind = {"needs": "memory estimate", "out": "out of memory", "time": "time limit"}.get(kind, kind)
+        key = f"{s['stage']}: {kind}"
+        counts[key] = counts.get(key, 0) + 1
+    return {"n": len(skipped), "counts": counts, "shapes": list(skipped[:keep])}
 
 
 STAGE_DESCRIPTIONS = {

@@ -278,3 +278,99 @@ def silence_progress_bars() -> None:
         disable_progress_bars()
     except ImportError:
         pass
+
+
+# ------------------------------------------------------------------------- random-weight models
+
+#: keys of a config.json that are simspec's own notes, not Hugging Face config fields
+_SIMSPEC_KEYS_PREFIX = "_simspec"
+
+
+def resolve_config_path(spec: str) -> Path:
+    """A bundled model config name (a file stem in ``simspec/data/models/`` or an alias such as
+    ``llama2-7b``), a ``config.json`` path, or a directory holding one."""
+    from simspec.analytic import MODEL_ALIASES, bundled_models
+
+    bundled = bundled_models()
+    key = MODEL_ALIASES.get(spec.lower(), spec.lower())
+    if key in bundled:
+        return bundled[key]
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise SimspecError(f"--config {spec!r}: no such file and no bundled model config of that name "
+                           f"(bundled: {', '.join(bundled)})")
+    return p
+
+
+def config_from_json(spec: str) -> tuple[Any, Path]:
+    """The transformers config object for ``spec`` (see :func:`resolve_config_path`), built offline
+    from the JSON (``model_type`` picks the class), and the file it came from."""
+    from transformers import CONFIG_MAPPING
+
+    path = resolve_config_path(spec)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SimspecError(f"--config {path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise SimspecError(f"--config {path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise SimspecError(f"--config {path}: expected a JSON object (a Hugging Face config.json)")
+    doc = {k: v for k, v in doc.items() if not k.startswith(_SIMSPEC_KEYS_PREFIX)}
+    doc.pop("quantization_config", None)
+    mtype = doc.get("model_type")
+    if not mtype or mtype not in CONFIG_MAPPING:
+        raise SimspecError(f"--config {path}: field model_type: {mtype!r} is not an architecture this "
+                           "transformers knows")
+    try:
+        cfg = CONFIG_MAPPING[mtype](**{k: v for k, v in doc.items() if k != "model_type"})
+    except (TypeError, ValueError) as exc:
+        raise SimspecError(f"--config {path}: cannot build a {mtype} config "
+                           f"({str(exc).strip().splitlines()[0]})") from None
+    return cfg, path
+
+
+def random_model(spec: str, dtype: str = "bf16", device: str = "cpu", *, seed: int = 0,
+                 attn_implementation: str | None = "sdpa") -> LoadedModel:
+    """A causal LM built from a config alone, with random weights, directly on ``device`` in
+    ``dtype``: no network, no weight files, no tokenizer (``tokenizer`` is None; calibration feeds
+    seeded pseudo-random token ids). Latency does not depend on the weights' values.
+
+    Parameters are created on the target device (``torch.device`` context) in the target dtype, so
+    peak host memory stays small and a 7B/8B model in bf16 needs only its ~15 GB on the GPU; the
+    initial values are transformers' own random initialisation (normal(0, initializer_range)),
+    seeded by ``seed``.
+    """
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tdtype = torch_dtype(dtype)
+    device = check_device(device)
+    cfg, path = config_from_json(spec)
+    if attn_implementation:
+        cfg._attn_implementation = attn_implementation
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    old_default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(tdtype)  # parameters are created in the target dtype (no fp32 copy)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=tdtype)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise SimspecError(f"--config {path}: transformers cannot build the model "
+                           f"({str(exc).strip().splitlines()[0]})") from None
+    except torch.OutOfMemoryError:
+        raise SimspecError(f"--config {path}: the model does not fit in {device} memory in {dtype}") from None
+    finally:
+        torch.set_default_dtype(old_default)
+    model.to(device=device, dtype=tdtype)
+    model.eval()
+    name = str(cfg.to_dict().get("_name_or_path") or "") or path.stem
+    return LoadedModel(model=model, tokenizer=None, model_id=f"{name} (random weights, config {path.name})",
+                       config_dict=_plain_config_dict(model.config), dtype=dtype, device=device,
+                       source=f"random weights from config {path}", load_s=time.perf_counter() - t0,
+                       extra={"random_weights": True, "config_path": str(path), "seed": seed})

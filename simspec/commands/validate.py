@@ -35,15 +35,58 @@ import click
               help="Also fit latency.overhead (fraction, fixed_ms) from this run's steps and write a copy "
                    "of the profile with it to PATH. Validate that profile on a different trace.")
 @click.option("--no-heldout", is_flag=True, help="Skip the held-out latency-model measurements.")
+@click.option("--engine", type=click.Choice(["simspec", "transformers-cb"]), default="simspec", show_default=True,
+              help="Real server: simspec's own batch-1 runner, or transformers' continuous-batching engine "
+                   "(paged KV, chunked prefill, FIFO scheduler; method none).")
+@click.option("--config", "random_config", default=None, metavar="NAME|CONFIG.json",
+              help="transformers-cb: serve a random-weight model built from this config instead of --model "
+                   "(a bundled name such as llama-2-7b; for GPUs without weights).")
+@click.option("--page-size", type=click.IntRange(min=4), default=32, show_default=True,
+              help="transformers-cb: KV tokens per page (block size).")
+@click.option("--num-blocks", type=click.IntRange(min=1), default=512, show_default=True,
+              help="transformers-cb: KV pages in the cache.")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="transformers-cb: most query tokens per step (the chunked-prefill budget).")
+@click.option("--max-batch", "max_requests_per_batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="transformers-cb: most requests per step.")
+@click.option("--engine-scheduler", type=click.Choice(["fifo"]), default="fifo", show_default=True,
+              help="transformers-cb: the engine's scheduler (fifo <-> simspec fcfs).")
+@click.option("--engine-cuda-graphs", is_flag=True, help="transformers-cb on CUDA: let the engine use CUDA graphs.")
+@click.option("--max-requests", type=click.IntRange(min=1), default=None,
+              help="Serve only the first N requests of TRACE.")
+@click.option("--allow-overload", is_flag=True,
+              help="transformers-cb: write the report even if the load average exceeded the CPU count "
+                   "(marked valid: false; smoke tests only).")
 @click.option("--force", is_flag=True, help="Replace --out if it is a simspec output directory.")
 def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, threads, out_dir, time_scale, seed,
-             fit_overhead_to, no_heldout, force):
+             fit_overhead_to, no_heldout, force, engine, random_config, page_size, num_blocks, max_batch_tokens,
+             max_requests_per_batch, engine_scheduler, engine_cuda_graphs, max_requests, allow_overload):
     """Measure the simulator against real execution of TRACE and report its error.
 
     Serves TRACE on one batch-size-1 replica with the real runner (arrivals on the wall clock,
     the policy's order at every step, EOS ignored), replays it in the simulator with --profile,
     and reports mean/p50/p90/p99 latency and TTFT error, per-request latency MAPE and makespan error.
     """
+    if engine == "transformers-cb":
+        from simspec.calibrate.validate_cb import EngineSettings, run_engine_validation
+        from simspec.errors import ConfigError
+
+        if method != "none" or policy != "fcfs":
+            raise ConfigError("--engine transformers-cb: serves without speculation under its FIFO scheduler: "
+                              "use --method none --policy fcfs")
+        settings = EngineSettings(scheduler=engine_scheduler, page_size_tokens=page_size, num_blocks=num_blocks,
+                                  max_batch_tokens=max_batch_tokens, max_requests_per_batch=max_requests_per_batch,
+                                  cuda_graphs=engine_cuda_graphs)
+        run_engine_validation(trace, model=model, profile_arg=profile_arg, out_dir=out_dir, settings=settings,
+                              device=device, dtype=dtype, threads=threads, time_scale=time_scale, seed=seed,
+                              random_config=random_config, max_requests=max_requests,
+                              allow_overload=allow_overload, fit_overhead_to=fit_overhead_to, echo=click.echo,
+                              force=force)
+        return
+    if random_config or max_requests:
+        from simspec.errors import ConfigError
+
+        raise ConfigError("--config / --max-requests: only with --engine transformers-cb")
     from simspec.calibrate.validate import run_validation
 
     run_validation(trace, model=model, method=method, adapter=adapter, policy=policy, profile_arg=profile_arg,
