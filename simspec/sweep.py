@@ -166,6 +166,7 @@ RUN_OPTIONS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "block_size": (16, _check_int(1), "KV-cache block size, tokens"),
     "chunked_prefill": (True, _check_bool, "split long prompts over steps"),
     "long_prefill_token_threshold": (None, _check_int(1, nullable=True), "most prompt tokens per request per step"),
+    "max_concurrency": (None, _check_int(1, nullable=True), "most requests in flight (closed loop)"),
     "seed": (0, _check_int(0), "run seed (>= 0)"),
     "slo_ttft_ms": (None, _check_pos_float(), "TTFT SLO, ms"),
     "slo_tpot_ms": (None, _check_pos_float(), "TPOT SLO, ms"),
@@ -477,7 +478,7 @@ def run_config_from_options(opts: dict[str, Any]):
                         opts["slo_ttft_ms"], opts["slo_tpot_ms"], opts["allow_extrapolation"],
                         opts["max_batched_tokens"],
                         {k: opts[k] for k in ("batching", "block_size", "chunked_prefill",
-                                              "long_prefill_token_threshold")})
+                                              "long_prefill_token_threshold", "max_concurrency")})
 
 
 # ---------------------------------------------------------------------------------------------

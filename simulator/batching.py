@@ -134,6 +134,7 @@ class BatchFormer:
         t = self.t
         self.free_blocks += int(t.kv_blocks[v])
         t.kv_blocks[v] = 0
+        t.kv_tokens[v] = 0  # off the GPU either way: a swapped request re-allocates on resume
         t.kv_resident[v] = False
         t.preemptions[v] += 1
         if not self.swap:
@@ -167,8 +168,9 @@ class BatchFormer:
             left = target - computed
             chunk = min(left, self.threshold, budget if self.chunked else left)
             slots = computed + chunk + (1 if chunk == left else 0)
-        else:
-            slots = int(t.prompt_tokens[i] + t.generated[i]) + 1
+        else:  # swapped out in decode: comes back with its KV and its drafts' slots
+            rem = int(t.output_tokens[i] - t.generated[i])
+            slots = int(t.prompt_tokens[i] + t.generated[i]) + 1 + max(min(k_res, rem - 1, budget - 1), 0)
         return self.free_blocks - self._allocate(i, slots) >= self._floor()
 
     # ------------------------------------------------------------------------------ vllm
@@ -323,10 +325,13 @@ class BatchFormer:
                 np.array([o[3] for o in out], dtype=bool), budget, preempted)
 
     # ------------------------------------------------------------------------------ preemptive
-    def schedule_preemptive(self, now_s: float, k_res: int, max_batch: int) -> StepPlan:
+    def schedule_preemptive(self, now_s: float, k_res: int, max_batch: int,
+                            residents_only: bool = False) -> StepPlan:
         t = self.t
         active = np.sort(np.concatenate([self.running, self.waiting]))
         order = self.sched.order(active, now_s) if active.size > 1 else active
+        if residents_only:  # nothing could run: the highest-priority requests that hold KV
+            order = order[t.kv_blocks[order] > 0]
         budget = self.budget
         # the batch: the top max_batch_size of the order among requests that can run now —
         # residents always; a request without KV only if its next chunk fits free KV
@@ -417,6 +422,8 @@ class BatchFormer:
             self._grant(i, slots, need)
             members.append((i, fed_i, k_i, pre_i))
             budget -= fed_i
+        if not members and not residents_only and bool((t.kv_blocks[active] > 0).any()):
+            return self.schedule_preemptive(now_s, k_res, max_batch, residents_only=True)
         # residents = requests holding KV; everyone else waits
         holding = t.kv_blocks[active] > 0
         self.running = active[holding]

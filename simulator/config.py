@@ -91,6 +91,9 @@ class RunConfig:
             ``--gpu-memory-utilization``: the KV budget is then derived from the profile's memory
             figures (GPU memory × TP × share − weights − activation reserve, over KV bytes per
             token) instead of taken from ``kv_budget_tokens`` (None: the profile's budget).
+        max_concurrency: most requests in flight at once, as ``vllm bench serve
+            --max-concurrency``: a request due while that many are in flight is held until one
+            completes and sent then (None: open loop, the trace's arrival times).
         seed: run seed; every random stream derives from it.
         slo_ttft_ms / slo_tpot_ms: optional SLO thresholds for attainment metrics.
         allow_extrapolation: permit latency lookups outside the profile's measured range.
@@ -112,6 +115,7 @@ class RunConfig:
     watermark: float = 0.01
     window_steps: int = 256
     gpu_memory_utilization: float | None = None
+    max_concurrency: int | None = None
     seed: int = 0
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
@@ -135,6 +139,9 @@ class RunConfig:
             raise ConfigError(f"long_prefill_token_threshold: must be an integer >= 1, got {lp!r}")
         if not isinstance(self.watermark, (int, float)) or isinstance(self.watermark, bool) or not 0 <= self.watermark < 1:
             raise ConfigError(f"watermark: must be a number in [0, 1), got {self.watermark!r}")
+        mc = self.max_concurrency
+        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
+            raise ConfigError(f"max_concurrency: must be an integer >= 1, got {mc!r}")
         u = self.gpu_memory_utilization
         if u is not None:
             if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:

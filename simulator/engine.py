@@ -87,6 +87,7 @@ class Replica:
         #: largest KV use (tokens) recounted from the request table after each step (audit mode)
         self.audit_max_kv_tokens = 0
         self._k_reserve = 0
+        self._completed_pending = 0  # completions of the step in flight, reported when it ends
         self._last_step_s = 0.0  # duration of the latest step (window sizing)
 
     # ------------------------------------------------------------------------------ routing
@@ -137,6 +138,9 @@ class Replica:
                 end = self._decode_steps(plan, now)
             yield env.timeout(max(end - env.now, 0.0))
             self._inflight_end_s = self._inflight_committed = None
+            if self._completed_pending:  # told when the step ends, not when it was computed
+                n_done, self._completed_pending = self._completed_pending, 0
+                cl.on_complete(n_done)
             self._after_steps()
 
     # ------------------------------------------------------------------------------ phases
@@ -249,10 +253,13 @@ class Replica:
         rem0 = t.output_tokens[idx] - t.generated[idx]
         n_max = 1
         through = False
-        if plan.stable and cl.window_steps > 1:
+        # (a known gap: swap preemption with a batch-dependent policy — smartspec-per-request — once
+        # diverged from one step per event on a kangaroo run; it runs one step per event for now)
+        if plan.stable and cl.window_steps > 1 and (self.spec_len.batch_independent or cl.preempt_mode != "swap"):
             # past completions too when nothing waits for admission (a completion then only
             # shrinks the batch) and the policy's k does not depend on the batch's membership
-            through = former.waiting.size == 0 and self.spec_len.batch_independent
+            through = (former.waiting.size == 0 and self.spec_len.batch_independent
+                       and cl.max_concurrency is None)  # closed loop: a completion releases an arrival
             # how far to look ahead: the policy's horizon; no further than the requests' remaining
             # tokens (each commits at least one per step); about as far as the next arrival at the
             # last step's pace (a guess: too short only costs another window)
@@ -370,7 +377,7 @@ class Replica:
             t.computed[fin] = t.prefill_target[fin]
             t.in_batch[fin] = False
             self.former.release(fin)
-            self.cluster.on_complete(int(fin.size))
+            self._completed_pending += int(fin.size)
 
     def _kv_used_tokens(self) -> int:
         return (self.former.total_blocks - self.former.free_blocks) * self.former.bs
@@ -402,7 +409,7 @@ class Cluster:
                  spec_len_factory: Callable[[PolicyContext], SpecLenPolicy], capacity: Capacity,
                  replicas: int, router: str, preempt_mode: str, seed: int,
                  on_complete: Callable[[int], None] | None = None, batching: str = "vllm",
-                 window_steps: int = 256, audit: bool = False):
+                 window_steps: int = 256, audit: bool = False, max_concurrency: int | None = None):
         self.env = simpy.Environment()
         self.table = table
         self.method = method
@@ -412,6 +419,10 @@ class Cluster:
         self.preempt_mode = preempt_mode
         self.batching = batching
         self.window_steps = int(window_steps)
+        #: most requests in flight (sent, not completed); None: open loop (the trace's arrivals)
+        self.max_concurrency = max_concurrency
+        self._sent = 0
+        self._slot: simpy.Event | None = None
         self.audit = audit
         self.seed = seed
         self._on_complete = on_complete
@@ -439,6 +450,8 @@ class Cluster:
 
     def on_complete(self, n: int) -> None:
         self.completed += n
+        if self._slot is not None and not self._slot.triggered:
+            self._slot.succeed()
         if self._on_complete is not None:
             self._on_complete(n)
 
@@ -456,10 +469,20 @@ class Cluster:
         t = self.table
         arrival = t.arrival_s
         n = len(t)
+        cap = self.max_concurrency
         for i in range(n):
             a = float(arrival[i])
             if a > env.now:
                 yield env.timeout(a - env.now)
+            if cap is not None:
+                # vllm bench serve's --max-concurrency: a request due while `cap` are in flight is
+                # held until one completes, then sent (its arrival_s becomes the send time)
+                while self._sent - self.completed >= cap:
+                    self._slot = env.event()
+                    yield self._slot
+                    self._slot = None
+                arrival[i] = env.now
+                self._sent += 1
             self.next_arrival_s = float(arrival[i + 1]) if i + 1 < n else float("inf")
             self._next_index = i + 1
             rep = self.route(i)

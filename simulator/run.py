@@ -195,7 +195,7 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
     cluster = Cluster(table, method, scheduler, lambda ctx: spec_len_cls(spec_len_params, ctx), capacity,
                       config.replicas, config.router, config.preempt_mode, config.seed,
                       on_complete=pbar.update if pbar is not None else None, batching=config.batching,
-                      window_steps=config.window_steps, audit=audit)
+                      window_steps=config.window_steps, audit=audit, max_concurrency=config.max_concurrency)
     try:
         cluster.run()
     finally:

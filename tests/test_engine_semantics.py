@@ -217,3 +217,26 @@ def test_range_check_looks_only_at_stages_the_method_uses():
     res = simulate(cfg(spec="draft:k=2", allow_extrapolation=True), tr, prof)
     assert any("draft_step" in n for n in res.notes)
     assert not any("draft_step" in n for n in simulate(cfg(spec="none", allow_extrapolation=True), tr, prof).notes)
+
+
+def test_max_concurrency_holds_requests_until_one_completes(flat_profile):
+    # three requests due at 0, two output tokens each, flat 10 ms steps, at most one in flight:
+    # each is sent when the previous completes (its arrival_s is the send time, as vllm bench)
+    tr = make_trace([0, 0, 0], [4, 4, 4], [2, 2, 2])
+    res = simulate(cfg(max_concurrency=1), tr, flat_profile())
+    assert col(res, "arrival_s") == pytest.approx([0.0, 0.02, 0.04])
+    assert col(res, "completion_s") == pytest.approx([0.02, 0.04, 0.06])
+    assert col(res, "latency_s") == pytest.approx([0.02, 0.02, 0.02])
+    # two in flight: the third waits for the first completion
+    res = simulate(cfg(max_concurrency=2), tr, flat_profile())
+    assert col(res, "arrival_s") == pytest.approx([0.0, 0.0, 0.02])
+    # the fast path agrees with one step per event, closed loop too
+    trr = _random_trace(60, 5, rate=50.0)
+    prof = load_profile("llama70b-4xh100-smartspec")
+    c = cfg("srpt", "draft:k=4", replicas=2, max_concurrency=6)
+    a, b = simulate(c, trr, prof), simulate(replace(c, window_steps=1), trr, prof)
+    pd.testing.assert_frame_equal(a.requests, b.requests, check_exact=True)
+    pd.testing.assert_frame_equal(a.steps, b.steps, check_exact=True)
+    in_flight = [((a.requests["arrival_s"] <= t) & (a.requests["completion_s"] > t)).sum()
+                 for t in a.requests["arrival_s"]]
+    assert max(in_flight) <= 6

@@ -74,7 +74,7 @@ def build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_
 
 
 ENGINE_KEYS = ("batching", "block_size", "chunked_prefill", "long_prefill_token_threshold", "window_steps",
-               "gpu_memory_utilization")
+               "gpu_memory_utilization", "max_concurrency")
 
 
 def engine_options(f):
@@ -101,6 +101,10 @@ def engine_options(f):
         click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=None,
                      help="Share of GPU memory the engine may use (vLLM's option): derive the KV budget from "
                           "the profile's memory figures (analytic profiles) instead of its kv_budget_tokens."),
+        click.option("--max-concurrency", type=click.IntRange(min=1), default=None,
+                     help="Most requests in flight at once (vllm bench serve's option): a request due while "
+                          "that many are unfinished is held and sent when one completes; its latency counts "
+                          "from the send time [default: open loop, the trace's arrival times]."),
         click.option("--window-steps", default=256, show_default=True, type=click.IntRange(min=1),
                      help="Most decode-only steps advanced per simulation event when the batch is stable "
                           "(speed only: 1 gives byte-identical outputs, one step per event)."),
