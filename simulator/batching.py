@@ -109,6 +109,26 @@ class BatchFormer:
         slots = np.where(pre, computed + chunk + (chunk == left), t.prompt_tokens[idx] + t.generated[idx] + 1 + k)
         return pre, fed, k, slots
 
+    def _ask(self, i: int, k_res: int, budget: int) -> tuple[int, int, int, bool] | None:
+        """What request ``i`` would run within ``budget`` tokens: ``(fed tokens, drafts, KV slots
+        needed, prefill?)`` — its next prompt chunk (shrunk to the budget when chunking) or a
+        decode with up to ``k_res`` drafts (fewer when the budget is short) — or None if nothing
+        fits (no budget left, or a whole prompt larger than the budget without chunking)."""
+        if budget <= 0:
+            return None
+        t = self.t
+        computed, target = int(t.computed[i]), int(t.prefill_target[i])
+        if computed < target:
+            left = target - computed
+            chunk = min(left, self.threshold)
+            if chunk > budget:
+                if not self.chunked:
+                    return None
+                chunk = budget
+            return chunk, 0, computed + chunk + (1 if chunk == left else 0), True
+        k_i = min(k_res, int(t.output_tokens[i] - t.generated[i]) - 1, budget - 1)
+        return k_i + 1, k_i, int(t.prompt_tokens[i] + t.generated[i]) + 1 + k_i, False
+
     def _allocate(self, i: int, slots: int) -> int:
         """Blocks request ``i`` still needs to hold ``slots`` tokens."""
         return max(int(blocks_for(slots, self.bs)) - int(self.t.kv_blocks[i]), 0)
@@ -229,21 +249,11 @@ class BatchFormer:
             for i in worder.tolist():
                 if slots_left == 0 or budget <= 0:
                     break
-                computed, target = int(t.computed[i]), int(t.prefill_target[i])
-                if computed < target:
-                    left = target - computed
-                    chunk = min(left, self.threshold)
-                    if chunk > budget:
-                        if not self.chunked:
-                            break
-                        chunk = budget
-                    fed_i, k_i = chunk, 0
-                    slots = computed + chunk + (1 if chunk == left else 0)
-                else:  # swapped out in decode: comes back with its KV, no recompute
-                    rem = int(t.output_tokens[i] - t.generated[i])
-                    k_i = min(k_res, rem - 1, budget - 1)
-                    fed_i = k_i + 1
-                    slots = int(t.prompt_tokens[i] + t.generated[i]) + 1 + k_i
+                # a prompt (chunk), or a request swapped out in decode coming back with its KV
+                ask = self._ask(i, k_res, budget)
+                if ask is None:
+                    break
+                fed_i, k_i, slots, _ = ask
                 need = self._allocate(i, slots)
                 if self.free_blocks - need < self._floor():
                     break
@@ -281,25 +291,11 @@ class BatchFormer:
         pos = 0
         while pos < len(live):
             i = live[pos]
-            computed, target = int(t.computed[i]), int(t.prefill_target[i])
-            if computed < target:
-                left = target - computed
-                chunk = min(left, self.threshold)
-                if chunk > budget:
-                    if not self.chunked or budget <= 0:
-                        pos += 1
-                        continue
-                    chunk = budget
-                fed_i, k_i, pre = chunk, 0, True
-                slots = computed + chunk + (1 if chunk == left else 0)
-            else:
-                if budget <= 0:
-                    pos += 1
-                    continue
-                rem = int(t.output_tokens[i] - t.generated[i])
-                k_i = min(k_res, rem - 1, budget - 1)
-                fed_i, pre = k_i + 1, False
-                slots = int(t.prompt_tokens[i] + t.generated[i]) + 1 + k_i
+            ask = self._ask(i, k_res, budget)
+            if ask is None:
+                pos += 1
+                continue
+            fed_i, k_i, slots, pre = ask
             need = self._allocate(i, slots)
             self_preempted = False
             while need > self.free_blocks:
@@ -353,23 +349,15 @@ class BatchFormer:
         res_dec = sel[resident & ~pre_all]
         res_pre = sel[resident & pre_all]
         live: list[list] = []  # [i, slots, fed, k, prefill?]
-        for i in res_dec.tolist():
-            rem = int(t.output_tokens[i] - t.generated[i])
+        for i in np.concatenate([res_dec, res_pre]).tolist():
             if budget <= 0:
                 break
-            k_i = min(k_res, rem - 1, budget - 1)
-            live.append([i, int(t.prompt_tokens[i] + t.generated[i]) + 1 + k_i, k_i + 1, k_i, False])
-            budget -= k_i + 1
-        for i in res_pre.tolist():
-            if budget <= 0:
-                break
-            computed, target = int(t.computed[i]), int(t.prefill_target[i])
-            left = target - computed
-            chunk = min(left, self.threshold, budget)
-            if chunk < min(left, self.threshold) and not self.chunked:
+            ask = self._ask(i, k_res, budget)
+            if ask is None:  # a whole prompt over the budget without chunking
                 continue
-            live.append([i, computed + chunk + (1 if chunk == left else 0), chunk, 0, True])
-            budget -= chunk
+            fed_i, k_i, slots, pre_i = ask
+            live.append([i, slots, fed_i, k_i, pre_i])
+            budget -= fed_i
         members: list[tuple[int, int, int, bool]] = []
         in_batch = {rec[0] for rec in live}
         # residents outside the batch, lowest priority first: evicted before any member is
@@ -400,22 +388,11 @@ class BatchFormer:
         for i in sel[~resident].tolist():
             if budget <= 0:
                 break
-            if t.computed[i] >= t.prefill_target[i]:
-                # swapped out in decode: comes back with its KV
-                rem_i = int(t.output_tokens[i] - t.generated[i])
-                k_i = min(k_res, rem_i - 1, budget - 1)
-                slots = int(t.prompt_tokens[i] + t.generated[i]) + 1 + k_i
-                fed_i, pre_i = k_i + 1, False
-            else:
-                computed, target = int(t.computed[i]), int(t.prefill_target[i])
-                left = target - computed
-                chunk = min(left, self.threshold)
-                if chunk > budget:
-                    if not self.chunked:
-                        continue
-                    chunk = budget
-                slots = computed + chunk + (1 if chunk == left else 0)
-                fed_i, k_i, pre_i = chunk, 0, True
+            # a prompt (chunk), or a request swapped out in decode coming back with its KV
+            ask = self._ask(i, k_res, budget)
+            if ask is None:
+                continue
+            fed_i, k_i, slots, pre_i = ask
             need = self._allocate(i, slots)
             if self.free_blocks - need < self._floor():
                 continue
