@@ -235,6 +235,13 @@ class BatchFormer:
                 sched_idx, sched_fed, sched_k, sched_pre = order[:cut], fed[:cut], k[:cut], pre[:cut]
                 self._grant_many(sched_idx, slots[:cut], need)
                 budget -= int(_sum(sched_fed))
+            elif cut >= 0:
+                # KV short: grant in priority order, preempting from the end of the order (the same
+                # sequence as the one-at-a-time loop, on precomputed asks)
+                n_ok, preempted = self._grant_preempting(order, need)
+                sched_idx, sched_fed, sched_k, sched_pre = order[:n_ok], fed[:n_ok], k[:n_ok], pre[:n_ok]
+                self._grant_many(sched_idx, slots[:n_ok], need[:n_ok])
+                budget -= int(_sum(sched_fed))
             else:
                 sched_idx, sched_fed, sched_k, sched_pre, budget, preempted = self._running_pass(order, k_res, budget)
         else:
@@ -280,6 +287,40 @@ class BatchFormer:
         return StepPlan(idx=sched_idx, prefill=sched_pre, fed_tokens=sched_fed, k_reserved=sched_k,
                         budget_left_tokens=budget, preempted=preempted,
                         stable=all_running and not adm and not preempted)
+
+    def _grant_preempting(self, order: np.ndarray, need: np.ndarray) -> tuple[int, bool]:
+        """How many of ``order``'s first ``need.size`` members (their asks precomputed within the
+        token budget, needing ``need`` more blocks each) get their blocks when a failed allocation
+        preempts the lowest-priority running request (the end of ``order``) and retries — vLLM's
+        loop. Victims are preempted here; the first members returned are granted by the caller.
+        A victim is never a member granted before it (victims come off the end), so the asks of the
+        members before the failure do not change; a member that preempts itself stops the pass."""
+        t = self.t
+        need_l = need.tolist()
+        order_l = order.tolist()
+        live_end = len(order_l)  # members order[:live_end] are still running
+        free = self.free_blocks
+        pos = 0
+        preempted = False
+        n = len(need_l)
+        while pos < n and pos < live_end:
+            nd = need_l[pos]
+            if nd > free:
+                stop = False
+                while nd > free:
+                    live_end -= 1
+                    v = order_l[live_end]
+                    preempted = True
+                    free += int(t.kv_blocks[v])
+                    self.preempt(v)
+                    if live_end == pos:
+                        stop = True
+                        break
+                if stop:
+                    break
+            free -= nd
+            pos += 1
+        return pos, preempted
 
     def _running_pass(self, order: np.ndarray, k_res: int, budget: int):
         """The running pass one request at a time (token budget or KV short): chunks shrink to the

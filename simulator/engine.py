@@ -27,7 +27,9 @@ from typing import Callable
 
 import numpy as np
 
-_sum = np.add.reduce  # skips ndarray.sum's Python wrapper: cheaper on small arrays
+_sum = np.add.reduce  # ufunc reductions skip ndarray methods' Python wrappers: cheaper on small arrays
+_any = np.logical_or.reduce
+_max = np.maximum.reduce
 import simpy
 
 from simspec.policies.base import PolicyContext, Scheduler, SpecLenPolicy, StepRecord, WindowRecord
@@ -89,6 +91,7 @@ class Replica:
         self._k_reserve = 0
         self._completed_pending = 0  # completions of the step in flight, reported when it ends
         self._last_step_s = 0.0  # duration of the latest step (window sizing)
+        self._decode_step_s = 0.0  # duration of the latest decode-only step (window sizing)
 
     # ------------------------------------------------------------------------------ routing
     def enqueue(self, i: int) -> None:
@@ -155,20 +158,22 @@ class Replica:
             mark[plan.idx] = False
             t.pauses[out] += 1
 
-    def _choose_k(self, plan: StepPlan, dec: np.ndarray) -> np.ndarray:
-        """k for each decode member: the policy's choice, within what was reserved unless the extra
-        drafts fit the token budget and free KV (lower-priority members lose them first)."""
-        t = self.cluster.table
+    def _choose_k(self, plan: StepPlan, dec: np.ndarray | None, ctx: np.ndarray, rem: np.ndarray) -> np.ndarray:
+        """k for each decode member (``dec``: which plan members decode; None: all, as in a
+        decode-only step; ``ctx``/``rem``: their context and remaining output tokens): the policy's
+        choice, within what was reserved unless the extra drafts fit the token budget and free KV
+        (lower-priority members lose them first)."""
         former = self.former
-        idx = plan.idx[dec]
-        k_res = plan.k_reserved[dec]
-        ctx = t.prompt_tokens[idx] + t.generated[idx]
+        if dec is None:
+            idx, k_res = plan.idx, plan.k_reserved
+        else:
+            idx, k_res = plan.idx[dec], plan.k_reserved[dec]
         k = np.asarray(self.spec_len.choose_k(idx, float(_sum(ctx)), former.free_blocks * former.bs, self.step_index),
                        dtype=np.int64)
-        rem = t.output_tokens[idx] - t.generated[idx]
         k = np.minimum(np.maximum(k, 0), rem - 1)
         extra = k - k_res
-        if bool((extra > 0).any()):
+        if _any(extra > 0):
+            t = self.cluster.table
             extra = np.maximum(extra, 0)
             slots = ctx + 1 + k
             blocks = np.maximum(blocks_for(slots, former.bs) - t.kv_blocks[idx], 0)
@@ -184,59 +189,81 @@ class Replica:
         cl = self.cluster
         t = cl.table
         idx = plan.idx
+        n = idx.size
         pre = plan.prefill
-        dec = ~pre
-        k = np.zeros(idx.size, dtype=np.int64)
-        if bool(dec.any()):
-            k[dec] = self._choose_k(plan, dec)
+        pre_idx = idx[pre]
+        n_pre = pre_idx.size
+        gen = t.generated[idx]
+        rem = t.output_tokens[idx] - gen
+        ctx_dec = t.prompt_tokens[idx] + gen
+        k = np.zeros(n, dtype=np.int64)
+        if n_pre < n:
+            dec = ~pre
+            k[dec] = self._choose_k(plan, dec, ctx_dec[dec], rem[dec])
+        else:
+            dec = None
         fed = np.where(pre, plan.fed_tokens, k + 1)
-        ctx = np.where(pre, t.computed[idx], t.prompt_tokens[idx] + t.generated[idx])
-        rem = t.output_tokens[idx] - t.generated[idx]
-        new_start = np.isnan(t.start_s[idx])
-        if bool(new_start.any()):
-            t.start_s[idx[new_start]] = now
+        computed_pre = t.computed[pre_idx]
+        ctx = ctx_dec.copy()
+        ctx[pre] = computed_pre
+        # a request's first step is always a prefill chunk: only those can be starting
+        start_pre = t.start_s[pre_idx]
+        new_start = np.isnan(start_pre)
+        if _any(new_start):
+            t.start_s[pre_idx[new_start]] = now
         batch = BatchStep(idx=idx, prefill=pre, fed_tokens=fed, ctx_tokens=ctx, k=k, remaining=rem,
                           alpha=t.alpha[idx], class_idx=t.class_idx[idx])
         rnd = StepRandom(t.rng_base[idx], t.draws[idx])
         out = cl.method.step(rnd, batch)
         fixed = cl.method.draws_per_step
         if fixed is not None:
-            t.draws[idx[dec]] += np.uint64(fixed)
+            if dec is not None:
+                t.draws[idx[dec]] += np.uint64(fixed)
         else:
             t.draws[idx] += rnd.used
-        end = now + out.step_ms / 1000.0
+        step_s = out.step_ms / 1000.0
+        end = now + step_s
         # progress: a chunk that completes its prompt samples one token; decodes commit accepted + 1
-        done_prefill = pre & (t.computed[idx] + plan.fed_tokens >= t.prefill_target[idx])
-        t.computed[idx[pre]] += plan.fed_tokens[pre]
-        committed = np.where(pre, done_prefill.astype(np.int64), np.minimum(out.accepted + 1, rem))
-        t.generated[idx] += committed
+        chunk = plan.fed_tokens[pre]
+        computed_after = computed_pre + chunk
+        done_pre = computed_after >= t.prefill_target[pre_idx]
+        t.computed[pre_idx] = computed_after
+        committed = np.minimum(out.accepted + 1, rem)
+        committed[pre] = done_pre
+        t.generated[idx] = gen + committed
         t.steps[idx] += 1
-        t.decode_steps[idx[dec]] += 1
-        drafted = np.where(pre, 0, out.drafted)
-        accepted = np.where(pre, 0, out.accepted)
-        pos_acc = out.position_accepts if out.position_accepts is not None else out.accepted
-        pos_acc = np.where(pre, 0, pos_acc)
+        if dec is not None:
+            t.decode_steps[idx[dec]] += 1
+        drafted = out.drafted.copy()
+        drafted[pre] = 0
+        accepted = out.accepted.copy()
+        accepted[pre] = 0
+        pos_acc = (out.position_accepts if out.position_accepts is not None else out.accepted).copy()
+        pos_acc[pre] = 0
         t.drafted[idx] += drafted
         t.accepted[idx] += accepted
         t.position_accepts[idx] += pos_acc
-        first = done_prefill & np.isnan(t.first_token_s[idx])
-        if bool(first.any()):
-            t.first_token_s[idx[first]] = end
-            self.outstanding_tokens -= int(_sum(t.prompt_tokens[idx[first]]))
-        self.outstanding_tokens -= int(_sum(committed))
-        self.busy_s += out.step_ms / 1000.0
+        n_committed = int(_sum(committed))
+        if _any(done_pre):
+            first_idx = pre_idx[done_pre]
+            first = np.isnan(t.first_token_s[first_idx])
+            if _any(first):
+                t.first_token_s[first_idx[first]] = end
+                self.outstanding_tokens -= int(_sum(t.prompt_tokens[first_idx[first]]))
+        self.outstanding_tokens -= n_committed
+        self.busy_s += step_s
         kv_used = self._kv_used_tokens()  # during the step, before completions free their blocks
-        self._finish(idx, t.generated[idx] >= t.output_tokens[idx], end)
+        self._finish(idx, gen + committed >= t.output_tokens[idx], end)
         record = StepRecord(idx=idx, prefill=pre, drafted=drafted, accepted=accepted, committed=committed,
                             step_ms=out.step_ms, end_s=end, fed_tokens=fed, position_accepts=pos_acc)
         cl.scheduler.observe(record)
         self.spec_len.observe(record)
-        self.log.append_one(self.rid, self.step_index, now, end, out.step_ms, idx.size, int(_sum(pre)),
-                            int(k.max()) if k.size else 0, int(_sum(drafted)), int(_sum(accepted)),
-                            int(_sum(committed)), int(_sum(fed)), kv_used,
+        self.log.append_one(self.rid, self.step_index, now, end, out.step_ms, n, n_pre,
+                            int(_max(k)) if n else 0, int(_sum(drafted)), int(_sum(accepted)),
+                            n_committed, int(_sum(fed)), kv_used,
                             int(self.former.waiting.size), self.spec_len.log_value())
         self.step_index += 1
-        self._last_step_s = out.step_ms / 1000.0
+        self._last_step_s = step_s
         self.clock_s = end
         self._mark_batch(idx)
         return end
@@ -247,10 +274,10 @@ class Replica:
         t = cl.table
         former = self.former
         idx = plan.idx
-        dec = np.ones(idx.size, dtype=bool)
-        k = self._choose_k(plan, dec)
-        ctx0 = t.prompt_tokens[idx] + t.generated[idx]
-        rem0 = t.output_tokens[idx] - t.generated[idx]
+        gen0 = t.generated[idx]
+        ctx0 = t.prompt_tokens[idx] + gen0
+        rem0 = t.output_tokens[idx] - gen0
+        k = self._choose_k(plan, None, ctx0, rem0)
         n_max = 1
         through = False
         # (a known gap: swap preemption with a batch-dependent policy — smartspec-per-request — once
@@ -265,9 +292,12 @@ class Replica:
             # last step's pace (a guess: too short only costs another window)
             n_max = min(cl.window_steps, self.spec_len.horizon_steps(self.step_index),
                         int(rem0.max() if through else rem0.min()))
+            # (the pace of the latest decode-only step: a step with a prompt chunk in it is slower,
+            # and a guess from it cut windows short of the arrival — another window each time)
             gap = cl.next_arrival_for(self.rid) - now
-            if gap < float("inf") and self._last_step_s > 0:
-                n_max = min(n_max, int(gap / self._last_step_s) + 2)
+            pace_s = self._decode_step_s or self._last_step_s
+            if gap < float("inf") and pace_s > 0:
+                n_max = min(n_max, int(1.25 * gap / pace_s) + 4)
             n_max = max(n_max, 1)
         win = DecodeWindow(idx=idx, ctx_tokens=ctx0, k=k, remaining=rem0, alpha=t.alpha[idx],
                            class_idx=t.class_idx[idx], rng_base=t.rng_base[idx], draws=t.draws[idx], n_steps=n_max,
@@ -355,7 +385,7 @@ class Replica:
                                per_step_committed, out.fed_tokens.sum(axis=1), kv_used,
                                int(self.former.waiting.size), values)
         self.step_index += s_n
-        self._last_step_s = float(out.step_ms[-1]) / 1000.0
+        self._last_step_s = self._decode_step_s = float(out.step_ms[-1]) / 1000.0
         self.clock_s = end
         self._mark_batch(idx)
         return end

@@ -202,6 +202,10 @@ class Method:
     def bind_acceptance(self, model: AcceptanceModel) -> None:
         self.acceptance = model
 
+    def bind_requests(self, alpha: np.ndarray, class_idx: np.ndarray) -> None:
+        """Called once per run with every request's acceptance level and class (request table
+        order), after :meth:`bind_acceptance`: methods may precompute per-request quantities."""
+
     def stages_used(self) -> set[str]:
         """Profile latency stages this method's steps evaluate (range checks look at these only)."""
         if self.cost.whole_model:

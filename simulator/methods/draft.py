@@ -20,8 +20,8 @@ _min = np.minimum.reduce
 
 from simspec.errors import ConfigError
 from simspec.rng import counter_uniforms
-from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, WindowOutcome,
-                                            register_method)
+from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, StepRandom,
+                                            WindowOutcome, register_method)
 
 
 @register_method("draft")
@@ -54,6 +54,28 @@ class DraftModel(Method):
     def k_max(self) -> int:
         return self._k
 
+    def bind_requests(self, alpha: np.ndarray, class_idx: np.ndarray) -> None:
+        # every request's conditional acceptance probability at each draft position (the same
+        # arithmetic as position_probs on a batch, done once): steps gather rows instead
+        self._probs = self.acceptance.position_probs(alpha, class_idx, self._k) if self._k > 0 else None
+        self._pos_u64 = np.arange(max(self._k, 1), dtype=np.uint64)
+
+    def _sample(self, rng, batch: BatchStep, k: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
+        """(accepted prefix, accepted positions) per member given ``k`` drafts (``kmax`` = max k):
+        :meth:`AcceptanceModel.sample_accepted_positions`, gathering precomputed probabilities and
+        drawing the counter-based uniforms directly when ``rng`` is the engine's."""
+        probs = getattr(self, "_probs", None)
+        if probs is None or type(rng) is not StepRandom:
+            return self.acceptance.sample_accepted_positions(rng, batch.alpha, batch.class_idx, k)
+        p = probs[batch.idx, :kmax] if kmax < self._k else probs[batch.idx]
+        ctr = rng.start + rng.used
+        u = counter_uniforms(rng.base[:, None], ctr[:, None] + self._pos_u64[None, :kmax])
+        rng.used += np.uint64(kmax)
+        ok = u < p
+        if int(_min(k)) < kmax:
+            ok &= self._pos_u64[None, :kmax] < k.astype(np.uint64)[:, None]
+        return np.logical_and.accumulate(ok, axis=1).sum(axis=1), ok.sum(axis=1)
+
     def stages_used(self) -> set[str]:
         used = super().stages_used()
         if self.cost.has("draft_step"):
@@ -79,18 +101,24 @@ class DraftModel(Method):
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         k = batch.k
         n = batch.idx.shape[0]
-        speculating = bool(k.size and _max(k) > 0)
-        ms = self.cost.target_ms(n, float(_sum(batch.fed_tokens)), float(_sum(batch.ctx_tokens)), speculating,
-                                 logits_tokens=batch.logits_tokens())
+        kmax = int(_max(k)) if n else 0
+        speculating = kmax > 0
         pre = batch.prefill
-        if _any(pre):  # the draft model prefills the same context
-            n_pre = int(_sum(pre))
-            ms += self.draft_pass_ms(n_pre, float(_sum(batch.fed_tokens[pre])), 0.0, logits_tokens=n_pre)
+        n_pre = int(_sum(pre))
+        fed_all = float(_sum(batch.fed_tokens))
+        if n_pre:
+            fed_pre = float(_sum(batch.fed_tokens[pre]))
+            logits = fed_all - fed_pre + float(n_pre)  # = batch.logits_tokens()
+        else:
+            logits = fed_all
+        ms = self.cost.target_ms(n, fed_all, float(_sum(batch.ctx_tokens)), speculating, logits_tokens=logits)
+        if n_pre:  # the draft model prefills the same context
+            ms += self.draft_pass_ms(n_pre, fed_pre, 0.0, logits_tokens=n_pre)
         if speculating and self.per_step:
             sel = k > 0
             b = int(_sum(sel))
-            ms += self.draft_pass_ms(b, b, float(_sum(batch.ctx_tokens[sel])))
-            accepted, positions = self.acceptance.sample_accepted_positions(rng, batch.alpha, batch.class_idx, k)
+            ms += self.draft_pass_ms(b, b, float(_sum(batch.ctx_tokens[sel])) if b < n else float(_sum(batch.ctx_tokens)))
+            accepted, positions = self._sample(rng, batch, k, kmax)
         elif speculating:
             kmax = int(_max(k))
             if int(_min(k)) == kmax:  # uniform k: every pass has the same shape except growing context
@@ -102,7 +130,7 @@ class DraftModel(Method):
                     sel = k > j
                     b = int(_sum(sel))
                     ms += self.draft_pass_ms(b, b, float(_sum(batch.ctx_tokens[sel])) + j * b)
-            accepted, positions = self.acceptance.sample_accepted_positions(rng, batch.alpha, batch.class_idx, k)
+            accepted, positions = self._sample(rng, batch, k, kmax)
         else:
             accepted = np.zeros(n, dtype=np.int64)
             positions = accepted
@@ -126,7 +154,11 @@ class DraftModel(Method):
         if kk > 0:
             ctr = (w.draws[None, :, None] + np.arange(steps, dtype=np.uint64)[:, None, None] * np.uint64(self._k)
                    + pos[:kk].astype(np.uint64)[None, None, :])
-            p = self.acceptance.position_probs(w.alpha, w.class_idx, kk)
+            probs = getattr(self, "_probs", None)
+            if probs is not None:
+                p = probs[w.idx, :kk] if kk < self._k else probs[w.idx]
+            else:
+                p = self.acceptance.position_probs(w.alpha, w.class_idx, kk)
             ok = counter_uniforms(w.rng_base[None, :, None], ctr) < p[None]
             ok &= pos[:kk][None, None, :] < w.k[None, :, None]
             acc_full = np.cumprod(ok, axis=2).sum(axis=2)
