@@ -95,19 +95,23 @@ class BatchFormer:
     def add_waiting(self, idx: np.ndarray) -> None:
         self.waiting = np.sort(np.concatenate([self.waiting, idx]))
 
-    def _needs(self, idx: np.ndarray, k_res: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(prefill?, tokens asked, drafts reserved, slots needed after the step) for requests ``idx``
-        if each got its full ask."""
+    def _needs(self, idx: np.ndarray, k_res: int, computed: np.ndarray, target: np.ndarray,
+               pre: np.ndarray, any_pre: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens asked, drafts reserved, slots needed after the step) for requests ``idx`` if each
+        got its full ask (``computed``/``target``: their prefill progress; ``pre``: still
+        prefilling; ``any_pre``: whether any is)."""
         t = self.t
-        computed, target = t.computed[idx], t.prefill_target[idx]
-        pre = computed < target
-        rem = t.output_tokens[idx] - t.generated[idx]
-        k = np.where(pre, 0, np.minimum(k_res, rem - 1))
+        gen = t.generated[idx]
+        k = np.minimum(k_res, t.output_tokens[idx] - gen - 1)
+        slots = t.prompt_tokens[idx] + gen + 1 + k
+        if not any_pre:
+            return k + 1, k, slots
+        k[pre] = 0
         left = target - computed
         chunk = np.minimum(left, self.threshold)
         fed = np.where(pre, chunk, k + 1)
-        slots = np.where(pre, computed + chunk + (chunk == left), t.prompt_tokens[idx] + t.generated[idx] + 1 + k)
-        return pre, fed, k, slots
+        slots = np.where(pre, computed + chunk + (chunk == left), slots)
+        return fed, k, slots
 
     def _ask(self, i: int, k_res: int, budget: int) -> tuple[int, int, int, bool] | None:
         """What request ``i`` would run within ``budget`` tokens: ``(fed tokens, drafts, KV slots
@@ -198,16 +202,18 @@ class BatchFormer:
         t = self.t
         running = self.running
         order = self.sched.order(running, now_s) if running.size > 1 else running
-        if order.size > 1:
-            # decodes before prompt chunks (each in priority order): a running decode is never
-            # starved behind a prefill by the token budget
-            pre_o = t.computed[order] < t.prefill_target[order]
-            if bool(pre_o.any()) and not bool(pre_o.all()):
-                order = np.concatenate([order[~pre_o], order[pre_o]])
         budget = self.budget
         preempted = False
         if order.size:
-            pre, fed, k, slots = self._needs(order, k_res)
+            computed, target = t.computed[order], t.prefill_target[order]
+            pre = computed < target
+            n_pre = int(_sum(pre))
+            if 0 < n_pre < order.size:
+                # decodes before prompt chunks (each in priority order): a running decode is never
+                # starved behind a prefill by the token budget
+                perm = np.argsort(pre, kind="stable")
+                order, computed, target, pre = order[perm], computed[perm], target[perm], pre[perm]
+            fed, k, slots = self._needs(order, k_res, computed, target, pre, n_pre > 0)
             cum = np.cumsum(fed)
             cut = order.size
             if int(cum[-1]) > budget:
