@@ -102,12 +102,16 @@ class Replica:
             self.wake.succeed()
 
     def outstanding_at(self, now_s: float) -> int:
-        """Outstanding tokens as a one-step engine would know them at ``now_s`` (steps of a window
-        in flight that ended by then count as done)."""
+        """Outstanding tokens as a one-step engine would know them at ``now_s``: it counts a step's
+        tokens as done when it computes the step, at the step's start, so with a window in flight
+        the steps started by ``now_s`` count (``outstanding_tokens`` already has the whole window
+        taken off)."""
         if self._inflight_end_s is None:
             return self.outstanding_tokens
-        n = int(np.searchsorted(self._inflight_end_s, now_s, side="right"))
-        return self.outstanding_tokens - (int(self._inflight_committed[n - 1]) if n else 0)
+        ends = self._inflight_end_s
+        n = int(np.searchsorted(ends, now_s, side="left"))  # the step in flight at now_s
+        done = self._inflight_committed
+        return self.outstanding_tokens + int(done[-1]) - int(done[min(n, ends.shape[0] - 1)])
 
     # ------------------------------------------------------------------------------ main loop
     def process(self):
