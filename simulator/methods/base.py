@@ -79,6 +79,18 @@ class StepOutcome:
 
 
 @dataclass
+class LeadStep:
+    """A window's first step when it also completes newcomers' prompts (arrays per member):
+    ``prefill`` members run their last prompt chunk of ``fed_tokens`` tokens over ``ctx_tokens``
+    already computed, commit their first token in that step and decode from the next one (their
+    ``DecodeWindow.k`` is for those later steps); the other members decode from the first step."""
+
+    prefill: np.ndarray
+    fed_tokens: np.ndarray
+    ctx_tokens: np.ndarray
+
+
+@dataclass
 class DecodeWindow:
     """Up to ``n_steps`` consecutive decode-only steps of one fixed batch (every member decoding,
     each with a fixed speculation length ``k``, capped per step at its remaining − 1).
@@ -100,6 +112,7 @@ class DecodeWindow:
     draws: np.ndarray
     n_steps: int
     through: bool = False
+    lead: LeadStep | None = None
 
 
 @dataclass
@@ -219,6 +232,8 @@ class Method:
     #: uniforms a decode member consumes per step whatever it drafts (None: what it actually drew).
     #: Methods with a vectorised :meth:`decode_window` fix it so draws line up across steps.
     draws_per_step: ClassVar[int | None] = None
+    #: :meth:`decode_window` handles ``DecodeWindow.lead`` (a first step that completes prompts)
+    lead_step: ClassVar[bool] = False
 
     def decode_window(self, w: DecodeWindow) -> WindowOutcome:
         """Run up to ``w.n_steps`` decode-only steps of a fixed batch (see :class:`DecodeWindow`).

@@ -137,6 +137,8 @@ class DraftModel(Method):
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=k.astype(np.int64), accepted=accepted,
                            position_accepts=positions)
 
+    lead_step = True
+
     @property
     def draws_per_step(self) -> int:  # type: ignore[override]
         """Every decode step consumes k_max uniforms per member (the first k are used)."""
@@ -151,8 +153,14 @@ class DraftModel(Method):
         kk = int(w.k.max()) if n else 0
         rem0 = w.remaining
         pos = np.arange(max(kk, 1))
+        lead = w.lead
+        if lead is not None:  # newcomers finish their prompts in step 0 and draw from step 1 on
+            pre = lead.prefill
+            srel = np.maximum(np.arange(steps)[:, None] - pre.astype(np.int64)[None, :], 0).astype(np.uint64)
+        else:
+            srel = np.arange(steps, dtype=np.uint64)[:, None]
         if kk > 0:
-            ctr = (w.draws[None, :, None] + np.arange(steps, dtype=np.uint64)[:, None, None] * np.uint64(self._k)
+            ctr = (w.draws[None, :, None] + srel[:, :, None] * np.uint64(self._k)
                    + pos[:kk].astype(np.uint64)[None, None, :])
             probs = getattr(self, "_probs", None)
             if probs is not None:
@@ -161,6 +169,8 @@ class DraftModel(Method):
                 p = self.acceptance.position_probs(w.alpha, w.class_idx, kk)
             ok = counter_uniforms(w.rng_base[None, :, None], ctr) < p[None]
             ok &= pos[:kk][None, None, :] < w.k[None, :, None]
+            if lead is not None:
+                ok[0, pre, :] = False
             acc_full = np.cumprod(ok, axis=2).sum(axis=2)
         else:
             ok = None
@@ -179,13 +189,19 @@ class DraftModel(Method):
             if ok is not None:
                 ok = ok[:last]
         s_eff = commit_full.shape[0]
-        act = np.arange(s_eff)[:, None] <= done_step[None, :]  # member still running at step s
+        act = np.arange(s_eff)[:, None] <= done_step[None, :]  # member in the batch at step s
         all_act = bool(act.all())
-        before = csum - commit_full
+        if lead is not None:  # decoding at step s (a newcomer's step 0 is its last prompt chunk)
+            dec_act = act.copy()
+            dec_act[0, pre] = False
+            all_dec = False
+        else:
+            dec_act, all_dec = act, all_act
+        before = csum - commit_full  # (a newcomer's first token is its step-0 commit)
         rem_s = rem0[None, :] - before
         k_eff = np.minimum(w.k[None, :], rem_s - 1)
-        if not all_act:
-            k_eff = np.where(act, k_eff, 0)
+        if not all_dec:
+            k_eff = np.where(dec_act, k_eff, 0)
         accepted = np.minimum(acc_full, k_eff)
         if ok is not None:
             positions = (ok & (pos[:kk][None, None, :] < k_eff[:, :, None])).sum(axis=2)
@@ -196,13 +212,27 @@ class DraftModel(Method):
         ctx = w.ctx_tokens[None, :] + before
         if not all_act:
             committed = np.where(act, committed, 0)
-            fed = np.where(act, fed, 0)
-            ctx = np.where(act, ctx, 0)
+        if not all_dec:
+            fed = np.where(dec_act, fed, 0)
+            ctx = np.where(dec_act, ctx, 0)
+        if lead is not None:
+            fed[0] += lead.fed_tokens
+            ctx[0] += lead.ctx_tokens
         fed_sum = fed.sum(axis=1).astype(np.float64)
         b = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_eff, float(n))
         kmax_s = k_eff.max(axis=1)
         ctx_sum = ctx.sum(axis=1).astype(np.float64)
-        ms = self.cost.target_ms(b, fed_sum, ctx_sum, kmax_s > 0, logits_tokens=fed_sum)
+        logits = fed_sum
+        if lead is not None:  # a prompt chunk needs the LM head at its last position only
+            n_pre = int(_sum(pre))
+            fed_pre = float(_sum(lead.fed_tokens))
+            logits = fed_sum.copy()
+            logits[0] = fed_sum[0] - fed_pre + float(n_pre)
+        ms = self.cost.target_ms(b, fed_sum, ctx_sum, kmax_s > 0, logits_tokens=logits)
+        if lead is not None:  # the draft model prefills the same chunks (as in :meth:`step`)
+            pre_pass = np.zeros(s_eff)
+            pre_pass[0] = self.draft_pass_ms(n_pre, fed_pre, 0.0, logits_tokens=n_pre)
+            ms = ms + pre_pass
         kk_all = int(kmax_s.max()) if s_eff else 0
         if kk_all and self.per_step:
             sel = k_eff > 0
@@ -212,7 +242,7 @@ class DraftModel(Method):
             # draft pass j runs the members with k > j over their context + j: all passes of all
             # steps in one (steps, passes) evaluation, added pass by pass
             jj = np.arange(kk_all)
-            if all_act and int(k_eff.min()) == kk_all:
+            if all_dec and int(k_eff.min()) == kk_all:
                 bj = np.broadcast_to(b[:, None], (s_eff, kk_all))
                 kv = ctx_sum[:, None] + jj[None, :] * float(n)
             else:
@@ -223,8 +253,8 @@ class DraftModel(Method):
             for j in range(kk_all):
                 ms = ms + passes[:, j]
         draws = np.full((s_eff, n), self._k, dtype=np.uint64)
-        if not all_act:
-            draws[~act] = 0
+        if not all_dec:
+            draws[~dec_act] = 0
         return WindowOutcome(step_ms=self.cost.finish(ms), k=k_eff, drafted=k_eff.astype(np.int64),
                              accepted=accepted.astype(np.int64), position_accepts=positions.astype(np.int64),
                              committed=committed.astype(np.int64), fed_tokens=fed.astype(np.int64),
