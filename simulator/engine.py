@@ -17,7 +17,8 @@ speculation-length policy's decision horizon ends. The replica then advances up 
 counter-based per request (:func:`simspec.rng.counter_uniforms`), every step's cost is computed
 with the same arithmetic as a single step, and the replica's clock adds step times one by one, so
 ``window_steps=1`` (one step per event) gives byte-identical outputs — tested for every scheduler ×
-method × speculation-length policy × batching mode.
+method × speculation-length policy × batching mode. A window may also start with the step that
+completes newcomers' prompts when everything after it is stable (:meth:`Replica._can_lead`).
 """
 
 from __future__ import annotations
