@@ -348,7 +348,8 @@ class Replica:
             n_max = max(n_max, 1)
         win = DecodeWindow(idx=idx, ctx_tokens=ctx0, k=k, remaining=rem0, alpha=t.alpha[idx],
                            class_idx=t.class_idx[idx], rng_base=t.rng_base[idx], draws=t.draws[idx], n_steps=n_max,
-                           through=through, lead=lead_step)
+                           through=through, lead=lead_step, start_s=now,
+                           stop_at_s=cl.next_arrival_for(self.rid) if n_max > 1 else float("inf"))
         out = cl.method.decode_window(win)
         s_n = out.n_steps
         ends = np.cumsum(np.concatenate(([now], out.step_ms / 1000.0)))[1:]

@@ -113,6 +113,10 @@ class DecodeWindow:
     n_steps: int
     through: bool = False
     lead: LeadStep | None = None
+    #: the window's start and the next arrival for the replica (simulated seconds): a method may
+    #: stop at the step during which that arrival comes (the engine cuts the window there anyway)
+    start_s: float = 0.0
+    stop_at_s: float = float("inf")
 
 
 @dataclass
@@ -248,6 +252,7 @@ class Method:
         cols: dict[str, list] = {key: [] for key in ("ms", "k", "d", "a", "p", "c", "f", "r", "act")}
         fixed = self.draws_per_step
         act = np.ones(n, dtype=bool)
+        clock_s = w.start_s
         for _ in range(w.n_steps):
             sel = np.flatnonzero(act)
             k_s = np.minimum(w.k[sel], rem[sel] - 1)
@@ -277,6 +282,9 @@ class Method:
             if not w.through and not bool(act.all()):
                 break
             if not bool(act.any()):
+                break
+            clock_s = clock_s + out.step_ms / 1000.0  # as the engine adds step times
+            if w.stop_at_s <= clock_s:  # the next arrival comes during this step: steps after it are cut
                 break
         active = np.asarray(cols["act"], dtype=bool)
         return WindowOutcome(step_ms=np.asarray(cols["ms"], dtype=np.float64), k=np.asarray(cols["k"]),
