@@ -32,6 +32,7 @@ import simpy
 
 from simspec.policies.base import PolicyContext, Scheduler, SpecLenPolicy, StepRecord, WindowRecord
 from simspec.simulator.batching import BatchFormer, StepPlan, blocks_for
+from simspec.simulator.itl import ItlLog
 from simspec.simulator.methods.base import BatchStep, DecodeWindow, Method, StepRandom
 from simspec.simulator.state import RequestTable
 from simspec.simulator.steplog import StepLog
@@ -230,6 +231,7 @@ class Replica:
         record = StepRecord(idx=idx, prefill=pre, drafted=drafted, accepted=accepted, committed=committed,
                             step_ms=out.step_ms, end_s=end, fed_tokens=fed, position_accepts=pos_acc)
         cl.scheduler.observe(record)
+        cl.itl.observe(record)
         self.spec_len.observe(record)
         self.log.append_one(self.rid, self.step_index, now, end, out.step_ms, idx.size, int(_sum(pre)),
                             int(k.max()) if k.size else 0, int(_sum(drafted)), int(_sum(accepted)),
@@ -339,6 +341,7 @@ class Replica:
                            committed=out.committed, fed_tokens=out.fed_tokens, step_ms=out.step_ms, end_s=ends,
                            active=act)
         cl.scheduler.observe_window(rec)
+        cl.itl.observe_window(rec)
         values = self.spec_len.observe_window(rec)
         if held is not None:
             # as a one-step engine logs it: blocks of the members still running (a finished member's
@@ -425,6 +428,7 @@ class Cluster:
         self._slot: simpy.Event | None = None
         self.audit = audit
         self.seed = seed
+        self.itl = ItlLog(len(table))  # every request's token-chunk gaps (vllm bench serve's ITL)
         self._on_complete = on_complete
         self.completed = 0
         self.next_arrival_s = float(table.arrival_s[0]) if len(table) else float("inf")

@@ -207,7 +207,8 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
                            f"{table.request_id[unfinished[0]]}: a policy never scheduled it")
     requests = requests_frame(table, scheduler.extra_columns())
     steps = steps_frame([r.log for r in cluster.replicas])
-    summ = summary(requests, steps, [r.busy_s for r in cluster.replicas], config.slo_ttft_ms, config.slo_tpot_ms)
+    summ = summary(requests, steps, [r.busy_s for r in cluster.replicas], config.slo_ttft_ms, config.slo_tpot_ms,
+                   cluster.itl.samples())
     summ["profile_source"] = profile.source
     cfg = {
         "simspec_version": __version__,
