@@ -179,6 +179,48 @@ def test_bad_profile_is_one_line(work, capsys, no_simulation, make, needle):
     assert not (work / "run").exists()
 
 
+# the range check: only the stages the method evaluates, worded by the profile's source, every
+# stage named, the context window said; the bundled analytic profile's target (Llama-2-70B) has a
+# 4096-token window and grid, its draft (llama-68m) 2048
+ANALYTIC = "llama2-70b-h100x4-analytic"
+
+
+def _trace(work: Path, rows: list[tuple[int, int]]) -> str:
+    body = "request_id,arrival_s,prompt_tokens,output_tokens\n" + "".join(
+        f"r{i},{0.1 * i},{p},{o}\n" for i, (p, o) in enumerate(rows))
+    (work / "long.csv").write_text(body)
+    return "long.csv"
+
+
+def test_range_check_ignores_stages_the_method_does_not_use(work, capsys):
+    t = _trace(work, [(2900, 50)])  # beyond the draft's 2048, within the target's 4096
+    code, _, err = cli(capsys, "replay", t, "--profile", ANALYTIC, "--spec", "none", "--out", "run", "-q")
+    assert code == 0, err
+    notes = json.loads((work / "run" / "config.json").read_text())["notes"]
+    assert not any("extrapolated" in n for n in notes), notes
+    code, _, err = cli(capsys, "replay", t, "--profile", ANALYTIC, "--spec", "draft:k=4", "--out", "run2")
+    line = one_line_error(code, err)
+    assert "draft_step.tokens_per_request up to 2950 > 2048" in line and "draft_step.context_tokens" in line
+    assert "analytic grid" in line and "measured" not in line and "more)" not in line
+    assert "draft model's context window of 2048" in line
+    assert "layer." not in line  # the target's stages are in range
+
+
+def test_range_check_uses_the_longest_request_not_two_maxima(work, capsys):
+    # largest prompt + largest output = 7000 > 4096, but no request is longer than 3510 tokens
+    t = _trace(work, [(3500, 10), (10, 3500)])
+    code, _, err = cli(capsys, "replay", t, "--profile", ANALYTIC, "--spec", "none", "--out", "run", "-q")
+    assert code == 0, err
+
+
+def test_range_check_names_the_context_window(work, capsys):
+    t = _trace(work, [(4000, 200)])
+    code, _, err = cli(capsys, "replay", t, "--profile", ANALYTIC, "--spec", "none", "--out", "run")
+    line = one_line_error(code, err)
+    assert "target model's context window of 4096" in line and "longest request (4200 tokens)" in line
+    assert not (work / "run").exists()
+
+
 def test_negative_linear_coefficient_within_valid_range_only(tmp_path):
     from simspec.errors import ProfileError
     from simspec.profile import profile_from_doc
