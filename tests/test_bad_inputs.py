@@ -136,10 +136,15 @@ def test_unwritable_output_is_refused_first(work, capsys, no_simulation, args):
 # 3. compare validates everything before the first simulation
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policies, needle", [("fcfs,bogus", "bogus"), ("fcfs,fcfs", "twice"),
-                                              ("fcfs,,srpt", "empty"), ("srpt,fcfs", "already exists")])
+@pytest.mark.parametrize("policies, needle", [("fcfs,bogus", "--policies: unknown scheduler 'bogus'"),
+                                              ("fcfs,fcfs", "twice"), ("fcfs,,srpt", "empty"),
+                                              ("srpt,fcfs", "already exists"),
+                                              ("fcfs,srpt:foo=1", "--policies srpt: unknown parameter(s) foo"),
+                                              ("fcfs,srpt:foo=1", "--spec-len fixed: unknown parameter(s) bar")])
 def test_compare_checks_all_up_front(work, capsys, monkeypatch, policies, needle):
     args = ["compare", "small.csv", "--profile", "flat.json", "--policies", policies]
+    if "spec-len" in needle:
+        args = ["compare", "small.csv", "--profile", "flat.json", "--spec-len", "fixed:bar=1", "--policies", "fcfs"]
     if needle == "already exists":  # fcfs was written by an earlier compare: found before srpt runs
         assert cli(capsys, *args[:-1], "fcfs", "--out", "cmp")[0] == 0
         args += ["--out", "cmp"]
@@ -422,6 +427,14 @@ def test_sweep_table_holds_base_values(work, capsys):
     assert list(df["max_batch"]) == [4, 4] and list(df["policy"]) == ["fcfs", "srpt"]
     assert {"p99_ttft_ms", "mean_itl_ms", "request_throughput", "request_goodput"} <= set(df.columns)
     assert (df["request_goodput"] > 0).all()
+
+
+def test_unknown_policy_parameter_is_a_grid_error(work, capsys):
+    (work / "g.yaml").write_text("base:\n  trace: small.csv\n  profile: flat.json\naxes:\n"
+                                 "  policy: [fcfs, 'srpt:foo=1']\n  spec_len: [fixed, 'smartspec:bar=2']\n")
+    code, _, err = cli(capsys, "sweep", "g.yaml", "--out", "sw", "--dry-run")
+    assert "axes.policy[1]: unknown parameter(s) foo" in one_line_error(code, err)
+    assert not (work / "sw").exists()
 
 
 def test_bad_grid_goodput_is_a_grid_error(work, capsys):
