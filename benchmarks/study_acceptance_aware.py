@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simspec.atomic import write_json, write_text
+from simspec.atomic import write_json, write_png, write_text
 from simspec.profile import load_profile
 from simspec.rng import stream
 from simspec.simulator.config import ComponentSpec, RunConfig
@@ -267,10 +267,8 @@ def plot(summ: pd.DataFrame, path: Path, capacity: dict, batching: str, requests
                  f"code α≈0.85 / chat α≈0.5; mix A code short, mix B code long; {SPEC}, max batch {MAX_BATCH}; "
                  f"{requests} requests, mean over seeds {', '.join(map(str, seeds))}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_png(path, fig, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -210,6 +210,16 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def write_png(path: str | os.PathLike, fig: Any, **savefig_kw: Any) -> None:
+    """Render a matplotlib figure as PNG (``savefig_kw``: dpi, metadata, ...) and write it
+    atomically with :func:`write_bytes`."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kw)
+    write_bytes(path, buf.getvalue())
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 text atomically."""
     write_bytes(path, text.encode("utf-8"))
