@@ -155,7 +155,7 @@ def check_output_dir(final: str | os.PathLike, kind: str, *, force: bool = False
 
 
 def is_simspec_json(path: Path) -> bool:
-    """A JSON file written by simspec with a ``simspec_output`` marker key."""
+    """A JSON file written by simspec: a ``simspec_output`` marker key, or a simspec profile."""
     try:
         if path.stat().st_size > 256 << 20:
             return False
@@ -164,8 +164,9 @@ def is_simspec_json(path: Path) -> bool:
         return False
     if not isinstance(doc, dict):
         return False
-    # a capacity.json written before the marker key existed
-    return isinstance(doc.get("simspec_output"), dict) or {"search", "results", "slo", "trace"} <= set(doc)
+    # a profile (its schema names it); a capacity.json written before the marker key existed
+    return (isinstance(doc.get("simspec_output"), dict) or doc.get("schema") == "simspec-profile"
+            or {"search", "results", "slo", "trace"} <= set(doc))
 
 
 def check_output_file(final: str | os.PathLike, *, force: bool = False, what: str = "--out",

@@ -121,7 +121,11 @@ UNWRITABLE = "a_file/out"  # below a regular file: can never be created (root in
      UNWRITABLE + ".json"],
     ["trace", "convert", "small.csv", UNWRITABLE + ".csv"],
     ["trace", "synth", "--n", "5", "--rate", "1", "--lengths", "fixed:10,10", "--out", UNWRITABLE + ".csv"],
-], ids=["replay", "compare", "report", "sweep", "capacity", "trace-convert", "trace-synth"])
+    ["profile", "analytic", "--gpu", "h200", "--model", "llama-3-8b", "--out", UNWRITABLE + ".json"],
+    ["calibrate", "acceptance", "--method", "draft", "--out", UNWRITABLE + ".json"],
+    ["calibrate", "latency", "--out", UNWRITABLE + ".json"],
+], ids=["replay", "compare", "report", "sweep", "capacity", "trace-convert", "trace-synth", "profile-analytic",
+        "calibrate-acceptance", "calibrate-latency"])
 def test_unwritable_output_is_refused_first(work, capsys, no_simulation, args):
     (work / "a_file").write_text("x")
     (work / "run").mkdir()
@@ -130,6 +134,26 @@ def test_unwritable_output_is_refused_first(work, capsys, no_simulation, args):
     code, _, err = cli(capsys, *args)
     assert "a_file" in one_line_error(code, err)
     assert _tree(work) == before
+
+
+@pytest.mark.parametrize("args", [
+    ["profile", "analytic", "--gpu", "h200", "--model", "llama-3-8b", "--out", "user.json", "--force"],
+    ["calibrate", "acceptance", "--method", "draft", "--out", "user.json"],
+    ["calibrate", "latency", "--out", "user.json"],
+], ids=["profile-analytic-force", "calibrate-acceptance", "calibrate-latency"])
+def test_profile_writers_leave_a_user_file_alone(work, capsys, args):
+    (work / "user.json").write_text('{"mine": true}')
+    before = _tree(work)
+    code, _, err = cli(capsys, *args)
+    assert "user.json" in one_line_error(code, err)
+    assert _tree(work) == before
+
+
+def test_profile_analytic_force_replaces_a_profile(work, capsys):
+    args = ["profile", "analytic", "--gpu", "h200", "--model", "llama-3-8b", "--out", "p.json"]
+    assert cli(capsys, *args)[0] == 0
+    assert "already exists" in one_line_error(*cli(capsys, *args)[:3:2])
+    assert cli(capsys, *args, "--force")[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------
