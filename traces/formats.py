@@ -428,11 +428,12 @@ _PIECE_BYTES = 4 << 20
 NumericRule = tuple[bool, "float | None"]
 
 
-def iter_line_pieces(path: Path, piece_bytes: int = _PIECE_BYTES) -> Iterator[bytes]:
+def iter_line_pieces(path: Path, piece_bytes: int | None = None) -> Iterator[bytes]:
     """``path`` (gzip decompressed) in pieces of about ``piece_bytes`` that each end at a newline
     (the last one at the end of the file). Raises :class:`TraceError` (line number as
     :func:`read_text` counts it) as soon as a line longer than :data:`MAX_LINE_BYTES` is met, so a
     hostile file is never held whole."""
+    piece_bytes = piece_bytes or _PIECE_BYTES
     pending = b""
     line = 1  # number of the line `pending` starts
     with _open_binary(path) as fh:
