@@ -53,7 +53,7 @@ def requests_frame(t: RequestTable, extra: dict[str, np.ndarray]) -> pd.DataFram
     }
     for name, arr in extra.items():
         cols[name] = arr
-    return pd.DataFrame(cols)
+    return pd.DataFrame(cols, copy=False)  # the table's arrays as they are: no second copy of every column
 
 
 def steps_frame(logs: list) -> pd.DataFrame:
@@ -77,9 +77,11 @@ def _stats(x: np.ndarray, prefix: str, scale: float = 1.0) -> dict[str, float | 
 
 
 def summary(req: pd.DataFrame, steps: pd.DataFrame, busy_s: list[float], slo_ttft_ms: float | None,
-            slo_tpot_ms: float | None) -> dict[str, Any]:
+            slo_tpot_ms: float | None, n_steps: int | None = None, batch_size_sum: int | None = None) -> dict[str, Any]:
     """Run-level metrics: latency/TTFT/TPOT/queueing percentiles (ms), throughput, goodput,
-    acceptance, waste, preemptions, utilisation, SLO attainment."""
+    acceptance, waste, preemptions, utilisation, SLO attainment. ``n_steps`` / ``batch_size_sum``:
+    the step count and the sum of batch sizes over every step (the step log's totals, which count
+    the steps a sampled or absent ``steps`` table leaves out); by default taken from ``steps``."""
     first_arrival = float(req["arrival_s"].min())
     makespan = float(req["completion_s"].max()) - first_arrival
     tokens = int(req["output_tokens"].sum())
@@ -105,9 +107,13 @@ def summary(req: pd.DataFrame, steps: pd.DataFrame, busy_s: list[float], slo_ttf
     dsteps = int(req["decode_steps"].sum())
     decode_tokens = accepted + dsteps
     s["mean_tokens_per_decode_step"] = decode_tokens / dsteps if dsteps else None
-    s["steps"] = int(len(steps))
+    if n_steps is None:
+        n_steps = int(len(steps))
+        batch_size_sum = int(steps["batch_size"].sum()) if len(steps) else 0
+    s["steps"] = int(n_steps)
     s["request_steps"] = int(req["steps"].sum())
-    s["mean_batch_size"] = float(steps["batch_size"].mean()) if len(steps) else None
+    # an exact integer sum over a count: the same float as the mean of the full step table
+    s["mean_batch_size"] = float(batch_size_sum) / n_steps if n_steps else None
     s["preemptions"] = int(req["preemptions"].sum())
     s["recomputes"] = int(req["recomputes"].sum())
     s["recomputed_tokens"] = int(req["recomputed_tokens"].sum())
