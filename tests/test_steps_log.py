@@ -137,3 +137,18 @@ def test_cli_steps_log_options(tmp_path):
     r = subprocess.run([sys.executable, "-m", "simspec.cli", "replay", str(csv), "--steps-log", "most"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "most" in r.stderr
+
+
+def test_sweep_grid_takes_steps_log_and_keeps_default_ids():
+    from simspec.sweep import expand_grid
+
+    base = {"trace": "azure_code_2023", "first": 50}
+    plain = expand_grid({"base": base, "axes": {"seed": [0]}})
+    spelled = expand_grid({"base": {**base, "steps_log": "full", "steps_log_every": 100}, "axes": {"seed": [0]}})
+    none = expand_grid({"base": base, "axes": {"steps_log": ["none", "sampled"]}})
+    assert plain.runs[0].run_id == spelled.runs[0].run_id  # the default spelled out: the same run
+    assert plain.runs[0].run_config["steps_log"] == "full"
+    assert [r.run_config["steps_log"] for r in none.runs] == ["none", "sampled"]
+    assert len({plain.runs[0].run_id, *(r.run_id for r in none.runs)}) == 3
+    with pytest.raises(ConfigError, match="steps_log"):
+        expand_grid({"base": {**base, "steps_log": "all"}, "axes": {"seed": [0]}})
