@@ -13,6 +13,11 @@ request-steps and request-steps per second of simulation, and the load average b
 (this project's machine is shared; read ratios, not absolute seconds). The last line compares the
 sizes: per-request wall time and peak RSS of the largest over the smallest.
 
+``--post-only``: skip the engine and time what follows it, on a request table filled with
+plausible finished values (seeded): building requests.parquet's frame, the summary and writing
+the parquet file, to check that post-processing stays linear and lean at sizes whose replay would
+take too long here.
+
 No assertions and no timed tests: a script that prints figures (docs/performance.md).
 """
 
@@ -77,6 +82,56 @@ print(json.dumps({"imports_s": t_imports, "load_s": t_load, "engine_s": t_sim - 
 """
 
 
+_POST_CHILD = r"""
+import json, sys, tempfile, time
+from pathlib import Path
+import numpy as np
+
+def hwm_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+from simspec.simulator import metrics
+from simspec.simulator.output import write_parquet
+from simspec.simulator.run import canonical_order
+from simspec.simulator.state import RequestTable
+from simspec.simulator.steplog import StepLog
+from simspec.traces.formats import load_trace
+
+replicas = int(sys.argv[2])
+t = RequestTable.from_trace(canonical_order(load_trace(sys.argv[1])))
+n = len(t)
+rng = np.random.default_rng(0)  # a finished run's columns, plausible values
+t.start_s[:] = t.arrival_s + rng.random(n)
+t.first_token_s[:] = t.start_s + rng.random(n)
+t.completion_s[:] = t.first_token_s + rng.random(n) * 10
+t.generated[:] = t.output_tokens
+t.decode_steps[:] = t.output_tokens // 2
+t.steps[:] = t.decode_steps + 1
+t.drafted[:] = t.decode_steps * 4
+t.accepted[:] = t.decode_steps
+t.replica[:] = np.arange(n) % replicas
+before = hwm_mib()
+out = {}
+t0 = time.perf_counter()
+req = metrics.requests_frame(t, {})
+out["requests_frame_s"] = time.perf_counter() - t0
+steps = metrics.steps_frame([StepLog(mode="none") for _ in range(replicas)])
+t0 = time.perf_counter()
+metrics.summary(req, steps, [1.0] * replicas, 1000.0, 50.0, n_steps=0, batch_size_sum=0)
+out["summary_s"] = time.perf_counter() - t0
+with tempfile.TemporaryDirectory() as d:
+    t0 = time.perf_counter()
+    write_parquet(req, Path(d) / "requests.parquet")
+    out["write_requests_parquet_s"] = time.perf_counter() - t0
+    out["requests_parquet_mb"] = (Path(d) / "requests.parquet").stat().st_size / 1e6
+out["peak_rss_mib"] = hwm_mib()
+out["rss_before_mib"] = before
+print(json.dumps(out))
+"""
+
+
 def write_trace(n: int, rate_per_s: float, path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_replay import synthetic_trace
@@ -98,6 +153,8 @@ def main() -> None:
     ap.add_argument("--steps-log", default="none", choices=["full", "sampled", "none"])
     ap.add_argument("--workdir", default="bench_scale")
     ap.add_argument("--keep", action="store_true", help="keep the traces and run directories")
+    ap.add_argument("--post-only", action="store_true",
+                    help="skip the engine: time building the requests frame, the summary and requests.parquet")
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -111,6 +168,18 @@ def main() -> None:
             write_trace(n, rate, trace)
         out = work / f"run_{n}"
         load_before = os.getloadavg()
+        if args.post_only:
+            r = subprocess.run([sys.executable, "-c", _POST_CHILD, str(trace), str(args.replicas)],
+                               capture_output=True, text=True, cwd=work)
+            if r.returncode != 0:
+                raise SystemExit(f"{n} requests: failed: {r.stderr.strip()[-2000:]}")
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"{n:,} requests, post-processing only: requests frame {m['requests_frame_s']:.2f} s, summary "
+                  f"{m['summary_s']:.2f} s, requests.parquet {m['write_requests_parquet_s']:.2f} s "
+                  f"({m['requests_parquet_mb']:.1f} MB); peak RSS {m['peak_rss_mib']:,.0f} MiB (before: "
+                  f"{m['rss_before_mib']:,.0f} MiB with the trace and the table); load average "
+                  f"{load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
+            continue
         r = subprocess.run([sys.executable, "-c", _CHILD, str(trace), str(out), json.dumps(opts)],
                            capture_output=True, text=True, cwd=work)
         load_after = os.getloadavg()

@@ -59,11 +59,14 @@ def requests_frame(t: RequestTable, extra: dict[str, np.ndarray]) -> pd.DataFram
 def steps_frame(logs: list) -> pd.DataFrame:
     """All replicas' step logs (:class:`~simspec.simulator.steplog.StepLog`), ordered by start time."""
     parts = [log.columns() for log in logs]
-    cols = {c: np.concatenate([p[c] for p in parts]) if parts else np.empty(0) for c in STEP_COLUMNS}
-    df = pd.DataFrame(cols)
-    if df.empty:
-        return df
-    return df.sort_values(["start_s", "replica"], kind="stable").reset_index(drop=True)
+    if not parts or not sum(len(p["step"]) for p in parts):
+        return pd.DataFrame({c: np.concatenate([p[c] for p in parts]) if parts else np.empty(0)
+                             for c in STEP_COLUMNS})
+    # the order of a stable sort by (start_s, replica), then one gather per column: a single copy of
+    # the log (sorting a DataFrame would hold the concatenated, the sorted and the frame's copies)
+    order = np.lexsort((np.concatenate([p["replica"] for p in parts]),
+                        np.concatenate([p["start_s"] for p in parts])))
+    return pd.DataFrame({c: np.concatenate([p[c] for p in parts])[order] for c in STEP_COLUMNS}, copy=False)
 
 
 def _stats(x: np.ndarray, prefix: str, scale: float = 1.0) -> dict[str, float | None]:
