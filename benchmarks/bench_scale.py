@@ -199,8 +199,8 @@ def main() -> None:
         rows.append((n, m))
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-    if len(rows) > 1:
-        (n0, a), (n1, b) = rows[0], rows[-1]
+    n0, a = rows[0] if rows else (0, {})
+    for n1, b in rows[1:]:
         print(f"{n1:,} vs {n0:,} requests ({n1 / n0:g}x): wall {b['wall_s'] / a['wall_s']:.2f}x, engine "
               f"{b['engine_s'] / a['engine_s']:.2f}x, request-steps {b['request_steps'] / a['request_steps']:.2f}x, "
               f"peak RSS {b['peak_rss_mib'] / a['peak_rss_mib']:.2f}x")
