@@ -876,7 +876,7 @@ class LengthTable:
     output_tokens: np.ndarray
     acceptance_class: np.ndarray | None
     slo_class: np.ndarray | None
-    lines: list[int]
+    lines: np.ndarray  # int64 file line of each row
     source: str
 
     def __len__(self) -> int:
@@ -910,7 +910,7 @@ def read_length_table(path: Path) -> LengthTable:
     acc = np.asarray([c or "default" for c in cols["acceptance_class"]], dtype=object) \
         if "acceptance_class" in cols else None
     slo = np.asarray(cols["slo_class"], dtype=object) if "slo_class" in cols else None
-    return LengthTable(pt, ot, acc, slo, lines, f"{path} (lengths)")
+    return LengthTable(pt, ot, acc, slo, np.asarray(lines, dtype=np.int64), f"{path} (lengths)")
 
 
 @register_format("lengths", detect=_detect_lengths)
@@ -930,7 +930,7 @@ def _lengths_with_arrivals(path: Path, arrivals, seed: int) -> Trace:
 
     table = read_length_table(path)
     times = arrival_times(arrivals, stream(seed, "arrivals"), n=len(table))
-    rid = [f"lengths-{ln}" for ln in table.lines]
+    rid = [f"lengths-{ln}" for ln in table.lines.tolist()]
     return Trace.from_columns(request_id=rid, arrival_s=times, prompt_tokens=table.prompt_tokens,
                               output_tokens=table.output_tokens, acceptance_class=table.acceptance_class,
                               slo_class=table.slo_class, source=f"{path} (lengths)",
