@@ -65,8 +65,9 @@ t0 = time.perf_counter()
 trace = load_trace(trace_path)
 t_load = time.perf_counter() - t0
 hwm_load = hwm_mib()
-cfg = RunConfig(scheduler=ComponentSpec.parse(opts["policy"], "policy"), method=ComponentSpec.parse(opts["spec"], "spec"),
-                replicas=opts["replicas"], steps_log=opts["steps_log"], seed=0)
+cfg = RunConfig(scheduler=ComponentSpec.parse(opts["policy"], "policy"),
+                method=ComponentSpec.parse(opts["spec"], "spec"), replicas=opts["replicas"],
+                steps_log=opts["steps_log"], seed=0)
 t0 = time.perf_counter()
 res = run_mod.simulate(cfg, trace, load_profile(opts["profile"]))
 t_sim = time.perf_counter() - t0

@@ -160,7 +160,8 @@ def _mooncake_file(path, n, bad_row=None, bad=""):
                                  "hash_ids": [i]}) + "\n")
 
 
-MOONCAKE_BAD = [None, '{"timestamp": 1, "input_length": 2}', '{"timestamp": 1, "input_length": 2, "output_length": true}',
+MOONCAKE_BAD = [None, '{"timestamp": 1, "input_length": 2}',
+                '{"timestamp": 1, "input_length": 2, "output_length": true}',
                 '{"timestamp": 1, "input_length": 2, "output_length": 3, "x": 1}', '{"timestamp": 1, "inpu',
                 '', '[1, 2]']
 
