@@ -136,6 +136,14 @@ class RunInput:
             self._steps = read_parquet(self.path / "steps.parquet")
         return self._steps
 
+    @property
+    def steps_log(self) -> tuple[str, int]:
+        """(mode, period) of the run's step log (``--steps-log``; runs written before it: full)."""
+        run = self.config.get("run") if isinstance(self.config.get("run"), dict) else {}
+        mode = run.get("steps_log", "full")
+        every = run.get("steps_log_every", 1) if mode == "sampled" else 1
+        return str(mode), int(every) if isinstance(every, int) and every >= 1 else 1
+
 
 @dataclass
 class SweepInput:
@@ -456,6 +464,9 @@ def plot_timeline(run: RunInput, title: str):
     k) per replica, up to :data:`MAX_TIMELINE_REPLICAS` replicas (the rest are named in the title),
     so that replicas never draw over each other."""
     steps = run.steps
+    mode, every = run.steps_log
+    if mode == "sampled":  # rows are every Nth step: points, no idle gaps inferred between them
+        title += f" (every {every}th step of each replica: --steps-log sampled)"
     reps = sorted(steps["replica"].unique().tolist()) if len(steps) else [0]
     shown = reps[:MAX_TIMELINE_REPLICAS]
     n = len(shown)
@@ -466,7 +477,11 @@ def plot_timeline(run: RunInput, title: str):
     for i, rep in enumerate(shown):
         s = steps[steps["replica"] == rep]
         ax_b, ax_k = axes[i]
-        if len(s):
+        if len(s) and mode == "sampled":
+            t = s["start_s"].to_numpy(float)
+            ax_b.plot(t, s["batch_size"].to_numpy(float), ".", ms=2, color="C0")
+            ax_k.plot(t, s["k_max"].to_numpy(float), ".", ms=2, color="C1")
+        elif len(s):
             t, b, k = _with_idle(s)
             ax_b.step(t, b, where="post", lw=0.7, color="C0")
             ax_k.step(t, k, where="post", lw=0.7, color="C1")
@@ -547,6 +562,17 @@ class ReportFiles:
             self.pbar.update(1)
 
 
+def _add_timeline(out: ReportFiles, name: str, run: RunInput, title: str, label: str) -> None:
+    """The run's timeline figure, or a line saying why there is none (``--steps-log none``)."""
+    if run.steps_log[0] == "none":
+        line = (f"(no timeline for {label}: the run was replayed with --steps-log none, so {run.path.name}/"
+                f"steps.parquet has no rows; replay with --steps-log full or sampled for one)")
+        out.terminal.append(line)
+        out.markdown.append(line + "\n")
+        return
+    out.add_png(name, plot_timeline(run, title), f"timeline {label}")
+
+
 def _report_runs(runs: list[RunInput], prefix: str, out: ReportFiles, table_rows: list[pd.DataFrame]) -> None:
     df = runs_table(runs)
     df.insert(0, "group", prefix.rstrip("_") or "runs")
@@ -560,9 +586,8 @@ def _report_runs(runs: list[RunInput], prefix: str, out: ReportFiles, table_rows
     out.add_png(f"{prefix}accepted_per_step.png",
                 plot_accepted_hist(series, "Tokens committed per decode step"), "tokens per decode step")
     for r in runs[:MAX_TIMELINES]:
-        out.add_png(f"{prefix}timeline_{_slug(r.label)}.png",
-                    plot_timeline(r, f"Batch size and speculation length over time — {r.label}"),
-                    f"timeline {r.label}")
+        _add_timeline(out, f"{prefix}timeline_{_slug(r.label)}.png", r,
+                      f"Batch size and speculation length over time — {r.label}", r.label)
     if len(runs) > MAX_TIMELINES:
         out.markdown.append(f"(timelines of the first {MAX_TIMELINES} of {len(runs)} runs)\n")
 
@@ -644,9 +669,8 @@ def _report_sweep(sw: SweepInput, prefix: str, out: ReportFiles, table_rows: lis
     for row in picked.itertuples(index=False):
         run = sw.run(row.run_id)
         where = f" at {row.offered_rate_rps:.3g} req/s" if sw.rate_axis else ""
-        out.add_png(f"{prefix}timeline_{_slug(row.label)}.png",
-                    plot_timeline(run, f"Batch size and speculation length over time — {row.label}{where}"),
-                    f"timeline {row.label}")
+        _add_timeline(out, f"{prefix}timeline_{_slug(row.label)}.png", run,
+                      f"Batch size and speculation length over time — {row.label}{where}", row.label)
 
 
 def build_report(paths: list[str | Path], progress: bool = False) -> ReportFiles:

@@ -77,4 +77,22 @@ def request_keys(request_id: np.ndarray) -> np.ndarray:
     """A stable 64-bit key per request id (independent of row order; pandas' SipHash of the text)."""
     import pandas as pd
 
-    return pd.util.hash_array(np.asarray(request_id).astype(str).astype(object)).astype(np.uint64)
+    ids = np.asarray(request_id)
+    if not _plain_strs(ids):  # the text as numpy's str conversion gives it (what the keys are defined on)
+        ids = ids.astype(str).astype(object)
+    # categorize=False: the same hashes without factorizing first (ids are unique; that pass would
+    # cost a hash table over every id)
+    return pd.util.hash_array(ids, categorize=False).astype(np.uint64, copy=False)
+
+
+def _plain_strs(ids: np.ndarray) -> bool:
+    """Whether ``ids`` is a 1-D object array of ``str`` that ``astype(str).astype(object)`` would
+    give back unchanged (numpy's fixed-width strings drop trailing NULs), so it can be hashed as
+    it is, without a fixed-width copy of every id."""
+    if ids.dtype != object or ids.ndim != 1:
+        return False
+    if ids.size == 0:
+        return True
+    if not bool((np.frompyfunc(type, 1, 1)(ids) == str).all()):
+        return False
+    return not any(x.endswith("\x00") for x in ids)

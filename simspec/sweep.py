@@ -167,6 +167,8 @@ RUN_OPTIONS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "chunked_prefill": (True, _check_bool, "split long prompts over steps"),
     "long_prefill_token_threshold": (None, _check_int(1, nullable=True), "most prompt tokens per request per step"),
     "max_concurrency": (None, _check_int(1, nullable=True), "most requests in flight (closed loop)"),
+    "steps_log": ("full", _check_choice("full", "sampled", "none"), "steps.parquet rows: full | sampled | none"),
+    "steps_log_every": (100, _check_int(1), "with steps_log sampled: keep one step in this many"),
     "seed": (0, _check_int(0), "run seed (>= 0)"),
     "slo_ttft_ms": (None, _check_pos_float(), "TTFT SLO, ms"),
     "slo_tpot_ms": (None, _check_pos_float(), "TPOT SLO, ms"),
@@ -430,7 +432,7 @@ def expand_grid(doc: Any, where: str = "<grid>", base_dir: str | Path = ".") -> 
 
             transformed[tk] = mean_rate_rps(tr.arrival_s)
         id_transforms = {k: v for k, v in transforms.items() if not (k in _NEW_TRANSFORM_KEYS and v is None)}
-        identity = {"run": cfg.to_dict(), "trace_sha256": tsha, "format": opts["format"],
+        identity = {"run": cfg.identity_dict(), "trace_sha256": tsha, "format": opts["format"],
                     "transforms": id_transforms, "profile_sha256": psha}
         if opts.get("goodput"):  # only when set, so that older sweeps keep their ids
             identity["goodput"] = opts["goodput"]
@@ -480,7 +482,8 @@ def run_config_from_options(opts: dict[str, Any]):
                         opts["slo_ttft_ms"], opts["slo_tpot_ms"], opts["allow_extrapolation"],
                         opts["max_batched_tokens"],
                         {k: opts[k] for k in ("batching", "block_size", "chunked_prefill",
-                                              "long_prefill_token_threshold", "max_concurrency")})
+                                              "long_prefill_token_threshold", "max_concurrency", "steps_log",
+                                              "steps_log_every")})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class Trace:
         where = source or "trace"
         if n == 0:
             raise TraceError(f"{where}: no requests")
-        rid = np.asarray([str(x) for x in request_id], dtype=object)
+        rid = _as_str_objects(request_id)
         arr = np.asarray(arrival_s, dtype=np.float64)
         pt = np.asarray(prompt_tokens)
         ot = np.asarray(output_tokens)
@@ -81,16 +81,16 @@ class Trace:
             raise TraceError(f"{where}: row {bad[0] + row_offset}: column arrival_s: must be >= 0, got {arr[bad[0]]:g}")
         pt = pt.astype(np.int64)
         ot = ot.astype(np.int64)
-        uniq, first_idx, counts = np.unique(rid.astype(str), return_index=True, return_counts=True)
-        if (counts > 1).any():
-            dup = uniq[np.argmax(counts > 1)]
-            rows = np.flatnonzero(rid.astype(str) == dup)
+        repeated = repeated_mask(rid)
+        if repeated.any():
+            dup = min(rid[repeated])  # the smallest repeated id, as a sorted unique pass finds it
+            rows = np.flatnonzero(rid == dup)
             raise TraceError(f"{where}: row {rows[1] + row_offset}: column request_id: duplicate id {dup!r} "
                              f"(first at row {rows[0] + row_offset})")
-        acc = (np.full(n, DEFAULT_CLASS, dtype=object) if acceptance_class is None
-               else np.asarray([str(x) if str(x) != "" else DEFAULT_CLASS for x in acceptance_class], dtype=object))
-        slo = (np.full(n, "", dtype=object) if slo_class is None
-               else np.asarray([str(x) for x in slo_class], dtype=object))
+        acc = np.full(n, DEFAULT_CLASS, dtype=object) if acceptance_class is None else _as_str_objects(acceptance_class)
+        if acceptance_class is not None:
+            acc[acc == ""] = DEFAULT_CLASS
+        slo = np.full(n, "", dtype=object) if slo_class is None else _as_str_objects(slo_class)
         notes = list(notes or [])
         if sort:
             back = int(np.count_nonzero(np.diff(arr) < 0))
@@ -119,3 +119,49 @@ class Trace:
         return Trace(self.request_id[idx], self.arrival_s[idx], self.prompt_tokens[idx],
                      self.output_tokens[idx], self.acceptance_class[idx], self.slo_class[idx],
                      source=self.source, notes=list(self.notes))
+
+
+def _as_str_objects(values) -> np.ndarray:
+    """An object array of ``str`` (a new array; elements already ``str`` are kept, not copied)."""
+    a = np.asarray(values, dtype=object) if not isinstance(values, np.ndarray) else values
+    if a.dtype == object and a.ndim == 1:
+        out = a.copy()
+        kinds = np.frompyfunc(type, 1, 1)(out) if out.size else out
+        other = np.flatnonzero(kinds != str) if out.size else np.empty(0, dtype=np.int64)
+        for i in other:
+            out[i] = str(out[i])
+        return out
+    return np.asarray([str(x) for x in np.asarray(values).ravel()], dtype=object)
+
+
+def repeated_mask(ids) -> np.ndarray:
+    """Mask of every element of ``ids`` (str) whose value occurs more than once. Memory-light: the
+    values' hashes (8 bytes each) are sorted to find candidates, which are then compared exactly,
+    so the answer never depends on the process's hash seed."""
+    ids = np.asarray(ids, dtype=object)
+    n = ids.shape[0]
+    mask = np.zeros(n, dtype=bool)
+    if n < 2:
+        return mask
+    h = np.fromiter(map(hash, ids), dtype=np.int64, count=n)
+    s = np.sort(h)
+    same = s[1:] == s[:-1]
+    if not same.any():
+        return mask
+    cand = np.flatnonzero(np.isin(h, np.unique(s[1:][same])))
+    counts: dict[str, int] = {}
+    for i in cand:
+        counts[ids[i]] = counts.get(ids[i], 0) + 1
+    mask[cand] = [counts[ids[i]] > 1 for i in cand]
+    return mask
+
+
+def first_repeat(ids) -> int | None:
+    """Index of the first element of ``ids`` equal to an earlier one, or None."""
+    ids = np.asarray(ids, dtype=object)
+    seen: set[str] = set()
+    for i in np.flatnonzero(repeated_mask(ids)):
+        if ids[i] in seen:
+            return int(i)
+        seen.add(ids[i])
+    return None

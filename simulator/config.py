@@ -12,6 +12,8 @@ PREEMPT_MODES = ("recompute", "swap")
 #: old name of ``swap`` (before the vLLM-style engine, "keep" meant "keep KV while it fits")
 PREEMPT_ALIASES = {"keep": "swap"}
 BATCHING_MODES = ("vllm", "preemptive")
+#: what steps.parquet keeps (simulator/steplog.py): every step, every Nth step of each replica, none
+STEPS_LOG_MODES = ("full", "sampled", "none")
 #: vLLM V1's ``max_num_batched_tokens`` default for ``vllm serve`` on GPUs with ≥ 70 GiB
 #: (vllm/engine/arg_utils.py, EngineArgs._set_default_args); used when neither the run nor the
 #: profile gives a token budget
@@ -94,6 +96,11 @@ class RunConfig:
         max_concurrency: most requests in flight at once, as ``vllm bench serve
             --max-concurrency``: a request due while that many are in flight is held until one
             completes and sent then (None: open loop, the trace's arrival times).
+        steps_log: what ``steps.parquet`` keeps: ``full`` (every step of every replica, default),
+            ``sampled`` (the steps whose per-replica index is a multiple of ``steps_log_every``) or
+            ``none`` (no rows; the file is written with its columns and no rows). The summary
+            counts every step whatever the mode; requests.parquet is the same in all three.
+        steps_log_every: the sampling period of ``steps_log="sampled"``, in steps (ignored otherwise).
         seed: run seed; every random stream derives from it.
         slo_ttft_ms / slo_tpot_ms: optional SLO thresholds for attainment metrics.
         allow_extrapolation: permit latency lookups outside the profile's measured range.
@@ -116,6 +123,8 @@ class RunConfig:
     window_steps: int = 256
     gpu_memory_utilization: float | None = None
     max_concurrency: int | None = None
+    steps_log: str = "full"
+    steps_log_every: int = 100
     seed: int = 0
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
@@ -130,7 +139,9 @@ class RunConfig:
             object.__setattr__(self, "preempt_mode", PREEMPT_ALIASES[self.preempt_mode])
         if self.batching not in BATCHING_MODES:
             raise ConfigError(f"batching: unknown {self.batching!r} (choose from {', '.join(BATCHING_MODES)})")
-        for name in ("block_size", "window_steps"):
+        if self.steps_log not in STEPS_LOG_MODES:
+            raise ConfigError(f"steps_log: unknown {self.steps_log!r} (choose from {', '.join(STEPS_LOG_MODES)})")
+        for name in ("block_size", "window_steps", "steps_log_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}: must be an integer >= 1, got {v!r}")
@@ -165,6 +176,17 @@ class RunConfig:
         d = asdict(self)
         for key in ("scheduler", "method", "spec_len"):
             d[key] = str(getattr(self, key))
+        return d
+
+    def identity_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` for hashing a run's identity (sweep run ids, default run directory names):
+        the step-log fields are left out while at their defaults (``full``; the period unless
+        ``sampled``), so that runs named before they existed keep their names."""
+        d = self.to_dict()
+        if self.steps_log != "sampled":
+            d.pop("steps_log_every")
+        if self.steps_log == "full":
+            d.pop("steps_log")
         return d
 
     @classmethod

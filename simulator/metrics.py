@@ -54,17 +54,20 @@ def requests_frame(t: RequestTable, extra: dict[str, np.ndarray]) -> pd.DataFram
     }
     for name, arr in extra.items():
         cols[name] = arr
-    return pd.DataFrame(cols)
+    return pd.DataFrame(cols, copy=False)  # the table's arrays as they are: no second copy of every column
 
 
 def steps_frame(logs: list) -> pd.DataFrame:
     """All replicas' step logs (:class:`~simspec.simulator.steplog.StepLog`), ordered by start time."""
     parts = [log.columns() for log in logs]
-    cols = {c: np.concatenate([p[c] for p in parts]) if parts else np.empty(0) for c in STEP_COLUMNS}
-    df = pd.DataFrame(cols)
-    if df.empty:
-        return df
-    return df.sort_values(["start_s", "replica"], kind="stable").reset_index(drop=True)
+    if not parts or not sum(len(p["step"]) for p in parts):
+        return pd.DataFrame({c: np.concatenate([p[c] for p in parts]) if parts else np.empty(0)
+                             for c in STEP_COLUMNS})
+    # the order of a stable sort by (start_s, replica), then one gather per column: a single copy of
+    # the log (sorting a DataFrame would hold the concatenated, the sorted and the frame's copies)
+    order = np.lexsort((np.concatenate([p["replica"] for p in parts]),
+                        np.concatenate([p["start_s"] for p in parts])))
+    return pd.DataFrame({c: np.concatenate([p[c] for p in parts])[order] for c in STEP_COLUMNS}, copy=False)
 
 
 def _stats(x: np.ndarray, prefix: str, scale: float = 1.0) -> dict[str, float | None]:
@@ -78,10 +81,13 @@ def _stats(x: np.ndarray, prefix: str, scale: float = 1.0) -> dict[str, float | 
 
 
 def summary(req: pd.DataFrame, steps: pd.DataFrame, busy_s: list[float], slo_ttft_ms: float | None,
-            slo_tpot_ms: float | None, itl: ItlSamples) -> dict[str, Any]:
+            slo_tpot_ms: float | None, itl: ItlSamples, n_steps: int | None = None,
+            batch_size_sum: int | None = None) -> dict[str, Any]:
     """Run-level metrics: latency/TTFT/TPOT/queueing percentiles (ms), throughput, goodput,
     acceptance, waste, preemptions, utilisation, SLO attainment; ``vllm bench serve``'s metrics
-    (ITL from ``itl``, the run's pooled token-chunk gaps)."""
+    (ITL from ``itl``, the run's pooled token-chunk gaps). ``n_steps`` / ``batch_size_sum``: the
+    step count and the sum of batch sizes over every step (the step log's totals, which count the
+    steps a sampled or absent ``steps`` table leaves out); by default taken from ``steps``."""
     first_arrival = float(req["arrival_s"].min())
     makespan = float(req["completion_s"].max()) - first_arrival
     tokens = int(req["output_tokens"].sum())
@@ -107,9 +113,13 @@ def summary(req: pd.DataFrame, steps: pd.DataFrame, busy_s: list[float], slo_ttf
     dsteps = int(req["decode_steps"].sum())
     decode_tokens = accepted + dsteps
     s["mean_tokens_per_decode_step"] = decode_tokens / dsteps if dsteps else None
-    s["steps"] = int(len(steps))
+    if n_steps is None:
+        n_steps = int(len(steps))
+        batch_size_sum = int(steps["batch_size"].sum()) if len(steps) else 0
+    s["steps"] = int(n_steps)
     s["request_steps"] = int(req["steps"].sum())
-    s["mean_batch_size"] = float(steps["batch_size"].mean()) if len(steps) else None
+    # an exact integer sum over a count: the same float as the mean of the full step table
+    s["mean_batch_size"] = float(batch_size_sum) / n_steps if n_steps else None
     s["preemptions"] = int(req["preemptions"].sum())
     s["recomputes"] = int(req["recomputes"].sum())
     s["recomputed_tokens"] = int(req["recomputed_tokens"].sum())

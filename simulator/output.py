@@ -1,5 +1,7 @@
 """Write a run directory atomically: ``config.json``, ``requests.parquet``, ``steps.parquet``,
-``summary.json``. The directory appears only when all four are complete."""
+``summary.json``. The directory appears only when all four are complete. ``steps.parquet`` is always
+written, with its columns, even when the run's ``steps_log`` mode (``sampled``, ``none``) keeps few
+or no rows, so every reader finds the same four files."""
 
 from __future__ import annotations
 
@@ -32,7 +34,11 @@ def write_run(result: RunResult, out_dir: str | Path, overwrite: bool = False) -
 
 
 def read_run(run_dir: str | Path) -> dict:
-    """Load a run directory: ``{"config", "summary", "requests", "steps"}``."""
+    """Load a run directory: ``{"config", "summary", "requests", "steps", "steps_log"}``.
+
+    ``steps_log`` is the run's ``--steps-log`` mode: ``full``, ``sampled`` (``steps`` holds every
+    ``config["run"]["steps_log_every"]``-th step of each replica) or ``none`` (``steps`` has the
+    columns and no rows). Runs written before the option read as ``full``."""
     import json
 
     from simspec.errors import SimspecError
@@ -42,9 +48,11 @@ def read_run(run_dir: str | Path) -> dict:
     for n in need:
         if not (run_dir / n).is_file():
             raise SimspecError(f"{run_dir}: not a complete run directory (missing {n})")
+    config = json.loads((run_dir / "config.json").read_text())
     return {
-        "config": json.loads((run_dir / "config.json").read_text()),
+        "config": config,
         "summary": json.loads((run_dir / "summary.json").read_text()),
         "requests": pd.read_parquet(run_dir / "requests.parquet"),
         "steps": pd.read_parquet(run_dir / "steps.parquet"),
+        "steps_log": (config.get("run") or {}).get("steps_log", "full"),
     }

@@ -20,6 +20,7 @@ from simspec.simulator.engine import Capacity, Cluster
 from simspec.simulator.methods import get_method_class
 from simspec.simulator.metrics import requests_frame, steps_frame, summary
 from simspec.simulator.state import RequestTable
+from simspec.simulator.steplog import StepLog
 from simspec.trace import Trace
 
 
@@ -202,6 +203,8 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
                       config.replicas, config.router, config.preempt_mode, config.seed,
                       on_complete=pbar.update if pbar is not None else None, batching=config.batching,
                       window_steps=config.window_steps, audit=audit, max_concurrency=config.max_concurrency)
+    for r in cluster.replicas:  # before the first step: what the step log keeps (config.steps_log)
+        r.log = StepLog(mode=config.steps_log, every=config.steps_log_every)
     try:
         cluster.run()
     finally:
@@ -214,7 +217,8 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
     requests = requests_frame(table, scheduler.extra_columns())
     steps = steps_frame([r.log for r in cluster.replicas])
     summ = summary(requests, steps, [r.busy_s for r in cluster.replicas], config.slo_ttft_ms, config.slo_tpot_ms,
-                   cluster.itl.samples())
+                   cluster.itl.samples(), n_steps=sum(r.log.n_steps for r in cluster.replicas),
+                   batch_size_sum=sum(r.log.batch_size_sum for r in cluster.replicas))
     summ["profile_source"] = profile.source
     cfg = {
         "simspec_version": __version__,

@@ -45,13 +45,13 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from simspec.atomic import clip
 from simspec.errors import TraceError
-from simspec.trace import CANONICAL_COLUMNS, OPTIONAL_COLUMNS, Trace
+from simspec.trace import CANONICAL_COLUMNS, OPTIONAL_COLUMNS, Trace, first_repeat
 
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: no trace format has lines anywhere near this long
 MAX_FIELD_CHARS = 1024  # request_id, acceptance_class, slo_class
@@ -414,6 +414,154 @@ def _regular_body(text: str, ncol: int, pos: dict[str, int]) -> dict[str, list[s
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Bounded-memory fast path: the file streamed in line-aligned pieces, parsed by pyarrow into typed
+# columns. It never raises: on anything it does not read exactly as the exact path would (quotes,
+# blank or ragged rows, a bad number, non-UTF-8, a line over the limit, ...) it returns ``None`` and
+# the exact path (:func:`read_csv_strings`, the whole file as strings) reads the file again and
+# reports the first problem with the same one-line message as always. Memory on a well-formed file:
+# one piece (:data:`_PIECE_BYTES`) plus the typed columns.
+# ---------------------------------------------------------------------------------------------
+
+_PIECE_BYTES = 4 << 20
+#: a numeric column's rule: (integer, min_value) as :func:`parse_numeric` takes them
+NumericRule = tuple[bool, "float | None"]
+
+
+def iter_line_pieces(path: Path, piece_bytes: int | None = None) -> Iterator[bytes]:
+    """``path`` (gzip decompressed) in pieces of about ``piece_bytes`` that each end at a newline
+    (the last one at the end of the file). Raises :class:`TraceError` (line number as
+    :func:`read_text` counts it) as soon as a line longer than :data:`MAX_LINE_BYTES` is met, so a
+    hostile file is never held whole."""
+    piece_bytes = piece_bytes or _PIECE_BYTES
+    pending = b""
+    line = 1  # number of the line `pending` starts
+    with _open_binary(path) as fh:
+        while True:
+            b = fh.read(piece_bytes)
+            if not b:
+                break
+            cut = b.rfind(b"\n")
+            if cut < 0:
+                pending += b
+                if len(pending) > MAX_LINE_BYTES:
+                    raise _too_long(path, line)
+                continue
+            out = pending + b[: cut + 1]
+            pending = b[cut + 1:]
+            nl = np.flatnonzero(np.frombuffer(out, dtype=np.uint8) == 10)
+            starts = np.concatenate(([0], nl[:-1] + 1))
+            longest = nl - starts
+            if int(longest.max()) > MAX_LINE_BYTES:
+                raise _too_long(path, line + int(np.argmax(longest > MAX_LINE_BYTES)))
+            line += int(nl.size)
+            if len(pending) > MAX_LINE_BYTES:
+                raise _too_long(path, line)
+            yield out
+    if pending:
+        yield pending
+
+
+def _strip_objects(a: np.ndarray) -> np.ndarray:
+    """``str.strip`` of every element of an object array of str (unchanged strings keep their object)."""
+    if a.size == 0:
+        return a
+    return _STRIP(a).astype(object, copy=False)
+
+
+_STRIP = np.frompyfunc(str.strip, 1, 1)
+
+
+def _read_csv_fast(path: Path, required: tuple[str, ...], optional: tuple[str, ...], case_insensitive: bool,
+                   numeric: dict[str, NumericRule], categorical: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """Typed columns of a regular CSV (see the section comment), or ``None``: column name → float64
+    array (``numeric``, already checked against its rule) or object array of stripped str, plus
+    ``"__line__"`` → int64 line numbers. ``categorical`` string columns share one str object per
+    distinct value."""
+    try:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        first = _first_line(path)
+        if '"' in first or not first.strip():
+            return None
+        header = [h.strip() for h in next(csv.reader([first]))]
+        key = (lambda s: s.lower()) if case_insensitive else (lambda s: s)
+        known = {key(c): c for c in required + optional}
+        pos: dict[str, int] = {}
+        for i, h in enumerate(header):
+            if key(h) not in known or known[key(h)] in pos:
+                return None
+            pos[known[key(h)]] = i
+        if any(c not in pos for c in required):
+            return None
+        names = [f"f{i}" for i in range(len(header))]
+        types = {names[i]: (pa.float64() if c in numeric else pa.string()) for c, i in pos.items()}
+        for i, nm in enumerate(names):
+            types.setdefault(nm, pa.string())  # unused columns: still checked to be UTF-8
+        read_opts = pacsv.ReadOptions(column_names=names, use_threads=False)
+        parse_opts = pacsv.ParseOptions(quote_char=False, ignore_empty_lines=False, newlines_in_values=False)
+        conv_opts = pacsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=False,
+                                         quoted_strings_can_be_null=False, check_utf8=True)
+        pool = pa.default_memory_pool()
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in pos}
+        n = 0
+        head = True
+        for piece in iter_line_pieces(path):
+            if head:  # drop the byte-order mark and the header line
+                head = False
+                if piece.startswith(b"\xef\xbb\xbf"):
+                    piece = piece[3:]
+                nl = piece.find(b"\n")
+                piece = piece[nl + 1:] if nl >= 0 else b""
+            if not piece:
+                continue
+            if b'"' in piece or piece.count(b"\r") != piece.count(b"\r\n"):
+                return None
+            table = pacsv.read_csv(pa.BufferReader(piece), read_options=read_opts, parse_options=parse_opts,
+                                   convert_options=conv_opts, memory_pool=pool)
+            for c, i in pos.items():
+                col = table.column(names[i])
+                if c in numeric:
+                    if col.null_count:
+                        return None
+                    x = col.to_numpy()
+                    integer, lo = numeric[c]
+                    if not bool(np.isfinite(x).all()) or (integer and not bool((x == np.trunc(x)).all())) \
+                            or (lo is not None and not bool((x >= lo).all())):
+                        return None
+                    parts[c].append(x)
+                elif c in categorical:
+                    enc = col.combine_chunks().dictionary_encode()
+                    values = _strip_objects(enc.dictionary.to_numpy(zero_copy_only=False))
+                    parts[c].append(values[enc.indices.to_numpy(zero_copy_only=False)])
+                else:
+                    parts[c].append(_strip_objects(col.to_numpy(zero_copy_only=False)))
+            n += table.num_rows
+            del table, col
+            pool.release_unused()  # hand the piece's buffers back rather than keep them cached
+        if n == 0:
+            return None
+        out = {c: (np.concatenate(v) if len(v) != 1 else v[0]) for c, v in parts.items()}
+        out["__line__"] = np.arange(2, n + 2, dtype=np.int64)
+        return out
+    except Exception:  # the exact path reads the file again and reports the problem
+        return None
+
+
+def read_csv_columns(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = (), *,
+                     case_insensitive: bool = False, numeric: dict[str, NumericRule] | None = None,
+                     categorical: tuple[str, ...] = ()) -> dict:
+    """The columns of a CSV trace: :func:`_read_csv_fast` (typed, bounded memory) when the file is
+    regular, else :func:`read_csv_strings` (exact; every problem reported with its line). Either way
+    the result feeds :func:`parse_numeric` with the same rules and gives the same values."""
+    numeric = numeric or {}
+    cols = _read_csv_fast(path, required, optional, case_insensitive, numeric, categorical)
+    if cols is not None:
+        return cols
+    return read_csv_strings(path, required, optional, case_insensitive=case_insensitive)
+
+
 def parse_numeric(path: Path, column: str, values: list[str], lines: list[int], *,
                   integer: bool, min_value: float | None = None) -> np.ndarray:
     """Parse a column of strings as numbers; the first bad value is reported with its line."""
@@ -457,21 +605,22 @@ def _finish(path: Path, fmt: str, lines: list[int], rid, arr, pt, ot, acc=None, 
             j = int(np.argmax(lens > MAX_FIELD_CHARS))
             raise TraceError(f"{path}: line {lines[j]}: column {column}: {int(lens[j]):,} characters (at most "
                              f"{MAX_FIELD_CHARS:,}): {clip(str(values[j]))}")
-    seen: dict[str, int] = {}
-    for j, r in enumerate(rid if ids_from_file else ()):
-        if r in seen:
+    if ids_from_file and len(rid):
+        j = first_repeat(rid)
+        if j is not None:
+            r = rid[j]
+            first = int(np.flatnonzero(np.asarray(rid[:j], dtype=object) == r)[0])
             raise TraceError(f"{path}: line {lines[j]}: column request_id: duplicate id {clip(r)} "
-                             f"(first at line {seen[r]})")
-        seen[r] = lines[j]
+                             f"(first at line {lines[first]})")
     return Trace.from_columns(request_id=rid, arrival_s=arr, prompt_tokens=pt, output_tokens=ot,
                               acceptance_class=acc, slo_class=slo, source=f"{path} ({fmt})",
                               notes=notes)
 
 
-def _check_ids(path: Path, ids: list[str], lines: list[int], column: str = "request_id") -> None:
-    for j, v in enumerate(ids):
-        if v == "":
-            raise TraceError(f"{path}: line {lines[j]}: column {column}: empty")
+def _check_ids(path: Path, ids, lines, column: str = "request_id") -> None:
+    bad = np.flatnonzero(np.asarray(ids, dtype=object) == "")
+    if bad.size:
+        raise TraceError(f"{path}: line {lines[int(bad[0])]}: column {column}: empty")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +630,8 @@ def _check_ids(path: Path, ids: list[str], lines: list[int], column: str = "requ
 @register_format("canonical", detect=lambda f: {"request_id", "arrival_s", "prompt_tokens", "output_tokens"} <= f)
 def read_canonical(path: Path) -> Trace:
     """The canonical CSV: ``request_id, arrival_s, prompt_tokens, output_tokens[, acceptance_class][, slo_class]``."""
-    cols = read_csv_strings(path, CANONICAL_COLUMNS, OPTIONAL_COLUMNS)
+    cols = read_csv_columns(path, CANONICAL_COLUMNS, OPTIONAL_COLUMNS, categorical=OPTIONAL_COLUMNS,
+                            numeric={"arrival_s": (False, 0), "prompt_tokens": (True, 1), "output_tokens": (True, 1)})
     lines = cols["__line__"]
     arr = parse_numeric(path, "arrival_s", cols["arrival_s"], lines, integer=False, min_value=0)
     pt = parse_numeric(path, "prompt_tokens", cols["prompt_tokens"], lines, integer=True, min_value=1)
@@ -517,7 +667,8 @@ def write_canonical(trace: Trace, path: str | Path) -> None:
 def _read_azure(path: Path, fmt: str) -> Trace:
     import pandas as pd
 
-    cols = read_csv_strings(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), case_insensitive=True)
+    cols = read_csv_columns(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), case_insensitive=True,
+                            numeric={"ContextTokens": (True, 1), "GeneratedTokens": (True, 1)})
     lines = cols["__line__"]
     pt = parse_numeric(path, "ContextTokens", cols["ContextTokens"], lines, integer=True, min_value=1)
     ot = parse_numeric(path, "GeneratedTokens", cols["GeneratedTokens"], lines, integer=True, min_value=1)
@@ -590,13 +741,24 @@ def read_mooncake(path: Path) -> Trace:
 
     arrival_s = timestamp / 1000. Request ids are ``mooncake-<line>``. Unknown keys are refused.
     """
-    text = read_text(path)
-    ts: list[float] = []
-    pt: list[float] = []
-    ot: list[float] = []
-    lines: list[int] = []
+    cols = _mooncake_stream(path)
+    if cols is None:  # the exact path: the whole file read first, then every record checked in order
+        cols = _mooncake_records(path, enumerate(read_text(path).splitlines(), start=1))
+    ts, pt, ot, lines = cols
+    if not len(lines):
+        raise TraceError(f"{path}: empty file (no records)")
+    rid = [f"mooncake-{ln}" for ln in lines.tolist()]
+    return _finish(path, "mooncake", lines, rid, ts / 1000.0, pt.astype(np.int64), ot.astype(np.int64),
+                   ids_from_file=False)
+
+
+def _mooncake_records(path: Path, numbered_lines) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Check every (line number, text) record; (timestamp ms, input_length, output_length, line)."""
+    from array import array
+
+    ts, pt, ot, lines = array("d"), array("d"), array("d"), array("q")
     allowed = set(_MOONCAKE_KEYS + _MOONCAKE_OPTIONAL)
-    for ln, line in enumerate(text.splitlines(), start=1):
+    for ln, line in numbered_lines:
         if not line.strip():
             continue
         rec = _json_record(path, line, ln)
@@ -614,11 +776,28 @@ def read_mooncake(path: Path) -> Trace:
         if not isinstance(h, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in h):
             raise TraceError(f"{path}: line {ln}: column hash_ids: expected a list of integers")
         lines.append(ln)
-    if not lines:
-        raise TraceError(f"{path}: empty file (no records)")
-    rid = [f"mooncake-{ln}" for ln in lines]
-    return _finish(path, "mooncake", lines, rid, np.asarray(ts) / 1000.0,
-                   np.asarray(pt, dtype=np.int64), np.asarray(ot, dtype=np.int64), ids_from_file=False)
+    return (np.frombuffer(ts, dtype=np.float64), np.frombuffer(pt, dtype=np.float64),
+            np.frombuffer(ot, dtype=np.float64), np.frombuffer(lines, dtype=np.int64))
+
+
+def _mooncake_stream(path: Path):
+    """:func:`_mooncake_records` over the file streamed in line-aligned pieces (bounded memory), or
+    ``None`` on any problem, which the exact path then reports as it always has (it reads the whole
+    file first, so a problem further down, say a line over the limit, takes precedence)."""
+    def numbered():
+        ln = 0
+        head = True
+        for piece in iter_line_pieces(path):
+            text = piece.decode("utf-8-sig" if head else "utf-8")  # pieces end at b"\n": no split characters
+            head = False
+            for line in text.splitlines():
+                ln += 1
+                yield ln, line
+
+    try:
+        return _mooncake_records(path, numbered())
+    except Exception:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,7 +818,9 @@ def read_burstgpt(path: Path) -> Trace:
     = 0 are requests that failed: they are dropped and counted in ``Trace.notes``. ``Model``,
     ``Log Type`` and ``Total tokens`` are not carried. Request ids are ``burstgpt-<line>``.
     """
-    cols = read_csv_strings(path, _BURSTGPT_COLUMNS, _BURSTGPT_OPTIONAL, case_insensitive=True)
+    cols = read_csv_columns(path, _BURSTGPT_COLUMNS, _BURSTGPT_OPTIONAL, case_insensitive=True,
+                            numeric={"Timestamp": (False, 0), "Request tokens": (True, 1),
+                                     "Response tokens": (True, 0), "Total tokens": (True, 0)})
     lines = cols["__line__"]
     arr = parse_numeric(path, "Timestamp", cols["Timestamp"], lines, integer=False, min_value=0)
     pt = parse_numeric(path, "Request tokens", cols["Request tokens"], lines, integer=True, min_value=1)
@@ -671,8 +852,10 @@ def read_vidur(path: Path) -> Trace:
     """Vidur-style trace: ``arrived_at`` (s), ``num_prefill_tokens``, ``num_decode_tokens`` with
     optional ``request_id``, ``num_total_tokens``, ``pd_ratio`` (ignored). Request ids are the
     ``request_id`` column when present (checked unique), else ``vidur-<line>``."""
-    cols = read_csv_strings(path, ("arrived_at", "num_prefill_tokens", "num_decode_tokens"),
-                            ("request_id",) + _LENGTH_EXTRA)
+    cols = read_csv_columns(path, ("arrived_at", "num_prefill_tokens", "num_decode_tokens"),
+                            ("request_id",) + _LENGTH_EXTRA,
+                            numeric={"arrived_at": (False, 0), "num_prefill_tokens": (True, 1),
+                                     "num_decode_tokens": (True, 1)})
     lines = cols["__line__"]
     arr = parse_numeric(path, "arrived_at", cols["arrived_at"], lines, integer=False, min_value=0)
     pt = parse_numeric(path, "num_prefill_tokens", cols["num_prefill_tokens"], lines, integer=True, min_value=1)
@@ -693,7 +876,7 @@ class LengthTable:
     output_tokens: np.ndarray
     acceptance_class: np.ndarray | None
     slo_class: np.ndarray | None
-    lines: list[int]
+    lines: np.ndarray  # int64 file line of each row
     source: str
 
     def __len__(self) -> int:
@@ -716,17 +899,18 @@ def read_length_table(path: Path) -> LengthTable:
     header = {h.lower() for h in _read_header(path)}
     if "num_prefill_tokens" in header or "num_decode_tokens" in header:
         pcol, ocol = "num_prefill_tokens", "num_decode_tokens"
-        cols = read_csv_strings(path, (pcol, ocol), _LENGTH_EXTRA)
+        cols = read_csv_columns(path, (pcol, ocol), _LENGTH_EXTRA, numeric={pcol: (True, 1), ocol: (True, 1)})
     else:
         pcol, ocol = "prompt_tokens", "output_tokens"
-        cols = read_csv_strings(path, (pcol, ocol), OPTIONAL_COLUMNS)
+        cols = read_csv_columns(path, (pcol, ocol), OPTIONAL_COLUMNS, numeric={pcol: (True, 1), ocol: (True, 1)},
+                                categorical=OPTIONAL_COLUMNS)
     lines = cols["__line__"]
     pt = parse_numeric(path, pcol, cols[pcol], lines, integer=True, min_value=1)
     ot = parse_numeric(path, ocol, cols[ocol], lines, integer=True, min_value=1)
     acc = np.asarray([c or "default" for c in cols["acceptance_class"]], dtype=object) \
         if "acceptance_class" in cols else None
     slo = np.asarray(cols["slo_class"], dtype=object) if "slo_class" in cols else None
-    return LengthTable(pt, ot, acc, slo, lines, f"{path} (lengths)")
+    return LengthTable(pt, ot, acc, slo, np.asarray(lines, dtype=np.int64), f"{path} (lengths)")
 
 
 @register_format("lengths", detect=_detect_lengths)
@@ -746,7 +930,7 @@ def _lengths_with_arrivals(path: Path, arrivals, seed: int) -> Trace:
 
     table = read_length_table(path)
     times = arrival_times(arrivals, stream(seed, "arrivals"), n=len(table))
-    rid = [f"lengths-{ln}" for ln in table.lines]
+    rid = [f"lengths-{ln}" for ln in table.lines.tolist()]
     return Trace.from_columns(request_id=rid, arrival_s=times, prompt_tokens=table.prompt_tokens,
                               output_tokens=table.output_tokens, acceptance_class=table.acceptance_class,
                               slo_class=table.slo_class, source=f"{path} (lengths)",

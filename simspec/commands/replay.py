@@ -74,7 +74,7 @@ def build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_
 
 
 ENGINE_KEYS = ("batching", "block_size", "chunked_prefill", "long_prefill_token_threshold", "window_steps",
-               "gpu_memory_utilization", "max_concurrency")
+               "gpu_memory_utilization", "max_concurrency", "steps_log", "steps_log_every")
 
 
 def engine_options(f):
@@ -105,6 +105,13 @@ def engine_options(f):
                      help="Most requests in flight at once (vllm bench serve's option): a request due while "
                           "that many are unfinished is held and sent when one completes; its latency counts "
                           "from the send time [default: open loop, the trace's arrival times]."),
+        click.option("--steps-log", default="full", show_default=True, type=click.Choice(["full", "sampled", "none"]),
+                     help="What steps.parquet keeps: every step (full), the steps of each replica whose index "
+                          "is a multiple of --steps-log-every (sampled), or no rows (none: the file has its "
+                          "columns and no rows). The summary counts every step either way; for long runs."),
+        click.option("--steps-log-every", default=100, show_default=True, type=click.IntRange(min=1),
+                     help="With --steps-log sampled: keep one step in this many (steps 0, N, 2N, ... of each "
+                          "replica)."),
         click.option("--window-steps", default=256, show_default=True, type=click.IntRange(min=1),
                      help="Most decode-only steps advanced per simulation event when the batch is stable "
                           "(speed only: 1 gives byte-identical outputs, one step per event)."),
@@ -250,7 +257,7 @@ def replay(trace, policy, spec, spec_len, profile_name, replicas, router, max_ba
     trace_rec = trace_record(trace, fmt, seed, transforms, tr)
     if out_dir is None:
         out_dir = default_run_name(trace, policy, spec, spec_len, replicas, profile.name, seed,
-                                   {"run": config.to_dict(), "profile": profile.sha256, "trace": trace_rec,
+                                   {"run": config.identity_dict(), "profile": profile.sha256, "trace": trace_rec,
                                     "goodput": goodput_slo.to_dict() if goodput_slo else None})
         check_output_dir(out_dir, "run", force=force)
     t0 = time.perf_counter()
