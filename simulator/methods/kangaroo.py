@@ -31,7 +31,9 @@ from simspec.errors import ConfigError
 from simspec.profile import Profile
 from simspec.simulator.acceptance_early_exit import KangarooAcceptance, kangaroo_expectations
 from simspec.simulator.cost import CostModel
-from simspec.simulator.methods.base import BatchStep, Method, StepOutcome, register_method
+from simspec.rng import counter_uniforms
+from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, WindowOutcome,
+                                            register_method)
 
 DEFAULT_ALPHA = 0.7  # estimate used by policies before an acceptance model is bound
 
@@ -213,6 +215,131 @@ class Kangaroo(Method):
             accepted = drafts.copy()
         ms = early_exit_step_ms(self.cost, batch, drafts, self.exit_layer, self.num_layers, adapter=True)
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=drafts, accepted=accepted)
+
+    def decode_window(self, w: DecodeWindow) -> WindowOutcome:
+        """All the window's steps at once, equal to :meth:`step` one step at a time.
+
+        Draws: a step with batch cap ``kmax`` (the largest ``min(k, remaining − 1, γ)`` of the
+        members still running; 0: no draws) has every running member draw ``kmax`` uniforms for the
+        accepted prefix and, when the acceptance model ``stops_early``, ``kmax`` more for the
+        confidence stop (:meth:`KangarooAcceptance.sample_drafts`). With ``kmax`` fixed at the first
+        step's, step s of member i uses draws ``draws_i + s·u + j`` (prefix) and
+        ``draws_i + s·u + kmax + j`` (stop), ``u`` = draws per step; the window ends before the
+        first step whose ``kmax`` differs (the engine starts another window there).
+
+        Capping a member's drafts at remaining − 1 never changes the tokens a step commits
+        (``min(accepted + 1, remaining)`` either way), so the completion step and every step's
+        context follow from cumulative sums of the uncapped outcome. The cost of all steps is
+        evaluated as (steps, rounds) arrays and summed round by round in :func:`draft_rounds_ms`'s
+        order, so each step's duration (ms) is bit-identical to :meth:`step`'s."""
+        n, steps = w.idx.shape[0], w.n_steps
+        acc: KangarooAcceptance = self.acceptance  # type: ignore[assignment]
+        rem0 = w.remaining
+        cap_full = np.minimum(w.k, self.gamma)  # the cap before the remaining − 1 limit
+        kmax0 = int(np.minimum(cap_full, rem0 - 1).max()) if n else 0
+        early = kmax0 > 0 and bool(acc.stops_early)
+        per_step = kmax0 * (2 if early else 1)  # uniforms each running member draws per step
+        if kmax0 > 0:
+            pos_u = np.arange(kmax0, dtype=np.uint64)
+            ctr0 = w.draws[None, :] + np.arange(steps, dtype=np.uint64)[:, None] * np.uint64(per_step)
+            base = w.rng_base[None, :, None]
+            p = acc.position_probs(w.alpha, w.class_idx, kmax0)
+            prefix = np.cumprod(counter_uniforms(base, ctr0[:, :, None] + pos_u) < p[None], axis=2).astype(bool)
+            p_len = prefix.sum(axis=2)  # accepted prefix over all kmax0 positions
+            if early:
+                ci = w.class_idx
+                pc = np.where(prefix, acc.conf_acc[ci, :kmax0][None], acc.conf_rej[ci, :kmax0][None])
+                low = counter_uniforms(base, ctr0[:, :, None] + (pos_u + np.uint64(kmax0))) >= pc
+                first_low = np.where(low.any(axis=2), low.argmax(axis=2) + 1, kmax0)
+                d_full = np.minimum(first_low, cap_full[None, :])
+            else:
+                d_full = np.broadcast_to(cap_full[None, :], (steps, n))
+            acc_full = np.minimum(p_len, d_full)
+        else:
+            p_len = None
+            acc_full = np.zeros((steps, n), dtype=np.int64)
+        commit_full = acc_full + 1
+        csum = np.cumsum(commit_full, axis=0)
+        done = csum >= rem0[None, :]
+        done_step = np.where(done.any(axis=0), done.argmax(axis=0), steps)  # step each member completes in
+        last = min(steps, int(done_step.max() if w.through else done_step.min()) + 1)
+        before = (csum - commit_full)[:last]
+        rem_s = rem0[None, :] - before
+        act = np.arange(last)[:, None] <= done_step[None, :]  # member still running at step s
+        cap_s = np.where(act, np.minimum(cap_full[None, :], rem_s - 1), -1)
+        # the batch's kmax must stay kmax0: stop before the first step where it changes
+        kmax_s = cap_s.max(axis=1)
+        changed = kmax_s != kmax0
+        if changed.any():
+            last = int(changed.argmax())
+            before, rem_s, act, cap_s = before[:last], rem_s[:last], act[:last], cap_s[:last]
+        all_act = bool(act.all())
+        if kmax0 > 0:
+            drafts = np.minimum(d_full[:last], cap_s)
+            accepted = np.minimum(p_len[:last], drafts)
+        else:
+            drafts = np.zeros((last, n), dtype=np.int64)
+            accepted = drafts
+        k_s = np.minimum(w.k[None, :], rem_s - 1)
+        committed = accepted + 1
+        fed = k_s + 1
+        ctx = w.ctx_tokens[None, :] + before
+        draws = np.full((last, n), per_step, dtype=np.uint64)
+        if not all_act:
+            drafts = np.where(act, drafts, 0)
+            accepted = np.where(act, accepted, 0)
+            committed = np.where(act, committed, 0)
+            k_s = np.where(act, k_s, 0)
+            fed = np.where(act, fed, 0)
+            ctx = np.where(act, ctx, 0)
+            draws[~act] = 0
+        ms = self._window_ms(drafts, ctx, act, all_act)
+        drafts = drafts.astype(np.int64)
+        accepted = accepted.astype(np.int64)
+        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_s.astype(np.int64), drafted=drafts,
+                             accepted=accepted, position_accepts=accepted, committed=committed.astype(np.int64),
+                             fed_tokens=fed.astype(np.int64), draws=draws, active=None if all_act else act)
+
+    def _window_ms(self, drafts: np.ndarray, ctx: np.ndarray, act: np.ndarray, all_act: bool) -> np.ndarray:
+        """Compute time (ms, no overhead) of each step of a decode-only window: ``drafts``/``ctx``
+        (steps, members), zero where a member is not running (``act``). The arithmetic of
+        :func:`early_exit_step_ms` per step, with every drafting round j of every step in one
+        (steps, rounds) evaluation per stage; a round a step does not run costs exactly 0."""
+        c = self.cost
+        s_n, n = drafts.shape
+        if s_n == 0:
+            return np.zeros(0)
+        d = np.where(act, drafts, -1) if not all_act else drafts
+        dmax = d.max(axis=1)  # (steps,): rounds 0..dmax run
+        nj = int(dmax.max()) + 1
+        # per step and round j: members (and their context) with drafts >= j
+        key = (np.arange(s_n)[:, None] * (nj + 1) + d + 1).ravel()  # value + 1: -1 (idle) -> bin 0
+        cnt = np.bincount(key, minlength=s_n * (nj + 1)).reshape(s_n, nj + 1)[:, ::-1].cumsum(axis=1)[:, ::-1]
+        csum = np.bincount(key, weights=ctx.ravel(), minlength=s_n * (nj + 1)).reshape(s_n, nj + 1)
+        csum = csum[:, ::-1].cumsum(axis=1)[:, ::-1]
+        cnt_ge, ctx_ge = cnt[:, 1:], csum[:, 1:]  # column j: drafts >= j
+        jj = np.arange(nj)
+        runs = jj[None, :] <= dmax[:, None]
+        b = np.where(runs, cnt_ge, 0).astype(np.float64)
+        kv = np.where(runs, ctx_ge + jj[None, :] * b, 0.0)
+        # the adapter and LM head of round j run for drafts > j (none in a step's last round)
+        bh = np.zeros_like(b)
+        bh[:, :-1] = np.where(jj[None, :-1] < dmax[:, None], cnt_ge[:, 1:], 0)
+        kvh = np.zeros_like(kv)
+        kvh[:, :-1] = np.where(bh[:, :-1] > 0, ctx_ge[:, 1:] + jj[None, :-1] * bh[:, :-1], 0.0)
+        shallow = c.slice_ms(0, self.exit_layer, b, b, kv, embed=True)
+        adapter = c.stage_ms("adapter", bh, bh, kvh)
+        head = c.stage_ms("lm_head", bh, bh, kvh)
+        ms = np.zeros(s_n)
+        for j in range(nj):
+            ms = ms + shallow[:, j]
+            ms = ms + adapter[:, j]
+            ms = ms + head[:, j]
+        nb = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_n, float(n))
+        deep = (drafts + act).sum(axis=1).astype(np.float64)
+        ms = ms + c.slice_ms(self.exit_layer, self.num_layers, nb, deep, ctx.sum(axis=1).astype(np.float64),
+                             lm_head=True, logits_tokens=deep)
+        return ms
 
     # --- estimates for policies ------------------------------------------------------------------
     def _confidence(self) -> tuple[np.ndarray, np.ndarray]:
