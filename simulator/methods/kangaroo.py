@@ -217,15 +217,17 @@ class Kangaroo(Method):
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=drafts, accepted=accepted)
 
     def decode_window(self, w: DecodeWindow) -> WindowOutcome:
-        """All the window's steps at once, equal to :meth:`step` one step at a time.
+        """All the window's steps vectorised, equal to :meth:`step` one step at a time.
 
         Draws: a step with batch cap ``kmax`` (the largest ``min(k, remaining − 1, γ)`` of the
         members still running; 0: no draws) has every running member draw ``kmax`` uniforms for the
         accepted prefix and, when the acceptance model ``stops_early``, ``kmax`` more for the
-        confidence stop (:meth:`KangarooAcceptance.sample_drafts`). With ``kmax`` fixed at the first
-        step's, step s of member i uses draws ``draws_i + s·u + j`` (prefix) and
-        ``draws_i + s·u + kmax + j`` (stop), ``u`` = draws per step; the window ends before the
-        first step whose ``kmax`` differs (the engine starts another window there).
+        confidence stop (:meth:`KangarooAcceptance.sample_drafts`): ``u`` uniforms per step. The
+        window is evaluated in segments of constant ``kmax``: from a segment's first step s0 (where
+        member i's next draw is ``c_i``), step s0 + s uses draws ``c_i + s·u + j`` (prefix) and
+        ``c_i + s·u + kmax + j`` (stop), for every remaining step at once; the segment ends before
+        the first step whose ``kmax`` differs (members' caps shrink near completion) and the next
+        one starts there.
 
         Capping a member's drafts at remaining − 1 never changes the tokens a step commits
         (``min(accepted + 1, remaining)`` either way), so the completion step and every step's
@@ -234,69 +236,88 @@ class Kangaroo(Method):
         order, so each step's duration (ms) is bit-identical to :meth:`step`'s."""
         n, steps = w.idx.shape[0], w.n_steps
         acc: KangarooAcceptance = self.acceptance  # type: ignore[assignment]
-        rem0 = w.remaining
         cap_full = np.minimum(w.k, self.gamma)  # the cap before the remaining − 1 limit
-        kmax0 = int(np.minimum(cap_full, rem0 - 1).max()) if n else 0
-        early = kmax0 > 0 and bool(acc.stops_early)
-        per_step = kmax0 * (2 if early else 1)  # uniforms each running member draws per step
-        if kmax0 > 0:
-            pos_u = np.arange(kmax0, dtype=np.uint64)
-            ctr0 = w.draws[None, :] + np.arange(steps, dtype=np.uint64)[:, None] * np.uint64(per_step)
-            base = w.rng_base[None, :, None]
-            p = acc.position_probs(w.alpha, w.class_idx, kmax0)
-            prefix = np.cumprod(counter_uniforms(base, ctr0[:, :, None] + pos_u) < p[None], axis=2).astype(bool)
-            p_len = prefix.sum(axis=2)  # accepted prefix over all kmax0 positions
+        kk = int(cap_full.max()) if n else 0
+        early = bool(acc.stops_early)
+        if kk:
+            p_all = acc.position_probs(w.alpha, w.class_idx, kk)
             if early:
-                ci = w.class_idx
-                pc = np.where(prefix, acc.conf_acc[ci, :kmax0][None], acc.conf_rej[ci, :kmax0][None])
-                low = counter_uniforms(base, ctr0[:, :, None] + (pos_u + np.uint64(kmax0))) >= pc
-                first_low = np.where(low.any(axis=2), low.argmax(axis=2) + 1, kmax0)
-                d_full = np.minimum(first_low, cap_full[None, :])
+                conf_a = acc.conf_acc[w.class_idx, :kk][None]
+                conf_r = acc.conf_rej[w.class_idx, :kk][None]
+        base = w.rng_base[None, :, None]
+        ctr = w.draws.copy()
+        rem = w.remaining.copy()
+        ctx = w.ctx_tokens.copy()
+        alive = np.ones(n, dtype=bool)
+        segs: list[tuple] = []
+        s0 = 0
+        while True:
+            rem_alive = rem[alive]
+            # each running member commits at least one token per step
+            left = min(steps - s0, int(rem_alive.max() if w.through else rem_alive.min()))
+            kmax = int(np.minimum(cap_full, rem - 1)[alive].max())
+            per = kmax * (2 if early else 1)  # uniforms each running member draws per step
+            if kmax:
+                pos_u = np.arange(kmax, dtype=np.uint64)
+                c0 = (ctr[None, :] + np.arange(left, dtype=np.uint64)[:, None] * np.uint64(per))[:, :, None]
+                prefix = np.cumprod(counter_uniforms(base, c0 + pos_u) < p_all[None, :, :kmax], axis=2).astype(bool)
+                p_len = prefix.sum(axis=2)  # accepted prefix over all kmax positions
+                if early:
+                    pc = np.where(prefix, conf_a[:, :, :kmax], conf_r[:, :, :kmax])
+                    low = counter_uniforms(base, c0 + (pos_u + np.uint64(kmax))) >= pc
+                    first_low = np.where(low.any(axis=2), low.argmax(axis=2) + 1, kmax)
+                    d_full = np.minimum(first_low, cap_full[None, :])
+                else:
+                    d_full = np.broadcast_to(cap_full[None, :], (left, n))
+                commit = np.minimum(p_len, d_full) + 1
             else:
-                d_full = np.broadcast_to(cap_full[None, :], (steps, n))
-            acc_full = np.minimum(p_len, d_full)
+                p_len = d_full = np.zeros((left, n), dtype=np.int64)
+                commit = np.ones((left, n), dtype=np.int64)
+            csum = np.cumsum(commit, axis=0)
+            done = csum >= rem[None, :]
+            done_step = np.where(alive, np.where(done.any(axis=0), done.argmax(axis=0), left), -1)
+            ds = done_step[alive]
+            last = min(left, int(ds.max() if w.through else ds.min()) + 1)
+            act = np.arange(last)[:, None] <= done_step[None, :]  # member running at the step
+            before = (csum - commit)[:last]
+            rem_s = rem[None, :] - before
+            kmax_s = np.where(act, np.minimum(cap_full[None, :], rem_s - 1), -1).max(axis=1)
+            changed = kmax_s != kmax
+            if changed.any():  # never at the segment's first step
+                last = int(changed.argmax())
+                act, before, rem_s = act[:last], before[:last], rem_s[:last]
+            segs.append((p_len[:last], d_full[:last], act, rem_s, ctx[None, :] + before, np.full(last, per)))
+            got = np.where(act, commit[:last], 0).sum(axis=0)
+            rem = rem - got
+            ctx = ctx + got
+            ctr = ctr + np.uint64(per * last)
+            s0 += last
+            finished = alive & (rem <= 0)
+            alive &= ~finished
+            if s0 >= steps or not alive.any() or (not w.through and finished.any()):
+                break
+        if len(segs) == 1:
+            p_len, d_full, act, rem_s, ctx_s, per_s = segs[0]
         else:
-            p_len = None
-            acc_full = np.zeros((steps, n), dtype=np.int64)
-        commit_full = acc_full + 1
-        csum = np.cumsum(commit_full, axis=0)
-        done = csum >= rem0[None, :]
-        done_step = np.where(done.any(axis=0), done.argmax(axis=0), steps)  # step each member completes in
-        last = min(steps, int(done_step.max() if w.through else done_step.min()) + 1)
-        before = (csum - commit_full)[:last]
-        rem_s = rem0[None, :] - before
-        act = np.arange(last)[:, None] <= done_step[None, :]  # member still running at step s
-        cap_s = np.where(act, np.minimum(cap_full[None, :], rem_s - 1), -1)
-        # the batch's kmax must stay kmax0: stop before the first step where it changes
-        kmax_s = cap_s.max(axis=1)
-        changed = kmax_s != kmax0
-        if changed.any():
-            last = int(changed.argmax())
-            before, rem_s, act, cap_s = before[:last], rem_s[:last], act[:last], cap_s[:last]
+            p_len, d_full, act, rem_s, ctx_s, per_s = (np.concatenate(x) for x in zip(*segs))
         all_act = bool(act.all())
-        if kmax0 > 0:
-            drafts = np.minimum(d_full[:last], cap_s)
-            accepted = np.minimum(p_len[:last], drafts)
-        else:
-            drafts = np.zeros((last, n), dtype=np.int64)
-            accepted = drafts
+        drafts = np.minimum(d_full, np.minimum(cap_full[None, :], rem_s - 1))
+        accepted = np.minimum(p_len, drafts)
         k_s = np.minimum(w.k[None, :], rem_s - 1)
         committed = accepted + 1
         fed = k_s + 1
-        ctx = w.ctx_tokens[None, :] + before
-        draws = np.full((last, n), per_step, dtype=np.uint64)
+        draws = np.repeat(per_s.astype(np.uint64)[:, None], n, axis=1)
         if not all_act:
             drafts = np.where(act, drafts, 0)
             accepted = np.where(act, accepted, 0)
             committed = np.where(act, committed, 0)
             k_s = np.where(act, k_s, 0)
             fed = np.where(act, fed, 0)
-            ctx = np.where(act, ctx, 0)
+            ctx_s = np.where(act, ctx_s, 0)
             draws[~act] = 0
-        ms = self._window_ms(drafts, ctx, act, all_act)
-        drafts = drafts.astype(np.int64)
+        ms = self._window_ms(drafts, ctx_s, act, all_act)
         accepted = accepted.astype(np.int64)
-        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_s.astype(np.int64), drafted=drafts,
+        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_s.astype(np.int64), drafted=drafts.astype(np.int64),
                              accepted=accepted, position_accepts=accepted, committed=committed.astype(np.int64),
                              fed_tokens=fed.astype(np.int64), draws=draws, active=None if all_act else act)
 
