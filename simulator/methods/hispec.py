@@ -42,7 +42,7 @@ from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, Ste
                                             register_method)
 from simspec.simulator.methods.kangaroo import (DEFAULT_ALPHA, class_entry_names, early_exit_step_ms,
                                                 int_param, profile_setting, require_layer_level,
-                                                setting_notes)
+                                                setting_notes, slices_ms)
 
 
 @register_method("hispec")
@@ -160,124 +160,144 @@ class HiSpec(Method):
         return StepOutcome(step_ms=c.finish(ms), drafted=m, accepted=accepted)
 
     def decode_window(self, w: DecodeWindow) -> WindowOutcome:
-        """The window's steps, equal to :meth:`step` one step at a time, with the sampling done step
-        by step on the members' counters directly and the cost of every step evaluated at the end.
+        """The window's steps, equal to :meth:`step` one step at a time: the sampling runs step by
+        step in plain Python on each member's counter-based uniforms (drawn ahead in blocks), and
+        the cost of every step is evaluated at the end as arrays.
 
-        Which draws a step uses depends on the outcomes before it (member i draws N_d uniforms per
-        inner iteration it takes part in, then every member draws max(m) for the full
-        verification), so the sampling stays a loop over steps; what the loop saves is the
-        per-step cost arithmetic: the drafting rounds, intermediate passes and full verification of
-        all steps are costed as (steps, iterations, rounds) arrays, summed in :meth:`step`'s order,
-        so each step's duration (ms) is bit-identical to it. The single-level case
-        (``inter_exit = N``) uses the generic loop over :meth:`step`."""
+        Which draws a step uses depends on the outcomes before it: member i draws N_d uniforms per
+        inner iteration it takes part in, then every member draws max(m) (the batch's largest
+        buffer) for the full verification, so step s + 1's first draw follows step s's outcome and
+        the sampling stays a loop over steps. The costs depend only on each step's shape: the
+        drafting rounds, intermediate passes and full verification of all steps are costed as
+        (steps, iterations, rounds) arrays, summed in :meth:`step`'s order, so each step's duration
+        (ms) is bit-identical to it. The single-level case (``inter_exit = N``) uses the generic
+        loop over :meth:`step`."""
         if self.single_level:
             return super().decode_window(w)
         acc: HiSpecAcceptance = self.acceptance  # type: ignore[assignment]
         n, steps, nd, ni = w.idx.shape[0], w.n_steps, self.nd, self.ni
         kk = int(w.k.max()) if n else 0
-        p_d_all = acc.draft_probs(acc.alpha_draft(w.alpha, w.class_idx), w.class_idx, nd)
-        p_f_all = acc.position_probs(w.alpha, w.class_idx, max(kk, 1))
-        pos_nd = np.arange(nd, dtype=np.uint64)[None, :]
-        pos_nd_i = np.arange(nd)[None, :]
-        pos_f = np.arange(max(kk, 1))
-        pos_f_u = pos_f.astype(np.uint64)
-        shape = (steps, n)
-        out_k = np.zeros(shape, dtype=np.int64)
-        out_m = np.zeros(shape, dtype=np.int64)
-        out_a = np.zeros(shape, dtype=np.int64)
-        out_c = np.zeros(shape, dtype=np.int64)
-        out_r = np.zeros(shape, dtype=np.uint64)
-        out_act = np.zeros(shape, dtype=bool)
-        # per inner iteration: (step·N_i + iteration, drafts d per member, context per member)
+        p_d = acc.draft_probs(acc.alpha_draft(w.alpha, w.class_idx), w.class_idx, nd).tolist()
+        p_f = acc.position_probs(w.alpha, w.class_idx, max(kk, 1)).tolist()
+        k, rem, ctx = w.k.tolist(), w.remaining.tolist(), w.ctx_tokens.tolist()
+        # each member's uniforms from its next draw on, drawn a block at a time
+        base, ctr0 = w.rng_base, w.draws
+        block = min(steps, 32) * (ni * nd + max(kk, 1))
+        bufs: list[list[float]] = [[] for _ in range(n)]
+        off = [0] * n
+
+        def take(i: int, count: int) -> tuple[list[float], int]:
+            """Member i's next ``count`` uniforms: (its buffer, where they start in it)."""
+            buf, o = bufs[i], off[i]
+            if o + count > len(buf):
+                start = ctr0[i] + np.uint64(len(buf))
+                buf.extend(counter_uniforms(base[i], start + np.arange(max(block, count), dtype=np.uint64)).tolist())
+            off[i] = o + count
+            return buf, o
+
+        rows_k: list[list[int]] = []
+        rows_m: list[list[int]] = []
+        rows_a: list[list[int]] = []
+        rows_c: list[list[int]] = []
+        rows_r: list[list[int]] = []
+        rows_act: list[list[bool]] = []
+        # per inner iteration of a member: key step·N_i + iteration, its drafts d and its context
         it_key: list[int] = []
-        it_d: list[np.ndarray] = []
-        it_ctx: list[np.ndarray] = []
+        it_d: list[int] = []
+        it_ctx: list[int] = []
         full_b: list[int] = []
         full_m: list[int] = []
         full_ctx: list[int] = []
-        sel = np.arange(n)
-        base, ctr = w.rng_base, w.draws.copy()
-        k, rem, ctx = w.k, w.remaining.copy(), w.ctx_tokens.copy()
-        p_d, p_f = p_d_all, p_f_all
-        s_n = 0
+        alive = list(range(n))
         for s in range(steps):
-            s_n = s + 1
-            na = sel.shape[0]
-            ctr0 = ctr.copy()
-            k_s = np.minimum(k, rem - 1)
-            target = np.minimum(ni, k_s)
-            m = np.zeros(na, dtype=np.int64)
-            if na and int(target.max()) > 0:
-                t = 0
-                while True:
-                    ai = np.flatnonzero(m < target)
-                    if ai.size == 0:
-                        break
-                    mi = m[ai]
-                    d = np.minimum(nd, k_s[ai] - mi)
-                    u = counter_uniforms(base[ai, None], ctr[ai, None] + pos_nd)
-                    ctr[ai] += np.uint64(nd)
-                    ok = (u < p_d[ai]) & (pos_nd_i < d[:, None])
-                    agreed = np.cumprod(ok, axis=1).sum(axis=1)
+            ks_s, m_s, it_s = {}, {}, {}
+            big = 0
+            for i in alive:
+                ks = min(k[i], rem[i] - 1)
+                target = min(ni, ks)
+                m = t = 0
+                pdi = p_d[i]
+                while m < target:
+                    d = min(nd, ks - m)
+                    u, o = take(i, nd)
+                    agreed = 0
+                    while agreed < d and u[o + agreed] < pdi[agreed]:
+                        agreed += 1
                     it_key.append(s * ni + t)
                     it_d.append(d)
-                    it_ctx.append(ctx[ai] + mi)
-                    m[ai] = mi + np.minimum(agreed + 1, d)
+                    it_ctx.append(ctx[i] + m)
+                    m += min(agreed + 1, d)
                     t += 1
-            kmax = int(m.max()) if na else 0
-            if kmax:
-                u = counter_uniforms(base[:, None], ctr[:, None] + pos_f_u[None, :kmax])
-                ctr += np.uint64(kmax)
-                ok = (u < p_f[:, :kmax]) & (pos_f[None, :kmax] < m[:, None])
-                accepted = np.cumprod(ok, axis=1).sum(axis=1).astype(np.int64)
-            else:
-                accepted = np.zeros(na, dtype=np.int64)
-            committed = np.minimum(accepted + 1, rem)
-            full_b.append(na)
-            full_m.append(int(m.sum()))
-            full_ctx.append(int(ctx.sum()))
-            out_k[s, sel] = k_s
-            out_m[s, sel] = m
-            out_a[s, sel] = accepted
-            out_c[s, sel] = committed
-            out_r[s, sel] = ctr - ctr0
-            out_act[s, sel] = True
-            rem = rem - committed
-            ctx = ctx + committed
-            left = rem > 0
-            if bool(left.all()):
-                continue
-            if not w.through or not bool(left.any()):
+                ks_s[i], m_s[i], it_s[i] = ks, m, t
+                if m > big:
+                    big = m
+            r_k, r_m, r_a, r_c, r_r, r_act = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n, [False] * n
+            m_tot = ctx_tot = 0
+            for i in alive:
+                m = m_s[i]
+                accepted = 0
+                if big:
+                    u, o = take(i, big)
+                    pfi = p_f[i]
+                    while accepted < m and u[o + accepted] < pfi[accepted]:
+                        accepted += 1
+                committed = min(accepted + 1, rem[i])
+                r_k[i], r_m[i], r_a[i], r_c[i] = ks_s[i], m, accepted, committed
+                r_r[i] = it_s[i] * nd + big
+                r_act[i] = True
+                m_tot += m
+                ctx_tot += ctx[i]
+                rem[i] -= committed
+                ctx[i] += committed
+            full_b.append(len(alive))
+            full_m.append(m_tot)
+            full_ctx.append(ctx_tot)
+            rows_k.append(r_k)
+            rows_m.append(r_m)
+            rows_a.append(r_a)
+            rows_c.append(r_c)
+            rows_r.append(r_r)
+            rows_act.append(r_act)
+            left = [i for i in alive if rem[i] > 0]
+            if len(left) < len(alive) and (not w.through or not left):
                 break
-            sel, base, ctr, k, rem, ctx = sel[left], base[left], ctr[left], k[left], rem[left], ctx[left]
-            p_d, p_f = p_d[left], p_f[left]
-        act = out_act[:s_n]
+            alive = left
+        s_n = len(rows_k)
+        act = np.array(rows_act, dtype=bool)
         all_act = bool(act.all())
+        k_out = np.array(rows_k, dtype=np.int64)
+        accepted = np.array(rows_a, dtype=np.int64)
         ms = self._window_ms(s_n, it_key, it_d, it_ctx, full_b, full_m, full_ctx)
-        k_out = out_k[:s_n]
-        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_out, drafted=out_m[:s_n], accepted=out_a[:s_n],
-                             position_accepts=out_a[:s_n], committed=out_c[:s_n],
-                             fed_tokens=np.where(act, k_out + 1, 0), draws=out_r[:s_n],
+        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_out, drafted=np.array(rows_m, dtype=np.int64),
+                             accepted=accepted, position_accepts=accepted,
+                             committed=np.array(rows_c, dtype=np.int64),
+                             fed_tokens=np.where(act, k_out + 1, 0), draws=np.array(rows_r, dtype=np.uint64),
                              active=None if all_act else act)
 
-    def _window_ms(self, s_n: int, it_key: list[int], it_d: list[np.ndarray], it_ctx: list[np.ndarray],
+    def _window_ms(self, s_n: int, it_key: list[int], it_d: list[int], it_ctx: list[int],
                    full_b: list[int], full_m: list[int], full_ctx: list[int]) -> np.ndarray:
         """Compute time (ms, no overhead) of each of ``s_n`` decode-only steps from their inner
-        iterations (key step·N_i + iteration, each member's drafts d and context) and their full
+        iterations (one entry per member and iteration: key step·N_i + iteration, the member's
+        drafts d and its context) and their full
         verifications (batch size, buffer tokens, context tokens): :meth:`step`'s arithmetic with
         all steps' passes evaluated as arrays per stage; a pass a step does not run costs 0."""
         c, nd, ni = self.cost, self.nd, self.ni
+        ld, li = self.draft_exit, self.inter_exit
+        b = np.asarray(full_b, dtype=np.float64)
+        m_sum = np.asarray(full_m, dtype=np.float64)
+        ctx_sum = np.asarray(full_ctx, dtype=np.float64)
+        fed = m_sum + b
+        parts = [(0, li, b, b, ctx_sum + m_sum, True, False, False, None),
+                 (li, self.num_layers, b, fed, ctx_sum, False, False, True, fed)]
         ms = np.zeros(s_n)
         if it_key:
-            sizes = [a.shape[0] for a in it_d]
-            key = np.repeat(np.asarray(it_key, dtype=np.int64), sizes)
-            d = np.concatenate(it_d)
-            cx = np.concatenate(it_ctx).astype(np.float64)
+            key = np.asarray(it_key, dtype=np.int64)
+            d = np.asarray(it_d, dtype=np.int64)
+            cx = np.asarray(it_ctx, dtype=np.float64)
             n_it = s_n * ni
             b_i = np.bincount(key, minlength=n_it).astype(np.float64)
             tok_i = np.bincount(key, weights=d.astype(np.float64), minlength=n_it)
             kv_i = np.bincount(key, weights=cx, minlength=n_it)
-            inter = c.slice_ms(self.draft_exit, self.inter_exit, b_i, tok_i, kv_i, lm_head=True).reshape(s_n, ni)
             # drafting round j runs the members with d > j: counts of d = 1..N_d, summed from the top
             key2 = key * nd + (d - 1)
             cnt = np.bincount(key2, minlength=n_it * nd).reshape(s_n, ni, nd)[:, :, ::-1].cumsum(axis=2)[:, :, ::-1]
@@ -285,20 +305,20 @@ class HiSpec(Method):
             csum = csum[:, :, ::-1].cumsum(axis=2)[:, :, ::-1]
             b_r = cnt.astype(np.float64)
             kv_r = np.where(cnt > 0, csum + np.arange(nd)[None, None, :] * b_r, 0.0)
-            rounds = c.slice_ms(0, self.draft_exit, b_r, b_r, kv_r, embed=True, lm_head=True)
+            full_1, full_2, inter, rounds = slices_ms(c, parts + [
+                (ld, li, b_i, tok_i, kv_i, False, False, True, None),
+                (0, ld, b_r, b_r, kv_r, True, False, True, None)])
+            inter = inter.reshape(s_n, ni)
             for t in range(ni):
                 r = np.zeros(s_n)
                 for j in range(nd):
                     r = r + rounds[:, t, j]
                 ms = ms + r
                 ms = ms + inter[:, t]
-        b = np.asarray(full_b, dtype=np.float64)
-        m_sum = np.asarray(full_m, dtype=np.float64)
-        ctx_sum = np.asarray(full_ctx, dtype=np.float64)
-        ms = ms + c.slice_ms(0, self.inter_exit, b, b, ctx_sum + m_sum, embed=True)
-        fed = m_sum + b
-        ms = ms + c.slice_ms(self.inter_exit, self.num_layers, b, fed, ctx_sum, lm_head=True, logits_tokens=fed)
-        return ms
+        else:
+            full_1, full_2 = slices_ms(c, parts)
+        ms = ms + full_1
+        return ms + full_2
 
     # --- estimates for policies ------------------------------------------------------------------
     def _expect(self, alpha: float, k: int) -> tuple[float, float, float]:

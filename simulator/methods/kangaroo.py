@@ -136,6 +136,50 @@ def draft_rounds_ms(cost: CostModel, drafts: np.ndarray, ctx: np.ndarray, exit_l
     return ms
 
 
+def slices_ms(cost: CostModel, parts: list[tuple]) -> list[np.ndarray]:
+    """:meth:`CostModel.slice_ms` of several array-valued passes, with one evaluation per latency
+    stage over all of them (an array evaluation of a grid stage has a fixed overhead, so a window
+    pays it once per stage, not once per pass). Each part is ``(first_layer, end_layer,
+    batch_size, batched_tokens, kv_tokens, embed, adapter, lm_head, logits_tokens)`` with numpy
+    arrays; returns each part's ms array, elementwise bit-identical to ``slice_ms`` (a part with
+    ``first_layer == end_layer`` and only ``adapter`` or ``lm_head`` equals ``stage_ms`` of that
+    stage: its early-exit per-forward overhead included for the LM head)."""
+    need: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for i, (first, end, b, t, kv, embed, adapter, lm_head, logits) in enumerate(parts):
+        b, t, kv = np.broadcast_arrays(b, t, kv)
+        if end - first > 0:
+            need.setdefault("layer", []).append((i, b, t, kv))
+        if embed and cost.has("embed"):
+            need.setdefault("embed", []).append((i, b, t, kv))
+        if adapter:
+            need.setdefault("adapter", []).append((i, b, t, kv))
+        if lm_head:
+            need.setdefault("lm_head", []).append((i, b, t if logits is None else np.broadcast_to(logits, b.shape), kv))
+    got: dict[tuple[str, int], np.ndarray] = {}
+    for stage, items in need.items():
+        flat = [np.concatenate([np.asarray(x[j], dtype=np.float64).ravel() for x in items]) for j in (1, 2, 3)]
+        ms = np.asarray(cost.stage_compute_ms(stage, flat[0], flat[1], flat[2]))
+        at = 0
+        for i, b, _, _ in items:
+            got[(stage, i)] = ms[at:at + b.size].reshape(b.shape)
+            at += b.size
+    out = []
+    for i, (first, end, b, t, kv, embed, adapter, lm_head, logits) in enumerate(parts):
+        shape = np.broadcast(b, t, kv).shape
+        n_layers = end - first
+        ms = n_layers * got[("layer", i)] if n_layers > 0 else np.zeros(shape)
+        for stage, on in (("embed", embed and cost.has("embed")), ("adapter", adapter), ("lm_head", lm_head)):
+            if on:
+                ms = ms + got[(stage, i)]
+        if lm_head:
+            role = "target" if cost.num_layers is not None and end >= cost.num_layers else "early_exit"
+            ov = cost.forward_overhead_ms(role)
+            if ov:
+                ms = ms + np.where(np.asarray(b) > 0, ov, 0.0)
+        out.append(ms)
+    return out
+
+
 def early_exit_step_ms(cost: CostModel, batch: BatchStep, drafts: np.ndarray, exit_layer: int,
                        num_layers: int, adapter: bool) -> float:
     """Compute time (ms, no overhead) of one single-level early-exit step: the drafting rounds of
@@ -348,19 +392,20 @@ class Kangaroo(Method):
         bh[:, :-1] = np.where(jj[None, :-1] < dmax[:, None], cnt_ge[:, 1:], 0)
         kvh = np.zeros_like(kv)
         kvh[:, :-1] = np.where(bh[:, :-1] > 0, ctx_ge[:, 1:] + jj[None, :-1] * bh[:, :-1], 0.0)
-        shallow = c.slice_ms(0, self.exit_layer, b, b, kv, embed=True)
-        adapter = c.stage_ms("adapter", bh, bh, kvh)
-        head = c.stage_ms("lm_head", bh, bh, kvh)
+        nb = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_n, float(n))
+        deep = (drafts + act).sum(axis=1).astype(np.float64)
+        ex = self.exit_layer
+        shallow, adapter, head, verify = slices_ms(c, [
+            (0, ex, b, b, kv, True, False, False, None),  # slice_ms(0, ℓ, ..., embed=True)
+            (0, 0, bh, bh, kvh, False, True, False, None),  # stage_ms("adapter", ...)
+            (0, 0, bh, bh, kvh, False, False, True, None),  # stage_ms("lm_head", ...): an early-exit head
+            (ex, self.num_layers, nb, deep, ctx.sum(axis=1).astype(np.float64), False, False, True, deep)])
         ms = np.zeros(s_n)
         for j in range(nj):
             ms = ms + shallow[:, j]
             ms = ms + adapter[:, j]
             ms = ms + head[:, j]
-        nb = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_n, float(n))
-        deep = (drafts + act).sum(axis=1).astype(np.float64)
-        ms = ms + c.slice_ms(self.exit_layer, self.num_layers, nb, deep, ctx.sum(axis=1).astype(np.float64),
-                             lm_head=True, logits_tokens=deep)
-        return ms
+        return ms + verify
 
     # --- estimates for policies ------------------------------------------------------------------
     def _confidence(self) -> tuple[np.ndarray, np.ndarray]:
