@@ -182,6 +182,23 @@ def test_fast_path_equals_one_step_per_event_under_least_outstanding_routing():
         pd.testing.assert_frame_equal(a.steps, b.steps, check_exact=True)
         assert a.summary == b.summary
 
+@pytest.mark.parametrize("spec", ["kangaroo", "kangaroo:eta=0", "hispec", "hispec:inter_exit=32"])
+@pytest.mark.parametrize("policy", ["fcfs", "srpt", "laps-sd"])
+@pytest.mark.parametrize("spec_len", ["fixed", "smartspec"])
+@pytest.mark.parametrize("batching", ["vllm", "preemptive"])
+def test_early_exit_fast_path_equals_one_step_per_event(spec, policy, spec_len, batching):
+    # kangaroo (its vectorised decode window) and hispec on a run with chunked prefills,
+    # preemptions, completions mid-window and arrivals: byte-identical to one step per event
+    tr = _random_trace(60, 7, rate=20.0, prompt=(20, 1500), output=(3, 300))
+    prof = load_profile("vicuna7b-a100-analytic")
+    c = cfg(policy, spec, spec_len, replicas=2, max_batch_size=12, kv_budget_tokens=12000,
+            max_batched_tokens=1024, batching=batching, allow_extrapolation=True)
+    a, b = simulate(c, tr, prof), simulate(replace(c, window_steps=1), tr, prof)
+    pd.testing.assert_frame_equal(a.requests, b.requests, check_exact=True)
+    pd.testing.assert_frame_equal(a.steps, b.steps, check_exact=True)
+    assert a.summary == b.summary
+    assert len(a.steps) > 100
+
 
 def test_smartspec_within_5_percent_of_the_best_fixed_k_at_every_load():
     # the "when speculation hurts" study (benchmarks/study_when_speculation_hurts.py): same trace

@@ -31,7 +31,9 @@ from simspec.errors import ConfigError
 from simspec.profile import Profile
 from simspec.simulator.acceptance_early_exit import KangarooAcceptance, kangaroo_expectations
 from simspec.simulator.cost import CostModel
-from simspec.simulator.methods.base import BatchStep, Method, StepOutcome, register_method
+from simspec.rng import counter_uniforms
+from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, WindowOutcome,
+                                            register_method)
 
 DEFAULT_ALPHA = 0.7  # estimate used by policies before an acceptance model is bound
 
@@ -134,6 +136,50 @@ def draft_rounds_ms(cost: CostModel, drafts: np.ndarray, ctx: np.ndarray, exit_l
     return ms
 
 
+def slices_ms(cost: CostModel, parts: list[tuple]) -> list[np.ndarray]:
+    """:meth:`CostModel.slice_ms` of several array-valued passes, with one evaluation per latency
+    stage over all of them (an array evaluation of a grid stage has a fixed overhead, so a window
+    pays it once per stage, not once per pass). Each part is ``(first_layer, end_layer,
+    batch_size, batched_tokens, kv_tokens, embed, adapter, lm_head, logits_tokens)`` with numpy
+    arrays; returns each part's ms array, elementwise bit-identical to ``slice_ms`` (a part with
+    ``first_layer == end_layer`` and only ``adapter`` or ``lm_head`` equals ``stage_ms`` of that
+    stage: its early-exit per-forward overhead included for the LM head)."""
+    need: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
+    for i, (first, end, b, t, kv, embed, adapter, lm_head, logits) in enumerate(parts):
+        b, t, kv = np.broadcast_arrays(b, t, kv)
+        if end - first > 0:
+            need.setdefault("layer", []).append((i, b, t, kv))
+        if embed and cost.has("embed"):
+            need.setdefault("embed", []).append((i, b, t, kv))
+        if adapter:
+            need.setdefault("adapter", []).append((i, b, t, kv))
+        if lm_head:
+            need.setdefault("lm_head", []).append((i, b, t if logits is None else np.broadcast_to(logits, b.shape), kv))
+    got: dict[tuple[str, int], np.ndarray] = {}
+    for stage, items in need.items():
+        flat = [np.concatenate([np.asarray(x[j], dtype=np.float64).ravel() for x in items]) for j in (1, 2, 3)]
+        ms = np.asarray(cost.stage_compute_ms(stage, flat[0], flat[1], flat[2]))
+        at = 0
+        for i, b, _, _ in items:
+            got[(stage, i)] = ms[at:at + b.size].reshape(b.shape)
+            at += b.size
+    out = []
+    for i, (first, end, b, t, kv, embed, adapter, lm_head, logits) in enumerate(parts):
+        shape = np.broadcast(b, t, kv).shape
+        n_layers = end - first
+        ms = n_layers * got[("layer", i)] if n_layers > 0 else np.zeros(shape)
+        for stage, on in (("embed", embed and cost.has("embed")), ("adapter", adapter), ("lm_head", lm_head)):
+            if on:
+                ms = ms + got[(stage, i)]
+        if lm_head:
+            role = "target" if cost.num_layers is not None and end >= cost.num_layers else "early_exit"
+            ov = cost.forward_overhead_ms(role)
+            if ov:
+                ms = ms + np.where(np.asarray(b) > 0, ov, 0.0)
+        out.append(ms)
+    return out
+
+
 def early_exit_step_ms(cost: CostModel, batch: BatchStep, drafts: np.ndarray, exit_layer: int,
                        num_layers: int, adapter: bool) -> float:
     """Compute time (ms, no overhead) of one single-level early-exit step: the drafting rounds of
@@ -213,6 +259,153 @@ class Kangaroo(Method):
             accepted = drafts.copy()
         ms = early_exit_step_ms(self.cost, batch, drafts, self.exit_layer, self.num_layers, adapter=True)
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=drafts, accepted=accepted)
+
+    def decode_window(self, w: DecodeWindow) -> WindowOutcome:
+        """All the window's steps vectorised, equal to :meth:`step` one step at a time.
+
+        Draws: a step with batch cap ``kmax`` (the largest ``min(k, remaining − 1, γ)`` of the
+        members still running; 0: no draws) has every running member draw ``kmax`` uniforms for the
+        accepted prefix and, when the acceptance model ``stops_early``, ``kmax`` more for the
+        confidence stop (:meth:`KangarooAcceptance.sample_drafts`): ``u`` uniforms per step. The
+        window is evaluated in segments of constant ``kmax``: from a segment's first step s0 (where
+        member i's next draw is ``c_i``), step s0 + s uses draws ``c_i + s·u + j`` (prefix) and
+        ``c_i + s·u + kmax + j`` (stop), for every remaining step at once; the segment ends before
+        the first step whose ``kmax`` differs (members' caps shrink near completion) and the next
+        one starts there.
+
+        Capping a member's drafts at remaining − 1 never changes the tokens a step commits
+        (``min(accepted + 1, remaining)`` either way), so the completion step and every step's
+        context follow from cumulative sums of the uncapped outcome. The cost of all steps is
+        evaluated as (steps, rounds) arrays and summed round by round in :func:`draft_rounds_ms`'s
+        order, so each step's duration (ms) is bit-identical to :meth:`step`'s."""
+        n, steps = w.idx.shape[0], w.n_steps
+        acc: KangarooAcceptance = self.acceptance  # type: ignore[assignment]
+        cap_full = np.minimum(w.k, self.gamma)  # the cap before the remaining − 1 limit
+        kk = int(cap_full.max()) if n else 0
+        early = bool(acc.stops_early)
+        if kk:
+            p_all = acc.position_probs(w.alpha, w.class_idx, kk)
+            if early:
+                conf_a = acc.conf_acc[w.class_idx, :kk][None]
+                conf_r = acc.conf_rej[w.class_idx, :kk][None]
+        base = w.rng_base[None, :, None]
+        ctr = w.draws.copy()
+        rem = w.remaining.copy()
+        ctx = w.ctx_tokens.copy()
+        alive = np.ones(n, dtype=bool)
+        segs: list[tuple] = []
+        s0 = 0
+        while True:
+            rem_alive = rem[alive]
+            # each running member commits at least one token per step
+            left = min(steps - s0, int(rem_alive.max() if w.through else rem_alive.min()))
+            kmax = int(np.minimum(cap_full, rem - 1)[alive].max())
+            per = kmax * (2 if early else 1)  # uniforms each running member draws per step
+            if kmax:
+                pos_u = np.arange(kmax, dtype=np.uint64)
+                c0 = (ctr[None, :] + np.arange(left, dtype=np.uint64)[:, None] * np.uint64(per))[:, :, None]
+                prefix = np.cumprod(counter_uniforms(base, c0 + pos_u) < p_all[None, :, :kmax], axis=2).astype(bool)
+                p_len = prefix.sum(axis=2)  # accepted prefix over all kmax positions
+                if early:
+                    pc = np.where(prefix, conf_a[:, :, :kmax], conf_r[:, :, :kmax])
+                    low = counter_uniforms(base, c0 + (pos_u + np.uint64(kmax))) >= pc
+                    first_low = np.where(low.any(axis=2), low.argmax(axis=2) + 1, kmax)
+                    d_full = np.minimum(first_low, cap_full[None, :])
+                else:
+                    d_full = np.broadcast_to(cap_full[None, :], (left, n))
+                commit = np.minimum(p_len, d_full) + 1
+            else:
+                p_len = d_full = np.zeros((left, n), dtype=np.int64)
+                commit = np.ones((left, n), dtype=np.int64)
+            csum = np.cumsum(commit, axis=0)
+            done = csum >= rem[None, :]
+            done_step = np.where(alive, np.where(done.any(axis=0), done.argmax(axis=0), left), -1)
+            ds = done_step[alive]
+            last = min(left, int(ds.max() if w.through else ds.min()) + 1)
+            act = np.arange(last)[:, None] <= done_step[None, :]  # member running at the step
+            before = (csum - commit)[:last]
+            rem_s = rem[None, :] - before
+            kmax_s = np.where(act, np.minimum(cap_full[None, :], rem_s - 1), -1).max(axis=1)
+            changed = kmax_s != kmax
+            if changed.any():  # never at the segment's first step
+                last = int(changed.argmax())
+                act, before, rem_s = act[:last], before[:last], rem_s[:last]
+            segs.append((p_len[:last], d_full[:last], act, rem_s, ctx[None, :] + before, np.full(last, per)))
+            got = np.where(act, commit[:last], 0).sum(axis=0)
+            rem = rem - got
+            ctx = ctx + got
+            ctr = ctr + np.uint64(per * last)
+            s0 += last
+            finished = alive & (rem <= 0)
+            alive &= ~finished
+            if s0 >= steps or not alive.any() or (not w.through and finished.any()):
+                break
+        if len(segs) == 1:
+            p_len, d_full, act, rem_s, ctx_s, per_s = segs[0]
+        else:
+            p_len, d_full, act, rem_s, ctx_s, per_s = (np.concatenate(x) for x in zip(*segs))
+        all_act = bool(act.all())
+        drafts = np.minimum(d_full, np.minimum(cap_full[None, :], rem_s - 1))
+        accepted = np.minimum(p_len, drafts)
+        k_s = np.minimum(w.k[None, :], rem_s - 1)
+        committed = accepted + 1
+        fed = k_s + 1
+        draws = np.repeat(per_s.astype(np.uint64)[:, None], n, axis=1)
+        if not all_act:
+            drafts = np.where(act, drafts, 0)
+            accepted = np.where(act, accepted, 0)
+            committed = np.where(act, committed, 0)
+            k_s = np.where(act, k_s, 0)
+            fed = np.where(act, fed, 0)
+            ctx_s = np.where(act, ctx_s, 0)
+            draws[~act] = 0
+        ms = self._window_ms(drafts, ctx_s, act, all_act)
+        accepted = accepted.astype(np.int64)
+        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_s.astype(np.int64), drafted=drafts.astype(np.int64),
+                             accepted=accepted, position_accepts=accepted, committed=committed.astype(np.int64),
+                             fed_tokens=fed.astype(np.int64), draws=draws, active=None if all_act else act)
+
+    def _window_ms(self, drafts: np.ndarray, ctx: np.ndarray, act: np.ndarray, all_act: bool) -> np.ndarray:
+        """Compute time (ms, no overhead) of each step of a decode-only window: ``drafts``/``ctx``
+        (steps, members), zero where a member is not running (``act``). The arithmetic of
+        :func:`early_exit_step_ms` per step, with every drafting round j of every step in one
+        (steps, rounds) evaluation per stage; a round a step does not run costs exactly 0."""
+        c = self.cost
+        s_n, n = drafts.shape
+        if s_n == 0:
+            return np.zeros(0)
+        d = np.where(act, drafts, -1) if not all_act else drafts
+        dmax = d.max(axis=1)  # (steps,): rounds 0..dmax run
+        nj = int(dmax.max()) + 1
+        # per step and round j: members (and their context) with drafts >= j
+        key = (np.arange(s_n)[:, None] * (nj + 1) + d + 1).ravel()  # value + 1: -1 (idle) -> bin 0
+        cnt = np.bincount(key, minlength=s_n * (nj + 1)).reshape(s_n, nj + 1)[:, ::-1].cumsum(axis=1)[:, ::-1]
+        csum = np.bincount(key, weights=ctx.ravel(), minlength=s_n * (nj + 1)).reshape(s_n, nj + 1)
+        csum = csum[:, ::-1].cumsum(axis=1)[:, ::-1]
+        cnt_ge, ctx_ge = cnt[:, 1:], csum[:, 1:]  # column j: drafts >= j
+        jj = np.arange(nj)
+        runs = jj[None, :] <= dmax[:, None]
+        b = np.where(runs, cnt_ge, 0).astype(np.float64)
+        kv = np.where(runs, ctx_ge + jj[None, :] * b, 0.0)
+        # the adapter and LM head of round j run for drafts > j (none in a step's last round)
+        bh = np.zeros_like(b)
+        bh[:, :-1] = np.where(jj[None, :-1] < dmax[:, None], cnt_ge[:, 1:], 0)
+        kvh = np.zeros_like(kv)
+        kvh[:, :-1] = np.where(bh[:, :-1] > 0, ctx_ge[:, 1:] + jj[None, :-1] * bh[:, :-1], 0.0)
+        nb = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_n, float(n))
+        deep = (drafts + act).sum(axis=1).astype(np.float64)
+        ex = self.exit_layer
+        shallow, adapter, head, verify = slices_ms(c, [
+            (0, ex, b, b, kv, True, False, False, None),  # slice_ms(0, ℓ, ..., embed=True)
+            (0, 0, bh, bh, kvh, False, True, False, None),  # stage_ms("adapter", ...)
+            (0, 0, bh, bh, kvh, False, False, True, None),  # stage_ms("lm_head", ...): an early-exit head
+            (ex, self.num_layers, nb, deep, ctx.sum(axis=1).astype(np.float64), False, False, True, deep)])
+        ms = np.zeros(s_n)
+        for j in range(nj):
+            ms = ms + shallow[:, j]
+            ms = ms + adapter[:, j]
+            ms = ms + head[:, j]
+        return ms + verify
 
     # --- estimates for policies ------------------------------------------------------------------
     def _confidence(self) -> tuple[np.ndarray, np.ndarray]:
