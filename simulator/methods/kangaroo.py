@@ -196,6 +196,15 @@ class Kangaroo(Method):
     def stages_used(self) -> set[str]:
         return super().stages_used() | {"adapter"}
 
+    @property
+    def draws_per_step(self) -> int:  # type: ignore[override]
+        """Every decode step consumes γ acceptance uniforms per member, and γ more for the
+        confidence stop when it can stop early: what a request draws then depends only on its own
+        decode steps, not on the caps of the requests it shares a batch with (so a pre-sampled
+        per-request pattern, :mod:`simspec.forced_acceptance`, is what the simulator samples)."""
+        stops = bool(getattr(self.acceptance, "stops_early", False))
+        return self.gamma * (2 if stops else 1)
+
     def build_acceptance(self, entries):
         model = KangarooAcceptance(entries, self.eta, class_entry_names(self.profile, "kangaroo", entries))
         if 0.0 < self.eta < 1.0 and any(e.get("confidence") is None for e in entries):
@@ -207,7 +216,8 @@ class Kangaroo(Method):
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         cap = np.minimum(batch.k, self.gamma)
         if cap.size and int(cap.max()) > 0:
-            drafts, accepted = self.acceptance.sample_drafts(rng, batch.alpha, batch.class_idx, cap)
+            drafts, accepted = self.acceptance.sample_drafts(rng, batch.alpha, batch.class_idx, cap,
+                                                             width=self.gamma)
         else:
             drafts = np.zeros(batch.idx.shape[0], dtype=np.int64)
             accepted = drafts.copy()
