@@ -380,7 +380,7 @@ def load_info() -> dict[str, Any]:
 def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | None, policy: str, profile_arg: str,
                    device: str, out_dir: str, time_scale: float = 1.0, seed: int = 0, dtype: str | None = None,
                    threads: int | None = None, fit_overhead_to: str | None = None, heldout: bool = True,
-                   echo: Any = print, force: bool = False) -> dict[str, Any]:
+                   echo: Any = print, force: bool = False, progress: bool = False) -> dict[str, Any]:
     """The whole of ``simspec validate``: checks, real run, simulated run, held-out checks, report.
 
     Returns the ``validation.json`` document. With ``fit_overhead_to``, also fits the per-step
@@ -451,7 +451,17 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
         setup.make().generate(prompt_ids[0][:32] or [1], 4)
     load_before = load_info()
     echo(f"real run: {len(trace)} requests, method {mspec}, policy {sspec}, {device} ({dtype}) ...")
-    real = real_run(lm, setup, trace, prompt_ids, sspec, sim_method, seed)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(trace), unit="req", desc="real run", mininterval=1.0, leave=False)
+    try:
+        real = real_run(lm, setup, trace, prompt_ids, sspec, sim_method, seed,
+                        progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     load_after = load_info()
     echo(f"real run done in {real.wall_s:.1f} s")
 
