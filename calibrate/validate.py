@@ -428,9 +428,12 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
     if sim_method.uses_acceptance:
         _, acc_notes = resolve_classes(profile, mspec.name, sorted(set(trace.acceptance_class.tolist())))
         notes += acc_notes
-    max_ctx = int((trace.prompt_tokens + trace.output_tokens).max())
-    config = RunConfig(scheduler=sspec, method=mspec, max_batch_size=1, kv_budget_tokens=max(4 * max_ctx, 4096),
-                       seed=seed, allow_extrapolation=True)
+    # the real server runs the top of the policy's order every step and a displaced request keeps its
+    # KV: the simulator's preemptive batching with a KV budget no run can fill (in vllm mode a
+    # running request would never be displaced at batch size 1)
+    kv_all = int((trace.prompt_tokens + trace.output_tokens).sum()) + 64 * len(trace)
+    config = RunConfig(scheduler=sspec, method=mspec, max_batch_size=1, kv_budget_tokens=max(4 * kv_all, 4096),
+                       seed=seed, allow_extrapolation=True, batching="preemptive")
     dtype = dtype or str(profile.meta.get("dtype") or "bf16")
 
     # --- real run --------------------------------------------------------------------------------
@@ -486,9 +489,6 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
             "prefill_model_ms_mean": float(pre["model_ms"].mean()) if len(pre) else None,
             "decode_real_over_model_median": float((dec["step_ms"] / dec["model_ms"]).median()) if len(dec) else None,
             "prefill_real_over_model_median": float((pre["step_ms"] / pre["model_ms"]).median()) if len(pre) else None,
-            "prefill_lm_head_all_tokens_ms_mean": float(np.mean([
-                cost.stage_ms("lm_head", 1, int(f), 0) - cost.stage_ms("lm_head", 1, 1, 0)
-                for f in pre["fed_tokens"]])) if len(pre) and cost.has("lm_head") else None,
             "profile_overhead": dict(profile.overhead),
         }
     }
