@@ -201,11 +201,13 @@ def real_run(lm: Any, setup: MethodSetup, trace: Trace, prompt_ids: list[list[in
                 continue
             order = sched.order(active, now)
             i = int(order[0])
-            # engine bookkeeping (batch size 1): preemption of the last request, in_batch flags
+            # engine bookkeeping (batch size 1): in_batch flags; a resident (it holds KV) that sits
+            # this step out pauses, as in the simulator's preemptive batching (its KV is kept)
             if last >= 0 and last != i:
                 t.in_batch[last] = False
-                if np.isnan(t.completion_s[last]):
-                    t.preemptions[last] += 1
+            for j_ in active.tolist():
+                if j_ != i and runners[j_] is not None:
+                    t.pauses[j_] += 1
             t.in_batch[i] = True
             last = i
             remaining = int(t.output_tokens[i] - t.generated[i])
@@ -538,7 +540,9 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
         "seed": seed, "real_wall_s": round(real.wall_s, 2), "machine_load_before": load_before,
         "machine_load_after": load_after, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "preemptions_real": int(real.requests["preemptions"].sum()),
-        "preemptions_sim": int(sim.requests["preemptions"].sum()), "notes": notes,
+        "preemptions_sim": int(sim.requests["preemptions"].sum()),
+        "pauses_real": int(real.requests["pauses"].sum()) if "pauses" in real.requests else None,
+        "pauses_sim": int(sim.requests["pauses"].sum()) if "pauses" in sim.requests else None, "notes": notes,
     }
     title = f"{Path(str(trace_arg)).stem} · {mspec} · {sspec} · {profile.name}"
     with atomic_dir(out_dir, overwrite=force, kind="validation") as out:
