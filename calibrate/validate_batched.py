@@ -198,9 +198,9 @@ def batched_real_run(runner: Any, trace: Trace, prompt_ids: list[list[int]], con
             runner.add(ids[i], prompt_ids[i])
             t.start_s[i] = now
         ctx_tok = [len(prompt_ids[i]) + int(t.generated[i]) for i in dec]  # the simulator's convention
-        ts = time.perf_counter()
+        ts, cs = time.perf_counter(), time.thread_time()
         out = runner.step([ids[i] for i in new], [(ids[i], c) for i, c in zip(dec, caps)], forced)
-        te = time.perf_counter()
+        te, ce = time.perf_counter(), time.thread_time()
         end, step_ms = te - t0, (te - ts) * 1e3
         for i in new:
             waiting.remove(i)
@@ -241,12 +241,12 @@ def batched_real_run(runner: Any, trace: Trace, prompt_ids: list[list[int]], con
                                  step_ms=step_ms, end_s=end, fed_tokens=fed))
         members.append({"prefill": pre, "fed": fed, "ctx": np.array(ctx_tok + [0] * len(new), dtype=np.int64),
                         "cap": np.array(caps + [0] * len(new), dtype=np.int64), "drafted": drafted})
-        steps.append((len(steps), ts - t0, end, step_ms, int(idx.size), int(len(new)), int(max(caps, default=0)),
+        steps.append((len(steps), ts - t0, end, step_ms, (ce - cs) * 1e3, int(idx.size), int(len(new)), int(max(caps, default=0)),
                       int(drafted.sum()), int(accepted.sum()), int(committed.sum()), int(fed.sum()),
                       int(sum(ctx_tok)), len(waiting), " ".join(ids[i] for i in idx.tolist())))
     wall = time.perf_counter() - t0
     req = requests_frame(t, sched.extra_columns())
-    st = pd.DataFrame.from_records(steps, columns=["step", "start_s", "end_s", "step_ms", "batch_size", "prefills",
+    st = pd.DataFrame.from_records(steps, columns=["step", "start_s", "end_s", "step_ms", "cpu_ms", "batch_size", "prefills",
                                                    "k_max", "drafted", "accepted", "committed", "fed_tokens",
                                                    "ctx_tokens", "queue_len", "request_ids"])
     return BatchedRun(requests=req, steps=st, members=members, wall_s=wall)
@@ -410,6 +410,7 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
         "decode_only_real_ms_mean": float(dec["step_ms"].mean()) if len(dec) else None,
         "decode_only_model_ms_mean": float(dec["model_ms"].mean()) if len(dec) else None,
         "decode_real_over_model_median": float((dec["step_ms"] / dec["model_ms"]).median()) if len(dec) else None,
+        "decode_cpu_over_model_median": float((dec["cpu_ms"] / dec["model_ms"]).median()) if len(dec) else None,
         "prefill_real_over_model_median": float((mix["step_ms"] / mix["model_ms"]).median()) if len(mix) else None,
         "real_over_model_median_by_10s_window": [round(float(v), 3) for v in steps.assign(
             w=(steps["start_s"] // 10).astype(int), r=steps["step_ms"] / steps["model_ms"]).groupby("w")["r"].median()],
@@ -417,7 +418,9 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
         "model_busy_s_for_real_steps": float(steps["model_with_overhead_ms"].sum() / 1e3),
         "profile_overhead": dict(profile.overhead),
         "note": "model = the simulator's method charging each real step's exact shape (members, prefills, tokens, "
-                "context, drafts), no overhead term; real = wall time of runner.step",
+                "context, drafts), no overhead term; real = wall time of runner.step; cpu = CPU time of the "
+                "serving thread in runner.step (1 torch thread: all its compute; time spent waiting for a "
+                "CPU under contention excluded, cache contention not)",
     }}
     model_tps, real_tps = tokens_per_decode_step(sim.requests), tokens_per_decode_step(real.requests)
     held["acceptance_model"] = {
@@ -489,8 +492,8 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
     echo(format_table(doc["errors"], title))
     st = held["steps"]
     echo(f"steps real/sim {st['n_real']}/{st['n_sim']}, mean batch {st['mean_batch_real']:.2f}/{st['mean_batch_sim']:.2f}; "
-         f"real/model step time, median: decode {st['decode_real_over_model_median']}, "
-         f"with prefills {st['prefill_real_over_model_median']}")
+         f"real/model step time, median: decode {st['decode_real_over_model_median']:.3f} (CPU time "
+         f"{st['decode_cpu_over_model_median']:.3f}), with prefills {st['prefill_real_over_model_median']:.3f}")
     if pattern is not None:
         fa = held["forced_acceptance"]
         echo(f"forced acceptance: {fa['identical']}/{fa['requests']} requests accepted identically")

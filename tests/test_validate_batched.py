@@ -68,7 +68,7 @@ def test_batched_validation_end_to_end(tmp_path, method, policy, batching, force
     assert (real["generated_tokens"] == 8).all()  # EOS ignored: exactly the trace's output length
     steps = pd.read_csv(out / "real_steps.csv")
     assert steps["committed"].sum() == 32 and steps["batch_size"].max() > 1  # requests really shared steps
-    assert (steps["model_ms"] > 0).all()
+    assert (steps["model_ms"] > 0).all() and (steps["cpu_ms"] > 0).all()
     sim = pd.read_csv(out / "sim_requests.csv")
     if forced:
         fa = doc["heldout"]["forced_acceptance"]

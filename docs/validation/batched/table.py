@@ -29,7 +29,8 @@ def row(d: Path) -> str:
         f"{st['n_real']}/{st['n_sim']}", f"{st['mean_batch_real']:.2f}/{st['mean_batch_sim']:.2f}",
         (f"{acc['real_tokens_per_step']:.3f}/{acc['model_tokens_per_step']:.3f}"
          if acc.get("real_tokens_per_step") else "-"),
-        f"{st['decode_real_over_model_median']:.3f} / {st['prefill_real_over_model_median']:.3f}",
+        f"{st['decode_real_over_model_median']:.3f} / {st['prefill_real_over_model_median']:.3f} / "
+        f"{st.get('decode_cpu_over_model_median') or float('nan'):.3f}",
         (f"{fa['identical']}/{fa['requests']}" if fa else "-"),
         f"{m['machine_load_before']['loadavg_1m']}→{during['max_1m']}→{m['machine_load_after']['loadavg_1m']}",
         f"{during['other_processes_cores_mean']}",
