@@ -40,7 +40,7 @@ def row(d: Path) -> str:
 
 HEAD = ("| run | trace | method | policy / batching | acceptance | latency MAPE | mean | p50 | p99 | TTFT MAPE | "
         "TTFT mean | makespan (real) | steps real/sim | mean batch real/sim | tokens/decode step real/sim | "
-        "real/model step time, median: decode / with prefills | requests accepted identically | "
+        "real/model step time, median: decode / with prefills / decode CPU time | requests accepted identically | "
         "load 1m before→max→after | other procs' cores | valid |")
 
 
