@@ -201,11 +201,13 @@ def real_run(lm: Any, setup: MethodSetup, trace: Trace, prompt_ids: list[list[in
                 continue
             order = sched.order(active, now)
             i = int(order[0])
-            # engine bookkeeping (batch size 1): preemption of the last request, in_batch flags
+            # engine bookkeeping (batch size 1): in_batch flags; a resident (it holds KV) that sits
+            # this step out pauses, as in the simulator's preemptive batching (its KV is kept)
             if last >= 0 and last != i:
                 t.in_batch[last] = False
-                if np.isnan(t.completion_s[last]):
-                    t.preemptions[last] += 1
+            for j_ in active.tolist():
+                if j_ != i and runners[j_] is not None:
+                    t.pauses[j_] += 1
             t.in_batch[i] = True
             last = i
             remaining = int(t.output_tokens[i] - t.generated[i])
@@ -380,7 +382,7 @@ def load_info() -> dict[str, Any]:
 def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | None, policy: str, profile_arg: str,
                    device: str, out_dir: str, time_scale: float = 1.0, seed: int = 0, dtype: str | None = None,
                    threads: int | None = None, fit_overhead_to: str | None = None, heldout: bool = True,
-                   echo: Any = print, force: bool = False) -> dict[str, Any]:
+                   echo: Any = print, force: bool = False, progress: bool = False) -> dict[str, Any]:
     """The whole of ``simspec validate``: checks, real run, simulated run, held-out checks, report.
 
     Returns the ``validation.json`` document. With ``fit_overhead_to``, also fits the per-step
@@ -428,9 +430,12 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
     if sim_method.uses_acceptance:
         _, acc_notes = resolve_classes(profile, mspec.name, sorted(set(trace.acceptance_class.tolist())))
         notes += acc_notes
-    max_ctx = int((trace.prompt_tokens + trace.output_tokens).max())
-    config = RunConfig(scheduler=sspec, method=mspec, max_batch_size=1, kv_budget_tokens=max(4 * max_ctx, 4096),
-                       seed=seed, allow_extrapolation=True)
+    # the real server runs the top of the policy's order every step and a displaced request keeps its
+    # KV: the simulator's preemptive batching with a KV budget no run can fill (in vllm mode a
+    # running request would never be displaced at batch size 1)
+    kv_all = int((trace.prompt_tokens + trace.output_tokens).sum()) + 64 * len(trace)
+    config = RunConfig(scheduler=sspec, method=mspec, max_batch_size=1, kv_budget_tokens=max(4 * kv_all, 4096),
+                       seed=seed, allow_extrapolation=True, batching="preemptive")
     dtype = dtype or str(profile.meta.get("dtype") or "bf16")
 
     # --- real run --------------------------------------------------------------------------------
@@ -451,7 +456,17 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
         setup.make().generate(prompt_ids[0][:32] or [1], 4)
     load_before = load_info()
     echo(f"real run: {len(trace)} requests, method {mspec}, policy {sspec}, {device} ({dtype}) ...")
-    real = real_run(lm, setup, trace, prompt_ids, sspec, sim_method, seed)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(trace), unit="req", desc="real run", mininterval=1.0, leave=False)
+    try:
+        real = real_run(lm, setup, trace, prompt_ids, sspec, sim_method, seed,
+                        progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     load_after = load_info()
     echo(f"real run done in {real.wall_s:.1f} s")
 
@@ -476,9 +491,6 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
             "prefill_model_ms_mean": float(pre["model_ms"].mean()) if len(pre) else None,
             "decode_real_over_model_median": float((dec["step_ms"] / dec["model_ms"]).median()) if len(dec) else None,
             "prefill_real_over_model_median": float((pre["step_ms"] / pre["model_ms"]).median()) if len(pre) else None,
-            "prefill_lm_head_all_tokens_ms_mean": float(np.mean([
-                cost.stage_ms("lm_head", 1, int(f), 0) - cost.stage_ms("lm_head", 1, 1, 0)
-                for f in pre["fed_tokens"]])) if len(pre) and cost.has("lm_head") else None,
             "profile_overhead": dict(profile.overhead),
         }
     }
@@ -528,7 +540,9 @@ def run_validation(trace_arg: str, *, model: str, method: str, adapter: str | No
         "seed": seed, "real_wall_s": round(real.wall_s, 2), "machine_load_before": load_before,
         "machine_load_after": load_after, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "preemptions_real": int(real.requests["preemptions"].sum()),
-        "preemptions_sim": int(sim.requests["preemptions"].sum()), "notes": notes,
+        "preemptions_sim": int(sim.requests["preemptions"].sum()),
+        "pauses_real": int(real.requests["pauses"].sum()) if "pauses" in real.requests else None,
+        "pauses_sim": int(sim.requests["pauses"].sum()) if "pauses" in sim.requests else None, "notes": notes,
     }
     title = f"{Path(str(trace_arg)).stem} · {mspec} · {sspec} · {profile.name}"
     with atomic_dir(out_dir, overwrite=force, kind="validation") as out:

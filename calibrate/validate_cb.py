@@ -212,6 +212,21 @@ class LoadSampler:
                 "other_processes_cores_series": [round(o, 2) for o in oth]}
 
 
+def overload_verdict(device: str, cpus: int, threads: int, before: dict[str, Any], during: dict[str, Any],
+                     after: dict[str, Any]) -> tuple[bool, str]:
+    """(overloaded, why): on a CPU run, the 1-minute load average exceeded the CPU count before,
+    during or after the run, or other processes kept more CPUs busy on average than the run's
+    ``threads`` leave free (at least half a CPU)."""
+    worst = max(before["loadavg_1m"], during.get("max_1m") or 0, after["loadavg_1m"])
+    others = during.get("other_processes_cores_mean")
+    contended = others is not None and others > max(cpus - threads, 0.5)
+    if device != "cpu" or not (worst > cpus or contended):
+        return False, ""
+    why = (f"load average reached {worst} on {cpus} CPU(s)" if worst > cpus else
+           f"other processes kept {others} of {cpus} CPU(s) busy on average (this run needs {threads})")
+    return True, why
+
+
 def load_now() -> dict[str, Any]:
     """1/5/15-minute load averages and the CPUs this process may use."""
     la = os.getloadavg()
@@ -497,14 +512,9 @@ def run_engine_validation(trace_arg: str, *, model: str, profile_arg: str, out_d
     echo(f"engine run done in {real.wall_s:.1f} s; load 1m before {load_before['loadavg_1m']}, "
          f"max during {load_during['max_1m']}, after {load_after['loadavg_1m']} ({cpus} CPUs); other processes "
          f"used {load_during['other_processes_cores_mean']} cores on average")
-    worst = max(x for x in (load_before["loadavg_1m"], load_during["max_1m"] or 0, load_after["loadavg_1m"]))
-    ours = int(torch.get_num_threads())
-    others = load_during.get("other_processes_cores_mean")
-    contended = others is not None and others > max(cpus - ours, 0.5)
-    overloaded = device == "cpu" and (worst > cpus or contended)
+    overloaded, why = overload_verdict(device, cpus, int(torch.get_num_threads()), load_before, load_during,
+                                       load_after)
     if overloaded and not allow_overload:
-        why = (f"load average reached {worst} on {cpus} CPU(s)" if worst > cpus else
-               f"other processes kept {others} of {cpus} CPU(s) busy on average (this run needs {ours})")
         raise SimspecError(f"machine too busy: {why} during the engine run; timings are not representative, "
                            "not reporting (rerun on a quiet machine)")
 

@@ -172,9 +172,8 @@ def format_heldout(heldout: dict[str, Any]) -> str:
                      f"{_f(ov.get('median_residual_ms'), 2)} ms over {ov.get('n_steps')} decode steps")
         if ov.get("decode_real_over_model_median") is not None:
             lines.append(f"real / model step time, median: decode {_f(ov.get('decode_real_over_model_median'), 3)}, "
-                         f"prefill {_f(ov.get('prefill_real_over_model_median'), 3)} (the model charges the LM "
-                         f"head over every prompt token, {_f(ov.get('prefill_lm_head_all_tokens_ms_mean'), 1)} ms "
-                         f"per prefill on average; the runner computes it for the last token only)")
+                         f"prefill {_f(ov.get('prefill_real_over_model_median'), 3)} (a prefill's LM head: last "
+                         f"prompt position only, in the model as in the runner)")
     return "\n".join(lines)
 
 

@@ -103,13 +103,21 @@ class KangarooAcceptance(AcceptanceModel):
         self.stops_early = bool((self.conf_acc < 1.0).any() or (self.conf_rej < 1.0).any())
 
     def sample_drafts(self, rng: np.random.Generator, alpha: np.ndarray, class_idx: np.ndarray,
-                      cap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per request: ``(drafts made, accepted prefix)`` with at most ``cap`` drafts each."""
+                      cap: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per request: ``(drafts made, accepted prefix)`` with at most ``cap`` drafts each.
+
+        ``width``: draw that many acceptance (and confidence-stop) uniforms per request, whatever
+        the caps in the batch (≥ every cap; default: the largest cap). With a fixed width a
+        request's draws do not depend on the other requests of its batch."""
         b = cap.shape[0]
         kmax = int(cap.max()) if b else 0
         if kmax == 0:
             z = np.zeros(b, dtype=np.int64)
             return z, z.copy()
+        if width is not None:
+            if width < kmax:
+                raise ValueError(f"sample_drafts: width {width} < largest cap {kmax}")
+            kmax = int(width)
         pos = np.arange(kmax)[None, :]
         p = self.position_probs(alpha, class_idx, kmax)
         prefix = np.cumprod(rng.random(p.shape) < p, axis=1).astype(bool)

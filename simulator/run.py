@@ -128,6 +128,24 @@ def canonical_order(trace: Trace) -> Trace:
                    acceptance_class=trace.acceptance_class[order], slo_class=trace.slo_class[order])
 
 
+def bind_request_acceptance(config: RunConfig, table: RequestTable, method: Any, profile: Profile) -> list[str]:
+    """Each request's random state as :func:`simulate` sets it: its counter-based stream
+    (``table.rng_base``), and, for a speculative method, the method's acceptance model bound and
+    each request's level α (``table.alpha``). ``table`` must be in canonical order. Returns notes."""
+    keys = request_keys(table.request_id)
+    table.rng_base[:] = request_bases(stream_key(config.seed, "acceptance-step"), keys)
+    if not method.uses_acceptance:
+        return []
+    entries, notes = resolve_classes(profile, method.name, table.class_names)
+    model = method.build_acceptance(entries)
+    method.bind_acceptance(model)
+    # drawn in the table's canonical order (arrival, then request id), so permuting trace rows
+    # with tied arrivals changes nothing
+    table.alpha[:] = model.draw_alphas(stream(config.seed, "acceptance-request"), table.class_idx)
+    method.bind_requests(table.alpha, table.class_idx)
+    return list(notes)
+
+
 def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool = False,
              audit: bool = False) -> RunResult:
     """Replay ``trace`` under ``config`` with ``profile``. Deterministic in (config, trace, profile).
@@ -135,20 +153,10 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
     notes: list[str] = list(trace.notes)
     trace = canonical_order(trace)
     table = RequestTable.from_trace(trace)
-    keys = request_keys(table.request_id)
-    table.rng_base[:] = request_bases(stream_key(config.seed, "acceptance-step"), keys)
     capacity = resolve_capacity(config, profile)
     cost = CostModel(profile)
     method = get_method_class(config.method.name)(dict(config.method.params), profile, cost)
-    if method.uses_acceptance:
-        entries, acc_notes = resolve_classes(profile, method.name, table.class_names)
-        notes += acc_notes
-        model = method.build_acceptance(entries)
-        method.bind_acceptance(model)
-        # drawn in the table's canonical order (arrival, then request id), so permuting trace rows
-        # with tied arrivals changes nothing
-        table.alpha[:] = model.draw_alphas(stream(config.seed, "acceptance-request"), table.class_idx)
-        method.bind_requests(table.alpha, table.class_idx)
+    notes += bind_request_acceptance(config, table, method, profile)
     notes += list(getattr(method, "notes", []))
     ctx0 = PolicyContext(table=table, method=method, max_batch_size=capacity.max_batch_size,
                          kv_budget_tokens=capacity.kv_budget_tokens, seed=config.seed)

@@ -45,37 +45,55 @@ import click
               help="transformers-cb: KV tokens per page (block size).")
 @click.option("--num-blocks", type=click.IntRange(min=1), default=512, show_default=True,
               help="transformers-cb: KV pages in the cache.")
-@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=512, show_default=True,
-              help="transformers-cb: most query tokens per step (the chunked-prefill budget).")
-@click.option("--max-batch", "max_requests_per_batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="transformers-cb: most requests per step.")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None,
+              help="Most tokens fed per step. transformers-cb: the chunked-prefill budget [default: 512]; "
+                   "simspec batched: must hold --max-batch whole prompts [default: exactly that].")
+@click.option("--max-batch", "max_requests_per_batch", type=click.IntRange(min=1), default=None,
+              help="Most requests per step. simspec: > 1 serves with the batched runners (none, draft, kangaroo) "
+                   "[default: 1]; transformers-cb [default: 8].")
+@click.option("--batching", type=click.Choice(["vllm", "preemptive"]), default=None,
+              help="simspec batched: how batches form, as the simulator's --batching: vllm (running requests "
+                   "first, newcomers admitted in the policy's order) or preemptive (the policy's top --max-batch "
+                   "every step) [default: vllm].")
+@click.option("--forced-acceptance", is_flag=True,
+              help="simspec (draft, kangaroo): real draft and verify passes, but each request drafts and accepts "
+                   "what the simulator samples for it (its seeded per-request stream), so both runs accept "
+                   "identically: validates cost composition and scheduling independently of acceptance.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bar during the real run.")
 @click.option("--engine-scheduler", type=click.Choice(["fifo"]), default="fifo", show_default=True,
               help="transformers-cb: the engine's scheduler (fifo <-> simspec fcfs).")
 @click.option("--engine-cuda-graphs", is_flag=True, help="transformers-cb on CUDA: let the engine use CUDA graphs.")
 @click.option("--max-requests", type=click.IntRange(min=1), default=None,
               help="Serve only the first N requests of TRACE.")
 @click.option("--allow-overload", is_flag=True,
-              help="transformers-cb: write the report even if the load average exceeded the CPU count "
-                   "(marked valid: false; smoke tests only).")
+              help="transformers-cb and simspec batched: write the report even if the load average exceeded the "
+                   "CPU count (marked valid: false; smoke tests only).")
 @click.option("--force", is_flag=True, help="Replace --out if it is a simspec output directory.")
 def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, threads, out_dir, time_scale, seed,
              fit_overhead_to, no_heldout, force, engine, random_config, page_size, num_blocks, max_batch_tokens,
-             max_requests_per_batch, engine_scheduler, engine_cuda_graphs, max_requests, allow_overload):
+             max_requests_per_batch, engine_scheduler, engine_cuda_graphs, max_requests, allow_overload, batching,
+             forced_acceptance, progress):
     """Measure the simulator against real execution of TRACE and report its error.
 
-    Serves TRACE on one batch-size-1 replica with the real runner (arrivals on the wall clock,
-    the policy's order at every step, EOS ignored), replays it in the simulator with --profile,
-    and reports mean/p50/p90/p99 latency and TTFT error, per-request latency MAPE and makespan error.
+    Serves TRACE with the real runners (arrivals on the wall clock, the policy's order at every
+    step, EOS ignored) on one replica — batch size 1, or --max-batch B with the batched runners —
+    replays it in the simulator with --profile, and reports mean/p50/p90/p99 latency and TTFT
+    error, per-request latency MAPE and makespan error.
     """
+    from simspec.errors import ConfigError
+
     if engine == "transformers-cb":
         from simspec.calibrate.validate_cb import EngineSettings, run_engine_validation
-        from simspec.errors import ConfigError
 
         if method != "none" or policy != "fcfs":
             raise ConfigError("--engine transformers-cb: serves without speculation under its FIFO scheduler: "
                               "use --method none --policy fcfs")
+        if batching or forced_acceptance:
+            raise ConfigError("--batching / --forced-acceptance: only with --engine simspec")
         settings = EngineSettings(scheduler=engine_scheduler, page_size_tokens=page_size, num_blocks=num_blocks,
-                                  max_batch_tokens=max_batch_tokens, max_requests_per_batch=max_requests_per_batch,
+                                  max_batch_tokens=max_batch_tokens or 512,
+                                  max_requests_per_batch=max_requests_per_batch or 8,
                                   cuda_graphs=engine_cuda_graphs)
         run_engine_validation(trace, model=model, profile_arg=profile_arg, out_dir=out_dir, settings=settings,
                               device=device, dtype=dtype, threads=threads, time_scale=time_scale, seed=seed,
@@ -84,11 +102,25 @@ def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, 
                               force=force)
         return
     if random_config or max_requests:
-        from simspec.errors import ConfigError
-
         raise ConfigError("--config / --max-requests: only with --engine transformers-cb")
+    batch = max_requests_per_batch or 1
+    if batch > 1 or forced_acceptance:
+        from simspec.calibrate.validate_batched import BatchSettings, run_batched_validation
+
+        settings = BatchSettings(max_batch=batch, batching=batching or "vllm", max_batched_tokens=max_batch_tokens,
+                                 forced=forced_acceptance)
+        run_batched_validation(trace, model=model, method=method, adapter=adapter, policy=policy,
+                               profile_arg=profile_arg, device=device, out_dir=out_dir, settings=settings,
+                               time_scale=time_scale, seed=seed, dtype=dtype, threads=threads,
+                               fit_overhead_to=fit_overhead_to, allow_overload=allow_overload, progress=progress,
+                               echo=click.echo, force=force)
+        return
+    if batching or max_batch_tokens or allow_overload:
+        raise ConfigError("--batching / --max-batch-tokens / --allow-overload: only with --max-batch > 1, "
+                          "--forced-acceptance or --engine transformers-cb")
     from simspec.calibrate.validate import run_validation
 
     run_validation(trace, model=model, method=method, adapter=adapter, policy=policy, profile_arg=profile_arg,
                    device=device, out_dir=out_dir, time_scale=time_scale, seed=seed, dtype=dtype, threads=threads,
-                   fit_overhead_to=fit_overhead_to, heldout=not no_heldout, echo=click.echo, force=force)
+                   fit_overhead_to=fit_overhead_to, heldout=not no_heldout, echo=click.echo, force=force,
+                   progress=progress)

@@ -104,6 +104,12 @@ class HiSpec(Method):
         return HiSpecAcceptance(entries, class_entry_names(self.profile, "hispec", entries))
 
     # --- per step ------------------------------------------------------------------------------
+    @property
+    def draws_per_step(self) -> int | None:  # type: ignore[override]
+        """Single-level: N_d uniforms per decode member and step (a request's draws do not depend on
+        its batch, as Kangaroo's); two-level: what each step actually drew."""
+        return self.nd if self.single_level else None
+
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         acc: HiSpecAcceptance = self.acceptance  # type: ignore[assignment]
         n = batch.idx.shape[0]
@@ -111,7 +117,8 @@ class HiSpec(Method):
         alpha_d = acc.alpha_draft(batch.alpha, batch.class_idx)
         if self.single_level:
             drafts = np.minimum(k, self.nd).astype(np.int64)
-            kmax = int(drafts.max()) if n else 0
+            # N_d uniforms per member whatever the batch's caps (draws_per_step), as Kangaroo draws γ
+            kmax = self.nd if n and int(drafts.max()) > 0 else 0
             if kmax:
                 p = acc.draft_probs(alpha_d, batch.class_idx, kmax)
                 prefix = np.cumprod(rng.random(p.shape) < p, axis=1).astype(bool)

@@ -242,6 +242,15 @@ class Kangaroo(Method):
     def stages_used(self) -> set[str]:
         return super().stages_used() | {"adapter"}
 
+    @property
+    def draws_per_step(self) -> int:  # type: ignore[override]
+        """Every decode step consumes γ acceptance uniforms per member, and γ more for the
+        confidence stop when it can stop early: what a request draws then depends only on its own
+        decode steps, not on the caps of the requests it shares a batch with (so a pre-sampled
+        per-request pattern, :mod:`simspec.forced_acceptance`, is what the simulator samples)."""
+        stops = bool(getattr(self.acceptance, "stops_early", False))
+        return self.gamma * (2 if stops else 1)
+
     def build_acceptance(self, entries):
         model = KangarooAcceptance(entries, self.eta, class_entry_names(self.profile, "kangaroo", entries))
         if 0.0 < self.eta < 1.0 and any(e.get("confidence") is None for e in entries):
@@ -253,7 +262,8 @@ class Kangaroo(Method):
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         cap = np.minimum(batch.k, self.gamma)
         if cap.size and int(cap.max()) > 0:
-            drafts, accepted = self.acceptance.sample_drafts(rng, batch.alpha, batch.class_idx, cap)
+            drafts, accepted = self.acceptance.sample_drafts(rng, batch.alpha, batch.class_idx, cap,
+                                                             width=self.gamma)
         else:
             drafts = np.zeros(batch.idx.shape[0], dtype=np.int64)
             accepted = drafts.copy()
@@ -283,11 +293,12 @@ class Kangaroo(Method):
         cap_full = np.minimum(w.k, self.gamma)  # the cap before the remaining − 1 limit
         kk = int(cap_full.max()) if n else 0
         early = bool(acc.stops_early)
+        wd = self.gamma  # uniforms per step for the prefix (and as many for the stop): a fixed width
         if kk:
-            p_all = acc.position_probs(w.alpha, w.class_idx, kk)
+            p_all = acc.position_probs(w.alpha, w.class_idx, wd)
             if early:
-                conf_a = acc.conf_acc[w.class_idx, :kk][None]
-                conf_r = acc.conf_rej[w.class_idx, :kk][None]
+                conf_a = acc.conf_acc[w.class_idx, :wd][None]
+                conf_r = acc.conf_rej[w.class_idx, :wd][None]
         base = w.rng_base[None, :, None]
         ctr = w.draws.copy()
         rem = w.remaining.copy()
@@ -300,16 +311,16 @@ class Kangaroo(Method):
             # each running member commits at least one token per step
             left = min(steps - s0, int(rem_alive.max() if w.through else rem_alive.min()))
             kmax = int(np.minimum(cap_full, rem - 1)[alive].max())
-            per = kmax * (2 if early else 1)  # uniforms each running member draws per step
+            per = wd * (2 if early else 1)  # uniforms each running member draws per step (draws_per_step)
             if kmax:
-                pos_u = np.arange(kmax, dtype=np.uint64)
+                pos_u = np.arange(wd, dtype=np.uint64)
                 c0 = (ctr[None, :] + np.arange(left, dtype=np.uint64)[:, None] * np.uint64(per))[:, :, None]
-                prefix = np.cumprod(counter_uniforms(base, c0 + pos_u) < p_all[None, :, :kmax], axis=2).astype(bool)
-                p_len = prefix.sum(axis=2)  # accepted prefix over all kmax positions
+                prefix = np.cumprod(counter_uniforms(base, c0 + pos_u) < p_all[None, :, :wd], axis=2).astype(bool)
+                p_len = prefix.sum(axis=2)  # accepted prefix over all wd positions
                 if early:
-                    pc = np.where(prefix, conf_a[:, :, :kmax], conf_r[:, :, :kmax])
-                    low = counter_uniforms(base, c0 + (pos_u + np.uint64(kmax))) >= pc
-                    first_low = np.where(low.any(axis=2), low.argmax(axis=2) + 1, kmax)
+                    pc = np.where(prefix, conf_a[:, :, :wd], conf_r[:, :, :wd])
+                    low = counter_uniforms(base, c0 + (pos_u + np.uint64(wd))) >= pc
+                    first_low = np.where(low.any(axis=2), low.argmax(axis=2) + 1, wd)
                     d_full = np.minimum(first_low, cap_full[None, :])
                 else:
                     d_full = np.broadcast_to(cap_full[None, :], (left, n))

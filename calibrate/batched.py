@@ -1,0 +1,573 @@
+"""Batched real speculative runners: several requests per step, packed like a serving engine
+(torch + transformers; reached only from ``simspec validate``).
+
+**Packing.** One step feeds every member's new tokens as *one* sequence ``[1, ΣT, hidden]``
+(vLLM-style varlen packing: linear layers cost ΣT tokens, whatever mix of prefills and decodes),
+with each token's own rotary position and a block-diagonal causal mask: a query of member ``b`` at
+position ``p`` sees member ``b``'s keys ``0..p`` only. :class:`PackedKV` keeps each request's keys
+and values in its own preallocated buffer per slot (one slot per decoder layer, further slots for
+exit adapters); an attention layer's ``update`` writes each member's new keys in place and returns
+the members' caches concatenated, in member order. Cropping (rejected drafts) only shortens a
+length: nothing is copied.
+
+**Runners** (:class:`BatchedGreedy`, :class:`BatchedDraft`, :class:`BatchedKangaroo`): the
+algorithms of :mod:`simspec.calibrate.runners` over a batch. A step takes prefill members (their
+whole prompt; the pass yields their first token) and decode members with a draft cap each (the
+server caps it at ``remaining − 1``), and returns per member the tokens committed, drafts made and
+drafts accepted. Work per step mirrors what the simulator's methods charge
+(:mod:`simspec.simulator.methods`): draft — the draft model prefills a newcomer's prompt in a pass of
+its own, then ``max cap`` draft passes (pass j runs the members with cap > j), then one target pass
+over every member; Kangaroo — drafting rounds at the exit (round j: shallow layers for members with
+≥ j drafts, adapter + LM head for members still drafting; newcomers' prompts join round 0's shallow
+layers and adapter), then layers exit..N−1 over every member.
+
+**Forced acceptance**: ``step(..., forced={rid: (drafts, accepted)})`` still runs every real draft
+and verification pass, but the member drafts exactly ``drafts`` tokens (Kangaroo; the draft method
+always drafts its cap) and commits its first ``accepted`` drafts plus the target's token after them,
+instead of the longest prefix the target agrees with (see :mod:`simspec.forced_acceptance`). Without
+``forced`` the runners are lossless: tokens equal plain greedy decoding's (up to floating-point ties).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from simspec.calibrate.adapter import ExitAdapter
+from simspec.calibrate.early_exit import LayeredLM
+from simspec.errors import ConfigError, SimspecError
+
+BATCHED_METHODS = ("none", "draft", "kangaroo")
+
+
+# ------------------------------------------------------------------------------------ packed KV
+
+
+class PackedKV:
+    """Keys/values of many requests, one buffer ``[kv_heads, capacity_tokens, head_dim]`` per
+    (request row, slot), allocated on first use. Duck-types ``update`` for transformers attention
+    layers: the forward in progress (:meth:`begin`) says which rows feed how many tokens, in order."""
+
+    def __init__(self, n_slots: int, capacity_tokens: int) -> None:
+        self.n_slots = int(n_slots)
+        self.capacity_tokens = int(capacity_tokens)
+        self.k: dict[int, list[torch.Tensor | None]] = {}
+        self.v: dict[int, list[torch.Tensor | None]] = {}
+        self.len: dict[int, list[int]] = {}
+        self._members: list[tuple[int, int]] = []
+
+    def add_row(self, row: int) -> None:
+        if row in self.len:
+            raise SimspecError(f"KV row {row} already in use")
+        self.k[row] = [None] * self.n_slots
+        self.v[row] = [None] * self.n_slots
+        self.len[row] = [0] * self.n_slots
+
+    def drop_row(self, row: int) -> None:
+        """Free a finished request's buffers."""
+        for d in (self.k, self.v, self.len):
+            d.pop(row, None)
+
+    def length(self, row: int, slot: int) -> int:
+        """Tokens cached for ``row`` in ``slot``."""
+        return self.len[row][slot]
+
+    def crop(self, row: int, slots: range | list[int], length: int) -> None:
+        """Keep at most the first ``length`` tokens of ``row`` in each of ``slots``."""
+        lens = self.len[row]
+        for s in slots:
+            if lens[s] > length:
+                lens[s] = int(length)
+
+    def begin(self, members: list[tuple[int, int]]) -> None:
+        """The forward about to run feeds ``members`` = ``[(row, new_tokens), ...]``, packed in order."""
+        self._members = members
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = int(layer_idx)
+        ks, vs = [], []
+        s0 = 0
+        for row, n in self._members:
+            kb, vb = self.k[row][slot], self.v[row][slot]
+            if kb is None:
+                h, d = key_states.shape[1], key_states.shape[3]
+                kb = key_states.new_empty((h, self.capacity_tokens, d))
+                vb = value_states.new_empty((h, self.capacity_tokens, value_states.shape[3]))
+                self.k[row][slot], self.v[row][slot] = kb, vb
+            p = self.len[row][slot]
+            if p + n > self.capacity_tokens:
+                raise SimspecError(f"KV row {row}: {p + n} tokens exceed the buffer of {self.capacity_tokens}")
+            kb[:, p:p + n] = key_states[0, :, s0:s0 + n]
+            vb[:, p:p + n] = value_states[0, :, s0:s0 + n]
+            self.len[row][slot] = p + n
+            ks.append(kb[:, :p + n])
+            vs.append(vb[:, :p + n])
+            s0 += n
+        if len(ks) == 1:
+            return ks[0][None], vs[0][None]
+        return torch.cat(ks, dim=1)[None], torch.cat(vs, dim=1)[None]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # transformers-style; unused by the runners
+        return max((lens[layer_idx] for lens in self.len.values()), default=0)
+
+
+def packed_mask(pasts: list[int], news: list[int], dtype: torch.dtype, device: Any) -> torch.Tensor | None:
+    """Additive mask ``[1, 1, ΣT, Σ(past+new)]``: query ``q`` of member ``b`` (position
+    ``pasts[b] + q``) sees member ``b``'s keys ``0..pasts[b] + q`` only. None for one member feeding
+    one token (it sees all its keys)."""
+    if len(news) == 1 and news[0] == 1:
+        return None
+    q_mem = torch.repeat_interleave(torch.arange(len(news), device=device), torch.tensor(news, device=device))
+    q_pos = torch.cat([torch.arange(p, p + n, device=device) for p, n in zip(pasts, news)])
+    tot = [p + n for p, n in zip(pasts, news)]
+    k_mem = torch.repeat_interleave(torch.arange(len(tot), device=device), torch.tensor(tot, device=device))
+    k_pos = torch.cat([torch.arange(t, device=device) for t in tot])
+    ok = (q_mem[:, None] == k_mem[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+    mask = torch.zeros(ok.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~ok, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+class PackedLM:
+    """A :class:`LayeredLM` run over packed members (see the module docstring)."""
+
+    def __init__(self, lm: LayeredLM) -> None:
+        self.lm = lm
+
+    def embed(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Embeddings ``[1, ΣT, hidden]`` of the members' new tokens, packed in order."""
+        return self.lm.embed([t for s in seqs for t in s])
+
+    def _prep(self, h: torch.Tensor, start: int, rows: list[int], news: list[int], kv: PackedKV):
+        pasts = []
+        for r in rows:
+            p = kv.length(r, start)
+            pasts.append(p)
+        pos = torch.cat([torch.arange(p, p + n, device=h.device) for p, n in zip(pasts, news)])[None]
+        pe = self.lm.base.rotary_emb(h, pos)
+        mask = packed_mask(pasts, news, h.dtype, h.device)
+        kv.begin(list(zip(rows, news)))
+        return pos, pe, mask, pasts
+
+    def run(self, h: torch.Tensor, start: int, end: int, kv: PackedKV, rows: list[int],
+            news: list[int]) -> torch.Tensor:
+        """Feed packed ``h`` through decoder layers ``start..end-1``; member ``b`` (KV row
+        ``rows[b]``) feeds ``news[b]`` tokens at its next positions."""
+        if end <= start:
+            return h
+        for r in rows:
+            p = kv.length(r, start)
+            for i in range(start + 1, end):
+                if kv.length(r, i) != p:
+                    raise RuntimeError(f"KV bookkeeping: row {r} layer {i} holds {kv.length(r, i)} tokens, "
+                                       f"layer {start} holds {p}")
+        pos, pe, mask, _ = self._prep(h, start, rows, news, kv)
+        kw = {self.lm._layer_cache_kw: kv}
+        for i in range(start, end):
+            out = self.lm.layers[i](h, attention_mask=mask, position_ids=pos, position_embeddings=pe,
+                                    use_cache=True, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def adapter(self, ad: ExitAdapter, h: torch.Tensor, kv: PackedKV, rows: list[int],
+                news: list[int]) -> torch.Tensor:
+        """An exit adapter over packed states (its attention appends to slot ``ad.slot``); returns
+        normed states for ``lm.head(..., normed=True)``."""
+        x = ad.in_norm(h)
+        pos, pe, mask, _ = self._prep(x, ad.slot, rows, news, kv)
+        out = ad.attn(hidden_states=x, position_embeddings=pe, attention_mask=mask,
+                      **{self.lm._attn_cache_kw: kv})
+        a = out[0] if isinstance(out, tuple) else out
+        return ad.out_norm(h + a)
+
+
+def _top1(logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their probabilities from ``[M, V]`` logits."""
+    p = torch.softmax(logits.float(), dim=-1)
+    conf, tok = torch.max(p, dim=-1)
+    return tok.tolist(), conf.tolist()
+
+
+def _prefix(proposed: list[int], verifier: list[int]) -> int:
+    m = 0
+    for a, b in zip(proposed, verifier):
+        if a != b:
+            break
+        m += 1
+    return m
+
+
+def _segments(news: list[int]) -> list[tuple[int, int]]:
+    out, s = [], 0
+    for n in news:
+        out.append((s, s + n))
+        s += n
+    return out
+
+
+# ------------------------------------------------------------------------------------ runners
+
+
+@dataclass
+class MemberStep:
+    """One member's outcome of a step: ``tokens`` committed (a prefill: its first token), ``drafts``
+    made, ``accepted`` (a prefix of the drafts), each draft's top-1 probability (``confidences``)."""
+
+    tokens: list[int]
+    drafts: int = 0
+    accepted: int = 0
+    confidences: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Seq:
+    row: int
+    seq: list[int]
+    prompt_len: int
+    hist: dict[int, torch.Tensor] = field(default_factory=dict)  # Kangaroo: exit states not yet in the adapter
+
+
+class BatchedRunner:
+    """Shared bookkeeping: requests are :meth:`add`-ed (a KV row each), stepped, :meth:`release`-d."""
+
+    method = "none"
+
+    def __init__(self, target: LayeredLM, capacity_tokens: int, n_slots: int | None = None) -> None:
+        self.lm = target
+        self.p = PackedLM(target)
+        self.kv = PackedKV(n_slots or target.num_layers, capacity_tokens)
+        self.reqs: dict[Any, _Seq] = {}
+        self._next_row = 0
+
+    @property
+    def k_max(self) -> int:
+        """Most drafts per member and step (the draft cap the server starts from)."""
+        return 0
+
+    def add(self, rid: Any, prompt: list[int]) -> None:
+        if not prompt:
+            raise SimspecError(f"request {rid}: empty prompt")
+        if rid in self.reqs:
+            raise SimspecError(f"request {rid} added twice")
+        row = self._next_row
+        self._next_row += 1
+        self.kv.add_row(row)
+        self._add_extra(row)
+        self.reqs[rid] = _Seq(row=row, seq=list(prompt), prompt_len=len(prompt))
+
+    def _add_extra(self, row: int) -> None:
+        pass
+
+    def release(self, rid: Any) -> None:
+        r = self.reqs.pop(rid)
+        self.kv.drop_row(r.row)
+        self._drop_extra(r.row)
+
+    def _drop_extra(self, row: int) -> None:
+        pass
+
+    def tokens(self, rid: Any) -> list[int]:
+        """Tokens generated so far (after the prompt)."""
+        r = self.reqs[rid]
+        return r.seq[r.prompt_len:]
+
+    def _check(self, prefill: list[Any], decode: list[tuple[Any, int]]) -> None:
+        for rid in prefill:
+            r = self.reqs[rid]
+            if len(r.seq) != r.prompt_len:
+                raise SimspecError(f"request {rid}: prefilled twice")
+        for rid, cap in decode:
+            r = self.reqs[rid]
+            if len(r.seq) == r.prompt_len:
+                raise SimspecError(f"request {rid}: decode before its prefill")
+            if cap < 0 or cap > self.k_max:
+                raise SimspecError(f"request {rid}: draft cap {cap} outside 0..{self.k_max}")
+
+    def step(self, prefill: list[Any], decode: list[tuple[Any, int]],
+             forced: dict[Any, tuple[int, int]] | None = None) -> dict[Any, MemberStep]:
+        """One step of the batch ``prefill`` (request ids) + ``decode`` (``(request id, draft cap)``)."""
+        if not prefill and not decode:
+            return {}
+        self._check(prefill, decode)
+        with torch.no_grad():
+            out = self._step(prefill, decode, forced or {})
+        for rid, ms in out.items():
+            self.reqs[rid].seq.extend(ms.tokens)
+        return out
+
+    def _step(self, prefill, decode, forced) -> dict[Any, MemberStep]:
+        raise NotImplementedError
+
+    def _verify(self, prefill: list[Any], decode_feeds: list[tuple[Any, list[int]]], start: int = 0,
+                h_in: torch.Tensor | None = None) -> tuple[dict[Any, list[int]], dict[Any, int]]:
+        """Target layers ``start..N-1`` over every member (decode members: their fed tokens; prefill
+        members: their prompts), LM head over every decode position and each prompt's last one.
+        Returns the argmax tokens per member and the context length each decode member had."""
+        rids = [rid for rid, _ in decode_feeds] + list(prefill)
+        rows = [self.reqs[r].row for r in rids]
+        news = [len(f) for _, f in decode_feeds] + [self.reqs[r].prompt_len for r in prefill]
+        ctx = {rid: self.kv.length(self.reqs[rid].row, start) for rid, _ in decode_feeds}
+        if h_in is None:
+            h_in = self.p.embed([f for _, f in decode_feeds] + [self.reqs[r].seq for r in prefill])
+        h = self.p.run(h_in, start, self.lm.num_layers, self.kv, rows, news)
+        segs = _segments(news)
+        nd = len(decode_feeds)
+        pick = [j for (a, b) in segs[:nd] for j in range(a, b)] + [b - 1 for (_, b) in segs[nd:]]
+        toks = self.lm.head(h[:, pick])[0].argmax(-1).tolist()
+        out: dict[Any, list[int]] = {}
+        o = 0
+        for rid, n in zip(rids[:nd], news[:nd]):
+            out[rid] = toks[o:o + n]
+            o += n
+        for rid in rids[nd:]:
+            out[rid] = [toks[o]]
+            o += 1
+        return out, ctx
+
+
+class BatchedGreedy(BatchedRunner):
+    """Plain greedy decoding, batched (method ``none``)."""
+
+    method = "none"
+
+    def _step(self, prefill, decode, forced):
+        ver, _ = self._verify(prefill, [(rid, [self.reqs[rid].seq[-1]]) for rid, _ in decode])
+        return {rid: MemberStep(tokens=[t[0]]) for rid, t in ver.items()}
+
+
+class BatchedDraft(BatchedRunner):
+    """Speculative decoding with a draft model, batched (method ``draft``): ``draft`` is a separate
+    :class:`LayeredLM` sharing the vocabulary, or None for the target's first ``draft_layers`` layers
+    + final norm + LM head (its own KV)."""
+
+    method = "draft"
+
+    def __init__(self, target: LayeredLM, k: int, capacity_tokens: int, draft: LayeredLM | None = None,
+                 draft_layers: int | None = None) -> None:
+        super().__init__(target, capacity_tokens)
+        if k < 1:
+            raise ConfigError(f"--method draft: k {k}: must be >= 1")
+        self.k = int(k)
+        if draft is None:
+            if draft_layers is None or not 0 < draft_layers < target.num_layers:
+                raise ConfigError(f"--method draft: draft_layers {draft_layers}: must be between 1 and "
+                                  f"{target.num_layers - 1}")
+            self.d, self.dn = target, int(draft_layers)
+        else:
+            self.d, self.dn = draft, draft.num_layers
+        self.dp = PackedLM(self.d)
+        self.dkv = PackedKV(self.dn, capacity_tokens)
+
+    @property
+    def k_max(self) -> int:
+        return self.k
+
+    def _add_extra(self, row: int) -> None:
+        self.dkv.add_row(row)
+
+    def _drop_extra(self, row: int) -> None:
+        self.dkv.drop_row(row)
+
+    def _draft_pass(self, feeds: list[tuple[Any, list[int]]]) -> tuple[list[int], list[float]]:
+        rows = [self.reqs[r].row for r, _ in feeds]
+        news = [len(f) for _, f in feeds]
+        h = self.dp.run(self.dp.embed([f for _, f in feeds]), 0, self.dn, self.dkv, rows, news)
+        last = [b - 1 for _, b in _segments(news)]
+        return _top1(self.d.head(h[:, last])[0])
+
+    def _step(self, prefill, decode, forced):
+        if prefill:  # the draft model prefills the newcomers' prompts (logits at their last position)
+            self._draft_pass([(rid, self.reqs[rid].seq) for rid in prefill])
+        drafts: dict[Any, list[int]] = {rid: [] for rid, _ in decode}
+        confs: dict[Any, list[float]] = {rid: [] for rid, _ in decode}
+        caps = dict(decode)
+        for rid, cap in decode:
+            want = forced.get(rid, (cap, 0))[0]
+            if want != cap:
+                raise SimspecError(f"request {rid}: forced drafts {want} != cap {cap} (draft always drafts its cap)")
+        for j in range(max(caps.values(), default=0)):
+            feeds = []
+            for rid, cap in decode:
+                if cap > j:
+                    r = self.reqs[rid]
+                    feed = r.seq[self.dkv.length(r.row, 0):] if j == 0 else [drafts[rid][-1]]
+                    feeds.append((rid, feed))
+            toks, cs = self._draft_pass(feeds)
+            for (rid, _), t, c in zip(feeds, toks, cs):
+                drafts[rid].append(t)
+                confs[rid].append(c)
+        ver, ctx = self._verify(prefill, [(rid, [self.reqs[rid].seq[-1]] + drafts[rid]) for rid, _ in decode])
+        out = {rid: MemberStep(tokens=ver[rid]) for rid in prefill}
+        for rid, cap in decode:
+            d, v = drafts[rid], ver[rid]
+            m = forced[rid][1] if rid in forced else _prefix(d, v)
+            if not 0 <= m <= cap:
+                raise SimspecError(f"request {rid}: accepted {m} outside 0..{cap}")
+            n = ctx[rid] + 1  # tokens in the sequence before this step (the last one not yet in KV)
+            row = self.reqs[rid].row
+            self.kv.crop(row, range(self.lm.num_layers), n + m)
+            self.dkv.crop(row, range(self.dn), n + m)
+            out[rid] = MemberStep(tokens=d[:m] + [v[m]], drafts=cap, accepted=m, confidences=confs[rid])
+        return out
+
+
+class BatchedKangaroo(BatchedRunner):
+    """Kangaroo double early exit, batched (method ``kangaroo``): exit ``exit_layer`` + ``adapter``
+    (None: logit lens), at most ``gamma`` drafts, stop after a draft whose top-1 probability is
+    below ``eta``."""
+
+    method = "kangaroo"
+
+    def __init__(self, target: LayeredLM, exit_layer: int, adapter: ExitAdapter | None, capacity_tokens: int,
+                 gamma: int = 6, eta: float = 0.6) -> None:
+        n = target.num_layers
+        if not 0 < exit_layer < n:
+            raise ConfigError(f"--method kangaroo: exit {exit_layer}: must be between 1 and {n - 1}")
+        if adapter is not None and adapter.exit_layer != exit_layer:
+            raise ConfigError(f"--method kangaroo: the adapter is for exit {adapter.exit_layer}, not {exit_layer}")
+        if gamma < 1 or not 0.0 <= eta <= 1.0:
+            raise ConfigError(f"--method kangaroo: gamma {gamma} must be >= 1 and eta {eta} in [0, 1]")
+        super().__init__(target, capacity_tokens, n_slots=max(n, (adapter.slot + 1) if adapter else n))
+        self.exit, self.gamma, self.eta, self.ad = int(exit_layer), int(gamma), float(eta), adapter
+
+    @property
+    def k_max(self) -> int:
+        return self.gamma
+
+    def _exit_heads(self, heads: list[tuple[Any, torch.Tensor]], fill: list[tuple[Any, torch.Tensor]]
+                    ) -> tuple[list[int], list[float]]:
+        """Exit logits for the last state of each ``heads`` member (adapter fed its backlog first);
+        ``fill``: prefill members whose prompt states only fill the adapter's KV (no logits)."""
+        if not heads and (self.ad is None or not fill):
+            return [], []
+        if self.ad is None:
+            x = torch.cat([h for _, h in heads], dim=1)
+            return _top1(self.lm.head(x)[0])
+        feeds, rows, news = [], [], []
+        for rid, h in heads:
+            r = self.reqs[rid]
+            p = self.kv.length(r.row, self.ad.slot)
+            back = []
+            while p in r.hist:  # states the adapter has not consumed, ending with the new one
+                back.append(r.hist.pop(p))
+                p += 1
+            if not back or back[-1] is not h:
+                raise RuntimeError(f"adapter backlog of request {rid} does not end with its new exit state")
+            x = torch.cat(back, dim=1) if len(back) > 1 else back[0]
+            feeds.append(x)
+            rows.append(r.row)
+            news.append(x.shape[1])
+        for rid, h in fill:
+            feeds.append(h)
+            rows.append(self.reqs[rid].row)
+            news.append(h.shape[1])
+        out = self.p.adapter(self.ad, torch.cat(feeds, dim=1), self.kv, rows, news)
+        if not heads:
+            return [], []
+        last = [b - 1 for _, b in _segments(news)[:len(heads)]]
+        return _top1(self.lm.head(out[:, last], normed=True)[0])
+
+    def _step(self, prefill, decode, forced):
+        L, N = self.exit, self.lm.num_layers
+        states: dict[Any, list[torch.Tensor]] = {rid: [] for rid, _ in decode}
+        drafts: dict[Any, list[int]] = {rid: [] for rid, _ in decode}
+        confs: dict[Any, list[float]] = {rid: [] for rid, _ in decode}
+        stop_at: dict[Any, int] = {}
+        for rid, cap in decode:
+            if rid in forced:
+                d = forced[rid][0]
+                if not (min(cap, 1) <= d <= cap):
+                    raise SimspecError(f"request {rid}: forced drafts {d} outside {min(cap, 1)}..{cap}")
+                stop_at[rid] = d
+        caps = dict(decode)
+        drafting = {rid for rid, cap in decode if cap > 0}
+        shallow = [rid for rid, _ in decode]  # round 0: every decode member's last token
+        pre_h: torch.Tensor | None = None
+        j = 0
+        while shallow or (j == 0 and prefill):
+            feeds = [[self.reqs[rid].seq[-1]] if j == 0 else [drafts[rid][-1]] for rid in shallow]
+            rids = list(shallow) + (list(prefill) if j == 0 else [])
+            feeds += [self.reqs[rid].seq for rid in prefill] if j == 0 else []
+            rows = [self.reqs[r].row for r in rids]
+            news = [len(f) for f in feeds]
+            h = self.p.run(self.p.embed(feeds), 0, L, self.kv, rows, news)
+            segs = _segments(news)
+            heads, fill = [], []
+            for b, rid in enumerate(rids):
+                a, e = segs[b]
+                hb = h[:, a:e]
+                if b >= len(shallow):
+                    fill.append((rid, hb))
+                    continue
+                states[rid].append(hb)
+                r = self.reqs[rid]
+                pos = self.kv.length(r.row, 0) - 1
+                if self.ad is not None:
+                    r.hist[pos] = hb
+                if rid in drafting:
+                    heads.append((rid, hb))
+            if j == 0 and prefill:
+                pre_h = h[:, segs[len(shallow)][0]:]
+            toks, cs = self._exit_heads(heads, fill)
+            nxt = []
+            for (rid, _), t, c in zip(heads, toks, cs):
+                drafts[rid].append(t)
+                confs[rid].append(c)
+                nxt.append(rid)  # its new draft needs its shallow pass next round
+                k = len(drafts[rid])
+                done = k >= (stop_at[rid] if rid in stop_at else caps[rid]) or (rid not in stop_at and c < self.eta)
+                if done:
+                    drafting.discard(rid)
+            shallow = nxt
+            j += 1
+        # verification: layers L..N-1 over every decode member's D+1 exit states and the prompts
+        rids = [rid for rid, _ in decode]
+        hs = [torch.cat(states[rid], dim=1) for rid in rids] + ([pre_h] if pre_h is not None else [])
+        feeds = [(rid, [0] * (len(drafts[rid]) + 1)) for rid in rids]
+        ver, ctx = self._verify(prefill, feeds, start=L, h_in=torch.cat(hs, dim=1))
+        out = {rid: MemberStep(tokens=ver[rid]) for rid in prefill}
+        for rid in rids:
+            d, v = drafts[rid], ver[rid]
+            m = forced[rid][1] if rid in forced else _prefix(d, v)
+            if not 0 <= m <= len(d):
+                raise SimspecError(f"request {rid}: accepted {m} outside 0..{len(d)}")
+            n = ctx[rid] + 1
+            r = self.reqs[rid]
+            self.kv.crop(r.row, range(N), n + m)
+            if self.ad is not None:
+                self.kv.crop(r.row, [self.ad.slot], n + m)
+                for p in [p for p in r.hist if p >= n + m]:
+                    del r.hist[p]
+            out[rid] = MemberStep(tokens=d[:m] + [v[m]], drafts=len(d), accepted=m, confidences=confs[rid])
+        return out
+
+
+def generate_batch(runner: BatchedRunner, prompts: list[list[int]], max_new_tokens: int,
+                   admit_every: int = 0) -> list[list[int]]:
+    """Serve ``prompts`` to ``max_new_tokens`` each with ``runner`` (tests and examples): all admitted
+    at once, or with ``admit_every = s`` one newcomer every ``s`` steps (so prefills share steps with
+    decodes). Draft caps: the runner's ``k_max``, capped at ``remaining − 1``."""
+    waiting = list(range(len(prompts)))
+    live: list[int] = []
+    out: dict[int, list[int]] = {}
+    step = 0
+    while waiting or live:
+        new = []
+        if waiting and (admit_every <= 0 or step % admit_every == 0):
+            take = len(waiting) if admit_every <= 0 else 1
+            new, waiting = waiting[:take], waiting[take:]
+            for i in new:
+                runner.add(i, prompts[i])
+        dec = [(i, max(0, min(runner.k_max, max_new_tokens - len(runner.tokens(i)) - 1))) for i in live]
+        runner.step(new, dec)
+        live += new
+        for i in list(live):
+            if len(runner.tokens(i)) >= max_new_tokens:
+                out[i] = runner.tokens(i)[:max_new_tokens]
+                runner.release(i)
+                live.remove(i)
+        step += 1
+    return [out[i] for i in range(len(prompts))]
