@@ -138,7 +138,8 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
     cost = CostModel(profile)
     method = get_method_class(config.method.name)(dict(config.method.params), profile, cost)
     if method.uses_acceptance:
-        entries, acc_notes = resolve_classes(profile, method.name, table.class_names)
+        entries, acc_notes = resolve_classes(profile, getattr(method, "acceptance_section", method.name),
+                                             table.class_names)
         notes += acc_notes
         model = method.build_acceptance(entries)
         method.bind_acceptance(model)
