@@ -47,13 +47,20 @@ class HeadDrafter(TreeSpec):
     def stages_used(self) -> set[str]:
         return super().stages_used() | ({"layer", "lm_head", "embed"} if self.composed else {self.head_stage})
 
-    def drafter_pass_ms(self, batch_size, batched_tokens, kv_tokens):
+    def prefill_draft_ms(self, n_prefill: int, prompt_tokens: float) -> float:
+        """The head runs over each prompt (its features and KV), logits for the last position."""
+        if not n_prefill:
+            return 0.0
+        return float(self.drafter_pass_ms(n_prefill, prompt_tokens, 0.0, logits_tokens=float(n_prefill)))
+
+    def drafter_pass_ms(self, batch_size, batched_tokens, kv_tokens, logits_tokens=None):
         c = self.cost
         if not self.composed:
             ms = c.stage_compute_ms(self.head_stage, batch_size, batched_tokens, kv_tokens)
         else:
             ms = c.layers_ms(self.head_layers, batch_size, batched_tokens, kv_tokens)
-            head = c.stage_compute_ms("lm_head", batch_size, batched_tokens, kv_tokens)
+            head = c.stage_compute_ms("lm_head", batch_size, batched_tokens if logits_tokens is None
+                                      else logits_tokens, kv_tokens)
             ms = ms + (head if self.vocab_ratio == 1.0 else head * self.vocab_ratio)
             if c.has("embed"):
                 ms = ms + c.stage_compute_ms("embed", batch_size, batched_tokens, kv_tokens)

@@ -30,6 +30,7 @@ class Medusa(TreeSpec):
     __doc__ = __doc__
     param_defaults = {**TreeSpec.param_defaults, "depth": 4, "topk": 4}
     frontier = False
+    passes_per_depth = False
 
     def __init__(self, params, profile, cost):
         super().__init__(params, profile, cost)

@@ -28,6 +28,7 @@ class NGram(TreeSpec):
     __doc__ = __doc__
     param_defaults = {"depth": 4, "hit_probability": -1.0, "acceptance": ""}
     extra_draws = 1
+    passes_per_depth = False
 
     def __init__(self, params, profile, cost):
         super().__init__(params, profile, cost)

@@ -204,6 +204,27 @@ class TreeSpec(Method):
                              active=None if all_act else active)
 
     # --- estimates used by policies (SmartSpec, LAPS-SD) ----------------------------------------
+    #: whether the drafting cost is one drafter pass per depth (SmartSpec's chain estimate applies)
+    passes_per_depth: ClassVar[bool] = True
+
+    @property
+    def iid_tokens(self) -> bool:
+        """A chain (top-1, every proposal made): SmartSpec's i.i.d. token formula, as for ``draft``."""
+        return self.topk == 1 and self.extra_draws == 0
+
+    @property
+    def maps_positions(self) -> bool:
+        """Whether a step's verified nodes differ from its positions (a tree)."""
+        return self.topk > 1
+
+    def verified_positions(self, drafted: np.ndarray, alpha: np.ndarray, class_idx: np.ndarray) -> np.ndarray:
+        """Depth of the tree of ``drafted`` nodes (arrays broadcast): the positions at which
+        ``position_accepts`` counted a top-1 accept."""
+        acc = self.acceptance
+        if not isinstance(acc, TreeAcceptance) or self.topk == 1:
+            return drafted
+        return np.where(drafted > 0, acc.tree_depth(alpha, class_idx, drafted), 0)
+
     def _class_mean_depth(self, k: int) -> np.ndarray:
         acc = self.acceptance
         if isinstance(acc, TreeAcceptance):
@@ -222,8 +243,12 @@ class TreeSpec(Method):
         return float(self.add_draft_ms(np.zeros(1), depth, ctx)[0])
 
     def stage_estimates_ms(self, batch_size: int, kv_tokens: float, k: int) -> tuple[float, float]:
-        """(drafting time per draft node, verification over k + 1 tokens per request)."""
+        """(drafting time per draft node, verification over k + 1 tokens per request). A chain
+        drafted pass by pass: one drafter pass over one token per request at ``kv_tokens`` (the
+        estimate ``draft`` makes)."""
         verify = self.cost.target_ms(batch_size, batch_size * (k + 1), kv_tokens, speculating=k > 0)
+        if self.topk == 1 and self.passes_per_depth:
+            return float(self.drafter_pass_ms(batch_size, batch_size, kv_tokens)), verify
         return (self.draft_total_ms(batch_size, kv_tokens, k) / k if k > 0 else 0.0), verify
 
     def expected_step_ms(self, batch_size: int, kv_tokens: float, k: int) -> float:
@@ -274,6 +299,13 @@ class TreeDraftModel(TreeSpec):
             return 0.0
         return draft_model_pass_ms(self.cost, self.draft_layers, n_prefill, prompt_tokens, 0.0,
                                    logits_tokens=n_prefill)
+
+    def stage_estimates_ms(self, batch_size: int, kv_tokens: float, k: int) -> tuple[float, float]:
+        if not self.per_step:
+            return super().stage_estimates_ms(batch_size, kv_tokens, k)
+        draft = self.drafter_pass_ms(batch_size, batch_size, kv_tokens)  # one figure per step, as draft
+        verify = self.cost.target_ms(batch_size, batch_size * (k + 1), kv_tokens, speculating=k > 0)
+        return (draft / k if k > 0 else 0.0), verify
 
     def add_draft_ms(self, ms, depth, ctx):
         if not self.per_step:
