@@ -268,3 +268,27 @@ def test_smartspec_estimates_the_top1_rate_over_a_tree(spec_len):
     if spec_len == "smartspec":
         assert abs(float(res.steps["policy_value"].iloc[-1]) - 0.6) < 0.03
     assert req["drafted"].sum() > 2 * req["position_accepts"].sum() / 0.6 / 4  # nodes ≫ positions
+
+
+def test_help_lists_the_tree_methods_with_parameters():
+    from click.testing import CliRunner
+
+    from simspec.cli import cli
+
+    out = " ".join(CliRunner().invoke(cli, ["replay", "--help"], terminal_width=400).output.split())
+    for text in ("tree:depth=4,topk=1,tokens=5", "eagle:depth=3", "eagle3:", "draft_vocab", "mtp:depth=1",
+                 "medusa:depth=4,topk=4,tokens=17", "ngram:depth=4,hit_probability", "--speculative-config"):
+        assert text in out, text
+
+
+def test_tree_fit_round_trips_the_mean_accepted_length():
+    from simspec.calibrate.tree_fit import beta_weights, fit_beta_mean, tau_curve
+
+    a, tau = tau_curve(3, 1, 4, 0.0)
+    assert tau[100] == pytest.approx(1 + a[100] + a[100] ** 2 + a[100] ** 3)  # a chain of 3
+    curve = tau_curve(4, 3, 10, 0.4)
+    m = fit_beta_mean(2.5, curve, 10.0)
+    assert float((beta_weights(curve[0], m, 10.0) * curve[1]).sum()) == pytest.approx(2.5, abs=1e-6)
+    # a hit probability scales the accepted part
+    half = tau_curve(3, 1, 4, 0.0, hit=0.5)
+    assert half[1][100] - 1 == pytest.approx(0.5 * (tau[100] - 1))
