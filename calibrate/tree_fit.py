@@ -60,3 +60,65 @@ def fit_beta_mean(tau_target: float, curve: tuple[np.ndarray, np.ndarray], conce
         else:
             hi = mid
     return 0.5 * (lo + hi)
+
+
+TREE_METHODS = ("tree", "eagle", "eagle3", "mtp", "medusa", "ngram")
+
+
+def alpha_for_tau(tau: float, curve: tuple[np.ndarray, np.ndarray]) -> float:
+    """The per-token level whose τ(α) (the curve, increasing) equals ``tau``, clipped to the grid."""
+    a, t = curve
+    return float(np.interp(tau, t, a, left=a[0], right=a[-1]))
+
+
+def _beta_moments(x: np.ndarray) -> dict:
+    m, v = float(x.mean()), float(x.var())
+    if x.size < 2 or v <= 0 or v >= m * (1 - m):
+        c = 10.0  # too few or too spread requests for moments: the default concentration
+    else:
+        c = m * (1 - m) / v - 1.0
+    return {"kind": "beta", "a": round(max(m * c, 1e-3), 5), "b": round(max((1 - m) * c, 1e-3), 5)}
+
+
+def import_spec_bench_tree(path, method: str, depth: int, topk: int, tokens: int, rank_hazard: float | None,
+                           hit: float | None = None) -> dict:
+    """The acceptance section (``{class: entry}`` plus ``default``) a Spec-Bench answer file of a tree
+    method encodes: each request's mean accept length is inverted through the tree model's τ(α) at
+    the given settings (``rank_hazard`` needed when ``topk`` > 1; ``hit`` the n-gram hit probability)
+    into its own level α_r, and each class's levels get a Beta by moments. Each entry records the
+    settings, the observed τ and the τ its fitted Beta implies (``fit.tau_model``)."""
+    from simspec.calibrate.importer import read_spec_bench
+
+    if method not in TREE_METHODS:
+        raise SimspecError(f"--method {method}: not a tree method ({', '.join(TREE_METHODS)})")
+    if topk > 1 and rank_hazard is None:
+        raise SimspecError("--rank-hazard: needed for a tree with --topk > 1")
+    if method == "ngram" and hit is None:
+        raise SimspecError("--hit-probability: needed for ngram (the log's τ mixes hits and misses)")
+    h = 0.0 if rank_hazard is None else float(rank_hazard)
+    curve = tau_curve(depth, topk, tokens, h, frontier=method != "medusa", hit=1.0 if hit is None else hit)
+    rows = read_spec_bench(path)
+    longest = max(max(al) for _, _, al in rows)
+    if longest > depth + 1:
+        raise SimspecError(f"acceptance log {path}: an accept length of {longest} needs --depth >= {longest - 1}")
+    by_cls: dict[str, list[tuple[float, int, int]]] = {}
+    for cls, _qid, al in rows:
+        by_cls.setdefault(cls, []).append((alpha_for_tau(sum(al) / len(al), curve), sum(al), len(al)))
+    settings = {"depth": depth, "topk": topk, "tokens": tokens, "source": f"imported from {path} (Spec-Bench "
+                f"accept_lengths, tree model inverted per request)"}
+    out: dict = {}
+    groups = {**by_cls, "default": [r for v in by_cls.values() for r in v]}
+    for cls, reqs in groups.items():
+        lv = np.array([r[0] for r in reqs])
+        alpha = _beta_moments(lv)
+        m, c = alpha["a"] / (alpha["a"] + alpha["b"]), alpha["a"] + alpha["b"]
+        tau_model = float((beta_weights(curve[0], m, c) * curve[1]).sum())
+        entry = {"alpha": alpha, "mean_tokens_per_step": round(sum(r[1] for r in reqs) / sum(r[2] for r in reqs), 4),
+                 "n_requests": len(reqs), "n_steps": int(sum(r[2] for r in reqs)), "settings": settings,
+                 "fit": {"tau_model": round(tau_model, 4), "alpha_levels_mean": round(float(lv.mean()), 4)}}
+        if rank_hazard is not None:
+            entry["rank_hazard"] = h
+        if hit is not None:
+            entry["hit_probability"] = float(hit)
+        out[cls] = entry
+    return out

@@ -292,3 +292,39 @@ def test_tree_fit_round_trips_the_mean_accepted_length():
     # a hit probability scales the accepted part
     half = tau_curve(3, 1, 4, 0.0, hit=0.5)
     assert half[1][100] - 1 == pytest.approx(0.5 * (tau[100] - 1))
+
+
+def test_import_tree_log_recovers_the_levels_it_was_sampled_from(tmp_path):
+    # a Spec-Bench-style log sampled from the tree model (depth 4, top-3, 10 tokens, h = 0.3) at
+    # per-request levels 0.5 (class qa) and 0.8 (class rag): the import inverts each request's τ
+    import json
+
+    from simspec.calibrate.tree_fit import import_spec_bench_tree
+    from simspec.cli import main
+
+    acc = _acc(topk=3, depth=4, nodes=9, h=0.3, alpha=0.5)
+    rng = np.random.default_rng(11)
+    recs = []
+    for qid, (cat, a) in enumerate([("qa", 0.5)] * 20 + [("rag", 0.8)] * 20):
+        n = 400
+        accepted, _ = acc.walk(rng.random((n, 4)), np.full(n, a), np.zeros(n, dtype=np.int64), np.full(n, 9))
+        recs.append({"question_id": qid, "category": cat, "choices": [{"accept_lengths": (accepted + 1).tolist()}]})
+    f = tmp_path / "answers.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    sec = import_spec_bench_tree(f, "eagle", 4, 3, 10, 0.3)
+    for cls, a in (("qa", 0.5), ("rag", 0.8)):
+        e = sec[cls]
+        assert e["fit"]["alpha_levels_mean"] == pytest.approx(a, abs=0.02)
+        assert e["fit"]["tau_model"] == pytest.approx(e["mean_tokens_per_step"], rel=0.02)
+        assert e["rank_hazard"] == 0.3 and e["settings"]["topk"] == 3
+    out = tmp_path / "p.json"
+    out.write_text(json.dumps(flat_profile_doc()))
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "import-acceptance", str(f), "--out", str(out), "--method", "eagle", "--depth", "4",
+              "--topk", "3", "--tokens", "10", "--rank-hazard", "0.3"])
+    assert exc.value.code in (0, None)
+    assert set(json.loads(out.read_text())["acceptance"]["eagle"]) == {"qa", "rag", "default"}
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "import-acceptance", str(f), "--out", str(out), "--method", "eagle", "--depth", "4",
+              "--topk", "3"])
+    assert exc.value.code == 2
