@@ -1,5 +1,5 @@
 """Study: draft model vs EAGLE (chain and trees) vs n-gram lookup vs plain decoding across load, under
-FCFS and LAPS-SD, on one analytic A100 profile of Vicuna-7B.
+FCFS (vLLM batching) and LAPS-SD (preemptive batching), on one analytic A100 profile of Vicuna-7B.
 
 **Profile** (built here, deterministic; `simspec profile analytic --gpu a100-80gb --model vicuna-7b
 --draft llama-68m --eagle eagle-vicuna-7b-v1.3` gives the same stages): roofline latencies of
@@ -7,7 +7,7 @@ Vicuna-7B v1.3 on one A100 80GB (cuda-graph engine), the llama-68m draft model (
 the public EAGLE head for Vicuna-7B (`eagle_head`: one decoder layer + fc + the shared LM head).
 
 **Acceptance** (inputs, not results: each method's level is fitted to its *measured* mean accepted
-length τ on Spec-Bench — the leaderboard's Vicuna-7B v1.3 greedy figures, "#Mean Accepted Tokens":
+length τ on Spec-Bench (per step, as Spec-Bench averages) — the leaderboard's Vicuna-7B v1.3 greedy figures, "#Mean Accepted Tokens":
 SpS (draft model) 2.29, EAGLE-2 4.36, PLD (prompt lookup) 1.74 — at the setting each was measured
 with; the study then predicts latency under load, which Spec-Bench does not measure):
 
@@ -29,8 +29,9 @@ goodput-optimal tree size per batch). Caveat: the analytic LM head prices logits
 positions per request (simspec.analytic.LOGITS_TOKENS_CAP), so the 60-token tree's verification is
 under-priced; the 16-token tree is not affected.
 
-Trace: Poisson arrivals, prompt ``--prompt`` / output ``--output`` tokens, the same seed at every
-rate. One replica, the profile's capacity (batch ≤ 256, 8,192 tokens per step).
+Trace: Poisson arrivals; prompt and output lengths lognormal with means ``--prompt`` / ``--output``
+tokens and CV ``--cv`` (1.0; capped at 1,024 / 1,000 tokens to stay in Vicuna's 2,048-token window),
+the same seed at every rate. One replica, the profile's capacity (batch ≤ 256, 8,192 tokens per step).
 
     python benchmarks/study_tree_methods.py            # writes docs/studies/tree_methods.{csv,json,png}
 """
@@ -41,8 +42,10 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from simspec.analytic import build_profile, load_model_config
@@ -52,7 +55,7 @@ from simspec.calibrate.tree_fit import fit_beta_mean, tau_curve
 from simspec.profile import profile_from_doc
 from simspec.simulator.config import ComponentSpec, RunConfig
 from simspec.simulator.run import simulate
-from simspec.traces.synthetic import FixedLengths, PoissonArrivals, synthesize
+from simspec.traces.synthetic import LognormalLengths, PoissonArrivals, synthesize
 
 SPEC_BENCH_TAU = {"draft": 2.29, "eagle": 4.36, "ngram": 1.74}  # Spec-Bench leaderboard, Vicuna-7B v1.3
 CONCENTRATION = 10.0
@@ -67,7 +70,9 @@ CONFIGS = [  # (label, --spec, --spec-len)
     ("eagle-2 tree 60", "eagle:depth=6,topk=10,tokens=60", "fixed"),
     ("eagle tree 16 smartspec", "eagle:depth=5,topk=4,tokens=16", "smartspec"),
 ]
-POLICIES = ["fcfs", "laps-sd"]
+#: (scheduler, batching): FCFS under vLLM's scheduler; LAPS-SD as its paper defines it (re-ranks every step:
+#: --batching preemptive — under vLLM batching with room for everyone it admits like FCFS, docs/engine.md)
+POLICIES = [("fcfs", "vllm"), ("laps-sd", "preemptive")]
 
 
 def study_profile(rank_hazard: float) -> tuple[dict, dict]:
@@ -94,9 +99,9 @@ def study_profile(rank_hazard: float) -> tuple[dict, dict]:
     return doc, fitted
 
 
-def run_one(trace, profile, policy: str, spec: str, spec_len: str, seed: int) -> dict:
+def run_one(trace, profile, policy: str, batching: str, spec: str, spec_len: str, seed: int) -> dict:
     cfg = RunConfig(scheduler=ComponentSpec.parse(policy, "--policy"), method=ComponentSpec.parse(spec, "--spec"),
-                    spec_len=ComponentSpec.parse(spec_len, "--spec-len"), seed=seed)
+                    spec_len=ComponentSpec.parse(spec_len, "--spec-len"), seed=seed, batching=batching)
     res = simulate(cfg, trace, profile)
     s, st = res.summary, res.steps
     dec = st[st["prefills"] < st["batch_size"]]
@@ -109,10 +114,11 @@ def run_one(trace, profile, policy: str, spec: str, spec_len: str, seed: int) ->
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rates", default="1,2,4,8,16,24,32", help="request rates (req/s), comma-separated")
+    ap.add_argument("--rates", default="1,2,4,8,12,16,24", help="request rates (req/s), comma-separated")
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--output", type=int, default=256)
+    ap.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of both lengths (lognormal)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rank-hazard-file", default="docs/studies/rank_hazard.json")
     ap.add_argument("--out", default="docs/studies")
@@ -124,20 +130,25 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.perf_counter()
     for rate in rates:
-        trace = synthesize(PoissonArrivals(rate), FixedLengths(args.prompt, args.output), n=args.requests,
-                           seed=args.seed, source=f"poisson-{rate:g}")
-        for policy in POLICIES:
+        trace = synthesize(PoissonArrivals(rate), LognormalLengths.from_moments(args.prompt, args.cv, args.output,
+                                                                                args.cv),
+                           n=args.requests, seed=args.seed, source=f"poisson-{rate:g}")
+        # within Vicuna's 2,048-token context
+        trace = replace(trace, prompt_tokens=np.minimum(trace.prompt_tokens, 1024),
+                        output_tokens=np.minimum(trace.output_tokens, 1000))
+        for policy, batching in POLICIES:
             for label, spec, spec_len in CONFIGS:
-                rows.append({"rate_per_s": rate, "policy": policy, "config": label, "spec": spec,
-                             "spec_len": spec_len, **run_one(trace, profile, policy, spec, spec_len, args.seed)})
+                rows.append({"rate_per_s": rate, "policy": policy, "batching": batching, "config": label, "spec": spec,
+                             "spec_len": spec_len,
+                             **run_one(trace, profile, policy, batching, spec, spec_len, args.seed)})
         print(f"  rate {rate:g}/s done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     df = pd.DataFrame(rows)
     pd.set_option("display.width", 220)
-    for policy in POLICIES:
+    for policy, batching in POLICIES:
         t = df[df["policy"] == policy].pivot(index="rate_per_s", columns="config", values="latency_ms_mean")
         t = t[[c[0] for c in CONFIGS]].round(0).astype(int)
-        print(f"\nmean latency (ms), {policy}, {args.requests} requests, prompt {args.prompt}, output {args.output}, "
-              f"seed {args.seed}")
+        print(f"\nmean latency (ms), {policy} (--batching {batching}), {args.requests} requests, "
+              f"lognormal prompt/output means {args.prompt}/{args.output} (CV {args.cv:g}), seed {args.seed}")
         print(t.to_string())
     tau = df[(df["policy"] == "fcfs") & (df["rate_per_s"] == rates[0])].set_index("config")["tokens_per_decode_step"]
     print("\ntokens per decode step at the lowest rate (fcfs):\n" + tau.round(2).to_string())
@@ -148,7 +159,9 @@ def main(argv=None) -> int:
     write_json(out / "tree_methods.json", {
         "command": "python benchmarks/study_tree_methods.py " + " ".join(argv or sys.argv[1:]),
         "profile": "vicuna7b-a100-eagle-study (built by the script)", "seed": args.seed, "requests": args.requests,
-        "prompt_tokens": args.prompt, "output_tokens": args.output, "rates_per_s": rates, "policies": POLICIES,
+        "prompt_tokens_mean": args.prompt, "output_tokens_mean": args.output, "length_cv": args.cv,
+        "rates_per_s": rates,
+        "policies": [{"policy": p, "batching": b} for p, b in POLICIES],
         "fitted_acceptance": fitted, "spec_bench_tau": SPEC_BENCH_TAU, "rank_hazard": hz,
         "configs": [{"label": c[0], "spec": c[1], "spec_len": c[2]} for c in CONFIGS]})
     plot(df, out / "tree_methods.png", args)
@@ -163,17 +176,17 @@ def plot(df: pd.DataFrame, path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(POLICIES), figsize=(11, 4.2), sharey=True)
-    for ax, policy in zip(axes, POLICIES):
+    for ax, (policy, batching) in zip(axes, POLICIES):
         for label, *_ in CONFIGS:
             d = df[(df["policy"] == policy) & (df["config"] == label)].sort_values("rate_per_s")
             ax.plot(d["rate_per_s"], d["latency_ms_mean"] / 1000.0, marker="o", ms=3, label=label,
                     ls="--" if "smartspec" in label else "-")
         ax.set_yscale("log")
         ax.set_xlabel("request rate (req/s)")
-        ax.set_title(policy)
+        ax.set_title(f"{policy} (--batching {batching})")
     axes[0].set_ylabel("mean latency (s)")
     axes[-1].legend(fontsize=7)
-    fig.suptitle(f"Vicuna-7B on A100 (analytic): speculation methods across load, prompt {args.prompt} / "
+    fig.suptitle(f"Vicuna-7B on A100 (analytic): speculation methods across load, lognormal prompt {args.prompt} / "
                  f"output {args.output}, seed {args.seed}", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")

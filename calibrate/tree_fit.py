@@ -5,10 +5,9 @@ A Spec-Bench-style figure — "#mean accepted tokens" τ (tokens committed per v
 token included) of a method at its settings — does not say which per-token rate produced it; the
 tree model (:mod:`simspec.simulator.acceptance_tree`) does, given the settings (depth, top-k, tokens
 verified), the rank hazard h and, for n-gram lookup, the hit probability π. :func:`fit_beta_mean`
-finds the mean m of a per-request Beta(m·c, (1−m)·c) spread (concentration c) whose average τ over
-requests equals the target, by bisection (τ is increasing in α):
-
-    E_{α ~ Beta}[1 + π · E[accepted | α]] = τ_target.
+finds the mean m of a per-request Beta(m·c, (1−m)·c) spread (concentration c) whose τ over the
+population equals the target, by bisection (τ is increasing in α); τ(α) = 1 + π·E[accepted | α],
+averaged per step (1 / E_α[1/τ(α)], as Spec-Bench averages accept lengths over steps) by default.
 
 It fits the level only; the per-step distribution follows from the model. Used by
 ``benchmarks/study_tree_methods.py`` to turn Spec-Bench's per-method τ into acceptance entries.
@@ -44,18 +43,27 @@ def beta_weights(a: np.ndarray, mean: float, concentration: float) -> np.ndarray
     return w / w.sum()
 
 
-def fit_beta_mean(tau_target: float, curve: tuple[np.ndarray, np.ndarray], concentration: float = 10.0) -> float:
-    """The Beta mean m (concentration c) whose request-averaged τ is ``tau_target``."""
+def mean_tau(curve: tuple[np.ndarray, np.ndarray], mean: float, concentration: float, per_step: bool = True) -> float:
+    """τ over a Beta(mean, concentration) population of requests: per step (tokens over steps, the
+    way Spec-Bench averages accept lengths — for equal output lengths the harmonic mean of the
+    requests' τ) or, with ``per_step=False``, the plain mean over requests."""
     a, tau = curve
-    lo_tau = float((beta_weights(a, 0.02, concentration) * tau).sum())
-    hi_tau = float((beta_weights(a, 0.98, concentration) * tau).sum())
+    w = beta_weights(a, mean, concentration)
+    return float(1.0 / (w / tau).sum()) if per_step else float((w * tau).sum())
+
+
+def fit_beta_mean(tau_target: float, curve: tuple[np.ndarray, np.ndarray], concentration: float = 10.0,
+                  per_step: bool = True) -> float:
+    """The Beta mean m (concentration c) whose population τ (:func:`mean_tau`) is ``tau_target``."""
+    lo_tau = mean_tau(curve, 0.02, concentration, per_step)
+    hi_tau = mean_tau(curve, 0.98, concentration, per_step)
     if not lo_tau <= tau_target <= hi_tau:
         raise SimspecError(f"tau {tau_target}: outside what this configuration reaches "
                            f"({lo_tau:.3f}..{hi_tau:.3f})")
     lo, hi = 0.02, 0.98
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if float((beta_weights(a, mid, concentration) * tau).sum()) < tau_target:
+        if mean_tau(curve, mid, concentration, per_step) < tau_target:
             lo = mid
         else:
             hi = mid

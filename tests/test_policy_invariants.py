@@ -44,7 +44,8 @@ METHOD_SPECS = {"none": "none", "draft": "draft:k=3",  # others: their defaults
                 "eagle3": "eagle3:acceptance=draft",
                 "mtp": "mtp:depth=2,acceptance=draft",
                 "medusa": "medusa:depth=3,topk=2,tokens=6,acceptance=draft,rank_hazard=0.4",
-                "ngram": "ngram:depth=3,acceptance=draft,hit_probability=0.7"}
+                "ngram": "ngram:depth=3,acceptance=draft,hit_probability=0.7",
+                "draft-dynamic": "draft-dynamic:k=3"}
 PROFILE = "vicuna7b-a100-analytic"  # layer-level, with acceptance for draft, kangaroo and hispec
 
 

@@ -287,8 +287,11 @@ def test_tree_fit_round_trips_the_mean_accepted_length():
     a, tau = tau_curve(3, 1, 4, 0.0)
     assert tau[100] == pytest.approx(1 + a[100] + a[100] ** 2 + a[100] ** 3)  # a chain of 3
     curve = tau_curve(4, 3, 10, 0.4)
-    m = fit_beta_mean(2.5, curve, 10.0)
+    m = fit_beta_mean(2.5, curve, 10.0, per_step=False)
     assert float((beta_weights(curve[0], m, 10.0) * curve[1]).sum()) == pytest.approx(2.5, abs=1e-6)
+    m2 = fit_beta_mean(2.5, curve, 10.0)  # per step: the harmonic mean over requests is lower: a higher level
+    assert 1.0 / float((beta_weights(curve[0], m2, 10.0) / curve[1]).sum()) == pytest.approx(2.5, abs=1e-6)
+    assert m2 > m
     # a hit probability scales the accepted part
     half = tau_curve(3, 1, 4, 0.0, hit=0.5)
     assert half[1][100] - 1 == pytest.approx(0.5 * (tau[100] - 1))
@@ -328,3 +331,24 @@ def test_import_tree_log_recovers_the_levels_it_was_sampled_from(tmp_path):
         main(["calibrate", "import-acceptance", str(f), "--out", str(out), "--method", "eagle", "--depth", "4",
               "--topk", "3"])
     assert exc.value.code == 2
+
+
+def test_draft_dynamic_confidence_stop_golden(flat_profile):
+    # flat profile: target 10 ms, a draft pass 1 ms, α = 1. Prompt 4, output 5.
+    # Step 1: prefill 10 + draft prefill 1 = 11 ms. Without confidence histograms (or eta = 0) the
+    # draft stops only at k: step 2 drafts min(8, 3) = 3 → 3 passes + verify = 13 ms, all accepted.
+    res = simulate(cfg("draft-dynamic:k=8,eta=0.0"), make_trace([0], [4], [5]), flat_profile(alpha=1.0))
+    assert list(res.steps["step_ms"]) == pytest.approx([11.0, 13.0])
+    # eta = 1: every draft's top-1 probability is below it: one draft per step → 1 pass + verify
+    # = 11 ms, 1 accepted + 1 committed each: steps 2, 3 commit 2 each (4 of 5 tokens), done
+    doc = flat_profile_doc(alpha=1.0)
+    doc["acceptance"]["draft"]["default"]["confidence"] = {"bin_edges": [0.0, 0.5, 1.0], "accepted": [[1, 1]],
+                                                           "rejected": [[1, 1]]}
+    res = simulate(cfg("draft-dynamic:k=8,eta=1.0"), make_trace([0], [4], [5]), profile_from_doc(doc, "flat"))
+    assert list(res.steps["step_ms"]) == pytest.approx([11.0, 11.0, 11.0])
+    assert int(res.requests["drafted"].iloc[0]) == 2
+    # the stop at eta = 0.5 with half the mass below: D ~ 1 + Geometric, mean drafts < k
+    res = simulate(cfg("draft-dynamic:k=8,eta=0.5"), make_trace([0] * 20, [4] * 20, [60] * 20),
+                   profile_from_doc(doc, "flat"))
+    r = res.requests
+    assert 1.0 < r["drafted"].sum() / r["decode_steps"].sum() < 3.0

@@ -228,7 +228,8 @@ class TreeSpec(Method):
     def _class_mean_depth(self, k: int) -> np.ndarray:
         acc = self.acceptance
         if isinstance(acc, TreeAcceptance):
-            return acc.tree_depth(acc.mean_alpha, np.arange(acc.mean_alpha.shape[0]), np.full(acc.mean_alpha.shape[0], k))
+            n = acc.mean_alpha.shape[0]
+            return acc.tree_depth(acc.mean_alpha, np.arange(n), np.full(n, k))
         return np.array([min(k, self.depth)])
 
     def draft_total_ms(self, batch_size: int, kv_tokens: float, k: int) -> float:
