@@ -31,7 +31,8 @@ under-priced; the 16-token tree is not affected.
 
 Trace: Poisson arrivals; prompt and output lengths lognormal with means ``--prompt`` / ``--output``
 tokens and CV ``--cv`` (1.0; capped at 1,024 / 1,000 tokens to stay in Vicuna's 2,048-token window),
-the same seed at every rate. One replica, the profile's capacity (batch ≤ 256, 8,192 tokens per step).
+the same seed at every rate. One replica, at most ``--max-batch`` 32 requests per step (so that whom a scheduler runs first
+matters once more than 32 are in flight), the profile's KV budget and 8,192 tokens per step.
 
     python benchmarks/study_tree_methods.py            # writes docs/studies/tree_methods.{csv,json,png}
 """
@@ -99,9 +100,11 @@ def study_profile(rank_hazard: float) -> tuple[dict, dict]:
     return doc, fitted
 
 
-def run_one(trace, profile, policy: str, batching: str, spec: str, spec_len: str, seed: int) -> dict:
+def run_one(trace, profile, policy: str, batching: str, spec: str, spec_len: str, seed: int,
+            max_batch: int) -> dict:
     cfg = RunConfig(scheduler=ComponentSpec.parse(policy, "--policy"), method=ComponentSpec.parse(spec, "--spec"),
-                    spec_len=ComponentSpec.parse(spec_len, "--spec-len"), seed=seed, batching=batching)
+                    spec_len=ComponentSpec.parse(spec_len, "--spec-len"), seed=seed, batching=batching,
+                    max_batch_size=max_batch)
     res = simulate(cfg, trace, profile)
     s, st = res.summary, res.steps
     dec = st[st["prefills"] < st["batch_size"]]
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--output", type=int, default=256)
+    ap.add_argument("--max-batch", type=int, default=32, help="requests per step (vLLM's max_num_seqs)")
     ap.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of both lengths (lognormal)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rank-hazard-file", default="docs/studies/rank_hazard.json")
@@ -140,7 +144,8 @@ def main(argv=None) -> int:
             for label, spec, spec_len in CONFIGS:
                 rows.append({"rate_per_s": rate, "policy": policy, "batching": batching, "config": label, "spec": spec,
                              "spec_len": spec_len,
-                             **run_one(trace, profile, policy, batching, spec, spec_len, args.seed)})
+                             **run_one(trace, profile, policy, batching, spec, spec_len, args.seed,
+                                       args.max_batch)})
         print(f"  rate {rate:g}/s done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     df = pd.DataFrame(rows)
     pd.set_option("display.width", 220)
@@ -148,7 +153,8 @@ def main(argv=None) -> int:
         t = df[df["policy"] == policy].pivot(index="rate_per_s", columns="config", values="latency_ms_mean")
         t = t[[c[0] for c in CONFIGS]].round(0).astype(int)
         print(f"\nmean latency (ms), {policy} (--batching {batching}), {args.requests} requests, "
-              f"lognormal prompt/output means {args.prompt}/{args.output} (CV {args.cv:g}), seed {args.seed}")
+              f"lognormal prompt/output means {args.prompt}/{args.output} (CV {args.cv:g}), max batch "
+              f"{args.max_batch}, seed {args.seed}")
         print(t.to_string())
     tau = df[(df["policy"] == "fcfs") & (df["rate_per_s"] == rates[0])].set_index("config")["tokens_per_decode_step"]
     print("\ntokens per decode step at the lowest rate (fcfs):\n" + tau.round(2).to_string())
@@ -159,7 +165,7 @@ def main(argv=None) -> int:
     write_json(out / "tree_methods.json", {
         "command": "python benchmarks/study_tree_methods.py " + " ".join(argv or sys.argv[1:]),
         "profile": "vicuna7b-a100-eagle-study (built by the script)", "seed": args.seed, "requests": args.requests,
-        "prompt_tokens_mean": args.prompt, "output_tokens_mean": args.output, "length_cv": args.cv,
+        "prompt_tokens_mean": args.prompt, "output_tokens_mean": args.output, "length_cv": args.cv, "max_batch": args.max_batch,
         "rates_per_s": rates,
         "policies": [{"policy": p, "batching": b} for p, b in POLICIES],
         "fitted_acceptance": fitted, "spec_bench_tau": SPEC_BENCH_TAU, "rank_hazard": hz,
