@@ -47,6 +47,7 @@ from simspec.simulator.methods.kangaroo import class_entry_names, int_param
 
 MAX_DEPTH = 16  # tree depth limit (path codes of the tie-break fit int64 up to 11^16)
 MAX_TOPK = 10
+MAX_NODES = 1024  # draft nodes per tree (SGLang's trees verify tens of tokens; bounds the shape tables)
 
 
 class TreeSpec(Method):
@@ -66,12 +67,12 @@ class TreeSpec(Method):
         name = self.name
         self.depth = int_param(name, "depth", p["depth"], 1, MAX_DEPTH)
         self.topk = int_param(name, "topk", p.get("topk", 1), 1, MAX_TOPK)
-        most = max_nodes(self.depth, self.topk, self.frontier)
+        most = min(max_nodes(self.depth, self.topk, self.frontier), MAX_NODES)
         tokens = p.get("tokens", -1)
         if tokens == -1:
             tokens = self.depth + 1 if self.topk == 1 else min(1 + self.depth * self.topk, most + 1)
         self.tokens = int_param(name, "tokens", tokens, 2, most + 1,
-                                f" (a depth-{self.depth}, top-{self.topk} tree has {most} draft nodes + the root)")
+                                f" (a depth-{self.depth}, top-{self.topk} tree has at most {most} draft nodes + the root)")
         self.n_nodes = self.tokens - 1
         hz = p.get("rank_hazard", -1.0)
         if hz != -1.0 and (isinstance(hz, bool) or not isinstance(hz, (int, float)) or not 0.0 <= float(hz) <= 1.0):
