@@ -18,7 +18,9 @@ A step (``depth`` D, ``topk`` K, ``tokens`` N verified per request incl. the roo
 Every committed token is the target's argmax given the committed prefix, so the output equals plain
 greedy decoding (up to floating-point ties: the tree pass sums in another order; in fp32 the tests
 see none). No KV cache: every pass recomputes the sequence (simple and obviously lossless; this
-runner measures acceptance, not speed). Logs: ``drafts`` = ``offered`` = tree nodes, ``accepted`` =
+runner measures acceptance, not speed); the drafter runs one shallow pass per depth over the
+sequence and the candidate pool so far with the tree mask, and the LM heads run only where logits
+are read. Logs: ``drafts`` = ``offered`` = tree nodes, ``accepted`` =
 accepted path length, ``inner``: the tree's node count and depth.
 """
 
@@ -90,42 +92,55 @@ class TreeRunner(_Base):
     def _reset(self) -> None:
         pass
 
-    def _target_logits(self, ids: list[int], mask: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+    def _target_logits(self, ids: list[int], mask: torch.Tensor | None, pos: torch.Tensor,
+                       first_row: int = 0) -> torch.Tensor:
+        """Target logits for rows ``first_row..`` of ``ids`` (the LM head only where needed)."""
         h = _run(self.lm, self.lm.embed(ids), 0, self.lm.num_layers, mask, pos)
-        return self.lm.head(h)[0]
+        return self.lm.head(h[:, first_row:])[0]
 
     def _prefill(self, prompt: list[int]) -> int:
         pos = torch.arange(len(prompt), device=self.lm.device)[None]
-        return _top1(self._target_logits(prompt, causal(len(prompt), self.lm.dtype, self.lm.device), pos)[-1])[0]
+        mask = causal(len(prompt), self.lm.dtype, self.lm.device)
+        return _top1(self._target_logits(prompt, mask, pos, len(prompt) - 1)[-1])[0]
 
-    def _draft_probs(self, ids: list[int]) -> torch.Tensor:
-        """The drafter's next-token distribution after ``ids``."""
+    def _draft_probs(self, seq: list[int], toks: list[int], parents: list[int], depths: list[int],
+                     rows: list[int]) -> torch.Tensor:
+        """The drafter's next-token distributions after the committed ``seq`` (row −1) and after
+        each node ``rows`` of the partial tree (``toks``, ``parents``, ``depths``): one shallow pass
+        over the sequence and the tree with the tree mask (a node sees the context and its
+        ancestors), then the adapter (same mask) and the LM head at those rows."""
         lm = self.lm
-        pos = torch.arange(len(ids), device=lm.device)[None]
-        h = _run(lm, lm.embed(ids), 0, self.exit_layer, causal(len(ids), lm.dtype, lm.device), pos)
+        L = len(seq)
+        mask = tree_mask(L, parents, lm.dtype, lm.device)
+        pos = torch.tensor([list(range(L)) + [L - 1 + d for d in depths]], device=lm.device)
+        h = _run(lm, lm.embed(seq + toks), 0, self.exit_layer, mask, pos)
+        at = torch.tensor([L - 1 if r < 0 else L + r for r in rows], device=lm.device)
         if self.adapter is not None:
-            logits = lm.head(self.adapter(lm, h, 0, None)[:, -1:], normed=True)  # attends to the whole path
+            ad = self.adapter
+            x = ad.in_norm(h)
+            out = ad.attn(hidden_states=x, position_embeddings=lm.base.rotary_emb(x, pos), attention_mask=mask)
+            a = out[0] if isinstance(out, tuple) else out
+            logits = lm.head(ad.out_norm(h + a)[:, at], normed=True)
         else:
-            logits = lm.head(h[:, -1:])
-        return torch.softmax(logits[0, -1].float(), dim=-1)
+            logits = lm.head(h[:, at])
+        return torch.softmax(logits[0].float(), dim=-1)
 
     def _build_tree(self, seq: list[int]) -> tuple[list[int], list[int], list[int], list[float]]:
         """(tokens, parents, depths, scores) of the verified tree, parents before children."""
         k = self.topk
-        # candidate pool: (score, depth, creation index, token, parent creation index)
+        # candidate pool: (score, depth, creation index, token, parent creation index); creation
+        # order puts parents first, so the pool itself is a valid tree for the drafter's pass
         pool: list[tuple[float, int, int, int, int]] = []
-        paths: dict[int, list[int]] = {-1: []}
         frontier = [(1.0, -1)]
         for d in range(1, self.depth + 1):
             layer: list[tuple[float, int, int, int, int]] = []
-            for score, node in frontier:
-                probs = self._draft_probs(seq + paths[node])
-                p, tok = torch.topk(probs, k)
+            probs = self._draft_probs(seq, [c[3] for c in pool], [c[4] for c in pool], [c[1] for c in pool],
+                                      [node for _, node in frontier])
+            for (score, node), pr in zip(frontier, probs):
+                p, tok = torch.topk(pr, k)
                 for pi, ti in zip(p.tolist(), tok.tolist()):
                     idx = len(pool) + len(layer)
                     layer.append((score * pi, d, idx, int(ti), node))
-            for c in layer:
-                paths[c[2]] = paths[c[4]] + [c[3]]
             pool.extend(layer)
             layer.sort(key=lambda c: (-c[0], c[2]))
             frontier = [(c[0], c[2]) for c in layer[:k]]
@@ -144,12 +159,12 @@ class TreeRunner(_Base):
         t = tm.add("draft_ms", t)
         L = len(seq)
         pos = torch.tensor([list(range(L)) + [L - 1 + d for d in depths]], device=self.lm.device)
-        logits = self._target_logits(seq + toks, tree_mask(L, parents, self.lm.dtype, self.lm.device), pos)
+        logits = self._target_logits(seq + toks, tree_mask(L, parents, self.lm.dtype, self.lm.device), pos, L - 1)
         tm.add("target_ms", t)
         children: dict[int, list[int]] = {}
         for i, p in enumerate(parents):
             children.setdefault(p, []).append(i)
-        node, row, out = -1, L - 1, []
+        node, row, out = -1, 0, []  # logits rows: 0 the last committed token, 1 + i node i
         while True:
             want = int(torch.argmax(logits[row]))
             kids = children.get(node, [])
@@ -158,7 +173,7 @@ class TreeRunner(_Base):
                 out.append(want)
                 break
             out.append(toks[hit])
-            node, row = hit, L + hit
+            node, row = hit, 1 + hit
         accepted = len(out) - 1
         return out, StepLog(drafts=len(toks), offered=len(toks), accepted=accepted, committed=len(out),
                             rejected_by=None if accepted == self.depth else "target",
