@@ -10,6 +10,7 @@ Prints wall time, simulated steps, mean batch, request-steps per second and peak
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -47,15 +48,16 @@ def main() -> None:
         trace = synthetic_trace(args.requests, rate, args.seed)
         cfg = RunConfig(scheduler=ComponentSpec.parse(args.policy, "policy"),
                         method=ComponentSpec.parse(args.spec, "spec"), replicas=args.replicas, seed=args.seed)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = simulate(cfg, trace, profile)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         s = res.summary
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"rate {rate:g} req/s: {args.requests:,} requests on {args.replicas} replicas, {args.spec}, "
-              f"{args.policy}: {wall:.2f} s wall, {s['steps']:,} steps (mean batch {s['mean_batch_size']:.1f}), "
+              f"{args.policy}: {wall:.2f} s wall, {cpu:.2f} s CPU, {s['steps']:,} steps (mean batch {s['mean_batch_size']:.1f}), "
               f"{s['request_steps']:,} request-steps, {s['request_steps'] / wall:,.0f} request-steps/s, "
-              f"{s['steps'] / wall:,.0f} steps/s, peak RSS {peak_mib:,.0f} MiB")
+              f"{s['request_steps'] / cpu:,.0f} request-steps per CPU s, "
+              f"{s['steps'] / wall:,.0f} steps/s, peak RSS {peak_mib:,.0f} MiB, load {os.getloadavg()[0]:.2f}")
 
 if __name__ == "__main__":
     main()

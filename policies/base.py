@@ -178,6 +178,9 @@ class SpecLenPolicy(_Configurable):
     #: whether the k it gives each member (and its KV reservation) stays the same when other
     #: members leave the batch between decisions; the engine then runs windows past completions
     batch_independent: ClassVar[bool] = False
+    #: k never changes (it depends on nothing the run observes): a window may then also start
+    #: with the step that completes newcomers' prompts, since their k is known in advance
+    constant_k: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any], ctx: PolicyContext):
         self.params = self._params(params)

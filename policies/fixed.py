@@ -14,6 +14,7 @@ from simspec.policies.base import PolicyContext, SpecLenPolicy, register_spec_le
 class FixedK(SpecLenPolicy):
     param_defaults = {"k": -1}
     batch_independent = True
+    constant_k = True
 
     def __init__(self, params, ctx: PolicyContext):
         super().__init__(params, ctx)

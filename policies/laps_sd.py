@@ -91,8 +91,54 @@ class LAPSSD(MultiLevelQueues):
         self.perceptible_at_s = np.full(n, np.nan)
 
     # --- learning from steps -------------------------------------------------------------------
-    # the ring of running estimates needs every step: replay a window step by step
-    observe_window = Scheduler.observe_window
+    def observe_window(self, record) -> None:
+        """Several decode-only steps at once, member by member: the same running estimates, ring
+        contents and perceptibility decisions (step of detection included) as :meth:`observe` on
+        each step in turn."""
+        MultiLevelQueues.observe_window(self, record)
+        idx = record.idx
+        if idx.size == 0:
+            return
+        act = record.active
+        dr, ac = record.drafted, record.accepted
+        n_s = record.n_steps
+        # the drafts of each member's last step in the window
+        if act is None:
+            self.spec_len[idx] = dr[-1]
+            has = dr > 0
+        else:
+            ran = act.any(axis=0)
+            last = n_s - 1 - np.argmax(act[::-1], axis=0)
+            self.spec_len[idx[ran]] = dr[last[ran], np.flatnonzero(ran)]
+            has = act & (dr > 0)
+        cols = np.flatnonzero(has.any(axis=0))
+        if cols.size == 0:
+            return
+        w = self.w
+        for b in cols.tolist():
+            i = int(idx[b])
+            steps_b = np.flatnonzero(has[:, b])
+            d_sum = self.drafted_sum[i] + np.cumsum(dr[steps_b, b])
+            a_sum = self.accepted_sum[i] + np.cumsum(ac[steps_b, b])
+            est = (a_sum / d_sum).astype(self.history.dtype)  # as stored in the ring, step by step
+            c0 = int(self.acc_steps[i])
+            n_new = steps_b.size
+            if not self.perceptible[i] and c0 + n_new >= self.m:
+                # the ring after each new estimate: the last w values of (ring before, estimates)
+                seq = np.concatenate([self.history[i][np.arange(c0 - w, c0) % w], est])
+                win = np.lib.stride_tricks.sliding_window_view(seq, w)[1:]
+                first = max(self.m - c0 - 1, 0)  # estimates from the m-th on are checked
+                h = win[first:]
+                moved = np.nanmax(h, axis=1) - np.nanmin(h, axis=1)
+                hit = np.flatnonzero(moved < self.eps)
+                if hit.size:
+                    self.perceptible[i] = True
+                    self.perceptible_at_s[i] = record.end_s[steps_b[first + int(hit[0])]]
+            tail = min(n_new, w)
+            self.history[i, np.arange(c0 + n_new - tail, c0 + n_new) % w] = est[n_new - tail:]
+            self.drafted_sum[i] = d_sum[-1]
+            self.accepted_sum[i] = a_sum[-1]
+            self.acc_steps[i] = c0 + n_new
 
     def observe(self, record: StepRecord) -> None:
         super().observe(record)

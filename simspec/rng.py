@@ -30,6 +30,11 @@ _G1 = np.uint64(0x9E3779B97F4A7C15)
 _G2 = np.uint64(0xD1B54A32D192ED03)
 _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
 _INV53 = 1.0 / 9007199254740992.0
+# the same constants as 0-d arrays: an array operand skips numpy's scalar conversion (about half
+# the cost of each operation on the small arrays of one step)
+_A_M1, _A_M2, _A_G2 = (np.array(c, dtype=np.uint64) for c in (_M1, _M2, _G2))
+_A_S30, _A_S27, _A_S31, _A_S11 = (np.array(c, dtype=np.uint64) for c in (_S30, _S27, _S31, _S11))
+_A_INV53 = np.array(_INV53)
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -56,14 +61,16 @@ def counter_uniforms(base: np.ndarray, counter: np.ndarray) -> np.ndarray:
     arrays that broadcast together): SplitMix64's output ``mix(base + counter·γ)``. Same inputs →
     same numbers, whatever the array shapes."""
     with np.errstate(over="ignore"):
-        z = np.add(base, np.multiply(counter, _G2, dtype=np.uint64), dtype=np.uint64)
-        z ^= z >> _S30
-        z *= _M1
-        z ^= z >> _S27
-        z *= _M2
-        z ^= z >> _S31
-        z >>= _S11
-    return z.astype(np.float64) * _INV53
+        z = np.add(base, np.multiply(counter, _A_G2, dtype=np.uint64), dtype=np.uint64)
+        z ^= z >> _A_S30
+        z *= _A_M1
+        z ^= z >> _A_S27
+        z *= _A_M2
+        z ^= z >> _A_S31
+        z >>= _A_S11
+    u = z.astype(np.float64)
+    u *= _A_INV53
+    return u
 
 
 def request_keys(request_id: np.ndarray) -> np.ndarray:

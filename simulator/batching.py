@@ -95,19 +95,23 @@ class BatchFormer:
     def add_waiting(self, idx: np.ndarray) -> None:
         self.waiting = np.sort(np.concatenate([self.waiting, idx]))
 
-    def _needs(self, idx: np.ndarray, k_res: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(prefill?, tokens asked, drafts reserved, slots needed after the step) for requests ``idx``
-        if each got its full ask."""
+    def _needs(self, idx: np.ndarray, k_res: int, computed: np.ndarray, target: np.ndarray,
+               pre: np.ndarray, any_pre: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens asked, drafts reserved, slots needed after the step) for requests ``idx`` if each
+        got its full ask (``computed``/``target``: their prefill progress; ``pre``: still
+        prefilling; ``any_pre``: whether any is)."""
         t = self.t
-        computed, target = t.computed[idx], t.prefill_target[idx]
-        pre = computed < target
-        rem = t.output_tokens[idx] - t.generated[idx]
-        k = np.where(pre, 0, np.minimum(k_res, rem - 1))
+        gen = t.generated[idx]
+        k = np.minimum(k_res, t.output_tokens[idx] - gen - 1)
+        slots = t.prompt_tokens[idx] + gen + 1 + k
+        if not any_pre:
+            return k + 1, k, slots
+        k[pre] = 0
         left = target - computed
         chunk = np.minimum(left, self.threshold)
         fed = np.where(pre, chunk, k + 1)
-        slots = np.where(pre, computed + chunk + (chunk == left), t.prompt_tokens[idx] + t.generated[idx] + 1 + k)
-        return pre, fed, k, slots
+        slots = np.where(pre, computed + chunk + (chunk == left), slots)
+        return fed, k, slots
 
     def _ask(self, i: int, k_res: int, budget: int) -> tuple[int, int, int, bool] | None:
         """What request ``i`` would run within ``budget`` tokens: ``(fed tokens, drafts, KV slots
@@ -198,16 +202,18 @@ class BatchFormer:
         t = self.t
         running = self.running
         order = self.sched.order(running, now_s) if running.size > 1 else running
-        if order.size > 1:
-            # decodes before prompt chunks (each in priority order): a running decode is never
-            # starved behind a prefill by the token budget
-            pre_o = t.computed[order] < t.prefill_target[order]
-            if bool(pre_o.any()) and not bool(pre_o.all()):
-                order = np.concatenate([order[~pre_o], order[pre_o]])
         budget = self.budget
         preempted = False
         if order.size:
-            pre, fed, k, slots = self._needs(order, k_res)
+            computed, target = t.computed[order], t.prefill_target[order]
+            pre = computed < target
+            n_pre = int(_sum(pre))
+            if 0 < n_pre < order.size:
+                # decodes before prompt chunks (each in priority order): a running decode is never
+                # starved behind a prefill by the token budget
+                perm = np.argsort(pre, kind="stable")
+                order, computed, target, pre = order[perm], computed[perm], target[perm], pre[perm]
+            fed, k, slots = self._needs(order, k_res, computed, target, pre, n_pre > 0)
             cum = np.cumsum(fed)
             cut = order.size
             if int(cum[-1]) > budget:
@@ -234,6 +240,13 @@ class BatchFormer:
             if cut >= 0 and int(_sum(need)) <= self.free_blocks:
                 sched_idx, sched_fed, sched_k, sched_pre = order[:cut], fed[:cut], k[:cut], pre[:cut]
                 self._grant_many(sched_idx, slots[:cut], need)
+                budget -= int(_sum(sched_fed))
+            elif cut >= 0:
+                # KV short: grant in priority order, preempting from the end of the order (the same
+                # sequence as the one-at-a-time loop, on precomputed asks)
+                n_ok, preempted = self._grant_preempting(order, need)
+                sched_idx, sched_fed, sched_k, sched_pre = order[:n_ok], fed[:n_ok], k[:n_ok], pre[:n_ok]
+                self._grant_many(sched_idx, slots[:n_ok], need[:n_ok])
                 budget -= int(_sum(sched_fed))
             else:
                 sched_idx, sched_fed, sched_k, sched_pre, budget, preempted = self._running_pass(order, k_res, budget)
@@ -280,6 +293,40 @@ class BatchFormer:
         return StepPlan(idx=sched_idx, prefill=sched_pre, fed_tokens=sched_fed, k_reserved=sched_k,
                         budget_left_tokens=budget, preempted=preempted,
                         stable=all_running and not adm and not preempted)
+
+    def _grant_preempting(self, order: np.ndarray, need: np.ndarray) -> tuple[int, bool]:
+        """How many of ``order``'s first ``need.size`` members (their asks precomputed within the
+        token budget, needing ``need`` more blocks each) get their blocks when a failed allocation
+        preempts the lowest-priority running request (the end of ``order``) and retries — vLLM's
+        loop. Victims are preempted here; the first members returned are granted by the caller.
+        A victim is never a member granted before it (victims come off the end), so the asks of the
+        members before the failure do not change; a member that preempts itself stops the pass."""
+        t = self.t
+        need_l = need.tolist()
+        order_l = order.tolist()
+        live_end = len(order_l)  # members order[:live_end] are still running
+        free = self.free_blocks
+        pos = 0
+        preempted = False
+        n = len(need_l)
+        while pos < n and pos < live_end:
+            nd = need_l[pos]
+            if nd > free:
+                stop = False
+                while nd > free:
+                    live_end -= 1
+                    v = order_l[live_end]
+                    preempted = True
+                    free += int(t.kv_blocks[v])
+                    self.preempt(v)
+                    if live_end == pos:
+                        stop = True
+                        break
+                if stop:
+                    break
+            free -= nd
+            pos += 1
+        return pos, preempted
 
     def _running_pass(self, order: np.ndarray, k_res: int, budget: int):
         """The running pass one request at a time (token budget or KV short): chunks shrink to the

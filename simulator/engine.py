@@ -17,7 +17,8 @@ speculation-length policy's decision horizon ends. The replica then advances up 
 counter-based per request (:func:`simspec.rng.counter_uniforms`), every step's cost is computed
 with the same arithmetic as a single step, and the replica's clock adds step times one by one, so
 ``window_steps=1`` (one step per event) gives byte-identical outputs — tested for every scheduler ×
-method × speculation-length policy × batching mode.
+method × speculation-length policy × batching mode. A window may also start with the step that
+completes newcomers' prompts when everything after it is stable (:meth:`Replica._can_lead`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from typing import Callable
 
 import numpy as np
 
-_sum = np.add.reduce  # skips ndarray.sum's Python wrapper: cheaper on small arrays
+_sum = np.add.reduce  # ufunc reductions skip ndarray methods' Python wrappers: cheaper on small arrays
+_any = np.logical_or.reduce
+_max = np.maximum.reduce
 import simpy
 
 from simspec.policies.base import PolicyContext, Scheduler, SpecLenPolicy, StepRecord, WindowRecord
 from simspec.simulator.batching import BatchFormer, StepPlan, blocks_for
-from simspec.simulator.methods.base import BatchStep, DecodeWindow, Method, StepRandom
+from simspec.simulator.methods.base import BatchStep, DecodeWindow, LeadStep, Method, StepRandom
 from simspec.simulator.state import RequestTable
 from simspec.simulator.steplog import StepLog
 
@@ -89,6 +92,11 @@ class Replica:
         self._k_reserve = 0
         self._completed_pending = 0  # completions of the step in flight, reported when it ends
         self._last_step_s = 0.0  # duration of the latest step (window sizing)
+        self._decode_step_s = 0.0  # duration of the latest decode-only step (window sizing)
+        # a window may start with the step that completes newcomers' prompts (see _can_lead)
+        cl = cluster
+        self._lead_ok = (cl.window_steps > 1 and cl.batching == "vllm" and cl.max_concurrency is None
+                         and getattr(cl.method, "lead_step", False) and spec_len.constant_k)
 
     # ------------------------------------------------------------------------------ routing
     def enqueue(self, i: int) -> None:
@@ -99,12 +107,16 @@ class Replica:
             self.wake.succeed()
 
     def outstanding_at(self, now_s: float) -> int:
-        """Outstanding tokens as a one-step engine would know them at ``now_s`` (steps of a window
-        in flight that ended by then count as done)."""
+        """Outstanding tokens as a one-step engine would know them at ``now_s``: it counts a step's
+        tokens as done when it computes the step, at the step's start, so with a window in flight
+        the steps started by ``now_s`` count (``outstanding_tokens`` already has the whole window
+        taken off)."""
         if self._inflight_end_s is None:
             return self.outstanding_tokens
-        n = int(np.searchsorted(self._inflight_end_s, now_s, side="right"))
-        return self.outstanding_tokens - (int(self._inflight_committed[n - 1]) if n else 0)
+        ends = self._inflight_end_s
+        n = int(np.searchsorted(ends, now_s, side="left"))  # the step in flight at now_s
+        done = self._inflight_committed
+        return self.outstanding_tokens + int(done[-1]) - int(done[min(n, ends.shape[0] - 1)])
 
     # ------------------------------------------------------------------------------ main loop
     def process(self):
@@ -133,7 +145,10 @@ class Replica:
                 raise RuntimeError(f"replica {self.rid}: no request could be scheduled at t={now:.6f}s "
                                    f"({former.running.size} running, {former.waiting.size} waiting)")
             if bool(plan.prefill.any()):
-                end = self._mixed_step(plan, now)
+                if self._lead_ok and self._can_lead(plan):
+                    end = self._decode_steps(plan, now, lead=True)
+                else:
+                    end = self._mixed_step(plan, now)
             else:
                 end = self._decode_steps(plan, now)
             yield env.timeout(max(end - env.now, 0.0))
@@ -155,20 +170,38 @@ class Replica:
             mark[plan.idx] = False
             t.pauses[out] += 1
 
-    def _choose_k(self, plan: StepPlan, dec: np.ndarray) -> np.ndarray:
-        """k for each decode member: the policy's choice, within what was reserved unless the extra
-        drafts fit the token budget and free KV (lower-priority members lose them first)."""
-        t = self.cluster.table
+    def _can_lead(self, plan: StepPlan) -> bool:
+        """Whether a step with prompt chunks can start a window: every prompt chunk in it completes
+        its prompt (from the next step on, every member decodes), every running request is in it,
+        nothing waits for admission, nothing was preempted, and every member's largest decode ask
+        fits the token budget — so, as long as KV allows and no request arrives, the steps after it
+        are the stable decode-only steps a window advances (the policy's k never changes)."""
         former = self.former
-        idx = plan.idx[dec]
-        k_res = plan.k_reserved[dec]
-        ctx = t.prompt_tokens[idx] + t.generated[idx]
+        if plan.preempted or former.waiting.size or plan.idx.size != former.running.size:
+            return False
+        if plan.idx.size * (self._k_reserve + 1) > former.budget:
+            return False
+        t = self.cluster.table
+        pre = plan.prefill
+        pre_idx = plan.idx[pre]
+        return bool((t.computed[pre_idx] + plan.fed_tokens[pre] >= t.prefill_target[pre_idx]).all())
+
+    def _choose_k(self, plan: StepPlan, dec: np.ndarray | None, ctx: np.ndarray, rem: np.ndarray) -> np.ndarray:
+        """k for each decode member (``dec``: which plan members decode; None: all, as in a
+        decode-only step; ``ctx``/``rem``: their context and remaining output tokens): the policy's
+        choice, within what was reserved unless the extra drafts fit the token budget and free KV
+        (lower-priority members lose them first)."""
+        former = self.former
+        if dec is None:
+            idx, k_res = plan.idx, plan.k_reserved
+        else:
+            idx, k_res = plan.idx[dec], plan.k_reserved[dec]
         k = np.asarray(self.spec_len.choose_k(idx, float(_sum(ctx)), former.free_blocks * former.bs, self.step_index),
                        dtype=np.int64)
-        rem = t.output_tokens[idx] - t.generated[idx]
         k = np.minimum(np.maximum(k, 0), rem - 1)
         extra = k - k_res
-        if bool((extra > 0).any()):
+        if _any(extra > 0):
+            t = self.cluster.table
             extra = np.maximum(extra, 0)
             slots = ctx + 1 + k
             blocks = np.maximum(blocks_for(slots, former.bs) - t.kv_blocks[idx], 0)
@@ -184,78 +217,119 @@ class Replica:
         cl = self.cluster
         t = cl.table
         idx = plan.idx
+        n = idx.size
         pre = plan.prefill
-        dec = ~pre
-        k = np.zeros(idx.size, dtype=np.int64)
-        if bool(dec.any()):
-            k[dec] = self._choose_k(plan, dec)
+        pre_idx = idx[pre]
+        n_pre = pre_idx.size
+        gen = t.generated[idx]
+        rem = t.output_tokens[idx] - gen
+        ctx_dec = t.prompt_tokens[idx] + gen
+        k = np.zeros(n, dtype=np.int64)
+        if n_pre < n:
+            dec = ~pre
+            k[dec] = self._choose_k(plan, dec, ctx_dec[dec], rem[dec])
+        else:
+            dec = None
         fed = np.where(pre, plan.fed_tokens, k + 1)
-        ctx = np.where(pre, t.computed[idx], t.prompt_tokens[idx] + t.generated[idx])
-        rem = t.output_tokens[idx] - t.generated[idx]
-        new_start = np.isnan(t.start_s[idx])
-        if bool(new_start.any()):
-            t.start_s[idx[new_start]] = now
+        computed_pre = t.computed[pre_idx]
+        ctx = ctx_dec.copy()
+        ctx[pre] = computed_pre
+        # a request's first step is always a prefill chunk: only those can be starting
+        start_pre = t.start_s[pre_idx]
+        new_start = np.isnan(start_pre)
+        if _any(new_start):
+            t.start_s[pre_idx[new_start]] = now
         batch = BatchStep(idx=idx, prefill=pre, fed_tokens=fed, ctx_tokens=ctx, k=k, remaining=rem,
                           alpha=t.alpha[idx], class_idx=t.class_idx[idx])
         rnd = StepRandom(t.rng_base[idx], t.draws[idx])
         out = cl.method.step(rnd, batch)
         fixed = cl.method.draws_per_step
         if fixed is not None:
-            t.draws[idx[dec]] += np.uint64(fixed)
+            if dec is not None:
+                t.draws[idx[dec]] += np.uint64(fixed)
         else:
             t.draws[idx] += rnd.used
-        end = now + out.step_ms / 1000.0
+        step_s = out.step_ms / 1000.0
+        end = now + step_s
         # progress: a chunk that completes its prompt samples one token; decodes commit accepted + 1
-        done_prefill = pre & (t.computed[idx] + plan.fed_tokens >= t.prefill_target[idx])
-        t.computed[idx[pre]] += plan.fed_tokens[pre]
-        committed = np.where(pre, done_prefill.astype(np.int64), np.minimum(out.accepted + 1, rem))
-        t.generated[idx] += committed
+        chunk = plan.fed_tokens[pre]
+        computed_after = computed_pre + chunk
+        done_pre = computed_after >= t.prefill_target[pre_idx]
+        t.computed[pre_idx] = computed_after
+        committed = np.minimum(out.accepted + 1, rem)
+        committed[pre] = done_pre
+        t.generated[idx] = gen + committed
         t.steps[idx] += 1
-        t.decode_steps[idx[dec]] += 1
-        drafted = np.where(pre, 0, out.drafted)
-        accepted = np.where(pre, 0, out.accepted)
-        pos_acc = out.position_accepts if out.position_accepts is not None else out.accepted
-        pos_acc = np.where(pre, 0, pos_acc)
+        if dec is not None:
+            t.decode_steps[idx[dec]] += 1
+        drafted = out.drafted.copy()
+        drafted[pre] = 0
+        accepted = out.accepted.copy()
+        accepted[pre] = 0
+        pos_acc = (out.position_accepts if out.position_accepts is not None else out.accepted).copy()
+        pos_acc[pre] = 0
         t.drafted[idx] += drafted
         t.accepted[idx] += accepted
         t.position_accepts[idx] += pos_acc
-        first = done_prefill & np.isnan(t.first_token_s[idx])
-        if bool(first.any()):
-            t.first_token_s[idx[first]] = end
-            self.outstanding_tokens -= int(_sum(t.prompt_tokens[idx[first]]))
-        self.outstanding_tokens -= int(_sum(committed))
-        self.busy_s += out.step_ms / 1000.0
+        n_committed = int(_sum(committed))
+        if _any(done_pre):
+            first_idx = pre_idx[done_pre]
+            first = np.isnan(t.first_token_s[first_idx])
+            if _any(first):
+                t.first_token_s[first_idx[first]] = end
+                self.outstanding_tokens -= int(_sum(t.prompt_tokens[first_idx[first]]))
+        self.outstanding_tokens -= n_committed
+        self.busy_s += step_s
         kv_used = self._kv_used_tokens()  # during the step, before completions free their blocks
-        self._finish(idx, t.generated[idx] >= t.output_tokens[idx], end)
+        self._finish(idx, gen + committed >= t.output_tokens[idx], end)
         record = StepRecord(idx=idx, prefill=pre, drafted=drafted, accepted=accepted, committed=committed,
                             step_ms=out.step_ms, end_s=end, fed_tokens=fed, position_accepts=pos_acc)
         cl.scheduler.observe(record)
         self.spec_len.observe(record)
-        self.log.append_one(self.rid, self.step_index, now, end, out.step_ms, idx.size, int(_sum(pre)),
-                            int(k.max()) if k.size else 0, int(_sum(drafted)), int(_sum(accepted)),
-                            int(_sum(committed)), int(_sum(fed)), kv_used,
+        self.log.append_one(self.rid, self.step_index, now, end, out.step_ms, n, n_pre,
+                            int(_max(k)) if n else 0, int(_sum(drafted)), int(_sum(accepted)),
+                            n_committed, int(_sum(fed)), kv_used,
                             int(self.former.waiting.size), self.spec_len.log_value())
         self.step_index += 1
-        self._last_step_s = out.step_ms / 1000.0
+        self._last_step_s = step_s
         self.clock_s = end
         self._mark_batch(idx)
         return end
 
-    def _decode_steps(self, plan: StepPlan, now: float) -> float:
-        """One or more decode-only steps of the planned batch (the fast path when it is stable)."""
+    def _decode_steps(self, plan: StepPlan, now: float, lead: bool = False) -> float:
+        """One or more decode-only steps of the planned batch (the fast path when it is stable).
+        ``lead``: the first step also completes newcomers' prompts (see :meth:`_can_lead`); they
+        commit their first token in it and decode from the next step on."""
         cl = self.cluster
         t = cl.table
         former = self.former
         idx = plan.idx
-        dec = np.ones(idx.size, dtype=bool)
-        k = self._choose_k(plan, dec)
-        ctx0 = t.prompt_tokens[idx] + t.generated[idx]
-        rem0 = t.output_tokens[idx] - t.generated[idx]
+        gen0 = t.generated[idx]
+        ctx0 = t.prompt_tokens[idx] + gen0
+        rem0 = t.output_tokens[idx] - gen0
+        lead_step = None
+        if lead:
+            pre = plan.prefill
+            pre_idx = idx[pre]
+            dec = ~pre
+            k = np.empty(idx.size, dtype=np.int64)
+            k[dec] = self._choose_k(plan, dec, ctx0[dec], rem0[dec])
+            # newcomers decode from the next step with the policy's (constant) k
+            k[pre] = np.asarray(self.spec_len.choose_k(pre_idx, 0.0, 0, self.step_index + 1), dtype=np.int64)
+            computed_pre = t.computed[pre_idx]
+            lead_fed = np.zeros(idx.size, dtype=np.int64)
+            lead_fed[pre] = plan.fed_tokens[pre]
+            lead_ctx = np.zeros(idx.size, dtype=np.int64)
+            lead_ctx[pre] = computed_pre
+            lead_step = LeadStep(prefill=pre, fed_tokens=lead_fed, ctx_tokens=lead_ctx)
+        else:
+            k = self._choose_k(plan, None, ctx0, rem0)
         n_max = 1
         through = False
         # (a known gap: swap preemption with a batch-dependent policy — smartspec-per-request — once
         # diverged from one step per event on a kangaroo run; it runs one step per event for now)
-        if plan.stable and cl.window_steps > 1 and (self.spec_len.batch_independent or cl.preempt_mode != "swap"):
+        if (plan.stable or lead) and cl.window_steps > 1 and (self.spec_len.batch_independent
+                                                              or cl.preempt_mode != "swap"):
             # past completions too when nothing waits for admission (a completion then only
             # shrinks the batch) and the policy's k does not depend on the batch's membership
             through = (former.waiting.size == 0 and self.spec_len.batch_independent
@@ -265,13 +339,17 @@ class Replica:
             # last step's pace (a guess: too short only costs another window)
             n_max = min(cl.window_steps, self.spec_len.horizon_steps(self.step_index),
                         int(rem0.max() if through else rem0.min()))
+            # (the pace of the latest decode-only step: a step with a prompt chunk in it is slower,
+            # and a guess from it cut windows short of the arrival — another window each time)
             gap = cl.next_arrival_for(self.rid) - now
-            if gap < float("inf") and self._last_step_s > 0:
-                n_max = min(n_max, int(gap / self._last_step_s) + 2)
+            pace_s = self._decode_step_s or self._last_step_s
+            if gap < float("inf") and pace_s > 0:
+                n_max = min(n_max, int(1.25 * gap / pace_s) + 4)
             n_max = max(n_max, 1)
         win = DecodeWindow(idx=idx, ctx_tokens=ctx0, k=k, remaining=rem0, alpha=t.alpha[idx],
                            class_idx=t.class_idx[idx], rng_base=t.rng_base[idx], draws=t.draws[idx], n_steps=n_max,
-                           through=through)
+                           through=through, lead=lead_step, start_s=now,
+                           stop_at_s=cl.next_arrival_for(self.rid) if n_max > 1 else float("inf"))
         out = cl.method.decode_window(win)
         s_n = out.n_steps
         ends = np.cumsum(np.concatenate(([now], out.step_ms / 1000.0)))[1:]
@@ -292,6 +370,9 @@ class Replica:
             if out.active is not None:  # finished members hold what they had (freed at the end)
                 need = np.where(out.active, need, 0)
                 slots = np.where(out.active, slots, 0)
+            if lead:  # the scheduler allocated the prompt chunks' slots for the first step
+                need[0, pre] = 0
+                slots[0, pre] = 0
             held = np.maximum.accumulate(np.maximum(need, held0[None, :]), axis=0)
             grown = held.sum(axis=1) - int(_sum(held0))
             fits = grown <= former.free_blocks
@@ -313,9 +394,22 @@ class Replica:
         # bookkeeping
         committed_tot = out.committed.sum(axis=0)
         steps_run = act.sum(axis=0) if act is not None else s_n
+        if lead:  # the prompt chunks of the first step, as _mixed_step books them
+            first_end = float(ends[0])
+            start_pre = t.start_s[pre_idx]
+            new_start = np.isnan(start_pre)
+            if _any(new_start):
+                t.start_s[pre_idx[new_start]] = now
+            t.computed[pre_idx] = computed_pre + plan.fed_tokens[pre]
+            first = np.isnan(t.first_token_s[pre_idx])
+            if _any(first):
+                t.first_token_s[pre_idx[first]] = first_end
+                self.outstanding_tokens -= int(_sum(t.prompt_tokens[pre_idx[first]]))
+            t.decode_steps[idx] += steps_run - pre
+        else:
+            t.decode_steps[idx] += steps_run
         t.generated[idx] += committed_tot
         t.steps[idx] += steps_run
-        t.decode_steps[idx] += steps_run
         t.drafted[idx] += out.drafted.sum(axis=0)
         t.accepted[idx] += out.accepted.sum(axis=0)
         t.position_accepts[idx] += out.position_accepts.sum(axis=0)
@@ -335,11 +429,26 @@ class Replica:
         done = t.generated[idx] >= t.output_tokens[idx]
         # each member completes at the end of its last step in the window
         self._finish(idx, done, end if act is None else ends[np.maximum(steps_run - 1, 0)])
-        rec = WindowRecord(idx=idx, drafted=out.drafted, accepted=out.accepted, position_accepts=out.position_accepts,
-                           committed=out.committed, fed_tokens=out.fed_tokens, step_ms=out.step_ms, end_s=ends,
-                           active=act)
-        cl.scheduler.observe_window(rec)
-        values = self.spec_len.observe_window(rec)
+        first_value = None
+        w0 = 0
+        if lead:  # the first step is a mixed step: policies see it as one
+            rec0 = StepRecord(idx=idx, prefill=pre, drafted=out.drafted[0], accepted=out.accepted[0],
+                              committed=out.committed[0], step_ms=float(out.step_ms[0]), end_s=float(ends[0]),
+                              fed_tokens=out.fed_tokens[0], position_accepts=out.position_accepts[0])
+            cl.scheduler.observe(rec0)
+            self.spec_len.observe(rec0)
+            first_value = self.spec_len.log_value()
+            w0 = 1
+        if s_n > w0:
+            a_w = act[w0:] if act is not None else None
+            rec = WindowRecord(idx=idx, drafted=out.drafted[w0:], accepted=out.accepted[w0:],
+                               position_accepts=out.position_accepts[w0:], committed=out.committed[w0:],
+                               fed_tokens=out.fed_tokens[w0:], step_ms=out.step_ms[w0:], end_s=ends[w0:],
+                               active=a_w if a_w is None or not bool(a_w.all()) else None)
+            cl.scheduler.observe_window(rec)
+            values = self.spec_len.observe_window(rec)
+        else:
+            values = np.empty(0)
         if held is not None:
             # as a one-step engine logs it: blocks of the members still running (a finished member's
             # are freed at its completion) plus those of requests outside the batch
@@ -349,13 +458,22 @@ class Replica:
         else:
             kv_used = np.array([used_end])
         starts = np.concatenate(([now], ends[:-1]))
-        batch_sizes = act.sum(axis=1) if act is not None else idx.size
-        self.log.append_window(self.rid, self.step_index, starts, ends, out.step_ms, batch_sizes,
-                               out.k.max(axis=1), out.drafted.sum(axis=1), out.accepted.sum(axis=1),
-                               per_step_committed, out.fed_tokens.sum(axis=1), kv_used,
-                               int(self.former.waiting.size), values)
+        batch_sizes = act.sum(axis=1) if act is not None else np.full(s_n, idx.size)
+        k_max_s, drafted_s, accepted_s = out.k.max(axis=1), out.drafted.sum(axis=1), out.accepted.sum(axis=1)
+        fed_s = out.fed_tokens.sum(axis=1)
+        queue = int(self.former.waiting.size)
+        if lead:
+            self.log.append_one(self.rid, self.step_index, now, first_end, float(out.step_ms[0]), int(batch_sizes[0]),
+                                int(_sum(pre)), int(k_max_s[0]), int(drafted_s[0]), int(accepted_s[0]),
+                                int(per_step_committed[0]), int(fed_s[0]), int(kv_used[0]), queue, first_value)
+        if s_n > w0:
+            self.log.append_window(self.rid, self.step_index + w0, starts[w0:], ends[w0:], out.step_ms[w0:],
+                                   batch_sizes[w0:], k_max_s[w0:], drafted_s[w0:], accepted_s[w0:],
+                                   per_step_committed[w0:], fed_s[w0:], kv_used[w0:], queue, values)
         self.step_index += s_n
         self._last_step_s = float(out.step_ms[-1]) / 1000.0
+        if s_n > w0:
+            self._decode_step_s = self._last_step_s
         self.clock_s = end
         self._mark_batch(idx)
         return end

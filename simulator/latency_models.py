@@ -116,19 +116,27 @@ def _compile_grid(doc: Mapping[str, Any], *, strict: bool, name: str) -> StageFn
     arr = np.asarray(table, dtype=np.float64)
     axes_np = (np.asarray(ab), np.asarray(at), np.asarray(ac))
 
-    def weights_np(axis: np.ndarray, x: np.ndarray):
-        n = axis.shape[0]
-        if n == 1:
+    flat = arr.ravel()
+    n_t, n_c = len(at), len(ac)
+    # the last segment index each axis may bracket with (0 for a one-value axis)
+    last_seg = tuple(np.intp(max(len(a) - 2, 0)) for a in (ab, at, ac))
+
+    def weights_np(axis: np.ndarray, x: np.ndarray, top: np.intp):
+        """Array version of :func:`grid_axis_weights` (same arithmetic, elementwise)."""
+        if axis.shape[0] == 1:
             z = np.zeros(x.shape, dtype=np.intp)
             return z, z, np.zeros(x.shape)
-        i = np.clip(np.searchsorted(axis, x, side="right") - 1, 0, n - 2)
+        i = axis.searchsorted(x, side="right") - 1
+        i = np.minimum(np.maximum(i, 0), top)
         a0 = axis[i]
         return i, i + 1, (x - a0) / (axis[i + 1] - a0)
 
     def grid_array(batch_size, batched_tokens, kv_tokens):
-        B, T, KV = np.broadcast_arrays(np.asarray(batch_size, dtype=np.float64),
-                                       np.asarray(batched_tokens, dtype=np.float64),
-                                       np.asarray(kv_tokens, dtype=np.float64))
+        B = np.asarray(batch_size, dtype=np.float64)
+        T = np.asarray(batched_tokens, dtype=np.float64)
+        KV = np.asarray(kv_tokens, dtype=np.float64)
+        if not (B.shape == T.shape == KV.shape):
+            B, T, KV = np.broadcast_arrays(B, T, KV)
         run = B > 0
         Bs = np.where(run, B, 1.0)
         t = T / Bs
@@ -138,13 +146,16 @@ def _compile_grid(doc: Mapping[str, Any], *, strict: bool, name: str) -> StageFn
             if out.any():
                 j = int(np.flatnonzero(out.ravel())[0])
                 grid(float(B.ravel()[j]), float(T.ravel()[j]), float(KV.ravel()[j]))  # raises, same message
-        b0, b1, wb = weights_np(axes_np[0], Bs)
-        t0, t1, wt = weights_np(axes_np[1], t)
-        c0, c1, wc = weights_np(axes_np[2], c)
-        r00c0, r00c1 = arr[b0, t0, c0], arr[b0, t0, c1]
-        r01c0, r01c1 = arr[b0, t1, c0], arr[b0, t1, c1]
-        r10c0, r10c1 = arr[b1, t0, c0], arr[b1, t0, c1]
-        r11c0, r11c1 = arr[b1, t1, c0], arr[b1, t1, c1]
+        b0, b1, wb = weights_np(axes_np[0], Bs, last_seg[0])
+        t0, t1, wt = weights_np(axes_np[1], t, last_seg[1])
+        c0, c1, wc = weights_np(axes_np[2], c, last_seg[2])
+        # the eight corners as flat indices into the (b, t, c) table
+        rb0, rb1 = b0 * n_t, b1 * n_t
+        p00, p01, p10, p11 = (rb0 + t0) * n_c, (rb0 + t1) * n_c, (rb1 + t0) * n_c, (rb1 + t1) * n_c
+        r00c0, r00c1 = flat[p00 + c0], flat[p00 + c1]
+        r01c0, r01c1 = flat[p01 + c0], flat[p01 + c1]
+        r10c0, r10c1 = flat[p10 + c0], flat[p10 + c1]
+        r11c0, r11c1 = flat[p11 + c0], flat[p11 + c1]
         v00 = r00c0 + wc * (r00c1 - r00c0)
         v01 = r01c0 + wc * (r01c1 - r01c0)
         v10 = r10c0 + wc * (r10c1 - r10c0)

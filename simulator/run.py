@@ -146,6 +146,7 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
         # drawn in the table's canonical order (arrival, then request id), so permuting trace rows
         # with tied arrivals changes nothing
         table.alpha[:] = model.draw_alphas(stream(config.seed, "acceptance-request"), table.class_idx)
+        method.bind_requests(table.alpha, table.class_idx)
     notes += list(getattr(method, "notes", []))
     ctx0 = PolicyContext(table=table, method=method, max_batch_size=capacity.max_batch_size,
                          kv_budget_tokens=capacity.kv_budget_tokens, seed=config.seed)

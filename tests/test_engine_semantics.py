@@ -178,6 +178,20 @@ def test_fast_path_equals_one_step_per_event_on_a_saturated_run(profile_name, sp
         assert a.summary["preemptions"] > 0 or batching == "preemptive"
 
 
+def test_fast_path_equals_one_step_per_event_under_least_outstanding_routing():
+    # the router reads each replica's outstanding tokens at every arrival, in the middle of a
+    # window in flight: it must see what a one-step engine would (a step's tokens count as done
+    # when the step is computed, at its start) — a wrong count sent requests elsewhere
+    tr = _random_trace(300, 6, rate=40.0, prompt=(20, 1500), output=(5, 300))
+    prof = load_profile("llama70b-4xh100-smartspec")
+    for policy, spec_len in (("fcfs", "fixed"), ("srpt", "smartspec")):
+        c = replace(cfg(policy, "draft:k=4", spec_len, replicas=3, max_batch_size=16), router="least-outstanding")
+        a, b = simulate(c, tr, prof), simulate(replace(c, window_steps=1), tr, prof)
+        pd.testing.assert_frame_equal(a.requests, b.requests, check_exact=True)
+        pd.testing.assert_frame_equal(a.steps, b.steps, check_exact=True)
+        assert a.summary == b.summary
+
+
 def test_smartspec_within_5_percent_of_the_best_fixed_k_at_every_load():
     # the "when speculation hurts" study (benchmarks/study_when_speculation_hurts.py): same trace
     # shape, profile and seed, at its lowest, middle and highest loads

@@ -365,3 +365,42 @@ def test_deterministic():
     a = _run("laps-sd:predictor=lognormal,sigma=0.8", seed=3)
     b = _run("laps-sd:predictor=lognormal,sigma=0.8", seed=3)
     assert a.requests.equals(b.requests) and a.steps.equals(b.steps)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_window_observation_equals_step_by_step(seed):
+    # the vectorised observe_window (the engine's fast path) leaves exactly the state that observe()
+    # on each step in turn leaves: sums, ring of estimates, perceptibility and when it was detected
+    from simspec.policies.base import WindowRecord
+
+    rng = np.random.default_rng(seed)
+    n = 6
+    params = {"m": int(rng.integers(1, 6)), "w": int(rng.integers(1, 9)), "eps": float(rng.choice([0.0, 0.05, 0.3]))}
+    a, b = make(params=params, output=[1000] * n), make(params=params, output=[1000] * n)
+    idx = np.arange(n)
+    t = 0.0
+    for _ in range(4):  # several windows in a row: state carries over between them
+        s_n = int(rng.integers(1, 30))
+        drafted = rng.integers(0, 5, (s_n, n))
+        accepted = np.minimum(rng.integers(0, 5, (s_n, n)), drafted)
+        committed = accepted + 1
+        active = None
+        if rng.random() < 0.5:  # members dropping out as they finish
+            stop = rng.integers(1, s_n + 1, n)
+            active = np.arange(s_n)[:, None] < stop[None, :]
+            drafted, accepted, committed = drafted * active, accepted * active, committed * active
+        step_ms = rng.uniform(5, 20, s_n)
+        end_s = t + np.cumsum(step_ms) / 1000.0
+        t = float(end_s[-1])
+        rec = WindowRecord(idx=idx, drafted=drafted, accepted=accepted, position_accepts=accepted,
+                           committed=committed, fed_tokens=drafted + 1, step_ms=step_ms, end_s=end_s,
+                           active=active if active is not None and not active.all() else None)
+        a.observe_window(rec)
+        for s in range(s_n):
+            b.observe(rec.step(s))
+    for name in ("drafted_sum", "accepted_sum", "acc_steps", "spec_len", "perceptible", "served_tokens",
+                 "queue", "queue_changes"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_array_equal(a.history, b.history)
+    np.testing.assert_array_equal(a.perceptible_at_s, b.perceptible_at_s)
+    np.testing.assert_array_equal(a.attained, b.attained)

@@ -79,6 +79,18 @@ class StepOutcome:
 
 
 @dataclass
+class LeadStep:
+    """A window's first step when it also completes newcomers' prompts (arrays per member):
+    ``prefill`` members run their last prompt chunk of ``fed_tokens`` tokens over ``ctx_tokens``
+    already computed, commit their first token in that step and decode from the next one (their
+    ``DecodeWindow.k`` is for those later steps); the other members decode from the first step."""
+
+    prefill: np.ndarray
+    fed_tokens: np.ndarray
+    ctx_tokens: np.ndarray
+
+
+@dataclass
 class DecodeWindow:
     """Up to ``n_steps`` consecutive decode-only steps of one fixed batch (every member decoding,
     each with a fixed speculation length ``k``, capped per step at its remaining − 1).
@@ -100,6 +112,11 @@ class DecodeWindow:
     draws: np.ndarray
     n_steps: int
     through: bool = False
+    lead: LeadStep | None = None
+    #: the window's start and the next arrival for the replica (simulated seconds): a method may
+    #: stop at the step during which that arrival comes (the engine cuts the window there anyway)
+    start_s: float = 0.0
+    stop_at_s: float = float("inf")
 
 
 @dataclass
@@ -202,6 +219,10 @@ class Method:
     def bind_acceptance(self, model: AcceptanceModel) -> None:
         self.acceptance = model
 
+    def bind_requests(self, alpha: np.ndarray, class_idx: np.ndarray) -> None:
+        """Called once per run with every request's acceptance level and class (request table
+        order), after :meth:`bind_acceptance`: methods may precompute per-request quantities."""
+
     def stages_used(self) -> set[str]:
         """Profile latency stages this method's steps evaluate (range checks look at these only)."""
         if self.cost.whole_model:
@@ -215,6 +236,8 @@ class Method:
     #: uniforms a decode member consumes per step whatever it drafts (None: what it actually drew).
     #: Methods with a vectorised :meth:`decode_window` fix it so draws line up across steps.
     draws_per_step: ClassVar[int | None] = None
+    #: :meth:`decode_window` handles ``DecodeWindow.lead`` (a first step that completes prompts)
+    lead_step: ClassVar[bool] = False
 
     def decode_window(self, w: DecodeWindow) -> WindowOutcome:
         """Run up to ``w.n_steps`` decode-only steps of a fixed batch (see :class:`DecodeWindow`).
@@ -229,6 +252,7 @@ class Method:
         cols: dict[str, list] = {key: [] for key in ("ms", "k", "d", "a", "p", "c", "f", "r", "act")}
         fixed = self.draws_per_step
         act = np.ones(n, dtype=bool)
+        clock_s = w.start_s
         for _ in range(w.n_steps):
             sel = np.flatnonzero(act)
             k_s = np.minimum(w.k[sel], rem[sel] - 1)
@@ -258,6 +282,9 @@ class Method:
             if not w.through and not bool(act.all()):
                 break
             if not bool(act.any()):
+                break
+            clock_s = clock_s + out.step_ms / 1000.0  # as the engine adds step times
+            if w.stop_at_s <= clock_s:  # the next arrival comes during this step: steps after it are cut
                 break
         active = np.asarray(cols["act"], dtype=bool)
         return WindowOutcome(step_ms=np.asarray(cols["ms"], dtype=np.float64), k=np.asarray(cols["k"]),

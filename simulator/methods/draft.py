@@ -20,8 +20,8 @@ _min = np.minimum.reduce
 
 from simspec.errors import ConfigError
 from simspec.rng import counter_uniforms
-from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, WindowOutcome,
-                                            register_method)
+from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, StepRandom,
+                                            WindowOutcome, register_method)
 
 
 @register_method("draft")
@@ -42,6 +42,28 @@ class DraftModel(Method):
     def k_max(self) -> int:
         return self._k
 
+    def bind_requests(self, alpha: np.ndarray, class_idx: np.ndarray) -> None:
+        # every request's conditional acceptance probability at each draft position (the same
+        # arithmetic as position_probs on a batch, done once): steps gather rows instead
+        self._probs = self.acceptance.position_probs(alpha, class_idx, self._k) if self._k > 0 else None
+        self._pos_u64 = np.arange(max(self._k, 1), dtype=np.uint64)
+
+    def _sample(self, rng, batch: BatchStep, k: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
+        """(accepted prefix, accepted positions) per member given ``k`` drafts (``kmax`` = max k):
+        :meth:`AcceptanceModel.sample_accepted_positions`, gathering precomputed probabilities and
+        drawing the counter-based uniforms directly when ``rng`` is the engine's."""
+        probs = getattr(self, "_probs", None)
+        if probs is None or type(rng) is not StepRandom:
+            return self.acceptance.sample_accepted_positions(rng, batch.alpha, batch.class_idx, k)
+        p = probs[batch.idx, :kmax] if kmax < self._k else probs[batch.idx]
+        ctr = rng.start + rng.used
+        u = counter_uniforms(rng.base[:, None], ctr[:, None] + self._pos_u64[None, :kmax])
+        rng.used += np.uint64(kmax)
+        ok = u < p
+        if int(_min(k)) < kmax:
+            ok &= self._pos_u64[None, :kmax] < k.astype(np.uint64)[:, None]
+        return np.logical_and.accumulate(ok, axis=1).sum(axis=1), ok.sum(axis=1)
+
     def stages_used(self) -> set[str]:
         used = super().stages_used()
         if self.cost.has("draft_step"):
@@ -58,18 +80,24 @@ class DraftModel(Method):
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         k = batch.k
         n = batch.idx.shape[0]
-        speculating = bool(k.size and _max(k) > 0)
-        ms = self.cost.target_ms(n, float(_sum(batch.fed_tokens)), float(_sum(batch.ctx_tokens)), speculating,
-                                 logits_tokens=batch.logits_tokens())
+        kmax = int(_max(k)) if n else 0
+        speculating = kmax > 0
         pre = batch.prefill
-        if _any(pre):  # the draft model prefills the same context
-            n_pre = int(_sum(pre))
-            ms += self.draft_pass_ms(n_pre, float(_sum(batch.fed_tokens[pre])), 0.0, logits_tokens=n_pre)
+        n_pre = int(_sum(pre))
+        fed_all = float(_sum(batch.fed_tokens))
+        if n_pre:
+            fed_pre = float(_sum(batch.fed_tokens[pre]))
+            logits = fed_all - fed_pre + float(n_pre)  # = batch.logits_tokens()
+        else:
+            logits = fed_all
+        ms = self.cost.target_ms(n, fed_all, float(_sum(batch.ctx_tokens)), speculating, logits_tokens=logits)
+        if n_pre:  # the draft model prefills the same context
+            ms += self.draft_pass_ms(n_pre, fed_pre, 0.0, logits_tokens=n_pre)
         if speculating and self.per_step:
             sel = k > 0
             b = int(_sum(sel))
-            ms += self.draft_pass_ms(b, b, float(_sum(batch.ctx_tokens[sel])))
-            accepted, positions = self.acceptance.sample_accepted_positions(rng, batch.alpha, batch.class_idx, k)
+            ms += self.draft_pass_ms(b, b, float(_sum(batch.ctx_tokens[sel])) if b < n else float(_sum(batch.ctx_tokens)))
+            accepted, positions = self._sample(rng, batch, k, kmax)
         elif speculating:
             kmax = int(_max(k))
             if int(_min(k)) == kmax:  # uniform k: every pass has the same shape except growing context
@@ -81,12 +109,14 @@ class DraftModel(Method):
                     sel = k > j
                     b = int(_sum(sel))
                     ms += self.draft_pass_ms(b, b, float(_sum(batch.ctx_tokens[sel])) + j * b)
-            accepted, positions = self.acceptance.sample_accepted_positions(rng, batch.alpha, batch.class_idx, k)
+            accepted, positions = self._sample(rng, batch, k, kmax)
         else:
             accepted = np.zeros(n, dtype=np.int64)
             positions = accepted
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=k.astype(np.int64), accepted=accepted,
                            position_accepts=positions)
+
+    lead_step = True
 
     @property
     def draws_per_step(self) -> int:  # type: ignore[override]
@@ -102,12 +132,24 @@ class DraftModel(Method):
         kk = int(w.k.max()) if n else 0
         rem0 = w.remaining
         pos = np.arange(max(kk, 1))
+        lead = w.lead
+        if lead is not None:  # newcomers finish their prompts in step 0 and draw from step 1 on
+            pre = lead.prefill
+            srel = np.maximum(np.arange(steps)[:, None] - pre.astype(np.int64)[None, :], 0).astype(np.uint64)
+        else:
+            srel = np.arange(steps, dtype=np.uint64)[:, None]
         if kk > 0:
-            ctr = (w.draws[None, :, None] + np.arange(steps, dtype=np.uint64)[:, None, None] * np.uint64(self._k)
+            ctr = (w.draws[None, :, None] + srel[:, :, None] * np.uint64(self._k)
                    + pos[:kk].astype(np.uint64)[None, None, :])
-            p = self.acceptance.position_probs(w.alpha, w.class_idx, kk)
+            probs = getattr(self, "_probs", None)
+            if probs is not None:
+                p = probs[w.idx, :kk] if kk < self._k else probs[w.idx]
+            else:
+                p = self.acceptance.position_probs(w.alpha, w.class_idx, kk)
             ok = counter_uniforms(w.rng_base[None, :, None], ctr) < p[None]
             ok &= pos[:kk][None, None, :] < w.k[None, :, None]
+            if lead is not None:
+                ok[0, pre, :] = False
             acc_full = np.cumprod(ok, axis=2).sum(axis=2)
         else:
             ok = None
@@ -126,13 +168,19 @@ class DraftModel(Method):
             if ok is not None:
                 ok = ok[:last]
         s_eff = commit_full.shape[0]
-        act = np.arange(s_eff)[:, None] <= done_step[None, :]  # member still running at step s
+        act = np.arange(s_eff)[:, None] <= done_step[None, :]  # member in the batch at step s
         all_act = bool(act.all())
-        before = csum - commit_full
+        if lead is not None:  # decoding at step s (a newcomer's step 0 is its last prompt chunk)
+            dec_act = act.copy()
+            dec_act[0, pre] = False
+            all_dec = False
+        else:
+            dec_act, all_dec = act, all_act
+        before = csum - commit_full  # (a newcomer's first token is its step-0 commit)
         rem_s = rem0[None, :] - before
         k_eff = np.minimum(w.k[None, :], rem_s - 1)
-        if not all_act:
-            k_eff = np.where(act, k_eff, 0)
+        if not all_dec:
+            k_eff = np.where(dec_act, k_eff, 0)
         accepted = np.minimum(acc_full, k_eff)
         if ok is not None:
             positions = (ok & (pos[:kk][None, None, :] < k_eff[:, :, None])).sum(axis=2)
@@ -143,13 +191,27 @@ class DraftModel(Method):
         ctx = w.ctx_tokens[None, :] + before
         if not all_act:
             committed = np.where(act, committed, 0)
-            fed = np.where(act, fed, 0)
-            ctx = np.where(act, ctx, 0)
+        if not all_dec:
+            fed = np.where(dec_act, fed, 0)
+            ctx = np.where(dec_act, ctx, 0)
+        if lead is not None:
+            fed[0] += lead.fed_tokens
+            ctx[0] += lead.ctx_tokens
         fed_sum = fed.sum(axis=1).astype(np.float64)
         b = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_eff, float(n))
         kmax_s = k_eff.max(axis=1)
         ctx_sum = ctx.sum(axis=1).astype(np.float64)
-        ms = self.cost.target_ms(b, fed_sum, ctx_sum, kmax_s > 0, logits_tokens=fed_sum)
+        logits = fed_sum
+        if lead is not None:  # a prompt chunk needs the LM head at its last position only
+            n_pre = int(_sum(pre))
+            fed_pre = float(_sum(lead.fed_tokens))
+            logits = fed_sum.copy()
+            logits[0] = fed_sum[0] - fed_pre + float(n_pre)
+        ms = self.cost.target_ms(b, fed_sum, ctx_sum, kmax_s > 0, logits_tokens=logits)
+        if lead is not None:  # the draft model prefills the same chunks (as in :meth:`step`)
+            pre_pass = np.zeros(s_eff)
+            pre_pass[0] = self.draft_pass_ms(n_pre, fed_pre, 0.0, logits_tokens=n_pre)
+            ms = ms + pre_pass
         kk_all = int(kmax_s.max()) if s_eff else 0
         if kk_all and self.per_step:
             sel = k_eff > 0
@@ -159,7 +221,7 @@ class DraftModel(Method):
             # draft pass j runs the members with k > j over their context + j: all passes of all
             # steps in one (steps, passes) evaluation, added pass by pass
             jj = np.arange(kk_all)
-            if all_act and int(k_eff.min()) == kk_all:
+            if all_dec and int(k_eff.min()) == kk_all:
                 bj = np.broadcast_to(b[:, None], (s_eff, kk_all))
                 kv = ctx_sum[:, None] + jj[None, :] * float(n)
             else:
@@ -170,8 +232,8 @@ class DraftModel(Method):
             for j in range(kk_all):
                 ms = ms + passes[:, j]
         draws = np.full((s_eff, n), self._k, dtype=np.uint64)
-        if not all_act:
-            draws[~act] = 0
+        if not all_dec:
+            draws[~dec_act] = 0
         return WindowOutcome(step_ms=self.cost.finish(ms), k=k_eff, drafted=k_eff.astype(np.int64),
                              accepted=accepted.astype(np.int64), position_accepts=positions.astype(np.int64),
                              committed=committed.astype(np.int64), fed_tokens=fed.astype(np.int64),
