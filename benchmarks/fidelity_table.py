@@ -61,18 +61,20 @@ def main(argv=None) -> None:
         print(f"| `{r['name']}` | {r['engine']} | {r['plain_ms']:.2f} | {r['forward_ms']:.3f} | {draft} | {ratios} |")
     print(f"\nPredicted speedup over plain decoding at k={a.k}, as τ / (speculative/plain step ratio), for the τ "
           f"(mean tokens per step, bonus token included) of your workload:\n")
-    print("| profile | " + " | ".join(f"τ={t:g}" for t in TAUS) + " |")
-    print("|---|" + "---:|" * len(TAUS))
-    for r in rows:
-        if r["ratios"]:
-            print(f"| `{r['name']}` | " + " | ".join(f"{r['speedup'][t]:.2f}x" for t in TAUS) + " |")
+    _per_profile_table(rows, "speedup", TAUS, lambda t: f"τ={t:g}", "{:.2f}x")
     print(f"\nSpeculative/plain step-time ratio at k={a.k} by batch size ({a.context} cached tokens per request) "
           f"-- the break-even τ: speculation pays when the workload's τ exceeds it:\n")
-    print("| profile | " + " | ".join(f"B={b}" for b in BATCHES) + " |")
-    print("|---|" + "---:|" * len(BATCHES))
+    _per_profile_table(rows, "by_batch", BATCHES, lambda b: f"B={b}", "{:.2f}")
+
+
+def _per_profile_table(rows: list[dict], key: str, columns, header, cell: str) -> None:
+    """A Markdown table: one row per profile with a draft stage, one column per entry of
+    ``columns`` (``row[key][column]`` formatted with ``cell``)."""
+    print("| profile | " + " | ".join(header(c) for c in columns) + " |")
+    print("|---|" + "---:|" * len(columns))
     for r in rows:
         if r["ratios"]:
-            print(f"| `{r['name']}` | " + " | ".join(f"{r['by_batch'][b]:.2f}" for b in BATCHES) + " |")
+            print(f"| `{r['name']}` | " + " | ".join(cell.format(r[key][c]) for c in columns) + " |")
 
 
 if __name__ == "__main__":

@@ -20,15 +20,19 @@ requests completed per second of makespan, seed 0); ``moderate`` = 0.8 × capaci
 ``laps-sd:predictor=lognormal`` (σ = 0.5; the same predictions as SRPT: same stream and seed), each
 over ``--seeds`` (default 0, 1; the trace and the run use the same seed). Then a small ablation
 per mix at high load, seed 0: oracle predictors, ``merge=ahead``, ``service=time``, least attained
-service inside each queue (``within=attained``) for LAS and LAPS-SD. ``--batching vllm|preemptive``.
+service inside each queue (``within=attained``) for LAS and LAPS-SD. ``--batching vllm|preemptive``
+(the engine's batching mode; it is in every output's file name and in the plot's title).
 
-Prints the tables and writes under ``--out`` (default ``docs/studies``): ``acceptance_aware.csv``
-(one row per mix × load × policy × seed, then the ablation rows), ``acceptance_aware_summary.csv`` (seed means),
-``acceptance_aware.json`` (command, seeds, capacity, rates, reductions) and
-``acceptance_aware.png``.
+Prints the tables and writes under ``--out`` (default ``docs/studies``), with MODE the batching
+mode: ``acceptance_aware_MODE.csv`` (one row per mix × load × policy × seed, then the ablation
+rows), ``acceptance_aware_MODE_summary.csv`` (seed means), ``acceptance_aware_MODE.json``
+(command, seeds, capacity, rates, reductions) and ``acceptance_aware_MODE.png``. ``--replot``
+redraws the plot from the saved summary and JSON without simulating.
 
-    python benchmarks/study_acceptance_aware.py                 # the committed results
+    python benchmarks/study_acceptance_aware.py                 # the committed results (vllm)
+    python benchmarks/study_acceptance_aware.py --batching preemptive
     python benchmarks/study_acceptance_aware.py --seeds 2,3 --out /tmp/aa
+    python benchmarks/study_acceptance_aware.py --batching preemptive --replot
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simspec.atomic import write_json, write_text
+from simspec.atomic import write_json, write_png, write_text
 from simspec.profile import load_profile
 from simspec.rng import stream
 from simspec.simulator.config import ComponentSpec, RunConfig
@@ -127,10 +131,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ablation", action="store_true", help="skip the ablation runs")
     ap.add_argument("--out", default="docs/studies")
     ap.add_argument("--batching", default="vllm", choices=["vllm", "preemptive"],
-                    help="engine batching mode; output files get a _preemptive suffix for that mode")
+                    help="engine batching mode; named in the output files (acceptance_aware_MODE.*) and the plot")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw acceptance_aware_MODE.png from the saved _summary.csv and .json under --out")
     args = ap.parse_args(argv)
     BATCHING["mode"] = args.batching
-    sfx = "" if args.batching == "vllm" else "_" + args.batching
+    sfx = "_" + args.batching
+    out = Path(args.out)
+    if args.replot:
+        return replot(out, sfx, args.batching)
     seeds = [int(s) for s in args.seeds.split(",")]
     profile = load_profile(PROFILE)
     t0 = time.perf_counter()
@@ -191,7 +200,6 @@ def main(argv=None) -> int:
         print(f"\nablation: high load, seed {seeds[0]}")
         print(ab.round(2).to_string())
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     full = pd.concat([df.assign(part="main"), pd.DataFrame(ablation).assign(part="ablation")], ignore_index=True)
     write_text(out / f"acceptance_aware{sfx}.csv", full.to_csv(index=False, float_format="%.6g"))
@@ -206,12 +214,35 @@ def main(argv=None) -> int:
                       for c, v in mix.items()} for m, mix in MIXES.items()},
         "policies": dict((lbl, p) for lbl, p in POLICIES + ABLATION),
         "laps_sd_reduction_pct": reductions, "laps_sd_reduction_of_mean_per_seed_pct": per_seed})
-    plot(summ, out / f"acceptance_aware{sfx}.png", capacity)
-    print(f"\nwrote {out}/acceptance_aware{{.csv,_summary.csv,.json,.png}} in {time.perf_counter() - t0:.0f} s")
+    plot(summ, out / f"acceptance_aware{sfx}.png", capacity, args.batching, args.requests, seeds)
+    print(f"\nwrote {out}/acceptance_aware{sfx}{{.csv,_summary.csv,.json,.png}} in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
-def plot(summ: pd.DataFrame, path: Path, capacity: dict) -> None:
+def replot(out: Path, sfx: str, batching: str) -> int:
+    """Redraw the plot from a finished study's summary CSV and JSON (no simulation)."""
+    import json
+
+    summary_csv, meta_json = out / f"acceptance_aware{sfx}_summary.csv", out / f"acceptance_aware{sfx}.json"
+    for f in (summary_csv, meta_json):
+        if not f.is_file():
+            print(f"error: {f}: not found; run the study with --batching {batching} first", file=sys.stderr)
+            return 2
+    meta = json.loads(meta_json.read_text())
+    if meta.get("batching", "vllm") != batching:
+        print(f"error: {meta_json}: field batching is {meta.get('batching')!r}, not {batching!r}", file=sys.stderr)
+        return 2
+    plot(pd.read_csv(summary_csv), out / f"acceptance_aware{sfx}.png", meta["capacity_requests_per_s"], batching,
+         meta["requests"], meta["seeds"])
+    print(f"wrote {out}/acceptance_aware{sfx}.png")
+    return 0
+
+
+BATCHING_WORDS = {"vllm": "vllm batching (vLLM V1 schedule: running first, admission in priority order)",
+                  "preemptive": "preemptive batching (top of the order each step, residents paused)"}
+
+
+def plot(summ: pd.DataFrame, path: Path, capacity: dict, batching: str, requests: int, seeds: list) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,13 +263,12 @@ def plot(summ: pd.DataFrame, path: Path, capacity: dict) -> None:
         ax.set_ylabel("seconds")
         ax.set_title(title)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Acceptance-aware scheduling: code α≈0.85 / chat α≈0.5; mix A code short, mix B code long; "
-                 f"{SPEC}, max batch {MAX_BATCH}", fontsize=10)
+    fig.suptitle(f"Acceptance-aware scheduling, {BATCHING_WORDS[batching]}\n"
+                 f"code α≈0.85 / chat α≈0.5; mix A code short, mix B code long; {SPEC}, max batch {MAX_BATCH}; "
+                 f"{requests} requests, mean over seeds {', '.join(map(str, seeds))}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_png(path, fig, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from simspec.atomic import write_json, write_text
+from simspec.atomic import write_json, write_png, write_text
 from simspec.profile import load_profile
 from simspec.simulator.config import ComponentSpec, RunConfig
 from simspec.simulator.run import simulate
@@ -142,10 +142,8 @@ def plot(df: pd.DataFrame, path: Path, args) -> None:
     fig.suptitle(f"When speculation hurts: {PROFILE}, Poisson, prompt {args.prompt} / output {args.output}, "
                  f"seed {args.seed}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_png(path, fig, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

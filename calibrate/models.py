@@ -289,19 +289,9 @@ _SIMSPEC_KEYS_PREFIX = "_simspec"
 def resolve_config_path(spec: str) -> Path:
     """A bundled model config name (a file stem in ``simspec/data/models/`` or an alias such as
     ``llama2-7b``), a ``config.json`` path, or a directory holding one."""
-    from simspec.analytic import MODEL_ALIASES, bundled_models
+    from simspec.analytic import resolve_model_config
 
-    bundled = bundled_models()
-    key = MODEL_ALIASES.get(spec.lower(), spec.lower())
-    if key in bundled:
-        return bundled[key]
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        raise SimspecError(f"--config {spec!r}: no such file and no bundled model config of that name "
-                           f"(bundled: {', '.join(bundled)})")
-    return p
+    return resolve_model_config(spec, "--config")
 
 
 def config_from_json(spec: str) -> tuple[Any, Path]:
@@ -309,15 +299,10 @@ def config_from_json(spec: str) -> tuple[Any, Path]:
     from the JSON (``model_type`` picks the class), and the file it came from."""
     from transformers import CONFIG_MAPPING
 
+    from simspec.analytic import read_model_config
+
     path = resolve_config_path(spec)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SimspecError(f"--config {path}: cannot read ({exc.strerror})") from None
-    except ValueError as exc:
-        raise SimspecError(f"--config {path}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(doc, dict):
-        raise SimspecError(f"--config {path}: expected a JSON object (a Hugging Face config.json)")
+    doc = read_model_config(path, "--config")
     doc = {k: v for k, v in doc.items() if not k.startswith(_SIMSPEC_KEYS_PREFIX)}
     doc.pop("quantization_config", None)
     mtype = doc.get("model_type")

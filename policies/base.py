@@ -130,11 +130,17 @@ class _Configurable:
     param_defaults: ClassVar[dict[str, Any]] = {}
     flag: ClassVar[str] = ""
 
-    def _params(self, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(params) - set(self.param_defaults)
+    @classmethod
+    def check_param_names(cls, params: dict[str, Any]) -> None:
+        """Refuse parameter names the class does not know (before any run; values are checked
+        when the policy is built)."""
+        unknown = set(params) - set(cls.param_defaults)
         if unknown:
-            raise ConfigError(f"{self.flag} {self.name}: unknown parameter(s) {', '.join(sorted(unknown))} "
-                              f"(known: {', '.join(sorted(self.param_defaults)) or 'none'})")
+            raise ConfigError(f"{cls.flag} {cls.name}: unknown parameter(s) {', '.join(sorted(unknown))} "
+                              f"(known: {', '.join(sorted(cls.param_defaults)) or 'none'})")
+
+    def _params(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.check_param_names(params)
         return {**self.param_defaults, **params}
 
 

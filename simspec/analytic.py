@@ -345,27 +345,41 @@ def bundled_models() -> dict[str, Path]:
     return {p.stem: p for p in sorted(d.glob("*.json"))}
 
 
-def load_model_config(name_or_path: str) -> ModelConfig:
-    """A bundled model name (``llama-2-7b``, ``vicuna-7b``, …) or a path to a ``config.json`` (or to
-    a directory holding one)."""
+def resolve_model_config(spec: str, option: str = "--model") -> Path:
+    """A bundled model config name (a file stem in ``simspec/data/models/`` or an alias such as
+    ``llama2-7b``), a ``config.json`` path, or a directory holding one → the file. ``option``
+    names the option in the one-line error."""
     bundled = bundled_models()
-    key = MODEL_ALIASES.get(name_or_path.lower(), name_or_path.lower())
+    key = MODEL_ALIASES.get(spec.lower(), spec.lower())
     if key in bundled:
-        path = bundled[key]
-    else:
-        path = Path(name_or_path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.exists():
-            raise ConfigError(f"--model {name_or_path!r}: no such file and no bundled model of that name "
-                              f"(bundled: {', '.join(bundled)})")
+        return bundled[key]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{option} {spec!r}: no such file and no bundled model of that name "
+                          f"(bundled: {', '.join(bundled)})")
+    return path
+
+
+def read_model_config(path: Path, option: str = "--model") -> dict[str, Any]:
+    """A model ``config.json`` as a JSON object, or a one-line error naming ``option`` and the file."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        raise ConfigError(f"{option} {path}: cannot read ({exc.strerror})") from None
     except ValueError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    return ModelConfig.from_hf(doc, str(path))
+        raise ConfigError(f"{option} {path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{option} {path}: expected a JSON object (a Hugging Face config.json)")
+    return doc
+
+
+def load_model_config(name_or_path: str) -> ModelConfig:
+    """A bundled model name (``llama-2-7b``, ``vicuna-7b``, …) or a path to a ``config.json`` (or to
+    a directory holding one)."""
+    path = resolve_model_config(name_or_path)
+    return ModelConfig.from_hf(read_model_config(path), str(path))
 
 
 # ------------------------------------------------------------------------------- the roofline

@@ -155,7 +155,7 @@ def check_output_dir(final: str | os.PathLike, kind: str, *, force: bool = False
 
 
 def is_simspec_json(path: Path) -> bool:
-    """A JSON file written by simspec with a ``simspec_output`` marker key."""
+    """A JSON file written by simspec: a ``simspec_output`` marker key, or a simspec profile."""
     try:
         if path.stat().st_size > 256 << 20:
             return False
@@ -164,8 +164,9 @@ def is_simspec_json(path: Path) -> bool:
         return False
     if not isinstance(doc, dict):
         return False
-    # a capacity.json written before the marker key existed
-    return isinstance(doc.get("simspec_output"), dict) or {"search", "results", "slo", "trace"} <= set(doc)
+    # a profile (its schema names it); a capacity.json written before the marker key existed
+    return (isinstance(doc.get("simspec_output"), dict) or doc.get("schema") == "simspec-profile"
+            or {"search", "results", "slo", "trace"} <= set(doc))
 
 
 def check_output_file(final: str | os.PathLike, *, force: bool = False, what: str = "--out",
@@ -208,6 +209,16 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_png(path: str | os.PathLike, fig: Any, **savefig_kw: Any) -> None:
+    """Render a matplotlib figure as PNG (``savefig_kw``: dpi, metadata, ...) and write it
+    atomically with :func:`write_bytes`."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kw)
+    write_bytes(path, buf.getvalue())
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

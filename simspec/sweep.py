@@ -289,9 +289,11 @@ def _component_check(key: str, value: str) -> None:
 
     registry, what = {"policy": (SCHEDULERS, "scheduler"), "spec": (METHODS, "method"),
                       "spec_len": (SPEC_LEN_POLICIES, "speculation-length policy")}[key]
-    name = ComponentSpec.parse(value, key).name
-    if name not in registry:
-        raise ValueError(f"unknown {what} {name!r} (choose from {', '.join(sorted(registry))})")
+    comp = ComponentSpec.parse(value, key)
+    if comp.name not in registry:
+        raise ValueError(f"unknown {what} {comp.name!r} (choose from {', '.join(sorted(registry))})")
+    if key != "spec":
+        registry[comp.name].check_param_names(dict(comp.params))
 
 
 def _check_value(key: str, value: Any) -> Any:

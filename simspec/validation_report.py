@@ -206,14 +206,10 @@ def plot_scatter(pr: pd.DataFrame, path: str | Path, title: str = "") -> None:
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    import io
+    from simspec.atomic import write_png
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
+    write_png(path, fig, metadata={"Software": None})
     plt.close(fig)
-    from simspec.atomic import write_bytes
-
-    write_bytes(path, buf.getvalue())
 
 
 def write_report(out_dir: str | Path, real: pd.DataFrame, sim: pd.DataFrame, *, meta: dict[str, Any] | None = None,

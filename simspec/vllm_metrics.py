@@ -16,12 +16,15 @@
   TPOT 0, as vLLM does).
 
 simspec's run has one arrival-time origin (the first arrival, like vLLM's first send), so
-``duration`` is the run's makespan. ITL: with speculative decoding a step commits several tokens
-at once and vLLM streams them as one chunk, so a request's ITL samples are the gaps between its
-token-producing decode steps. simspec does not log each request's step times, so the ITL *mean*
-is exact (a request's gaps sum to completion − first token, over its decode steps) while its
-median, std and percentiles treat the gaps of one request as equal (its mean gap, weighted by its
-number of gaps).
+``duration`` is the run's makespan.
+
+ITL is ``vllm bench serve``'s: one sample per streamed chunk after a request's first, the time
+since its previous chunk, pooled over all requests. vLLM streams all tokens one engine step
+commits for a request as one chunk, so with speculative decoding a step committing several tokens
+gives one sample (vLLM's client does not add zero gaps for the extra tokens). The engine records
+every gap (:mod:`simspec.simulator.itl`); mean, median, std and percentiles are exact over them
+(numpy's default linear percentile, as vLLM). TPOT differs: a per-request mean over output
+tokens, so it falls with speculation where ITL does not.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from simspec.errors import ConfigError
+from simspec.simulator.itl import ItlSamples
 
 VLLM_PERCENTILES = (90, 95, 99)
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
@@ -96,7 +100,7 @@ def _dist(prefix: str, x: np.ndarray, weights: np.ndarray | None = None) -> dict
         n = cum[-1]
 
         def pct(p: float) -> float:  # numpy's linear method on the expanded sample
-            pos = (n - 1) * p / 100.0
+            pos = (p / 100.0) * (n - 1)
             lo, hi = math.floor(pos), math.ceil(pos)
             a = xs[np.searchsorted(cum, lo + 1)]
             b = xs[np.searchsorted(cum, hi + 1)]
@@ -106,8 +110,9 @@ def _dist(prefix: str, x: np.ndarray, weights: np.ndarray | None = None) -> dict
     return dict(zip(keys, vals))
 
 
-def vllm_bench_metrics(req: pd.DataFrame, duration_s: float) -> dict[str, Any]:
-    """``vllm bench serve``'s metrics (names as in its result JSON) for a requests frame."""
+def vllm_bench_metrics(req: pd.DataFrame, duration_s: float, itl: ItlSamples) -> dict[str, Any]:
+    """``vllm bench serve``'s metrics (names as in its result JSON) for a requests frame and the
+    run's ITL samples."""
     n = int(len(req))
     out_tok = int(req["output_tokens"].sum())
     in_tok = int(req["prompt_tokens"].sum())
@@ -121,17 +126,9 @@ def vllm_bench_metrics(req: pd.DataFrame, duration_s: float) -> dict[str, Any]:
     e2el = req["latency_s"].to_numpy(float) * 1000.0
     out = req["output_tokens"].to_numpy()
     tpot = np.where(out > 1, (e2el - ttft) / np.maximum(out - 1, 1), np.nan)
-    gaps = req["decode_steps"].to_numpy().astype(np.int64)
-    decode_ms = (req["completion_s"].to_numpy(float) - req["first_token_s"].to_numpy(float)) * 1000.0
-    has = gaps > 0
     s.update(_dist("ttft", ttft[~np.isnan(ttft)]))
     s.update(_dist("tpot", tpot[~np.isnan(tpot)]))
-    if has.any():
-        itl = _dist("itl", decode_ms[has] / gaps[has], gaps[has])
-        itl["mean_itl_ms"] = float(decode_ms[has].sum() / gaps[has].sum())
-    else:
-        itl = _dist("itl", np.zeros(0))
-    s.update(itl)
+    s.update(_dist("itl", itl.values_ms, itl.counts))
     s.update(_dist("e2el", e2el[~np.isnan(e2el)]))
     return s
 

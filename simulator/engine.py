@@ -35,6 +35,7 @@ import simpy
 
 from simspec.policies.base import PolicyContext, Scheduler, SpecLenPolicy, StepRecord, WindowRecord
 from simspec.simulator.batching import BatchFormer, StepPlan, blocks_for
+from simspec.simulator.itl import ItlLog
 from simspec.simulator.methods.base import BatchStep, DecodeWindow, LeadStep, Method, StepRandom
 from simspec.simulator.state import RequestTable
 from simspec.simulator.steplog import StepLog
@@ -285,6 +286,7 @@ class Replica:
         record = StepRecord(idx=idx, prefill=pre, drafted=drafted, accepted=accepted, committed=committed,
                             step_ms=out.step_ms, end_s=end, fed_tokens=fed, position_accepts=pos_acc)
         cl.scheduler.observe(record)
+        cl.itl.observe(record)
         self.spec_len.observe(record)
         self.log.append_one(self.rid, self.step_index, now, end, out.step_ms, n, n_pre,
                             int(_max(k)) if n else 0, int(_sum(drafted)), int(_sum(accepted)),
@@ -436,6 +438,7 @@ class Replica:
                               committed=out.committed[0], step_ms=float(out.step_ms[0]), end_s=float(ends[0]),
                               fed_tokens=out.fed_tokens[0], position_accepts=out.position_accepts[0])
             cl.scheduler.observe(rec0)
+            cl.itl.observe(rec0)
             self.spec_len.observe(rec0)
             first_value = self.spec_len.log_value()
             w0 = 1
@@ -446,6 +449,7 @@ class Replica:
                                fed_tokens=out.fed_tokens[w0:], step_ms=out.step_ms[w0:], end_s=ends[w0:],
                                active=a_w if a_w is None or not bool(a_w.all()) else None)
             cl.scheduler.observe_window(rec)
+            cl.itl.observe_window(rec)
             values = self.spec_len.observe_window(rec)
         else:
             values = np.empty(0)
@@ -543,6 +547,7 @@ class Cluster:
         self._slot: simpy.Event | None = None
         self.audit = audit
         self.seed = seed
+        self.itl = ItlLog(len(table))  # every request's token-chunk gaps (vllm bench serve's ITL)
         self._on_complete = on_complete
         self.completed = 0
         self.next_arrival_s = float(table.arrival_s[0]) if len(table) else float("inf")

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from simspec.simulator.engine import STEP_COLUMNS
+from simspec.simulator.itl import ItlSamples
 from simspec.simulator.state import RequestTable
 
 PERCENTILES = (50, 90, 99)
@@ -77,9 +78,10 @@ def _stats(x: np.ndarray, prefix: str, scale: float = 1.0) -> dict[str, float | 
 
 
 def summary(req: pd.DataFrame, steps: pd.DataFrame, busy_s: list[float], slo_ttft_ms: float | None,
-            slo_tpot_ms: float | None) -> dict[str, Any]:
+            slo_tpot_ms: float | None, itl: ItlSamples) -> dict[str, Any]:
     """Run-level metrics: latency/TTFT/TPOT/queueing percentiles (ms), throughput, goodput,
-    acceptance, waste, preemptions, utilisation, SLO attainment."""
+    acceptance, waste, preemptions, utilisation, SLO attainment; ``vllm bench serve``'s metrics
+    (ITL from ``itl``, the run's pooled token-chunk gaps)."""
     first_arrival = float(req["arrival_s"].min())
     makespan = float(req["completion_s"].max()) - first_arrival
     tokens = int(req["output_tokens"].sum())
@@ -124,5 +126,5 @@ def summary(req: pd.DataFrame, steps: pd.DataFrame, busy_s: list[float], slo_ttf
         s["slo_goodput_requests_per_s"] = float(ok.sum()) / makespan if makespan > 0 else None
     from simspec.vllm_metrics import vllm_bench_metrics
 
-    s.update(vllm_bench_metrics(req, makespan))  # the same run under `vllm bench serve`'s names
+    s.update(vllm_bench_metrics(req, makespan, itl))  # the same run under `vllm bench serve`'s names
     return s

@@ -88,9 +88,11 @@ def kv_budget_from_memory(profile: Profile, utilisation: float) -> int:
 def check_ranges(profile: Profile, capacity: Capacity, trace: Trace, stages: set[str] | None = None) -> list[str]:
     """Compare the run's largest shapes with the ``valid`` ranges of the stages it uses (all when
     ``stages`` is None). Returns the violations (empty when all lookups stay in range)."""
-    worst = {"batch_size": capacity.max_batch_size,
-             "tokens_per_request": int(trace.prompt_tokens.max() + trace.output_tokens.max()),
-             "context_tokens": int(trace.prompt_tokens.max() + trace.output_tokens.max())}
+    # the longest request bounds both a request's context and the tokens it feeds in one step (its
+    # prompt, or prompt + generated when re-prefilled after a recompute); the largest prompt plus
+    # the largest output, of two different requests, would overstate it
+    longest = int((trace.prompt_tokens + trace.output_tokens).max())
+    worst = {"batch_size": capacity.max_batch_size, "tokens_per_request": longest, "context_tokens": longest}
     out = []
     for name, doc in profile.stages.items():
         if stages is not None and name not in stages:
@@ -175,13 +177,16 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
                               f"but --max-batched-tokens is {capacity.max_batched_tokens} and chunked prefill is "
                               f"off: it may never run ({big.size} such request(s)); enable chunked prefill or "
                               f"raise the budget")
-    out_of_range = check_ranges(profile, capacity, trace, method.stages_used())
+    stages = method.stages_used()
+    out_of_range = check_ranges(profile, capacity, trace, stages)
     if out_of_range:
         msg = "; ".join(out_of_range)
-        window = (profile.models.get("target") or {}).get("max_position_embeddings")
         longest = int((trace.prompt_tokens + trace.output_tokens).max())
-        if isinstance(window, (int, float)) and longest > window:
-            msg += f"; the longest request ({longest} tokens) is beyond the model's context window of {int(window)}"
+        for role in ("target", "draft") if "draft_step" in stages else ("target",):
+            window = (profile.models.get(role) or {}).get("max_position_embeddings")
+            if isinstance(window, (int, float)) and longest > window:
+                msg += (f"; the longest request ({longest} tokens) is beyond the {role} model's context window "
+                        f"of {int(window)}")
         if not config.allow_extrapolation:
             raise ProfileError(f"profile {profile.name}: this run needs latencies outside the {range_words(profile)} "
                                f"({msg}); cap the trace or pass --allow-extrapolation")
@@ -209,7 +214,8 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
                            f"{table.request_id[unfinished[0]]}: a policy never scheduled it")
     requests = requests_frame(table, scheduler.extra_columns())
     steps = steps_frame([r.log for r in cluster.replicas])
-    summ = summary(requests, steps, [r.busy_s for r in cluster.replicas], config.slo_ttft_ms, config.slo_tpot_ms)
+    summ = summary(requests, steps, [r.busy_s for r in cluster.replicas], config.slo_ttft_ms, config.slo_tpot_ms,
+                   cluster.itl.samples())
     summ["profile_source"] = profile.source
     cfg = {
         "simspec_version": __version__,

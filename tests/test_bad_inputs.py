@@ -121,7 +121,11 @@ UNWRITABLE = "a_file/out"  # below a regular file: can never be created (root in
      UNWRITABLE + ".json"],
     ["trace", "convert", "small.csv", UNWRITABLE + ".csv"],
     ["trace", "synth", "--n", "5", "--rate", "1", "--lengths", "fixed:10,10", "--out", UNWRITABLE + ".csv"],
-], ids=["replay", "compare", "report", "sweep", "capacity", "trace-convert", "trace-synth"])
+    ["profile", "analytic", "--gpu", "h200", "--model", "llama-3-8b", "--out", UNWRITABLE + ".json"],
+    ["calibrate", "acceptance", "--method", "draft", "--out", UNWRITABLE + ".json"],
+    ["calibrate", "latency", "--out", UNWRITABLE + ".json"],
+], ids=["replay", "compare", "report", "sweep", "capacity", "trace-convert", "trace-synth", "profile-analytic",
+        "calibrate-acceptance", "calibrate-latency"])
 def test_unwritable_output_is_refused_first(work, capsys, no_simulation, args):
     (work / "a_file").write_text("x")
     (work / "run").mkdir()
@@ -132,14 +136,39 @@ def test_unwritable_output_is_refused_first(work, capsys, no_simulation, args):
     assert _tree(work) == before
 
 
+@pytest.mark.parametrize("args", [
+    ["profile", "analytic", "--gpu", "h200", "--model", "llama-3-8b", "--out", "user.json", "--force"],
+    ["calibrate", "acceptance", "--method", "draft", "--out", "user.json"],
+    ["calibrate", "latency", "--out", "user.json"],
+], ids=["profile-analytic-force", "calibrate-acceptance", "calibrate-latency"])
+def test_profile_writers_leave_a_user_file_alone(work, capsys, args):
+    (work / "user.json").write_text('{"mine": true}')
+    before = _tree(work)
+    code, _, err = cli(capsys, *args)
+    assert "user.json" in one_line_error(code, err)
+    assert _tree(work) == before
+
+
+def test_profile_analytic_force_replaces_a_profile(work, capsys):
+    args = ["profile", "analytic", "--gpu", "h200", "--model", "llama-3-8b", "--out", "p.json"]
+    assert cli(capsys, *args)[0] == 0
+    assert "already exists" in one_line_error(*cli(capsys, *args)[:3:2])
+    assert cli(capsys, *args, "--force")[0] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. compare validates everything before the first simulation
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policies, needle", [("fcfs,bogus", "bogus"), ("fcfs,fcfs", "twice"),
-                                              ("fcfs,,srpt", "empty"), ("srpt,fcfs", "already exists")])
+@pytest.mark.parametrize("policies, needle", [("fcfs,bogus", "--policies: unknown scheduler 'bogus'"),
+                                              ("fcfs,fcfs", "twice"), ("fcfs,,srpt", "empty"),
+                                              ("srpt,fcfs", "already exists"),
+                                              ("fcfs,srpt:foo=1", "--policies srpt: unknown parameter(s) foo"),
+                                              ("fcfs,srpt:foo=1", "--spec-len fixed: unknown parameter(s) bar")])
 def test_compare_checks_all_up_front(work, capsys, monkeypatch, policies, needle):
     args = ["compare", "small.csv", "--profile", "flat.json", "--policies", policies]
+    if "spec-len" in needle:
+        args = ["compare", "small.csv", "--profile", "flat.json", "--spec-len", "fixed:bar=1", "--policies", "fcfs"]
     if needle == "already exists":  # fcfs was written by an earlier compare: found before srpt runs
         assert cli(capsys, *args[:-1], "fcfs", "--out", "cmp")[0] == 0
         args += ["--out", "cmp"]
@@ -176,6 +205,48 @@ def test_bad_profile_is_one_line(work, capsys, no_simulation, make, needle):
     make(work / "bad.json")
     code, _, err = cli(capsys, "replay", "small.csv", "--profile", "bad.json", "--out", "run")
     assert needle in one_line_error(code, err)
+    assert not (work / "run").exists()
+
+
+# the range check: only the stages the method evaluates, worded by the profile's source, every
+# stage named, the context window said; the bundled analytic profile's target (Llama-2-70B) has a
+# 4096-token window and grid, its draft (llama-68m) 2048
+ANALYTIC = "llama2-70b-h100x4-analytic"
+
+
+def _trace(work: Path, rows: list[tuple[int, int]]) -> str:
+    body = "request_id,arrival_s,prompt_tokens,output_tokens\n" + "".join(
+        f"r{i},{0.1 * i},{p},{o}\n" for i, (p, o) in enumerate(rows))
+    (work / "long.csv").write_text(body)
+    return "long.csv"
+
+
+def test_range_check_ignores_stages_the_method_does_not_use(work, capsys):
+    t = _trace(work, [(2900, 50)])  # beyond the draft's 2048, within the target's 4096
+    code, _, err = cli(capsys, "replay", t, "--profile", ANALYTIC, "--spec", "none", "--out", "run", "-q")
+    assert code == 0, err
+    notes = json.loads((work / "run" / "config.json").read_text())["notes"]
+    assert not any("extrapolated" in n for n in notes), notes
+    code, _, err = cli(capsys, "replay", t, "--profile", ANALYTIC, "--spec", "draft:k=4", "--out", "run2")
+    line = one_line_error(code, err)
+    assert "draft_step.tokens_per_request up to 2950 > 2048" in line and "draft_step.context_tokens" in line
+    assert "analytic grid" in line and "measured" not in line and "more)" not in line
+    assert "draft model's context window of 2048" in line
+    assert "layer." not in line  # the target's stages are in range
+
+
+def test_range_check_uses_the_longest_request_not_two_maxima(work, capsys):
+    # largest prompt + largest output = 7000 > 4096, but no request is longer than 3510 tokens
+    t = _trace(work, [(3500, 10), (10, 3500)])
+    code, _, err = cli(capsys, "replay", t, "--profile", ANALYTIC, "--spec", "none", "--out", "run", "-q")
+    assert code == 0, err
+
+
+def test_range_check_names_the_context_window(work, capsys):
+    t = _trace(work, [(4000, 200)])
+    code, _, err = cli(capsys, "replay", t, "--profile", ANALYTIC, "--spec", "none", "--out", "run")
+    line = one_line_error(code, err)
+    assert "target model's context window of 4096" in line and "longest request (4200 tokens)" in line
     assert not (work / "run").exists()
 
 
@@ -380,6 +451,14 @@ def test_sweep_table_holds_base_values(work, capsys):
     assert list(df["max_batch"]) == [4, 4] and list(df["policy"]) == ["fcfs", "srpt"]
     assert {"p99_ttft_ms", "mean_itl_ms", "request_throughput", "request_goodput"} <= set(df.columns)
     assert (df["request_goodput"] > 0).all()
+
+
+def test_unknown_policy_parameter_is_a_grid_error(work, capsys):
+    (work / "g.yaml").write_text("base:\n  trace: small.csv\n  profile: flat.json\naxes:\n"
+                                 "  policy: [fcfs, 'srpt:foo=1']\n  spec_len: [fixed, 'smartspec:bar=2']\n")
+    code, _, err = cli(capsys, "sweep", "g.yaml", "--out", "sw", "--dry-run")
+    assert "axes.policy[1]: unknown parameter(s) foo" in one_line_error(code, err)
+    assert not (work / "sw").exists()
 
 
 def test_bad_grid_goodput_is_a_grid_error(work, capsys):

@@ -117,6 +117,12 @@ def acceptance(model_spec: str, method: str, out_path: str, prompts_path: str | 
         raise SimspecError(f"--heldout-share {heldout_share}: must be in [0, 1)")
     if max_new_tokens < 2:
         raise SimspecError(f"--max-new-tokens {max_new_tokens}: must be >= 2")
+    # before any measuring: an existing --out must be a profile (it is updated) and writable
+    from simspec.atomic import check_output_file
+    from simspec.calibrate.profile_io import read_profile_doc
+
+    check_output_file(out_path, force=True)
+    read_profile_doc(out_path)
     say = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     if quiet:
         from simspec.calibrate.models import silence_progress_bars

@@ -28,6 +28,9 @@ def _check_options(dtype: str, device: str, grid: str, threads: int | None, out:
         raise SimspecError(f"--out {out}: is a directory; give a .json file path")
     if p.suffix.lower() != ".json":
         raise SimspecError(f"--out {out}: a profile is a .json file")
+    from simspec.atomic import check_output_file
+
+    check_output_file(p, force=True)  # a location that cannot be written is found before measuring
     from simspec.calibrate.grids import GRID_NAMES
 
     if grid not in GRID_NAMES and not Path(grid).is_file():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from pathlib import Path
 
 import click
 
@@ -81,15 +80,15 @@ def analytic(gpu, gpu_spec, model_name, draft_name, eagle_head, eagle3_head, med
     measurement (docs/methods.md)."""
     from simspec.analytic import (Efficiency, Roofline, build_profile, check_placement, explain as explain_lines,
                                   load_gpu_spec, load_model_config, resolve_gpu)
-    from simspec.atomic import write_json
+    from simspec.atomic import check_output_file, write_json
     from simspec.profile import profile_from_doc
 
     if (gpu is None) == (gpu_spec is None):
         raise ConfigError("give one of --gpu NAME or --gpu-spec FILE")
     if out_path is None and not explain:
         raise ConfigError("--out: required (or --explain to print a breakdown only)")
-    if out_path is not None and Path(out_path).exists() and not force:
-        raise ConfigError(f"--out: {out_path} already exists (use --force to replace it)")
+    if out_path is not None:  # before any work: --force replaces only a file simspec wrote (a profile)
+        check_output_file(out_path, force=force, simspec_json=True)
     spec = load_gpu_spec(gpu_spec) if gpu_spec else resolve_gpu(gpu)
     model = load_model_config(model_name)
     draft = load_model_config(draft_name) if draft_name else None

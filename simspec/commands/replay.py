@@ -63,9 +63,9 @@ def build_config(policy, spec, spec_len, replicas, router, max_batch, kv_budget_
     sched = ComponentSpec.parse(policy, "--policy")
     method = ComponentSpec.parse(spec, "--spec")
     slen = ComponentSpec.parse(spec_len, "--spec-len")
-    get_scheduler_class(sched.name)
+    get_scheduler_class(sched.name).check_param_names(dict(sched.params))
     get_method_class(method.name)
-    get_spec_len_class(slen.name)
+    get_spec_len_class(slen.name).check_param_names(dict(slen.params))
     return RunConfig(scheduler=sched, method=method, spec_len=slen, replicas=replicas, router=router,
                      max_batch_size=max_batch, kv_budget_tokens=kv_budget_tokens,
                      max_batched_tokens=max_batched_tokens, preempt_mode=preempt,
@@ -334,9 +334,14 @@ def compare(trace, policies, spec, spec_len, profile_name, replicas, router, max
     for name in names:
         if name in configs:
             raise ConfigError(f"--policies: {name!r} given twice")
-        configs[name] = build_config(name, spec, spec_len, replicas, router, max_batch, kv_budget_tokens, preempt,
-                                     seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation, max_batched_tokens,
-                                     engine)
+        try:
+            configs[name] = build_config(name, spec, spec_len, replicas, router, max_batch, kv_budget_tokens,
+                                         preempt, seed, slo_ttft_ms, slo_tpot_ms, allow_extrapolation,
+                                         max_batched_tokens, engine)
+        except ConfigError as exc:  # name the option the user gave
+            msg = str(exc)
+            raise ConfigError("--policies" + msg[len("--policy"):] if msg.startswith("--policy ") or
+                              msg.startswith("--policy:") else msg) from None
     canon = {}
     for name, cfg in configs.items():
         key = str(cfg.scheduler)

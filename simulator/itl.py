@@ -1,0 +1,111 @@
+"""Inter-token latency samples, exactly as ``vllm bench serve`` collects them.
+
+``vllm bench serve`` streams each request and appends one ITL sample per streamed chunk after
+the first: the time since the previous chunk (``output.itl.append(timestamp -
+most_recent_timestamp)`` in ``vllm/benchmarks/lib/endpoint_request_func.py``); ``mean``,
+``median``, ``std`` and ``p90/95/99_itl_ms`` are taken over all requests' samples pooled. vLLM
+streams the tokens one engine step commits for a request as one chunk, so with speculative
+decoding a step that commits 3 tokens gives *one* sample (not one gap and two zeros).
+
+In simspec a request's chunks are the ends of the steps that commit tokens for it: the step that
+completes its prompt (the first token; again after a recompute preemption, which re-prefills and
+samples the next token) and every decode step it is in. A sample is the time from the end of the
+previous such step of the same request, so waiting while paused or preempted is inside the gap,
+as a client sees it.
+
+Samples are kept as (value, count) pairs, consolidated to the distinct values now and then, so
+memory grows with the number of distinct gaps, not with the number of tokens, and the result
+does not depend on how the engine grouped steps (one step per event or windows of many).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simspec.policies.base import StepRecord, WindowRecord
+
+_CONSOLIDATE_AT = 1 << 20  # buffered entries before merging equal values
+
+
+@dataclass(frozen=True)
+class ItlSamples:
+    """The pooled ITL sample as distinct values (ms, ascending) and how often each occurred."""
+
+    values_ms: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.counts.sum())
+
+
+def _merge(values: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    if not values:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    v = np.concatenate(values)
+    c = np.concatenate(counts)
+    u, inv = np.unique(v, return_inverse=True)
+    return u, np.bincount(inv.ravel(), weights=c, minlength=u.size).astype(np.int64)
+
+
+class ItlLog:
+    """Collects every request's token-chunk gaps from the engine's step and window records."""
+
+    def __init__(self, n_requests: int):
+        self.last_token_s = np.full(n_requests, np.nan)
+        self._values: list[np.ndarray] = []
+        self._counts: list[np.ndarray] = []
+        self._buffered = 0
+
+    def _add(self, gaps_s: np.ndarray, counts: np.ndarray) -> None:
+        if gaps_s.size == 0:
+            return
+        self._values.append(gaps_s)
+        self._counts.append(counts)
+        self._buffered += int(gaps_s.size)
+        if self._buffered >= _CONSOLIDATE_AT:
+            u, c = _merge(self._values, self._counts)
+            self._values, self._counts, self._buffered = [u], [c], int(u.size)
+
+    def _members(self, idx: np.ndarray, end_s: float) -> None:
+        """Members ``idx`` received a chunk at ``end_s``: one sample each that had one before."""
+        prev = self.last_token_s[idx]
+        had = ~np.isnan(prev)
+        if bool(had.any()):
+            self._add(end_s - prev[had], np.ones(int(had.sum()), dtype=np.int64))
+        self.last_token_s[idx] = end_s
+
+    def observe(self, rec: StepRecord) -> None:
+        """One step: every member that committed a token got a chunk at the step's end."""
+        self._members(rec.idx[rec.committed > 0], rec.end_s)
+
+    def observe_window(self, rec: WindowRecord) -> None:
+        """Consecutive decode steps of one batch: a member's gap within the window is the step's
+        duration (end minus the previous step's end), so each later step adds one value counted
+        once per member that got a chunk in it and in the step before."""
+        tok = rec.committed > 0
+        if rec.active is not None:
+            tok &= rec.active
+        ends = rec.end_s
+        if ends.shape[0] > 1 and bool((tok[1:] & ~tok[:-1]).any()):
+            # a member with a chunkless step before a chunk (members only ever leave a window, so
+            # the engine does not produce this): step by step
+            for s in range(ends.shape[0]):
+                self._members(rec.idx[tok[s]], float(ends[s]))
+            return
+        self._members(rec.idx[tok[0]], float(ends[0]))
+        if ends.shape[0] > 1:
+            both = tok[1:].sum(axis=1)  # == tok[1:] & tok[:-1]: a member with a chunk had one before
+            keep = both > 0
+            self._add((ends[1:] - ends[:-1])[keep], both[keep].astype(np.int64))
+            # each member's latest chunk: the end of its last step with a token
+            n_tok = tok.sum(axis=0)
+            has = n_tok > 0
+            self.last_token_s[rec.idx[has]] = ends[n_tok[has] - 1]
+
+    def samples(self) -> ItlSamples:
+        """All samples so far, in ms (distinct values ascending, with counts)."""
+        u, c = _merge(self._values, self._counts)
+        return ItlSamples(values_ms=u * 1000.0, counts=c)
