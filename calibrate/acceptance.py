@@ -363,6 +363,11 @@ def fit_entry(method: str, reqs: list[RequestLog], settings: dict[str, Any] | No
         else:
             ca = cr = np.ones(64)
         model = TauModel("kangaroo", gamma=gamma, conf_acc=ca, conf_rej=cr)
+    elif method == "draft" and confidence_hist(reqs, k_max) is not None:
+        # the draft model's top-1 confidences, for ``draft-dynamic``'s confidence stop (the chain
+        # fit itself is unchanged)
+        entry["confidence"] = confidence_hist(reqs, k_max)
+        model = TauModel("draft", k_dist=_k_dist(reqs))
     elif method == "hispec" and reqs[0].inner is not None:
         i_off = [[nd for s in r.inner or [] for nd, _ in s] for r in reqs]
         i_acc = [[j for s in r.inner or [] for _, j in s] for r in reqs]

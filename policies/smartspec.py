@@ -49,6 +49,11 @@ replica step (step_index % P == P − 1) it drafts one token anyway (KV permitti
 Engine horizon: the k decided at a window start holds until the next window start (or probe
 step), so :meth:`horizon_steps` lets the engine advance that many steps at once.
 
+**Trees** (``tree``, ``eagle`` … with ``topk`` > 1): k is the tree's node budget; expected tokens
+are the tree model's exact ``1 + Σ node path probabilities`` at α̂ (``method.expected_tokens``), so
+the rule picks the goodput-optimal tree size; α̂'s denominator is the depth of each step's tree
+(``method.verified_positions``: the positions at which a top-1 accept was counted), not its nodes.
+
 Parameters (defaults): ``alpha0=0.7``, ``decay=0.85`` (ema only), ``interval=20``, ``bonus=1.1``,
 ``k_max=-1`` (= the method's k_max), ``estimator=cumulative|ema``, ``probe=0``.
 
@@ -128,6 +133,11 @@ class SmartSpec(SpecLenPolicy):
             raise ConfigError(f"{flag}: probe must be an integer >= 0 (0: off), got {pr!r}")
         self.probe = pr
         self.alpha = self.alpha0
+        #: tree methods verify more nodes than positions: α̂'s denominator is the tree's depth
+        #: (``Method.verified_positions``), not the nodes drafted; None for chains (= drafted)
+        self.positions_of = getattr(self.method, "verified_positions", None)
+        if self.positions_of is not None and not getattr(self.method, "maps_positions", False):
+            self.positions_of = None
         self.k = self.k_max  # reserve the most until the first decision
         self.reserved = self.k
         self.window = -1
@@ -160,11 +170,20 @@ class SmartSpec(SpecLenPolicy):
             h = min(h, (self.probe - 1 - step_index % self.probe) or 1)
         return h
 
+    def _positions(self, drafted: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Positions α̂ counts per member (and step): the drafts of a chain, a tree's depth."""
+        if self.positions_of is None:
+            return drafted
+        t = self.ctx.table
+        return self.positions_of(drafted, t.alpha[idx], t.class_idx[idx])
+
     def observe(self, record: StepRecord) -> None:
         dec = ~record.prefill
         drafted = int(record.drafted[dec].sum())
         if drafted <= 0:
             return
+        if self.positions_of is not None:
+            drafted = int(self._positions(record.drafted[dec], record.idx[dec]).sum())
         pa = record.position_accepts if record.position_accepts is not None else record.accepted
         accepted = int(pa[dec].sum())
         if self.ema:
@@ -177,7 +196,7 @@ class SmartSpec(SpecLenPolicy):
     def observe_window(self, record) -> np.ndarray:
         if self.ema:
             return super().observe_window(record)
-        d = np.cumsum(record.drafted.sum(axis=1)) + self.drafted_total
+        d = np.cumsum(self._positions(record.drafted, record.idx[None, :]).sum(axis=1)) + self.drafted_total
         a = np.cumsum(record.position_accepts.sum(axis=1)) + self.position_accepts_total
         values = np.where(d > 0, a / np.maximum(d, 1), self.alpha)
         # a step that drafted nothing leaves α̂ as it was: carry the last value forward
@@ -215,7 +234,7 @@ class SmartSpec(SpecLenPolicy):
     def _tokens(self, alpha: np.ndarray) -> np.ndarray:
         """(R, k_max+1) expected tokens committed per request per step: the i.i.d. formula, or the
         method's own ``expected_tokens`` when it overrides it (Kangaroo's confidence stop, HiSpec)."""
-        if type(self.method).expected_tokens is Method.expected_tokens:
+        if type(self.method).expected_tokens is Method.expected_tokens or getattr(self.method, "iid_tokens", False):
             return iid_tokens(alpha, self.k_max)
         f = self.method.expected_tokens
         return np.array([[f(float(a), k) for k in range(self.k_max + 1)] for a in alpha])
@@ -248,6 +267,8 @@ class SmartSpecPerRequest(SmartSpec):
         self.alpha_i = np.full(n, self.alpha0)
         self.k_i = np.full(n, -1, dtype=np.int64)  # -1: not decided yet
         self.alpha = float("nan")
+        #: per-request α̂ denominators (tree depths) when the method maps nodes to positions
+        self.positions_i = np.zeros(n, dtype=np.int64) if self.positions_of is not None else None
 
     def choose_k(self, idx, kv_tokens, kv_free_tokens, step_index):
         if idx.size == 0:
@@ -283,11 +304,14 @@ class SmartSpecPerRequest(SmartSpec):
         if self.ema:
             return self.alpha_i[idx]
         t = self.ctx.table
-        d = t.drafted[idx]
+        d = t.drafted[idx] if self.positions_i is None else self.positions_i[idx]
         return np.where(d > 0, t.position_accepts[idx] / np.maximum(d, 1), self.alpha0)
 
     def observe(self, record: StepRecord) -> None:
         if not self.ema:
+            if self.positions_i is not None:
+                dec = ~record.prefill
+                self.positions_i[record.idx[dec]] += self._positions(record.drafted[dec], record.idx[dec])
             return  # the engine's per-request counters are the estimate
         dec = ~record.prefill & (record.drafted > 0)
         if not dec.any():
@@ -299,6 +323,8 @@ class SmartSpecPerRequest(SmartSpec):
     def observe_window(self, record) -> np.ndarray:
         if self.ema:
             return SpecLenPolicy.observe_window(self, record)
+        if self.positions_i is not None:
+            self.positions_i[record.idx] += self._positions(record.drafted, record.idx[None, :]).sum(axis=0)
         return np.full(record.n_steps, self.log_value())
 
 

@@ -9,7 +9,8 @@ issue)``), and every forward adds the engine's per-forward overhead (the profile
 ``latency.forward_overhead``). Achievable = datasheet peak × the GPU class's efficiency
 (:class:`Efficiency`); GPUs are data (``simspec/data/gpus.json``, or ``--gpu-spec FILE``). The
 result is a profile of schema v2 with ``meta.source = "analytic"``: ``layer``, ``lm_head``, ``embed``,
-``adapter`` (and ``draft_step`` with a draft model, placed on ``draft_tp`` of the target's GPUs) as
+``adapter`` (and ``draft_step`` with a draft model, placed on ``draft_tp`` of the target's GPUs; and
+drafter-head stages, :mod:`simspec.analytic_heads`) as
 ``grid`` stages over batch size × tokens per request × context, ``capacity`` from memory minus
 weights, and documented default acceptance for ``draft``, ``kangaroo`` and ``hispec`` (simspec's
 assumptions, not measurements). docs/methods.md states every number's source.
@@ -754,7 +755,8 @@ def kv_capacity(gpu: GPUSpec, eff: Efficiency, dtype: str, model: ModelConfig, t
 def build_profile(gpu_key: str | GPUSpec, model: ModelConfig, *, draft: ModelConfig | None = None, tp: int = 1,
                   dtype: str = "fp16", eff: Efficiency | None = None, name: str | None = None,
                   max_batch: int = 256, date: str | None = None, engine: str | EngineMode = "cuda-graph",
-                  draft_tp: int | None = None, draft_parallel: str = "tensor") -> dict[str, Any]:
+                  draft_tp: int | None = None, draft_parallel: str = "tensor",
+                  heads: list[Any] | None = None) -> dict[str, Any]:
     """The analytic profile document (schema v2) for ``model`` on ``tp`` × ``gpu_key`` (a bundled GPU
     name or a :class:`GPUSpec`) under ``engine``; the draft on ``draft_tp`` (default ``tp``) of the
     same GPUs, tensor- or pipeline-parallel."""
@@ -793,6 +795,12 @@ def build_profile(gpu_key: str | GPUSpec, model: ModelConfig, *, draft: ModelCon
                                            dax, f"one forward of the draft {draft.name} on {placement}", dvalid)
         models["draft"] = _model_doc(draft, s, dtp)
         models["draft"]["placement"] = {"gpus": dtp, "parallel": draft_parallel if dtp > 1 else "none"}
+    if heads:  # EAGLE / EAGLE-3 / Medusa / MTP drafter stages (simspec.analytic_heads)
+        from simspec.analytic_heads import head_stages
+
+        hs, hm = head_stages(rf, model, heads, _grid_stage, axes, valid)
+        stages.update(hs)
+        models.update(hm)
     n = model.num_layers
     models["target"]["exit_layers"] = {"kangaroo": max(1, round(n / 16)), "hispec_draft": max(1, round(n / 8)),
                                        "hispec_inter": max(2, round(n / 4))}

@@ -73,6 +73,13 @@ Method-specific keys (acceptance[METHOD][CLASS]):
   pass commits), plus ``draft_vs_inter``: ``{"alpha": ..., "position_conditional": [...]}`` for
   draft-exit vs intermediate-exit agreement.
 
+- tree methods (``tree``, ``eagle``, ``eagle3``, ``mtp``, ``medusa``): the keys above give the
+  drafter's top-1 per-depth acceptance; ``rank_hazard`` h (needed when ``topk`` > 1) is
+  P(the target's token is the drafter's next rank | it is not in the ranks above, not rank 1):
+  see :mod:`simspec.simulator.acceptance_tree`.
+- ``ngram``: the keys above for accepted proposals, plus ``hit_probability`` (P(the lookup finds a
+  match) per step).
+
 ``settings`` (free-form object) records what the entry was measured with (k, γ, η, exit layers).
 """
 
@@ -433,6 +440,9 @@ def _validate_acceptance_entry(where: str, fp: str, entry: Any) -> None:
             _num(where, f"{fp}.position_conditional[{i}]", v, unit_interval=True)
     if "mean_tokens_per_step" in entry:
         _num(where, f"{fp}.mean_tokens_per_step", entry["mean_tokens_per_step"], positive=True)
+    for key in ("rank_hazard", "hit_probability"):  # tree methods, n-gram lookup
+        if key in entry:
+            _num(where, f"{fp}.{key}", entry[key], unit_interval=True)
 
 
 def alpha_mean(alpha: dict[str, Any]) -> float:

@@ -77,6 +77,18 @@ def _check_str(v: Any) -> str:
     return v.strip()
 
 
+def _check_spec(v: Any) -> str:
+    """A ``--spec`` string, or vLLM's speculative config as a mapping (converted to one)."""
+    if isinstance(v, dict):
+        from simspec.speculative_config import spec_from_speculative_config
+
+        try:
+            return spec_from_speculative_config(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc).replace("--speculative-config: ", "vLLM speculative config: ")) from None
+    return _check_str(v)
+
+
 def _check_int(lo: int | None = None, nullable: bool = False) -> Callable[[Any], Any]:
     def check(v: Any) -> Any:
         if v is None and nullable:
@@ -154,7 +166,7 @@ def _check_window(v: Any) -> str | None:
 # name -> (default, checker, what it is). Names follow `simspec replay`'s options (dashes → underscores).
 RUN_OPTIONS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "policy": ("fcfs", _check_str, "request scheduler, e.g. srpt:predictor=oracle"),
-    "spec": ("none", _check_str, "speculation method, e.g. draft:k=4"),
+    "spec": ("none", _check_spec, "speculation method, e.g. draft:k=4, or vLLM's speculative config as a mapping"),
     "spec_len": ("fixed", _check_str, "speculation-length policy"),
     "replicas": (1, _check_int(1), "model replicas behind the router"),
     "router": ("round-robin", _check_choice("round-robin", "least-outstanding"), "router"),

@@ -136,7 +136,8 @@ def bind_request_acceptance(config: RunConfig, table: RequestTable, method: Any,
     table.rng_base[:] = request_bases(stream_key(config.seed, "acceptance-step"), keys)
     if not method.uses_acceptance:
         return []
-    entries, notes = resolve_classes(profile, method.name, table.class_names)
+    entries, notes = resolve_classes(profile, getattr(method, "acceptance_section", method.name),
+                                     table.class_names)
     model = method.build_acceptance(entries)
     method.bind_acceptance(model)
     # drawn in the table's canonical order (arrival, then request id), so permuting trace rows

@@ -155,12 +155,21 @@ def test_permuting_rows_with_tied_arrivals_changes_nothing():
                                       b.sort_values("request_id").reset_index(drop=True))
 
 
-def test_fast_path_equals_one_step_per_event_on_a_saturated_run():
+@pytest.mark.parametrize("profile_name,spec", [
+    ("llama70b-4xh100-smartspec", "draft:k=4"),
+    # the tree family (acceptance borrowed from the profile's draft section; trees need a rank hazard)
+    ("vicuna7b-a100-analytic", "tree:depth=4,topk=3,tokens=9,acceptance=draft,rank_hazard=0.4"),
+    ("vicuna7b-a100-analytic", "eagle3:depth=5,topk=4,tokens=12,acceptance=draft,rank_hazard=0.4"),
+    ("vicuna7b-a100-analytic", "medusa:acceptance=draft,rank_hazard=0.4"),
+    ("vicuna7b-a100-analytic", "ngram:acceptance=draft,hit_probability=0.6"),
+])
+def test_fast_path_equals_one_step_per_event_on_a_saturated_run(profile_name, spec):
     # a run with every kind of event: chunked prefills, preemptions, completions, arrivals
-    tr = _random_trace(120, 4, rate=30.0, prompt=(50, 2000), output=(5, 400))
-    prof = load_profile("llama70b-4xh100-smartspec")
+    prof = load_profile(profile_name)
+    window = (prof.models.get("target") or {}).get("max_position_embeddings", 4096)  # vicuna: 2048
+    tr = _random_trace(120, 4, rate=30.0, prompt=(50, min(2000, window - 400)), output=(5, 400))
     for batching in ("vllm", "preemptive"):
-        c = cfg("laps-sd", "draft:k=4", "smartspec", replicas=2, max_batch_size=8, kv_budget_tokens=6000,
+        c = cfg("laps-sd", spec, "smartspec", replicas=2, max_batch_size=8, kv_budget_tokens=6000,
                 max_batched_tokens=1024, batching=batching)
         a, b = simulate(c, tr, prof), simulate(replace(c, window_steps=1), tr, prof)
         pd.testing.assert_frame_equal(a.requests, b.requests, check_exact=True)

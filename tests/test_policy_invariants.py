@@ -37,7 +37,15 @@ SCHEDULER_SPECS = [v for name in sorted(SCHEDULERS) if not name.startswith("test
                    for v in SCHED_VARIANTS.get(name, [name])]
 SPEC_LEN_SPECS = [v for name in sorted(SPEC_LEN_POLICIES) if not name.startswith("test-")
                   for v in SPEC_LEN_VARIANTS.get(name, [name])]
-METHOD_SPECS = {"none": "none", "draft": "draft:k=3"}  # others: their defaults
+METHOD_SPECS = {"none": "none", "draft": "draft:k=3",  # others: their defaults
+                # the profile has no sections for the tree family: they borrow the draft section
+                "tree": "tree:depth=3,topk=2,tokens=6,acceptance=draft,rank_hazard=0.4",
+                "eagle": "eagle:depth=3,topk=3,tokens=8,acceptance=draft,rank_hazard=0.4",
+                "eagle3": "eagle3:acceptance=draft",
+                "mtp": "mtp:depth=2,acceptance=draft",
+                "medusa": "medusa:depth=3,topk=2,tokens=6,acceptance=draft,rank_hazard=0.4",
+                "ngram": "ngram:depth=3,acceptance=draft,hit_probability=0.7",
+                "draft-dynamic": "draft-dynamic:k=3"}
 PROFILE = "vicuna7b-a100-analytic"  # layer-level, with acceptance for draft, kangaroo and hispec
 
 

@@ -381,15 +381,36 @@ def adapter(model_spec: str, exits: tuple[int, ...], out_dir: str, prompts_path:
               help="Share of each class's answers held out to test the fit.")
 @click.option("--min-exposure", type=int, default=10, show_default=True,
               help="Keep a draft position in position_conditional only if offered this often.")
+@click.option("--depth", type=click.IntRange(min=1), default=None,
+              help="Tree methods (tree, eagle, eagle3, mtp, medusa, ngram): drafting depth the log was made at.")
+@click.option("--topk", type=click.IntRange(min=1), default=1, show_default=True, help="Tree methods: branching.")
+@click.option("--tokens", type=click.IntRange(min=2), default=None,
+              help="Tree methods: tokens verified per request incl. the root [default: depth + 1 for a chain].")
+@click.option("--rank-hazard", type=click.FloatRange(0, 1), default=None,
+              help="Tree methods with --topk > 1: the rank hazard h (docs/methods.md).")
+@click.option("--hit-probability", type=click.FloatRange(0, 1), default=None,
+              help="ngram: the lookup's hit probability per step.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def import_acceptance(log_path: str, out_path: str, method: str, k: int | None, heldout_share: float,
-                      min_exposure: int, quiet: bool) -> None:
-    """Import Spec-Bench-style answer JSONL (choices[].accept_lengths per step, category) as acceptance."""
+                      min_exposure: int, depth: int | None, topk: int, tokens: int | None,
+                      rank_hazard: float | None, hit_probability: float | None, quiet: bool) -> None:
+    """Import Spec-Bench-style answer JSONL (choices[].accept_lengths per step, category) as acceptance.
+    For a tree method (give --depth) each request's mean accept length is inverted through the tree
+    model into its own per-token level (simspec.calibrate.tree_fit)."""
     from simspec.calibrate.importer import import_spec_bench
     from simspec.calibrate.profile_io import update_profile
+    from simspec.calibrate.tree_fit import TREE_METHODS, import_spec_bench_tree
 
     if not 0.0 <= heldout_share < 1.0:
         raise SimspecError(f"--heldout-share {heldout_share}: must be in [0, 1)")
+    if method in TREE_METHODS:
+        if depth is None:
+            raise SimspecError(f"--depth: needed to import a {method} log (the tree model's settings)")
+        tokens = tokens if tokens is not None else (depth + 1 if topk == 1 else 1 + depth * topk)
+        section = import_spec_bench_tree(log_path, method, depth, topk, tokens, rank_hazard, hit_probability)
+        update_profile(out_path, acceptance={method: section})
+        click.echo(f"wrote acceptance.{method} ({len(section)} classes) to {out_path}")
+        return
     section = import_spec_bench(log_path, method=method, k=k, heldout_share=heldout_share,
                                 min_exposure=min_exposure)
     update_profile(out_path, acceptance={method: section})

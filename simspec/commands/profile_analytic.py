@@ -29,6 +29,14 @@ def _gpu_names() -> list[str]:
                    "llama-68m) or a Hugging Face config.json (or a directory holding one).")
 @click.option("--draft", "draft_name", default=None, metavar="NAME|CONFIG.JSON",
               help="Draft model for `--spec draft` (adds a draft_step stage on the target's GPUs).")
+@click.option("--eagle", "eagle_head", default=None, metavar="NAME|CONFIG.JSON",
+              help="EAGLE head config (e.g. bundled eagle-vicuna-7b-v1.3): adds the eagle_head stage.")
+@click.option("--eagle3", "eagle3_head", default=None, metavar="NAME|CONFIG.JSON",
+              help="EAGLE-3 head config (e.g. bundled eagle3-llama3.1-8b; draft_vocab_size read): adds eagle3_head.")
+@click.option("--medusa", "medusa_head", default=None, metavar="NAME|CONFIG.JSON",
+              help="Medusa config with medusa_num_heads (e.g. bundled medusa-vicuna-7b-v1.3): adds medusa_heads.")
+@click.option("--mtp", "mtp_head", is_flag=True,
+              help="Add the mtp_head stage: one MTP module (a target decoder layer + eh_proj + shared head).")
 @click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tensor-parallel degree of the target (GPUs per replica).")
 @click.option("--draft-tp", "draft_tp", default=None, type=click.IntRange(min=1), metavar="N",
@@ -62,7 +70,7 @@ def _gpu_names() -> list[str]:
               help="--explain: cached tokens per request.")
 @click.option("--k", "explain_k", default=4, show_default=True, type=click.IntRange(min=0),
               help="--explain: drafts per request in the speculative step.")
-def analytic(gpu, gpu_spec, model_name, draft_name, tp, draft_tp, draft_parallel, engine, dtype, compute_efficiency,
+def analytic(gpu, gpu_spec, model_name, draft_name, eagle_head, eagle3_head, medusa_head, mtp_head, tp, draft_tp, draft_parallel, engine, dtype, compute_efficiency,
              bandwidth_efficiency, max_batch, name, out_path, force, explain, explain_batch, explain_context,
              explain_k):
     """Write an ANALYTIC profile: per-layer roofline latencies (layer, lm_head, embed, adapter, and
@@ -93,8 +101,13 @@ def analytic(gpu, gpu_spec, model_name, draft_name, tp, draft_tp, draft_parallel
             click.echo(line)
         if out_path is None:
             return
+    from simspec.analytic_heads import load_head
+
+    heads = [load_head(kind, value, model) for kind, value in (("eagle", eagle_head), ("eagle3", eagle3_head),
+                                                                ("medusa", medusa_head), ("mtp", mtp_head or None))
+             if value]
     doc = build_profile(spec, model, draft=draft, tp=tp, dtype=dtype, eff=eff, name=name, max_batch=max_batch,
-                        engine=engine, draft_tp=draft_tp, draft_parallel=draft_parallel)
+                        engine=engine, draft_tp=draft_tp, draft_parallel=draft_parallel, heads=heads)
     profile_from_doc(doc, out_path)  # validate before writing
     write_json(out_path, doc)
     cap = doc["capacity"]

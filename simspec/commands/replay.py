@@ -121,12 +121,46 @@ def engine_options(f):
     return wrapper
 
 
+SPEC_HELP = ("Speculation method and its parameters (counts are tokens or layers): none | draft:k=4 (k drafts per "
+             "step; draft_layers=L: the target's first L layers as the draft) | "
+             "kangaroo:exit=2,gamma=6,eta=0.6 (exit layer, most drafts, confidence 0..1) | "
+             "hispec:draft_exit=4,inter_exit=8,nd=2,ni=4 (exit layers; drafts per inner round, buffer tokens) | "
+             "tree:depth=4,topk=1,tokens=5 (a draft-model tree: depth drafting passes, topk branches per node, "
+             "tokens verified per request incl. the root; rank_hazard=0..1, acceptance=SECTION) | "
+             "eagle:depth=3,topk=1,tokens=4,head_layers=1 (one-layer head on the target's hidden states; "
+             "chain, or a tree as SGLang's --speculative-eagle-topk/--speculative-num-draft-tokens) | "
+             "eagle3:...,draft_vocab=V (tokens of the head's own vocabulary) | "
+             "mtp:depth=1 (the target's MTP module, run depth times) | "
+             "medusa:depth=4,topk=4,tokens=17 (depth heads in one pass, static tree) | "
+             "ngram:depth=4,hit_probability=P (prompt lookup: no draft compute; P = chance a lookup matches, "
+             "default the profile's). Tree methods read acceptance.<method> of the profile "
+             "(acceptance=SECTION reads another). See docs/methods.md.")
+
+
 def run_options(f):
-    """Options shared by replay and compare."""
+    """Options shared by replay and compare (``--speculative-config`` becomes ``spec``)."""
+    import functools
+
+    inner = f
+
+    @functools.wraps(f)
+    def with_vllm_spec(*args, speculative_config=None, **kw):
+        if speculative_config is not None:
+            if kw.get("spec", "none") != "none":
+                raise ConfigError("--speculative-config: give it or --spec, not both")
+            from simspec.speculative_config import spec_from_speculative_config
+
+            kw["spec"] = spec_from_speculative_config(speculative_config)
+        return inner(*args, **kw)
+
     opts = [
-        click.option("--spec", default="none", show_default=True, metavar="METHOD[:k=v,...]",
-                     help="Speculation method and its parameters: none | draft:k=4 | "
-                          "kangaroo:exit=2,gamma=6,eta=0.6 | hispec:draft_exit=4,inter_exit=8,nd=2,ni=4."),
+        click.option("--spec", default="none", show_default=True, metavar="METHOD[:k=v,...]", help=SPEC_HELP),
+        click.option("--speculative-config", "speculative_config", default=None, metavar="JSON",
+                     help="vLLM's speculative config instead of --spec, e.g. '{\"method\": \"eagle3\", "
+                          "\"num_speculative_tokens\": 3}': method (eagle, eagle3, medusa, ngram, mtp, "
+                          "deepseek_mtp, draft_model), num_speculative_tokens, model (the drafter is the "
+                          "profile's), and SGLang's speculative_eagle_topk / speculative_num_draft_tokens; "
+                          "other fields are refused."),
         click.option("--spec-len", default="fixed", show_default=True, metavar="POLICY[:k=v,...]",
                      help="Speculation-length policy: fixed (the method's k) | smartspec | smartspec-per-request."),
         click.option("--profile", "profile_name", default=None, metavar="NAME|PATH",
@@ -162,6 +196,7 @@ def run_options(f):
                      help="vLLM's goodput: requests/s that meet every given bound (ms), reported as "
                           "request_goodput (as `vllm bench serve --goodput`)."),
     ]
+    f = with_vllm_spec
     for o in reversed(opts):
         f = o(f)
     return f

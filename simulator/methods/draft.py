@@ -36,19 +36,7 @@ class DraftModel(Method):
         if not isinstance(k, int) or k < 0:
             raise ConfigError(f"--spec draft: k must be an integer >= 0, got {k!r}")
         self._k = k
-        self.draft_layers = int(self.params["draft_layers"])
-        if cost.has("draft_step") and self.draft_layers > 0:
-            raise ConfigError(f"--spec draft: draft_layers={self.draft_layers} would be ignored: profile {profile.name} "
-                              f"has a 'draft_step' stage (a separate draft model); drop draft_layers")
-        #: the profile's draft_step covers a whole step's drafting ("per": "step"), not one pass
-        self.per_step = cost.has("draft_step") and profile.stages["draft_step"].get("per") == "step"
-        if not cost.has("draft_step"):
-            if cost.whole_model or self.draft_layers <= 0:
-                raise ConfigError(f"--spec draft: profile {profile.name} has no 'draft_step' stage"
-                                  + ("" if cost.whole_model else "; give draft_layers=L to draft with the "
-                                     "target's first L layers"))
-            if self.draft_layers >= (cost.num_layers or 0):
-                raise ConfigError(f"--spec draft: draft_layers must be < the target's {cost.num_layers} layers")
+        self.draft_layers, self.per_step = draft_model_setup("draft", self.params["draft_layers"], profile, cost)
 
     @property
     def k_max(self) -> int:
@@ -86,17 +74,8 @@ class DraftModel(Method):
                       logits_tokens: float | None = None) -> float:
         """One draft-model forward over the batch (LM head over ``logits_tokens``, default all).
         Arrays (one entry per step) are costed entry by entry."""
-        if type(batch_size) is not np.ndarray and batch_size <= 0:
-            return 0.0
-        c = self.cost
-        if c.has("draft_step"):
-            return c.stage_ms("draft_step", batch_size, batched_tokens, kv_tokens)
-        ms = c.layers_ms(self.draft_layers, batch_size, batched_tokens, kv_tokens)
-        ms += c.stage_ms("lm_head", batch_size, batched_tokens if logits_tokens is None else logits_tokens,
-                         kv_tokens)
-        if c.has("embed"):
-            ms += c.stage_ms("embed", batch_size, batched_tokens, kv_tokens)
-        return ms
+        return draft_model_pass_ms(self.cost, self.draft_layers, batch_size, batched_tokens, kv_tokens,
+                                   logits_tokens)
 
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         k = batch.k
@@ -266,3 +245,39 @@ class DraftModel(Method):
             draft = draft / k if k > 0 else 0.0
         verify = self.cost.target_ms(batch_size, batch_size * (k + 1), kv_tokens, speculating=k > 0)
         return draft, verify
+
+
+def draft_model_setup(method: str, draft_layers, profile, cost) -> tuple[int, bool]:
+    """Check that ``profile`` can price a separate draft model (its ``draft_step`` stage, or the
+    target's first ``draft_layers`` layers + LM head on a layer-level profile). Returns
+    (draft_layers, per_step): ``per_step`` when ``draft_step`` is one figure per speculative step
+    (``"per": "step"``) rather than per pass. One-line ConfigError otherwise."""
+    draft_layers = int(draft_layers)
+    if cost.has("draft_step") and draft_layers > 0:
+        raise ConfigError(f"--spec {method}: draft_layers={draft_layers} would be ignored: profile {profile.name} "
+                          f"has a 'draft_step' stage (a separate draft model); drop draft_layers")
+    per_step = cost.has("draft_step") and profile.stages["draft_step"].get("per") == "step"
+    if not cost.has("draft_step"):
+        if cost.whole_model or draft_layers <= 0:
+            raise ConfigError(f"--spec {method}: profile {profile.name} has no 'draft_step' stage"
+                              + ("" if cost.whole_model else "; give draft_layers=L to draft with the "
+                                 "target's first L layers"))
+        if draft_layers >= (cost.num_layers or 0):
+            raise ConfigError(f"--spec {method}: draft_layers must be < the target's {cost.num_layers} layers")
+    return draft_layers, per_step
+
+
+def draft_model_pass_ms(cost, draft_layers: int, batch_size, batched_tokens, kv_tokens, logits_tokens=None):
+    """One draft-model forward (ms): the profile's ``draft_step``, else the target's first
+    ``draft_layers`` layers + LM head (over ``logits_tokens``, default all) + embedding. Scalars or
+    arrays (elementwise, as :class:`~simspec.simulator.cost.CostModel`)."""
+    if type(batch_size) is not np.ndarray and batch_size <= 0:
+        return 0.0
+    c = cost
+    if c.has("draft_step"):
+        return c.stage_ms("draft_step", batch_size, batched_tokens, kv_tokens)
+    ms = c.layers_ms(draft_layers, batch_size, batched_tokens, kv_tokens)
+    ms += c.stage_ms("lm_head", batch_size, batched_tokens if logits_tokens is None else logits_tokens, kv_tokens)
+    if c.has("embed"):
+        ms += c.stage_ms("embed", batch_size, batched_tokens, kv_tokens)
+    return ms
