@@ -20,6 +20,7 @@ _min = np.minimum.reduce
 
 from simspec.errors import ConfigError
 from simspec.rng import counter_uniforms
+from simspec.simulator.kernels import draft_accept, draft_window_accept
 from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, StepRandom,
                                             WindowOutcome, register_method)
 
@@ -55,14 +56,9 @@ class DraftModel(Method):
         probs = getattr(self, "_probs", None)
         if probs is None or type(rng) is not StepRandom:
             return self.acceptance.sample_accepted_positions(rng, batch.alpha, batch.class_idx, k)
-        p = probs[batch.idx, :kmax] if kmax < self._k else probs[batch.idx]
-        ctr = rng.start + rng.used
-        u = counter_uniforms(rng.base[:, None], ctr[:, None] + self._pos_u64[None, :kmax])
+        accepted, positions = draft_accept(probs, batch.idx, rng.base, rng.start + rng.used, k, kmax)
         rng.used += np.uint64(kmax)
-        ok = u < p
-        if int(_min(k)) < kmax:
-            ok &= self._pos_u64[None, :kmax] < k.astype(np.uint64)[:, None]
-        return np.logical_and.accumulate(ok, axis=1).sum(axis=1), ok.sum(axis=1)
+        return accepted, positions
 
     def stages_used(self) -> set[str]:
         used = super().stages_used()
@@ -118,6 +114,10 @@ class DraftModel(Method):
 
     lead_step = True
 
+    @staticmethod
+    def _no_lead(n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.bool_)
+
     @property
     def draws_per_step(self) -> int:  # type: ignore[override]
         """Every decode step consumes k_max uniforms per member (the first k are used)."""
@@ -131,42 +131,25 @@ class DraftModel(Method):
         n, steps = w.idx.shape[0], w.n_steps
         kk = int(w.k.max()) if n else 0
         rem0 = w.remaining
-        pos = np.arange(max(kk, 1))
         lead = w.lead
-        if lead is not None:  # newcomers finish their prompts in step 0 and draw from step 1 on
-            pre = lead.prefill
-            srel = np.maximum(np.arange(steps)[:, None] - pre.astype(np.int64)[None, :], 0).astype(np.uint64)
+        pre = lead.prefill if lead is not None else self._no_lead(n)
+        probs = getattr(self, "_probs", None)
+        if kk > 0 and probs is not None:
+            rows = w.idx
+        elif kk > 0:
+            probs, rows = self.acceptance.position_probs(w.alpha, w.class_idx, kk), np.arange(n)
         else:
-            srel = np.arange(steps, dtype=np.uint64)[:, None]
-        if kk > 0:
-            ctr = (w.draws[None, :, None] + srel[:, :, None] * np.uint64(self._k)
-                   + pos[:kk].astype(np.uint64)[None, None, :])
-            probs = getattr(self, "_probs", None)
-            if probs is not None:
-                p = probs[w.idx, :kk] if kk < self._k else probs[w.idx]
-            else:
-                p = self.acceptance.position_probs(w.alpha, w.class_idx, kk)
-            ok = counter_uniforms(w.rng_base[None, :, None], ctr) < p[None]
-            ok &= pos[:kk][None, None, :] < w.k[None, :, None]
-            if lead is not None:
-                ok[0, pre, :] = False
-            acc_full = np.cumprod(ok, axis=2).sum(axis=2)
-        else:
-            ok = None
-            acc_full = np.zeros((steps, n), dtype=np.int64)
-        commit_full = acc_full + 1
-        csum = np.cumsum(commit_full, axis=0)
-        done = csum >= rem0[None, :]
-        ever = done.any(axis=0)
-        done_step = np.where(ever, done.argmax(axis=0), steps)  # step in which each member completes
+            probs, rows = np.zeros((1, 1)), np.zeros(n, dtype=np.int64)
+        acc_full, positions, done_step = draft_window_accept(probs, rows, w.rng_base, w.draws, w.k, self._k,
+                                                             steps, kk, pre, rem0)
         if w.through:
             last = min(steps, int(done_step.max()) + 1)
         else:
             last = min(steps, int(done_step.min()) + 1)
         if last < steps:
-            commit_full, csum, acc_full = commit_full[:last], csum[:last], acc_full[:last]
-            if ok is not None:
-                ok = ok[:last]
+            acc_full, positions = acc_full[:last], positions[:last]
+        commit_full = acc_full + 1
+        csum = np.cumsum(commit_full, axis=0)
         s_eff = commit_full.shape[0]
         act = np.arange(s_eff)[:, None] <= done_step[None, :]  # member in the batch at step s
         all_act = bool(act.all())
@@ -182,10 +165,8 @@ class DraftModel(Method):
         if not all_dec:
             k_eff = np.where(dec_act, k_eff, 0)
         accepted = np.minimum(acc_full, k_eff)
-        if ok is not None:
-            positions = (ok & (pos[:kk][None, None, :] < k_eff[:, :, None])).sum(axis=2)
-        else:
-            positions = accepted
+        if not all_dec:
+            positions = np.where(dec_act, positions, 0)
         committed = np.minimum(accepted + 1, rem_s)
         fed = k_eff + 1
         ctx = w.ctx_tokens[None, :] + before
