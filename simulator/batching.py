@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simspec.simulator.kernels import grant_blocks, vllm_running_asks
+
 _sum = np.add.reduce  # skips ndarray.sum's Python wrapper: cheaper on small arrays
 
 BATCHING_MODES = ("vllm", "preemptive")
@@ -95,24 +97,6 @@ class BatchFormer:
     def add_waiting(self, idx: np.ndarray) -> None:
         self.waiting = np.sort(np.concatenate([self.waiting, idx]))
 
-    def _needs(self, idx: np.ndarray, k_res: int, computed: np.ndarray, target: np.ndarray,
-               pre: np.ndarray, any_pre: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens asked, drafts reserved, slots needed after the step) for requests ``idx`` if each
-        got its full ask (``computed``/``target``: their prefill progress; ``pre``: still
-        prefilling; ``any_pre``: whether any is)."""
-        t = self.t
-        gen = t.generated[idx]
-        k = np.minimum(k_res, t.output_tokens[idx] - gen - 1)
-        slots = t.prompt_tokens[idx] + gen + 1 + k
-        if not any_pre:
-            return k + 1, k, slots
-        k[pre] = 0
-        left = target - computed
-        chunk = np.minimum(left, self.threshold)
-        fed = np.where(pre, chunk, k + 1)
-        slots = np.where(pre, computed + chunk + (chunk == left), slots)
-        return fed, k, slots
-
     def _ask(self, i: int, k_res: int, budget: int) -> tuple[int, int, int, bool] | None:
         """What request ``i`` would run within ``budget`` tokens: ``(fed tokens, drafts, KV slots
         needed, prefill?)`` — its next prompt chunk (shrunk to the budget when chunking) or a
@@ -144,14 +128,6 @@ class BatchFormer:
         if slots > t.kv_tokens[i]:
             t.kv_tokens[i] = slots
         t.kv_resident[i] = True
-
-    def _grant_many(self, idx: np.ndarray, slots: np.ndarray, need: np.ndarray) -> None:
-        """:meth:`_grant` for many requests at once."""
-        t = self.t
-        t.kv_blocks[idx] += need
-        self.free_blocks -= int(_sum(need))
-        t.kv_tokens[idx] = np.maximum(t.kv_tokens[idx], slots)
-        t.kv_resident[idx] = True
 
     def preempt(self, v: int) -> None:
         """Free request ``v``'s KV (vLLM's preemption): recompute on resume, or swap it out."""
@@ -205,48 +181,20 @@ class BatchFormer:
         budget = self.budget
         preempted = False
         if order.size:
-            computed, target = t.computed[order], t.prefill_target[order]
-            pre = computed < target
-            n_pre = int(_sum(pre))
-            if 0 < n_pre < order.size:
-                # decodes before prompt chunks (each in priority order): a running decode is never
-                # starved behind a prefill by the token budget
-                perm = np.argsort(pre, kind="stable")
-                order, computed, target, pre = order[perm], computed[perm], target[perm], pre[perm]
-            fed, k, slots = self._needs(order, k_res, computed, target, pre, n_pre > 0)
-            cum = np.cumsum(fed)
-            cut = order.size
-            if int(cum[-1]) > budget:
-                # the token budget runs out at member j: it gets what is left (a shorter chunk, or
-                # fewer drafts), everyone after it gets nothing — as vLLM's loop does
-                j = int(np.searchsorted(cum, budget, side="right"))
-                left_j = budget - (int(cum[j - 1]) if j else 0)
-                if left_j > 0 and (not pre[j] or self.chunked):
-                    fed, k, slots = fed.copy(), k.copy(), slots.copy()
-                    if pre[j]:
-                        slots[j] -= fed[j] - left_j + (1 if slots[j] > t.computed[order[j]] + fed[j] else 0)
-                        fed[j] = left_j
-                    else:
-                        k[j] = left_j - 1
-                        slots[j] -= fed[j] - left_j
-                        fed[j] = left_j
-                    cut = j + 1
-                elif not pre[j] or self.chunked:
-                    cut = j
-                else:
-                    cut = -1  # a whole prompt that does not fit but later requests might: the slow loop
-            if cut >= 0:
-                need = np.maximum(blocks_for(slots[:cut], self.bs) - t.kv_blocks[order[:cut]], 0)
+            # the asks, the budget cut and the blocks still needed, in one compiled pass
+            order, fed, k, slots, pre, need, cut = vllm_running_asks(
+                order, t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.kv_blocks,
+                k_res, self.threshold, budget, self.chunked, self.bs)
             if cut >= 0 and int(_sum(need)) <= self.free_blocks:
                 sched_idx, sched_fed, sched_k, sched_pre = order[:cut], fed[:cut], k[:cut], pre[:cut]
-                self._grant_many(sched_idx, slots[:cut], need)
+                self.free_blocks -= grant_blocks(sched_idx, slots, need, t.kv_blocks, t.kv_tokens, t.kv_resident)
                 budget -= int(_sum(sched_fed))
             elif cut >= 0:
                 # KV short: grant in priority order, preempting from the end of the order (the same
                 # sequence as the one-at-a-time loop, on precomputed asks)
                 n_ok, preempted = self._grant_preempting(order, need)
                 sched_idx, sched_fed, sched_k, sched_pre = order[:n_ok], fed[:n_ok], k[:n_ok], pre[:n_ok]
-                self._grant_many(sched_idx, slots[:n_ok], need[:n_ok])
+                self.free_blocks -= grant_blocks(sched_idx, slots, need, t.kv_blocks, t.kv_tokens, t.kv_resident)
                 budget -= int(_sum(sched_fed))
             else:
                 sched_idx, sched_fed, sched_k, sched_pre, budget, preempted = self._running_pass(order, k_res, budget)

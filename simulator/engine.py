@@ -36,6 +36,7 @@ import simpy
 from simspec.policies.base import PolicyContext, Scheduler, SpecLenPolicy, StepRecord, WindowRecord
 from simspec.simulator.batching import BatchFormer, StepPlan, blocks_for
 from simspec.simulator.itl import ItlLog
+from simspec.simulator.kernels import mixed_step_progress
 from simspec.simulator.methods.base import BatchStep, DecodeWindow, LeadStep, Method, StepRandom
 from simspec.simulator.state import RequestTable
 from simspec.simulator.steplog import StepLog
@@ -235,11 +236,6 @@ class Replica:
         computed_pre = t.computed[pre_idx]
         ctx = ctx_dec.copy()
         ctx[pre] = computed_pre
-        # a request's first step is always a prefill chunk: only those can be starting
-        start_pre = t.start_s[pre_idx]
-        new_start = np.isnan(start_pre)
-        if _any(new_start):
-            t.start_s[pre_idx[new_start]] = now
         batch = BatchStep(idx=idx, prefill=pre, fed_tokens=fed, ctx_tokens=ctx, k=k, remaining=rem,
                           alpha=t.alpha[idx], class_idx=t.class_idx[idx])
         rnd = StepRandom(t.rng_base[idx], t.draws[idx])
@@ -253,36 +249,18 @@ class Replica:
         step_s = out.step_ms / 1000.0
         end = now + step_s
         # progress: a chunk that completes its prompt samples one token; decodes commit accepted + 1
-        chunk = plan.fed_tokens[pre]
-        computed_after = computed_pre + chunk
-        done_pre = computed_after >= t.prefill_target[pre_idx]
-        t.computed[pre_idx] = computed_after
-        committed = np.minimum(out.accepted + 1, rem)
-        committed[pre] = done_pre
-        t.generated[idx] = gen + committed
-        t.steps[idx] += 1
-        if dec is not None:
-            t.decode_steps[idx[dec]] += 1
-        drafted = out.drafted.copy()
-        drafted[pre] = 0
-        accepted = out.accepted.copy()
-        accepted[pre] = 0
-        pos_acc = (out.position_accepts if out.position_accepts is not None else out.accepted).copy()
-        pos_acc[pre] = 0
-        t.drafted[idx] += drafted
-        t.accepted[idx] += accepted
-        t.position_accepts[idx] += pos_acc
-        n_committed = int(_sum(committed))
-        if _any(done_pre):
-            first_idx = pre_idx[done_pre]
-            first = np.isnan(t.first_token_s[first_idx])
-            if _any(first):
-                t.first_token_s[first_idx[first]] = end
-                self.outstanding_tokens -= int(_sum(t.prompt_tokens[first_idx[first]]))
-        self.outstanding_tokens -= n_committed
+        # (one compiled pass over the members: simulator/kernels.py)
+        out_acc = np.asarray(out.accepted, dtype=np.int64)
+        out_pos = out_acc if out.position_accepts is None else np.asarray(out.position_accepts, dtype=np.int64)
+        drafted, accepted, pos_acc, committed, finished, n_committed, first_prompt = mixed_step_progress(
+            idx, pre, plan.fed_tokens, np.asarray(out.drafted, dtype=np.int64), out_acc, out_pos, rem, gen,
+            now, end, t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.steps,
+            t.decode_steps, t.drafted, t.accepted, t.position_accepts, t.start_s, t.first_token_s)
+        n_committed = int(n_committed)
+        self.outstanding_tokens -= int(first_prompt) + n_committed
         self.busy_s += step_s
         kv_used = self._kv_used_tokens()  # during the step, before completions free their blocks
-        self._finish(idx, gen + committed >= t.output_tokens[idx], end)
+        self._finish(idx, finished, end)
         record = StepRecord(idx=idx, prefill=pre, drafted=drafted, accepted=accepted, committed=committed,
                             step_ms=out.step_ms, end_s=end, fed_tokens=fed, position_accepts=pos_acc)
         cl.scheduler.observe(record)

@@ -134,3 +134,143 @@ def draft_window_accept(probs, idx, base, draws, k, draws_per_step, steps, kk, l
                 done_step[m] = s
                 break
     return acc, posn, done_step
+
+
+@jit
+def mixed_step_progress(idx, pre, fed_tokens, out_drafted, out_accepted, out_positions, rem, gen, now_s, end_s,
+                        computed, prefill_target, generated, output_tokens, prompt_tokens, steps, decode_steps,
+                        drafted_col, accepted_col, positions_col, start_s, first_token_s):
+    """Book one step with prompt chunks in it (:meth:`Replica._mixed_step`) into the request table.
+
+    Member m is request ``idx[m]``; ``pre[m]``: it ran a prompt chunk of ``fed_tokens[m]`` tokens
+    (it commits one token when the chunk completes its prompt), else it decoded: the method's
+    ``out_drafted``/``out_accepted``/``out_positions`` and ``min(accepted + 1, rem)`` committed.
+    Updates the table columns in place (a request starting its first chunk gets ``start_s =
+    now_s``; one completing its prompt for the first time ``first_token_s = end_s``). Returns
+    ``(drafted, accepted, positions, committed, finished, n_committed, first_prompt_tokens)``:
+    per member (zeros for prompt chunks), whether it has all its output tokens now, the step's
+    committed tokens, and the prompt tokens of requests that got their first token in this step.
+    """
+    n = idx.shape[0]
+    drafted = np.zeros(n, dtype=np.int64)
+    accepted = np.zeros(n, dtype=np.int64)
+    positions = np.zeros(n, dtype=np.int64)
+    committed = np.zeros(n, dtype=np.int64)
+    finished = np.zeros(n, dtype=np.bool_)
+    n_committed = 0
+    first_prompt = 0
+    for m in range(n):
+        i = idx[m]
+        if pre[m]:
+            if np.isnan(start_s[i]):
+                start_s[i] = now_s
+            c = computed[i] + fed_tokens[m]
+            computed[i] = c
+            if c >= prefill_target[i]:
+                committed[m] = 1
+                if np.isnan(first_token_s[i]):
+                    first_token_s[i] = end_s
+                    first_prompt += prompt_tokens[i]
+        else:
+            a = out_accepted[m]
+            committed[m] = min(a + 1, rem[m])
+            drafted[m] = out_drafted[m]
+            accepted[m] = a
+            positions[m] = out_positions[m]
+            decode_steps[i] += 1
+            drafted_col[i] += drafted[m]
+            accepted_col[i] += a
+            positions_col[i] += positions[m]
+        g = gen[m] + committed[m]
+        generated[i] = g
+        steps[i] += 1
+        finished[m] = g >= output_tokens[i]
+        n_committed += committed[m]
+    return drafted, accepted, positions, committed, finished, n_committed, first_prompt
+
+
+@jit
+def vllm_running_asks(order, computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks,
+                      k_res, threshold, budget, chunked, block_size):
+    """vLLM's running pass on precomputed asks (:meth:`BatchFormer.schedule_vllm`).
+
+    ``order``: running requests in priority order. Decodes go before prompt chunks (a stable
+    partition). A decode asks for ``1 + k`` tokens, ``k = min(k_res, left − 1)``; a request still
+    prefilling for its next chunk (``min(prompt left, threshold)``). The token budget runs out at
+    the first member whose ask does not fit: it gets what is left (a shorter chunk — only when
+    chunking — or fewer drafts) and everyone after it nothing. Returns ``(order, fed, k, slots,
+    pre, need, cut)`` in the partitioned order: tokens fed, drafts reserved, KV slots needed after
+    the step and blocks still to allocate per member, and how many members are scheduled (``cut``;
+    −1: a whole prompt that does not fit without chunking, which the caller's one-at-a-time loop
+    handles). ``need`` covers the first ``cut`` members."""
+    n = order.shape[0]
+    out_order = np.empty(n, dtype=np.int64)
+    pre = np.empty(n, dtype=np.bool_)
+    # stable partition: decodes, then prompt chunks
+    w = 0
+    for m in range(n):
+        i = order[m]
+        if not (computed[i] < prefill_target[i]):
+            out_order[w] = i
+            pre[w] = False
+            w += 1
+    for m in range(n):
+        i = order[m]
+        if computed[i] < prefill_target[i]:
+            out_order[w] = i
+            pre[w] = True
+            w += 1
+    fed = np.empty(n, dtype=np.int64)
+    k = np.empty(n, dtype=np.int64)
+    slots = np.empty(n, dtype=np.int64)
+    cut = n
+    cum = 0
+    for m in range(n):
+        i = out_order[m]
+        if pre[m]:
+            left = prefill_target[i] - computed[i]
+            chunk = min(left, threshold)
+            k[m] = 0
+            fed[m] = chunk
+            slots[m] = computed[i] + chunk + (1 if chunk == left else 0)
+        else:
+            gen = generated[i]
+            km = min(k_res, output_tokens[i] - gen - 1)
+            k[m] = km
+            fed[m] = km + 1
+            slots[m] = prompt_tokens[i] + gen + 1 + km
+        if cut == n and cum + fed[m] > budget:
+            left_j = budget - cum
+            if left_j > 0 and (not pre[m] or chunked):
+                if pre[m]:
+                    slots[m] -= fed[m] - left_j + (1 if slots[m] > computed[i] + fed[m] else 0)
+                else:
+                    k[m] = left_j - 1
+                    slots[m] -= fed[m] - left_j
+                fed[m] = left_j
+                cut = m + 1
+            elif not pre[m] or chunked:
+                cut = m
+            else:
+                cut = -1
+        cum += fed[m]
+    need = np.zeros(max(cut, 0), dtype=np.int64)
+    for m in range(max(cut, 0)):
+        nb = -(-slots[m] // block_size) - kv_blocks[out_order[m]]
+        need[m] = nb if nb > 0 else 0
+    return out_order, fed, k, slots, pre, need, cut
+
+
+@jit
+def grant_blocks(idx, slots, need, kv_blocks, kv_tokens, kv_resident):
+    """Give members ``idx`` their ``need`` more KV blocks, raise their allocated slots to ``slots``
+    and mark them resident; returns the blocks granted."""
+    total = 0
+    for m in range(idx.shape[0]):
+        i = idx[m]
+        kv_blocks[i] += need[m]
+        total += need[m]
+        if slots[m] > kv_tokens[i]:
+            kv_tokens[i] = slots[m]
+        kv_resident[i] = True
+    return total
