@@ -36,7 +36,7 @@ import simpy
 from simspec.policies.base import PolicyContext, Scheduler, SpecLenPolicy, StepRecord, WindowRecord
 from simspec.simulator.batching import BatchFormer, StepPlan, blocks_for
 from simspec.simulator.itl import ItlLog
-from simspec.simulator.kernels import mixed_step_progress
+from simspec.simulator.kernels import mixed_step_progress, window_kv
 from simspec.simulator.methods.base import BatchStep, DecodeWindow, LeadStep, Method, StepRandom
 from simspec.simulator.state import RequestTable
 from simspec.simulator.steplog import StepLog
@@ -337,36 +337,19 @@ class Replica:
         held0 = t.kv_blocks[idx]
         held = None
         if s_n > 1:
-            before = np.cumsum(out.committed, axis=0) - out.committed
-            # each step reserves slots as the scheduler would: its reservation (capped at
-            # remaining − 1) or the drafts chosen, whichever is larger (step 0 was scheduled with
-            # the reservation before this choice, later steps with the policy's after it)
-            rem_s = rem0[None, :] - before
-            kr = np.full((rem_s.shape[0], 1), self.spec_len.k_reserve(), dtype=np.int64)
-            kr[0] = self._k_reserve
-            reserved = np.maximum(np.minimum(kr, rem_s - 1), out.k)
-            slots = ctx0[None, :] + before + 1 + reserved
-            need = blocks_for(slots, former.bs)
-            if out.active is not None:  # finished members hold what they had (freed at the end)
-                need = np.where(out.active, need, 0)
-                slots = np.where(out.active, slots, 0)
-            if lead:  # the scheduler allocated the prompt chunks' slots for the first step
-                need[0, pre] = 0
-                slots[0, pre] = 0
-            held = np.maximum.accumulate(np.maximum(need, held0[None, :]), axis=0)
-            grown = held.sum(axis=1) - int(_sum(held0))
-            fits = grown <= former.free_blocks
-            s_n = int(fits.argmin()) if not fits.all() else s_n
-            # stop at the step during which the next request for this replica arrives
-            nxt = cl.next_arrival_for(self.rid)
-            if nxt <= ends[s_n - 1]:
-                s_n = min(s_n, int(np.searchsorted(ends, nxt, side="left")) + 1)
+            # blocks held after each step, where KV or the next arrival ends the window, and each
+            # member's largest reservation (one compiled pass: simulator/kernels.py)
+            act0 = out.active
+            s_kv, held, slots_max = window_kv(
+                out.committed, out.k, act0 if act0 is not None else _NO_ACTIVE, act0 is not None, rem0, ctx0,
+                held0, self._k_reserve, self.spec_len.k_reserve(), former.bs, former.free_blocks,
+                pre if lead else _no_lead(idx.size), ends, cl.next_arrival_for(self.rid))
+            s_n = int(s_kv)
             if s_n < out.n_steps:
                 out = _trim(out, s_n)
                 ends = ends[:s_n]
-                held = held[:s_n]
+            held = held[:s_n]
             held_end = held[-1]
-            slots_max = slots[:s_n].max(axis=0)
         else:
             held_end = held0
             slots_max = None
@@ -489,6 +472,13 @@ class Replica:
             mine = np.flatnonzero((t.replica == self.rid) & np.isnan(t.completion_s))
             used = int(blocks_for(t.kv_tokens[mine][t.kv_blocks[mine] > 0], self.former.bs).sum()) * self.former.bs
             self.audit_max_kv_tokens = max(self.audit_max_kv_tokens, used)
+
+
+_NO_ACTIVE = np.ones((1, 1), dtype=bool)
+
+
+def _no_lead(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=bool)
 
 
 def _trim(out, n: int):

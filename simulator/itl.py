@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simspec.policies.base import StepRecord, WindowRecord
+from simspec.simulator.kernels import itl_chunk_gaps
 
 _CONSOLIDATE_AT = 1 << 20  # buffered entries before merging equal values
 
@@ -79,7 +80,9 @@ class ItlLog:
 
     def observe(self, rec: StepRecord) -> None:
         """One step: every member that committed a token got a chunk at the step's end."""
-        self._members(rec.idx[rec.committed > 0], rec.end_s)
+        gaps = itl_chunk_gaps(self.last_token_s, rec.idx, rec.committed, float(rec.end_s))
+        if gaps.size:
+            self._add(gaps, np.ones(gaps.size, dtype=np.int64))
 
     def observe_window(self, rec: WindowRecord) -> None:
         """Consecutive decode steps of one batch: a member's gap within the window is the step's

@@ -274,3 +274,76 @@ def grant_blocks(idx, slots, need, kv_blocks, kv_tokens, kv_resident):
             kv_tokens[i] = slots[m]
         kv_resident[i] = True
     return total
+
+
+@jit
+def itl_chunk_gaps(last_token_s, idx, committed, end_s):
+    """Members ``idx`` with ``committed > 0`` received a chunk at ``end_s``: returns the gaps
+    (seconds) since each one's previous chunk (members with one before, in member order) and sets
+    their latest chunk time to ``end_s``."""
+    n = idx.shape[0]
+    gaps = np.empty(n, dtype=np.float64)
+    g = 0
+    for m in range(n):
+        if committed[m] > 0:
+            i = idx[m]
+            prev = last_token_s[i]
+            if not np.isnan(prev):
+                gaps[g] = end_s - prev
+                g += 1
+            last_token_s[i] = end_s
+    return gaps[:g]
+
+
+@jit
+def window_kv(committed, k_steps, active, has_active, rem0, ctx0, held0, k_res_first, k_res_rest, block_size,
+              free_blocks, lead_pre, ends_s, next_arrival_s):
+    """KV blocks over a window of decode steps (:meth:`Replica._decode_steps`) and where it stops.
+
+    Step s reserves, per member, slots for its context + 1 + max(min(reservation, left − 1),
+    drafts chosen) (``k_res_first`` in step 0, ``k_res_rest`` after); a member holds the most
+    blocks it has needed so far (``held0`` before the window). Inactive members (``has_active``
+    and not ``active[s, m]``: completed) and newcomers' step 0 (``lead_pre``: the scheduler
+    allocated their prompt chunks) need nothing. The window stops before the first step whose
+    growth does not fit ``free_blocks``, and after the step during which ``next_arrival_s`` falls
+    (steps end at ``ends_s``). Returns ``(steps, held, slots_max)``: steps kept, blocks held after
+    each step (all steps), and each member's largest slot count over the steps kept."""
+    n_steps, n = committed.shape
+    held = np.empty((n_steps, n), dtype=np.int64)
+    slots = np.zeros((n_steps, n), dtype=np.int64)
+    held0_sum = 0
+    for m in range(n):
+        held0_sum += held0[m]
+    before = np.zeros(n, dtype=np.int64)
+    cur = held0.copy()
+    s_n = n_steps
+    for s in range(n_steps):
+        kr = k_res_first if s == 0 else k_res_rest
+        tot = 0
+        for m in range(n):
+            c = committed[s, m]
+            live = not (has_active and not active[s, m]) and not (s == 0 and lead_pre[m])
+            if live:
+                r = min(kr, rem0[m] - before[m] - 1)
+                if k_steps[s, m] > r:
+                    r = k_steps[s, m]
+                sl = ctx0[m] + before[m] + 1 + r
+                slots[s, m] = sl
+                nb = -(-sl // block_size)
+                if nb > cur[m]:
+                    cur[m] = nb
+            held[s, m] = cur[m]
+            tot += cur[m]
+            before[m] += c
+        if tot - held0_sum > free_blocks and s_n == n_steps:
+            s_n = s
+    if next_arrival_s <= ends_s[s_n - 1]:
+        j = np.searchsorted(ends_s, next_arrival_s, side="left") + 1
+        if j < s_n:
+            s_n = j
+    slots_max = np.zeros(n, dtype=np.int64)
+    for s in range(s_n):
+        for m in range(n):
+            if slots[s, m] > slots_max[m]:
+                slots_max[m] = slots[s, m]
+    return s_n, held, slots_max
