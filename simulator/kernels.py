@@ -45,15 +45,27 @@ except ImportError:  # pragma: no cover
 from simspec.rng import _G2, _INV53, _M1, _M2  # SplitMix64's constants (one definition)
 
 
-@jit
-def _uniform(base, counter):
-    """SplitMix64's output for draw ``counter`` of a stream starting at ``base`` (uint64), as a
-    float64 in [0, 1): the same number as ``simspec.rng.counter_uniforms``."""
-    z = base + counter * _G2
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    z = z ^ (z >> np.uint64(31))
-    return float(z >> np.uint64(11)) * _INV53
+if JIT:
+    @jit
+    def _uniform(base, counter):
+        """SplitMix64's output for draw ``counter`` of a stream starting at ``base`` (uint64), as a
+        float64 in [0, 1): the same number as ``simspec.rng.counter_uniforms``."""
+        z = base + counter * _G2
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        z = z ^ (z >> np.uint64(31))
+        return float(z >> np.uint64(11)) * _INV53
+else:  # pragma: no cover - plain Python: the same arithmetic on Python ints, wrapped to 64 bits
+    _MASK = (1 << 64) - 1
+    _G2_I, _M1_I, _M2_I = int(_G2), int(_M1), int(_M2)
+
+    def _uniform(base, counter):
+        """SplitMix64's output for draw ``counter`` of a stream starting at ``base``, in [0, 1)."""
+        z = (int(base) + int(counter) * _G2_I) & _MASK
+        z = ((z ^ (z >> 30)) * _M1_I) & _MASK
+        z = ((z ^ (z >> 27)) * _M2_I) & _MASK
+        z = z ^ (z >> 31)
+        return float(z >> 11) * _INV53
 
 
 @jit
