@@ -36,7 +36,7 @@ import simpy
 from simspec.policies.base import PolicyContext, Scheduler, SpecLenPolicy, StepRecord, WindowRecord
 from simspec.simulator.batching import BatchFormer, StepPlan, blocks_for
 from simspec.simulator.itl import ItlLog
-from simspec.simulator.kernels import mixed_step_progress, window_kv
+from simspec.simulator.kernels import mixed_step_progress, window_book, window_kv
 from simspec.simulator.methods.base import BatchStep, DecodeWindow, LeadStep, Method, StepRandom
 from simspec.simulator.state import RequestTable
 from simspec.simulator.steplog import StepLog
@@ -354,9 +354,17 @@ class Replica:
             held_end = held0
             slots_max = None
         act = out.active
-        # bookkeeping
-        committed_tot = out.committed.sum(axis=0)
-        steps_run = act.sum(axis=0) if act is not None else s_n
+        # bookkeeping: the table, and the window's per-step sums (one compiled pass)
+        i64 = np.int64
+        (steps_run, done, per_step_committed, batch_sizes, k_max_s, drafted_s, accepted_s, fed_s, live_blocks,
+         committed_all) = window_book(
+            idx, np.asarray(out.committed, dtype=i64), np.asarray(out.drafted, dtype=i64),
+            np.asarray(out.accepted, dtype=i64), np.asarray(out.position_accepts, dtype=i64),
+            np.asarray(out.draws, dtype=np.uint64), np.asarray(out.fed_tokens, dtype=i64),
+            np.asarray(out.k, dtype=i64), act if act is not None else _NO_ACTIVE, act is not None,
+            held if held is not None else _NO_HELD, held is not None, pre if lead else _no_lead(idx.size),
+            t.generated, t.steps, t.decode_steps, t.drafted, t.accepted, t.position_accepts, t.draws,
+            t.output_tokens)
         if lead:  # the prompt chunks of the first step, as _mixed_step books them
             first_end = float(ends[0])
             start_pre = t.start_s[pre_idx]
@@ -368,28 +376,17 @@ class Replica:
             if _any(first):
                 t.first_token_s[pre_idx[first]] = first_end
                 self.outstanding_tokens -= int(_sum(t.prompt_tokens[pre_idx[first]]))
-            t.decode_steps[idx] += steps_run - pre
-        else:
-            t.decode_steps[idx] += steps_run
-        t.generated[idx] += committed_tot
-        t.steps[idx] += steps_run
-        t.drafted[idx] += out.drafted.sum(axis=0)
-        t.accepted[idx] += out.accepted.sum(axis=0)
-        t.position_accepts[idx] += out.position_accepts.sum(axis=0)
-        t.draws[idx] += out.draws.sum(axis=0).astype(np.uint64)
         if slots_max is not None:
             former.free_blocks -= int(_sum(held_end) - _sum(held0))
             t.kv_blocks[idx] = held_end
             t.kv_tokens[idx] = np.maximum(t.kv_tokens[idx], slots_max)
-        per_step_committed = out.committed.sum(axis=1)
         if s_n > 1:
             self._inflight_end_s = ends
             self._inflight_committed = np.cumsum(per_step_committed)
-        self.outstanding_tokens -= int(_sum(committed_tot))
+        self.outstanding_tokens -= int(committed_all)
         self.busy_s = float(np.cumsum(np.concatenate(([self.busy_s], out.step_ms / 1000.0)))[-1])
         end = float(ends[-1])
         used_end = self._kv_used_tokens()  # after the last step's allocation, before completions
-        done = t.generated[idx] >= t.output_tokens[idx]
         # each member completes at the end of its last step in the window
         self._finish(idx, done, end if act is None else ends[np.maximum(steps_run - 1, 0)])
         first_value = None
@@ -418,14 +415,10 @@ class Replica:
             # as a one-step engine logs it: blocks of the members still running (a finished member's
             # are freed at its completion) plus those of requests outside the batch
             other = used_end - int(_sum(held_end)) * former.bs
-            live_blocks = (held * act).sum(axis=1) if act is not None else held.sum(axis=1)
             kv_used = other + live_blocks * former.bs
         else:
             kv_used = np.array([used_end])
         starts = np.concatenate(([now], ends[:-1]))
-        batch_sizes = act.sum(axis=1) if act is not None else np.full(s_n, idx.size)
-        k_max_s, drafted_s, accepted_s = out.k.max(axis=1), out.drafted.sum(axis=1), out.accepted.sum(axis=1)
-        fed_s = out.fed_tokens.sum(axis=1)
         queue = int(self.former.waiting.size)
         if lead:
             self.log.append_one(self.rid, self.step_index, now, first_end, float(out.step_ms[0]), int(batch_sizes[0]),
@@ -475,6 +468,7 @@ class Replica:
 
 
 _NO_ACTIVE = np.ones((1, 1), dtype=bool)
+_NO_HELD = np.zeros((1, 1), dtype=np.int64)
 
 
 def _no_lead(n: int) -> np.ndarray:

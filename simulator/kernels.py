@@ -359,3 +359,169 @@ def window_kv(committed, k_steps, active, has_active, rem0, ctx0, held0, k_res_f
             if slots[s, m] > slots_max[m]:
                 slots_max[m] = slots[s, m]
     return s_n, held, slots_max
+
+
+@jit
+def draft_window_shape(acc_full, positions, done_step, k, rem0, ctx0, lead_pre, lead_fed, lead_ctx, draws_per_step):
+    """Per-step shape of a window of draft-model decode steps (:meth:`DraftModel.decode_window`),
+    from the sampled ``acc_full``/``positions`` (steps kept × members) and each member's
+    completion step.
+
+    Member m is in the batch at step s while ``s <= done_step[m]``; it decodes there unless it is
+    a newcomer finishing its prompt (``lead_pre[m]`` at s = 0: it feeds ``lead_fed[m]`` tokens
+    over a context of ``lead_ctx[m]`` and commits its first token). A decoding member drafts
+    ``min(k, left − 1)``, accepts at most that, commits ``min(accepted + 1, left)``, feeds
+    drafts + 1 tokens over its context ``ctx0 + tokens committed before``.
+
+    Returns ``(act, all_act, k_eff, accepted, positions, committed, fed, draws, fed_sum, batch,
+    kmax, ctx_sum, sel_count, sel_ctx, pass_batch, pass_kv)``: per (step, member) arrays (int64;
+    ``draws``: uniforms consumed, uint64), per-step sums (float64: tokens fed, members, context;
+    int64: largest k), the members drafting (k > 0) and their context per step, and per (step,
+    draft pass j) the members in pass j (k > j) and the pass's KV tokens (their context + j each).
+    All sums are of integers, so exact."""
+    n_steps, n = acc_full.shape
+    act = np.empty((n_steps, n), dtype=np.bool_)
+    k_eff = np.zeros((n_steps, n), dtype=np.int64)
+    accepted = np.zeros((n_steps, n), dtype=np.int64)
+    pos_out = np.zeros((n_steps, n), dtype=np.int64)
+    committed = np.zeros((n_steps, n), dtype=np.int64)
+    fed = np.zeros((n_steps, n), dtype=np.int64)
+    draws = np.zeros((n_steps, n), dtype=np.uint64)
+    fed_sum = np.zeros(n_steps, dtype=np.float64)
+    batch = np.zeros(n_steps, dtype=np.float64)
+    kmax = np.zeros(n_steps, dtype=np.int64)
+    ctx_sum = np.zeros(n_steps, dtype=np.float64)
+    kk = 0
+    for m in range(n):
+        if k[m] > kk:
+            kk = k[m]
+    sel_count = np.zeros(n_steps, dtype=np.float64)
+    sel_ctx = np.zeros(n_steps, dtype=np.float64)
+    pass_batch = np.zeros((n_steps, kk), dtype=np.float64)
+    pass_kv = np.zeros((n_steps, kk), dtype=np.float64)
+    all_act = True
+    dps = np.uint64(draws_per_step)
+    bef = np.zeros(n, dtype=np.int64)  # tokens each member committed before the step
+    for s in range(n_steps):
+        f_tot = 0
+        c_tot = 0
+        b_tot = 0
+        km = 0
+        sc = 0
+        sctx = 0
+        for m in range(n):
+            a = s <= done_step[m]
+            act[s, m] = a
+            if not a:
+                all_act = False
+                continue
+            b_tot += 1
+            before = bef[m]
+            bef[m] += acc_full[s, m] + 1
+            if s == 0 and lead_pre[m]:
+                committed[s, m] = min(1, rem0[m] - before)  # accepted 0, left > 0: one token
+                f_tot += lead_fed[m]
+                c_tot += lead_ctx[m]
+                continue
+            left = rem0[m] - before
+            ke = min(k[m], left - 1)
+            k_eff[s, m] = ke
+            ac = min(acc_full[s, m], ke)
+            accepted[s, m] = ac
+            pos_out[s, m] = positions[s, m]
+            committed[s, m] = min(ac + 1, left)
+            fed[s, m] = ke + 1
+            draws[s, m] = dps
+            ctx = ctx0[m] + before
+            f_tot += ke + 1
+            c_tot += ctx
+            if ke > km:
+                km = ke
+            if ke > 0:
+                sc += 1
+                sctx += ctx
+            for j in range(ke):
+                pass_batch[s, j] += 1.0
+                pass_kv[s, j] += ctx + j
+        if s == 0:
+            for m in range(n):
+                if lead_pre[m]:
+                    fed[s, m] = lead_fed[m]
+        fed_sum[s] = f_tot
+        batch[s] = b_tot
+        kmax[s] = km
+        ctx_sum[s] = c_tot
+        sel_count[s] = sc
+        sel_ctx[s] = sctx
+    return (act, all_act, k_eff, accepted, pos_out, committed, fed, draws, fed_sum, batch, kmax, ctx_sum,
+            sel_count, sel_ctx, pass_batch, pass_kv)
+
+
+@jit
+def window_book(idx, committed, drafted, accepted, positions, draws, fed, k_steps, active, has_active, held,
+                has_held, lead_pre, generated, steps_col, decode_steps, drafted_col, accepted_col, positions_col,
+                draws_col, output_tokens):
+    """Book a window of steps (:meth:`Replica._decode_steps`) into the request table and sum it
+    per step for the step log.
+
+    Per (step, member) inputs as in :class:`~simspec.simulator.methods.base.WindowOutcome`;
+    member m is in step s unless ``has_active`` and not ``active[s, m]``; ``lead_pre[m]``: its
+    step 0 was a prompt chunk (not a decode step). ``held``: KV blocks held after each step (when
+    ``has_held``). Returns ``(steps_run, done, committed_s, batch_s, kmax_s, drafted_s,
+    accepted_s, fed_s, live_blocks_s, committed_total)``: steps each member ran and whether it
+    has all its output tokens now; per step the tokens committed, members, largest k, drafts,
+    accepted drafts, tokens fed and blocks held by members still in the batch; all tokens
+    committed."""
+    n_steps, n = committed.shape
+    steps_run = np.zeros(n, dtype=np.int64)
+    done = np.zeros(n, dtype=np.bool_)
+    committed_s = np.zeros(n_steps, dtype=np.int64)
+    batch_s = np.zeros(n_steps, dtype=np.int64)
+    kmax_s = np.zeros(n_steps, dtype=np.int64)
+    drafted_s = np.zeros(n_steps, dtype=np.int64)
+    accepted_s = np.zeros(n_steps, dtype=np.int64)
+    fed_s = np.zeros(n_steps, dtype=np.int64)
+    live_blocks = np.zeros(n_steps, dtype=np.int64)
+    if n > 0:
+        for s in range(n_steps):
+            kmax_s[s] = k_steps[s, 0]
+    total = 0
+    for m in range(n):
+        i = idx[m]
+        c_tot = 0
+        sr = 0
+        d = 0
+        a = 0
+        p = 0
+        dw = np.uint64(0)
+        for s in range(n_steps):
+            live = (not has_active) or active[s, m]
+            if live:
+                sr += 1
+                batch_s[s] += 1
+                if has_held:
+                    live_blocks[s] += held[s, m]
+            c = committed[s, m]
+            c_tot += c
+            committed_s[s] += c
+            d += drafted[s, m]
+            a += accepted[s, m]
+            p += positions[s, m]
+            dw += draws[s, m]
+            drafted_s[s] += drafted[s, m]
+            accepted_s[s] += accepted[s, m]
+            fed_s[s] += fed[s, m]
+            if k_steps[s, m] > kmax_s[s]:
+                kmax_s[s] = k_steps[s, m]
+        g = generated[i] + c_tot
+        generated[i] = g
+        steps_col[i] += sr
+        decode_steps[i] += sr - (1 if lead_pre[m] else 0)
+        drafted_col[i] += d
+        accepted_col[i] += a
+        positions_col[i] += p
+        draws_col[i] += dw
+        done[m] = g >= output_tokens[i]
+        steps_run[m] = sr
+        total += c_tot
+    return steps_run, done, committed_s, batch_s, kmax_s, drafted_s, accepted_s, fed_s, live_blocks, total

@@ -20,7 +20,8 @@ _min = np.minimum.reduce
 
 from simspec.errors import ConfigError
 from simspec.rng import counter_uniforms
-from simspec.simulator.kernels import draft_accept, draft_window_accept
+from simspec.simulator.kernels import draft_accept, draft_window_accept, draft_window_shape
+
 from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, StepRandom,
                                             WindowOutcome, register_method)
 
@@ -148,40 +149,14 @@ class DraftModel(Method):
             last = min(steps, int(done_step.min()) + 1)
         if last < steps:
             acc_full, positions = acc_full[:last], positions[:last]
-        commit_full = acc_full + 1
-        csum = np.cumsum(commit_full, axis=0)
-        s_eff = commit_full.shape[0]
-        act = np.arange(s_eff)[:, None] <= done_step[None, :]  # member in the batch at step s
-        all_act = bool(act.all())
-        if lead is not None:  # decoding at step s (a newcomer's step 0 is its last prompt chunk)
-            dec_act = act.copy()
-            dec_act[0, pre] = False
-            all_dec = False
-        else:
-            dec_act, all_dec = act, all_act
-        before = csum - commit_full  # (a newcomer's first token is its step-0 commit)
-        rem_s = rem0[None, :] - before
-        k_eff = np.minimum(w.k[None, :], rem_s - 1)
-        if not all_dec:
-            k_eff = np.where(dec_act, k_eff, 0)
-        accepted = np.minimum(acc_full, k_eff)
-        if not all_dec:
-            positions = np.where(dec_act, positions, 0)
-        committed = np.minimum(accepted + 1, rem_s)
-        fed = k_eff + 1
-        ctx = w.ctx_tokens[None, :] + before
-        if not all_act:
-            committed = np.where(act, committed, 0)
-        if not all_dec:
-            fed = np.where(dec_act, fed, 0)
-            ctx = np.where(dec_act, ctx, 0)
+        s_eff = acc_full.shape[0]
         if lead is not None:
-            fed[0] += lead.fed_tokens
-            ctx[0] += lead.ctx_tokens
-        fed_sum = fed.sum(axis=1).astype(np.float64)
-        b = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_eff, float(n))
-        kmax_s = k_eff.max(axis=1)
-        ctx_sum = ctx.sum(axis=1).astype(np.float64)
+            lead_fed, lead_ctx = lead.fed_tokens, lead.ctx_tokens
+        else:
+            lead_fed = lead_ctx = np.zeros(n, dtype=np.int64)
+        (act, all_act, k_eff, accepted, positions, committed, fed, draws, fed_sum, b, kmax_s, ctx_sum,
+         sel_count, sel_ctx, pass_batch, pass_kv) = draft_window_shape(acc_full, positions, done_step, w.k, rem0,
+                                                                       w.ctx_tokens, pre, lead_fed, lead_ctx, self._k)
         logits = fed_sum
         if lead is not None:  # a prompt chunk needs the LM head at its last position only
             n_pre = int(_sum(pre))
@@ -195,29 +170,15 @@ class DraftModel(Method):
             ms = ms + pre_pass
         kk_all = int(kmax_s.max()) if s_eff else 0
         if kk_all and self.per_step:
-            sel = k_eff > 0
-            bs_ = sel.sum(axis=1).astype(np.float64)
-            ms = ms + self.draft_pass_ms(bs_, bs_, (ctx * sel).sum(axis=1).astype(np.float64))
+            ms = ms + self.draft_pass_ms(sel_count, sel_count, sel_ctx)
         elif kk_all:
             # draft pass j runs the members with k > j over their context + j: all passes of all
             # steps in one (steps, passes) evaluation, added pass by pass
-            jj = np.arange(kk_all)
-            if all_dec and int(k_eff.min()) == kk_all:
-                bj = np.broadcast_to(b[:, None], (s_eff, kk_all))
-                kv = ctx_sum[:, None] + jj[None, :] * float(n)
-            else:
-                sel = k_eff[:, :, None] > jj[None, None, :]
-                bj = sel.sum(axis=1).astype(np.float64)
-                kv = (ctx[:, :, None] * sel).sum(axis=1).astype(np.float64) + jj[None, :] * bj
-            passes = self.draft_pass_ms(bj, bj, kv)
+            passes = self.draft_pass_ms(pass_batch[:, :kk_all], pass_batch[:, :kk_all], pass_kv[:, :kk_all])
             for j in range(kk_all):
                 ms = ms + passes[:, j]
-        draws = np.full((s_eff, n), self._k, dtype=np.uint64)
-        if not all_dec:
-            draws[~dec_act] = 0
-        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_eff, drafted=k_eff.astype(np.int64),
-                             accepted=accepted.astype(np.int64), position_accepts=positions.astype(np.int64),
-                             committed=committed.astype(np.int64), fed_tokens=fed.astype(np.int64),
+        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_eff, drafted=k_eff, accepted=accepted,
+                             position_accepts=positions, committed=committed, fed_tokens=fed,
                              draws=draws, active=None if all_act else act)
 
     def stage_estimates_ms(self, batch_size: int, kv_tokens: float, k: int) -> tuple[float, float]:
