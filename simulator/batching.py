@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simspec.simulator.kernels import grant_blocks, vllm_running_asks
+from simspec.simulator import kernels
 
 _sum = np.add.reduce  # skips ndarray.sum's Python wrapper: cheaper on small arrays
 
@@ -182,19 +182,19 @@ class BatchFormer:
         preempted = False
         if order.size:
             # the asks, the budget cut and the blocks still needed, in one compiled pass
-            order, fed, k, slots, pre, need, cut = vllm_running_asks(
+            order, fed, k, slots, pre, need, cut = kernels.vllm_running_asks(
                 order, t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.kv_blocks,
                 k_res, self.threshold, budget, self.chunked, self.bs)
             if cut >= 0 and int(_sum(need)) <= self.free_blocks:
                 sched_idx, sched_fed, sched_k, sched_pre = order[:cut], fed[:cut], k[:cut], pre[:cut]
-                self.free_blocks -= grant_blocks(sched_idx, slots, need, t.kv_blocks, t.kv_tokens, t.kv_resident)
+                self.free_blocks -= kernels.grant_blocks(sched_idx, slots, need, t.kv_blocks, t.kv_tokens, t.kv_resident)
                 budget -= int(_sum(sched_fed))
             elif cut >= 0:
                 # KV short: grant in priority order, preempting from the end of the order (the same
                 # sequence as the one-at-a-time loop, on precomputed asks)
                 n_ok, preempted = self._grant_preempting(order, need)
                 sched_idx, sched_fed, sched_k, sched_pre = order[:n_ok], fed[:n_ok], k[:n_ok], pre[:n_ok]
-                self.free_blocks -= grant_blocks(sched_idx, slots, need, t.kv_blocks, t.kv_tokens, t.kv_resident)
+                self.free_blocks -= kernels.grant_blocks(sched_idx, slots, need, t.kv_blocks, t.kv_tokens, t.kv_resident)
                 budget -= int(_sum(sched_fed))
             else:
                 sched_idx, sched_fed, sched_k, sched_pre, budget, preempted = self._running_pass(order, k_res, budget)

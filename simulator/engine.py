@@ -36,7 +36,7 @@ import simpy
 from simspec.policies.base import PolicyContext, Scheduler, SpecLenPolicy, StepRecord, WindowRecord
 from simspec.simulator.batching import BatchFormer, StepPlan, blocks_for
 from simspec.simulator.itl import ItlLog
-from simspec.simulator.kernels import mixed_step_progress, window_book, window_kv
+from simspec.simulator import kernels
 from simspec.simulator.methods.base import BatchStep, DecodeWindow, LeadStep, Method, StepRandom
 from simspec.simulator.state import RequestTable
 from simspec.simulator.steplog import StepLog
@@ -252,7 +252,7 @@ class Replica:
         # (one compiled pass over the members: simulator/kernels.py)
         out_acc = np.asarray(out.accepted, dtype=np.int64)
         out_pos = out_acc if out.position_accepts is None else np.asarray(out.position_accepts, dtype=np.int64)
-        drafted, accepted, pos_acc, committed, finished, n_committed, first_prompt = mixed_step_progress(
+        drafted, accepted, pos_acc, committed, finished, n_committed, first_prompt = kernels.mixed_step_progress(
             idx, pre, plan.fed_tokens, np.asarray(out.drafted, dtype=np.int64), out_acc, out_pos, rem, gen,
             now, end, t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.steps,
             t.decode_steps, t.drafted, t.accepted, t.position_accepts, t.start_s, t.first_token_s)
@@ -340,7 +340,7 @@ class Replica:
             # blocks held after each step, where KV or the next arrival ends the window, and each
             # member's largest reservation (one compiled pass: simulator/kernels.py)
             act0 = out.active
-            s_kv, held, slots_max = window_kv(
+            s_kv, held, slots_max = kernels.window_kv(
                 out.committed, out.k, act0 if act0 is not None else _NO_ACTIVE, act0 is not None, rem0, ctx0,
                 held0, self._k_reserve, self.spec_len.k_reserve(), former.bs, former.free_blocks,
                 pre if lead else _no_lead(idx.size), ends, cl.next_arrival_for(self.rid))
@@ -357,7 +357,7 @@ class Replica:
         # bookkeeping: the table, and the window's per-step sums (one compiled pass)
         i64 = np.int64
         (steps_run, done, per_step_committed, batch_sizes, k_max_s, drafted_s, accepted_s, fed_s, live_blocks,
-         committed_all) = window_book(
+         committed_all) = kernels.window_book(
             idx, np.asarray(out.committed, dtype=i64), np.asarray(out.drafted, dtype=i64),
             np.asarray(out.accepted, dtype=i64), np.asarray(out.position_accepts, dtype=i64),
             np.asarray(out.draws, dtype=np.uint64), np.asarray(out.fed_tokens, dtype=i64),

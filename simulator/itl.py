@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simspec.policies.base import StepRecord, WindowRecord
-from simspec.simulator.kernels import itl_chunk_gaps
+from simspec.simulator import kernels
 
 _CONSOLIDATE_AT = 1 << 20  # buffered entries before merging equal values
 
@@ -80,7 +80,7 @@ class ItlLog:
 
     def observe(self, rec: StepRecord) -> None:
         """One step: every member that committed a token got a chunk at the step's end."""
-        gaps = itl_chunk_gaps(self.last_token_s, rec.idx, rec.committed, float(rec.end_s))
+        gaps = kernels.itl_chunk_gaps(self.last_token_s, rec.idx, rec.committed, float(rec.end_s))
         if gaps.size:
             self._add(gaps, np.ones(gaps.size, dtype=np.int64))
 

@@ -3,69 +3,127 @@ of small-array calls.
 
 A step of a replica touches a few dozen requests; as numpy code each operation on those small
 arrays costs about a microsecond of dispatch whatever the size, and a mixed step or a window made
-~200 of them (docs/performance.md). The kernels here do the same arithmetic in one loop each,
-compiled by numba when it is installed (``@jit``: ``numba.njit(cache=True)``; the machine code is
-cached beside the module, so only the first run on a machine compiles). Without numba — or with
-``SIMSPEC_JIT=0`` in the environment — the same functions run as plain Python: identical results,
-much slower on large batches (for tests and for machines where numba has no wheel).
+~200 of them (docs/performance.md). The kernels here do the same arithmetic in one loop each.
 
-Every kernel is exact with respect to the numpy code it replaces: integer arithmetic, the same
-SplitMix64 counter draws as :func:`simspec.rng.counter_uniforms`, comparisons of the same float64
-values, and float sums accumulated in the order the callers' ``np.add.reduce`` would give on the
-same data (each kernel says which). ``tests/test_kernels.py`` checks each compiled kernel against
-its plain-Python self (``kernel.py_func``) and the numpy code it replaced.
+Each kernel is written once, as plain Python over numpy arrays, and runs in one of two modes,
+chosen per run by :func:`select` (``simulate()`` calls it):
+
+- **compiled** — numba's ``njit(cache=True)`` of the same source; the machine code is cached
+  beside this module (``__pycache__``), so only the first run on a machine compiles (a few
+  seconds); later processes pay ~0.7 s to import numba and load it. Used for runs of at least
+  :data:`JIT_MIN_REQUESTS` requests.
+- **plain** — the functions as written, run by the interpreter: no start-up cost, slower per
+  step on large batches. Used for small runs, without numba, or with ``SIMSPEC_JIT=0``.
+
+``SIMSPEC_JIT=1`` forces compiled, ``0`` plain, ``auto`` (the default) decides by size. Both modes
+give bit-identical results: integer arithmetic, the same SplitMix64 counter draws as
+:func:`simspec.rng.counter_uniforms` (on uint64 when compiled, on Python ints masked to 64 bits
+when plain), comparisons of the same float64 values, and sums of integers only (exact);
+``tests/test_kernels.py`` checks each kernel in both modes against the numpy code it replaced, and
+an end-to-end test checks that a replay's outputs are identical in both.
+
+Callers reach kernels as module attributes (``kernels.draft_accept(...)``), so :func:`select`
+switches them.
 """
 
 from __future__ import annotations
 
 import os
+import types
 
 import numpy as np
 
-try:  # pragma: no cover - which branch runs depends on the install
-    if os.environ.get("SIMSPEC_JIT", "1").strip() in ("0", "false", "no", "off"):
-        raise ImportError("disabled by SIMSPEC_JIT")
-    from numba import njit as _njit
-
-    JIT = True
-
-    def jit(fn):
-        """Compile ``fn`` with numba (no Python objects, machine code cached on disk)."""
-        return _njit(cache=True, nogil=True)(fn)
-
-except ImportError:  # pragma: no cover
-    JIT = False
-
-    def jit(fn):
-        """numba is not installed (or SIMSPEC_JIT=0): run ``fn`` as plain Python."""
-        fn.py_func = fn
-        return fn
-
-
 from simspec.rng import _G2, _INV53, _M1, _M2  # SplitMix64's constants (one definition)
 
+#: runs with at least this many requests use the compiled kernels under ``SIMSPEC_JIT=auto``
+#: (below it numba's ~0.7 s start-up is more than the kernels save)
+JIT_MIN_REQUESTS = 2000
 
-if JIT:
-    @jit
-    def _uniform(base, counter):
-        """SplitMix64's output for draw ``counter`` of a stream starting at ``base`` (uint64), as a
-        float64 in [0, 1): the same number as ``simspec.rng.counter_uniforms``."""
-        z = base + counter * _G2
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        z = z ^ (z >> np.uint64(31))
-        return float(z >> np.uint64(11)) * _INV53
-else:  # pragma: no cover - plain Python: the same arithmetic on Python ints, wrapped to 64 bits
-    _MASK = (1 << 64) - 1
-    _G2_I, _M1_I, _M2_I = int(_G2), int(_M1), int(_M2)
+_KERNELS: dict[str, types.FunctionType] = {}  # name -> plain function
+_COMPILED: dict[str, object] | None = None
+MODE = "plain"  # the mode of the module's kernel attributes now
 
-    def _uniform(base, counter):
-        """SplitMix64's output for draw ``counter`` of a stream starting at ``base``, in [0, 1)."""
-        z = (int(base) + int(counter) * _G2_I) & _MASK
-        z = ((z ^ (z >> 30)) * _M1_I) & _MASK
-        z = ((z ^ (z >> 27)) * _M2_I) & _MASK
-        z = z ^ (z >> 31)
-        return float(z >> 11) * _INV53
+
+def jit(fn):
+    """Register ``fn`` as a kernel (its plain form is the module attribute until :func:`select`)."""
+    _KERNELS[fn.__name__] = fn
+    return fn
+
+
+_MASK = (1 << 64) - 1
+_G2_I, _M1_I, _M2_I = int(_G2), int(_M1), int(_M2)
+
+
+def _uniform(base, counter):
+    """SplitMix64's output for draw ``counter`` of a stream starting at ``base``, as a float64 in
+    [0, 1) (plain mode: Python ints wrapped to 64 bits): ``simspec.rng.counter_uniforms``."""
+    z = (int(base) + int(counter) * _G2_I) & _MASK
+    z = ((z ^ (z >> 30)) * _M1_I) & _MASK
+    z = ((z ^ (z >> 27)) * _M2_I) & _MASK
+    z = z ^ (z >> 31)
+    return float(z >> 11) * _INV53
+
+
+def _uniform_u64(base, counter):
+    """:func:`_uniform` on uint64 (compiled mode: wraps natively)."""
+    z = base + counter * _G2
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    z = z ^ (z >> np.uint64(31))
+    return float(z >> np.uint64(11)) * _INV53
+
+
+def numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compiled() -> dict[str, object]:
+    """The compiled kernels (compiling or loading them from the on-disk cache on first use)."""
+    global _COMPILED
+    if _COMPILED is None:
+        from numba import njit
+
+        g = dict(globals())
+        g["_uniform"] = njit(cache=True, nogil=True)(_uniform_u64)
+        out = {}
+        for name, fn in _KERNELS.items():
+            f2 = types.FunctionType(fn.__code__, g, name, fn.__defaults__, fn.__closure__)
+            f2.__qualname__, f2.__module__, f2.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+            out[name] = g[name] = njit(cache=True, nogil=True)(f2)
+        _COMPILED = out
+    return _COMPILED
+
+
+def plain() -> dict[str, types.FunctionType]:
+    """The kernels as plain Python functions."""
+    return dict(_KERNELS)
+
+
+def select(n_requests: int | None = None, mode: str | None = None) -> str:
+    """Switch the module's kernels to ``compiled`` or ``plain`` for a run of ``n_requests``
+    (``mode``: ``"compiled"``/``"plain"`` to force; default from ``SIMSPEC_JIT``: ``1``, ``0`` or
+    ``auto``). Returns the mode chosen. Results do not depend on it."""
+    global MODE
+    if mode is None:
+        env = os.environ.get("SIMSPEC_JIT", "auto").strip().lower()
+        if env in ("0", "false", "no", "off", "plain"):
+            mode = "plain"
+        elif env in ("1", "true", "yes", "on", "compiled"):
+            mode = "compiled"
+        else:
+            mode = "compiled" if n_requests is not None and n_requests >= JIT_MIN_REQUESTS else "plain"
+    if mode == "compiled" and not numba_available():
+        mode = "plain"
+    if mode not in ("compiled", "plain"):
+        raise ValueError(f"kernel mode {mode!r}: expected 'compiled' or 'plain'")
+    if mode != MODE:
+        globals().update(compiled() if mode == "compiled" else plain())
+        MODE = mode
+    return mode
 
 
 @jit

@@ -16,6 +16,7 @@ from simspec.rng import request_bases, request_keys, stream, stream_key
 from simspec.simulator.acceptance import resolve_classes
 from simspec.simulator.config import DEFAULT_MAX_BATCHED_TOKENS, RunConfig
 from simspec.simulator.cost import CostModel
+from simspec.simulator import kernels
 from simspec.simulator.engine import Capacity, Cluster
 from simspec.simulator.methods import get_method_class
 from simspec.simulator.metrics import requests_frame, steps_frame, summary
@@ -154,6 +155,7 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
     notes: list[str] = list(trace.notes)
     trace = canonical_order(trace)
     table = RequestTable.from_trace(trace)
+    kernels.select(len(table))  # compiled per-event loops for large runs (results identical either way)
     capacity = resolve_capacity(config, profile)
     cost = CostModel(profile)
     method = get_method_class(config.method.name)(dict(config.method.params), profile, cost)

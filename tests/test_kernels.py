@@ -20,11 +20,11 @@ from simspec.simulator.batching import blocks_for
 SEEDS = st.integers(0, 2**32 - 1)
 
 
-def _both(kernel):
-    """The kernel as the engine calls it and, with numba, its plain-Python self."""
-    fns = [kernel]
-    if K.JIT:
-        fns.append(kernel.py_func)
+def _both(name):
+    """Kernel ``name`` in plain mode and, where numba is installed, compiled."""
+    fns = [K.plain()[name]]
+    if K.numba_available():
+        fns.append(K.compiled()[name])
     return fns
 
 
@@ -61,7 +61,7 @@ def test_draft_accept_equals_numpy(seed):
     k = rng.integers(0, kk + 1, n).astype(np.int64)
     kmax = int(k.max()) if n else 0
     want = _ref_draft_accept(probs, idx, base, ctr, k, kmax)
-    for fn in _both(K.draft_accept):
+    for fn in _both("draft_accept"):
         _eq(fn(probs, idx, base, ctr, k, kmax), want)
 
 
@@ -70,8 +70,10 @@ def test_uniform_equals_counter_uniforms():
     base = rng.integers(0, 2**63, 50).astype(np.uint64) * np.uint64(2)
     ctr = rng.integers(0, 2**40, 50).astype(np.uint64)
     want = counter_uniforms(base, ctr)
-    got = np.array([K._uniform(b, c) for b, c in zip(base, ctr)])
-    assert got.tobytes() == want.tobytes()
+    for fn in (K._uniform, K._uniform_u64):
+        with np.errstate(over="ignore"):  # uint64 wraps (by design) when run by the interpreter
+            got = np.array([fn(b, c) for b, c in zip(base, ctr)])
+        assert got.tobytes() == want.tobytes()
 
 
 # ------------------------------------------------------------------------------ draft windows
@@ -115,7 +117,7 @@ def test_draft_window_accept_equals_numpy(seed, lead):
     rem0 = rng.integers(1, 60, n).astype(np.int64)
     pre = (rng.random(n) < 0.4) if lead else np.zeros(n, dtype=bool)
     want = _ref_draft_window(probs, idx, base, draws, k, dps, steps, kk, pre, rem0)
-    for fn in _both(K.draft_window_accept):
+    for fn in _both("draft_window_accept"):
         _eq(fn(probs, idx, base, draws, k, dps, steps, kk, pre, rem0), want)
 
 
@@ -175,7 +177,7 @@ def test_mixed_step_progress_equals_numpy(seed):
     r_first[fi[f1]] = end
     first_prompt = int(tb["prompt"][fi[f1]].sum())
     finished = gen + committed >= tb["out"][idx]
-    for fn in _both(K.mixed_step_progress):
+    for fn in _both("mixed_step_progress"):
         c = cols()
         comp, g, st_, ft = tb["computed"].copy(), tb["gen"].copy(), start.copy(), first.copy()
         res = fn(idx, pre, fed, o_drafted, o_acc, o_pos, rem, gen, now, end, comp, tb["target"], g, tb["out"],
@@ -244,7 +246,7 @@ def test_vllm_running_asks_equals_numpy(seed, chunked):
     budget = int(rng.choice([1 << 62, 16, 100, 512, int(rng.integers(1, 400))]))
     bs = int(rng.choice([1, 16, 32]))
     o, fed, k, slots, pre, need, cut = _ref_running_asks(order, t, k_res, threshold, budget, chunked, bs)
-    for fn in _both(K.vllm_running_asks):
+    for fn in _both("vllm_running_asks"):
         go, gfed, gk, gslots, gpre, gneed, gcut = fn(order, t["computed"], t["target"], t["gen"], t["out"],
                                                      t["prompt"], t["kv_blocks"], k_res, threshold, budget,
                                                      chunked, bs)
@@ -258,7 +260,7 @@ def test_grant_blocks():
     kv_blocks = np.array([0, 2, 5], dtype=np.int64)
     kv_tokens = np.array([0, 20, 70], dtype=np.int64)
     resident = np.zeros(3, dtype=bool)
-    for fn in _both(K.grant_blocks):
+    for fn in _both("grant_blocks"):
         b, tk, r = kv_blocks.copy(), kv_tokens.copy(), resident.copy()
         got = fn(np.array([2, 0], dtype=np.int64), np.array([60, 33, 99]), np.array([1, 3, 7]), b, tk, r)
         assert int(got) == 4
@@ -311,7 +313,7 @@ def test_window_kv_equals_numpy(seed, with_active, lead):
     ends = np.cumsum(rng.random(n_steps) * 0.05 + 0.01)
     nxt = float(rng.choice([np.inf, ends[int(rng.integers(0, n_steps))], ends[0] * 0.5]))
     want = _ref_window_kv(committed, k_steps, active, rem0, ctx0, held0, 4, 3, bs, free, pre, ends, nxt)
-    for fn in _both(K.window_kv):
+    for fn in _both("window_kv"):
         s_n, held, slots_max = fn(committed, k_steps, active if active is not None else np.ones((1, 1), dtype=bool),
                                   active is not None, rem0, ctx0, held0, 4, 3, bs, free, pre, ends, nxt)
         assert int(s_n) == want[0]
@@ -321,15 +323,72 @@ def test_window_kv_equals_numpy(seed, with_active, lead):
 # ------------------------------------------------------------------------------ ITL
 def test_itl_chunk_gaps():
     last = np.array([np.nan, 1.0, 2.0, np.nan])
-    for fn in _both(K.itl_chunk_gaps):
+    for fn in _both("itl_chunk_gaps"):
         ls = last.copy()
         gaps = fn(ls, np.array([0, 1, 2, 3], dtype=np.int64), np.array([1, 2, 0, 1]), 3.5)
         assert gaps.tolist() == [2.5]
         assert ls[0] == 3.5 and ls[1] == 3.5 and ls[2] == 2.0 and ls[3] == 3.5
 
 
-def test_jit_switch_reported():
-    """``SIMSPEC_JIT=0`` or a missing numba gives plain Python; the module says which runs."""
-    assert isinstance(K.JIT, bool)
-    if K.JIT:
-        pytest.importorskip("numba")
+def test_select_modes(monkeypatch):
+    """``select`` switches the module's kernels; ``SIMSPEC_JIT`` overrides the size rule."""
+    before = K.MODE
+    try:
+        assert K.select(mode="plain") == "plain" and K.draft_accept is K.plain()["draft_accept"]
+        monkeypatch.setenv("SIMSPEC_JIT", "0")
+        assert K.select(10**9) == "plain"
+        monkeypatch.setenv("SIMSPEC_JIT", "auto")
+        assert K.select(K.JIT_MIN_REQUESTS - 1) == "plain"
+        want = "compiled" if K.numba_available() else "plain"
+        assert K.select(K.JIT_MIN_REQUESTS) == want
+        monkeypatch.setenv("SIMSPEC_JIT", "1")
+        assert K.select(1) == want
+        if want == "compiled":
+            assert K.draft_accept is K.compiled()["draft_accept"]
+    finally:
+        K.select(mode=before)
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("spec,policy,spec_len,batching,router", [
+    ("draft:k=4", "fcfs", "fixed", "vllm", "round-robin"),       # lead windows, mixed steps, preemptions
+    ("none", "srpt", "fixed", "vllm", "least-outstanding"),
+    ("draft:k=3", "laps-sd", "smartspec", "preemptive", "round-robin"),
+    ("kangaroo", "fcfs", "smartspec", "vllm", "round-robin"),
+])
+def test_replay_identical_in_both_kernel_modes(monkeypatch, spec, policy, spec_len, batching, router):
+    """A saturated run (chunked prefills, preemptions, windows cut by arrivals and KV) gives
+    byte-identical requests, steps and summary with compiled and with plain kernels."""
+    if not K.numba_available():
+        pytest.skip("numba is not installed: only the plain kernels exist")
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from simspec.profile import load_profile
+    from simspec.simulator.config import ComponentSpec, RunConfig
+    from simspec.simulator.run import simulate
+    from tests.conftest import make_trace
+
+    rng = np.random.default_rng(11)
+    n = 150
+    tr = make_trace(np.cumsum(rng.exponential(1 / 25.0, n)), rng.integers(20, 1500, n), rng.integers(3, 300, n))
+    prof = load_profile("vicuna7b-a100-analytic")
+    c = RunConfig(scheduler=ComponentSpec.parse(policy, "p"), method=ComponentSpec.parse(spec, "s"),
+                  spec_len=ComponentSpec.parse(spec_len, "l"), replicas=2, max_batch_size=12,
+                  kv_budget_tokens=9000, max_batched_tokens=1024, batching=batching, allow_extrapolation=True)
+    c = replace(c, router=router)
+    before = K.MODE
+    try:
+        monkeypatch.setenv("SIMSPEC_JIT", "0")
+        a = simulate(c, tr, prof)
+        assert K.MODE == "plain"
+        monkeypatch.setenv("SIMSPEC_JIT", "1")
+        b = simulate(c, tr, prof)
+        assert K.MODE == "compiled"
+    finally:
+        K.select(mode=before)
+    pd.testing.assert_frame_equal(a.requests, b.requests, check_exact=True)
+    pd.testing.assert_frame_equal(a.steps, b.steps, check_exact=True)
+    assert a.summary == b.summary
+    assert len(a.steps) > 200

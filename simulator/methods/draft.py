@@ -20,7 +20,7 @@ _min = np.minimum.reduce
 
 from simspec.errors import ConfigError
 from simspec.rng import counter_uniforms
-from simspec.simulator.kernels import draft_accept, draft_window_accept, draft_window_shape
+from simspec.simulator import kernels
 
 from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, StepRandom,
                                             WindowOutcome, register_method)
@@ -57,7 +57,7 @@ class DraftModel(Method):
         probs = getattr(self, "_probs", None)
         if probs is None or type(rng) is not StepRandom:
             return self.acceptance.sample_accepted_positions(rng, batch.alpha, batch.class_idx, k)
-        accepted, positions = draft_accept(probs, batch.idx, rng.base, rng.start + rng.used, k, kmax)
+        accepted, positions = kernels.draft_accept(probs, batch.idx, rng.base, rng.start + rng.used, k, kmax)
         rng.used += np.uint64(kmax)
         return accepted, positions
 
@@ -141,7 +141,7 @@ class DraftModel(Method):
             probs, rows = self.acceptance.position_probs(w.alpha, w.class_idx, kk), np.arange(n)
         else:
             probs, rows = np.zeros((1, 1)), np.zeros(n, dtype=np.int64)
-        acc_full, positions, done_step = draft_window_accept(probs, rows, w.rng_base, w.draws, w.k, self._k,
+        acc_full, positions, done_step = kernels.draft_window_accept(probs, rows, w.rng_base, w.draws, w.k, self._k,
                                                              steps, kk, pre, rem0)
         if w.through:
             last = min(steps, int(done_step.max()) + 1)
@@ -155,7 +155,7 @@ class DraftModel(Method):
         else:
             lead_fed = lead_ctx = np.zeros(n, dtype=np.int64)
         (act, all_act, k_eff, accepted, positions, committed, fed, draws, fed_sum, b, kmax_s, ctx_sum,
-         sel_count, sel_ctx, pass_batch, pass_kv) = draft_window_shape(acc_full, positions, done_step, w.k, rem0,
+         sel_count, sel_ctx, pass_batch, pass_kv) = kernels.draft_window_shape(acc_full, positions, done_step, w.k, rem0,
                                                                        w.ctx_tokens, pre, lead_fed, lead_ctx, self._k)
         logits = fed_sum
         if lead is not None:  # a prompt chunk needs the LM head at its last position only
