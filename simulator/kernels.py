@@ -583,3 +583,46 @@ def window_book(idx, committed, drafted, accepted, positions, draws, fed, k_step
         steps_run[m] = sr
         total += c_tot
     return steps_run, done, committed_s, batch_s, kmax_s, drafted_s, accepted_s, fed_s, live_blocks, total
+
+
+@jit
+def draft_step_sums(k, pre, fed, ctx):
+    """The sums one draft-model step is costed on (:meth:`DraftModel.step`), all of integers.
+
+    Members have ``k`` drafts, ``pre`` (a prompt chunk), ``fed`` tokens and ``ctx`` context
+    tokens. Returns ``(kmax, kmin, n_pre, fed_all, fed_pre, ctx_all, sel_count, sel_ctx, pass_count,
+    pass_ctx)``: largest and smallest k, prompt chunks, tokens fed (all; by prompt chunks),
+    context of all members, members drafting (k > 0) and their context, and per draft pass j <
+    kmax the members in it (k > j) and their context."""
+    n = k.shape[0]
+    kmax = 0
+    kmin = 0
+    if n > 0:
+        kmax = k[0]
+        kmin = k[0]
+    for m in range(n):
+        if k[m] > kmax:
+            kmax = k[m]
+        if k[m] < kmin:
+            kmin = k[m]
+    pass_count = np.zeros(max(kmax, 0), dtype=np.int64)
+    pass_ctx = np.zeros(max(kmax, 0), dtype=np.int64)
+    n_pre = 0
+    fed_all = 0
+    fed_pre = 0
+    ctx_all = 0
+    sel_count = 0
+    sel_ctx = 0
+    for m in range(n):
+        fed_all += fed[m]
+        ctx_all += ctx[m]
+        if pre[m]:
+            n_pre += 1
+            fed_pre += fed[m]
+        if k[m] > 0:
+            sel_count += 1
+            sel_ctx += ctx[m]
+        for j in range(k[m]):
+            pass_count[j] += 1
+            pass_ctx[j] += ctx[m]
+    return kmax, kmin, n_pre, fed_all, fed_pre, ctx_all, sel_count, sel_ctx, pass_count, pass_ctx

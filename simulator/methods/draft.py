@@ -77,41 +77,35 @@ class DraftModel(Method):
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         k = batch.k
         n = batch.idx.shape[0]
-        kmax = int(_max(k)) if n else 0
+        (kmax, kmin, n_pre, fed_all_i, fed_pre_i, ctx_all_i, sel_count, sel_ctx, pass_count,
+         pass_ctx) = kernels.draft_step_sums(k, batch.prefill, batch.fed_tokens, batch.ctx_tokens)
         speculating = kmax > 0
-        pre = batch.prefill
-        n_pre = int(_sum(pre))
-        fed_all = float(_sum(batch.fed_tokens))
+        fed_all = float(fed_all_i)
         if n_pre:
-            fed_pre = float(_sum(batch.fed_tokens[pre]))
+            fed_pre = float(fed_pre_i)
             logits = fed_all - fed_pre + float(n_pre)  # = batch.logits_tokens()
         else:
             logits = fed_all
-        ms = self.cost.target_ms(n, fed_all, float(_sum(batch.ctx_tokens)), speculating, logits_tokens=logits)
+        ms = self.cost.target_ms(n, fed_all, float(ctx_all_i), speculating, logits_tokens=logits)
         if n_pre:  # the draft model prefills the same context
             ms += self.draft_pass_ms(n_pre, fed_pre, 0.0, logits_tokens=n_pre)
         if speculating and self.per_step:
-            sel = k > 0
-            b = int(_sum(sel))
-            ms += self.draft_pass_ms(b, b, float(_sum(batch.ctx_tokens[sel])) if b < n else float(_sum(batch.ctx_tokens)))
+            ms += self.draft_pass_ms(sel_count, sel_count, float(sel_ctx))
             accepted, positions = self._sample(rng, batch, k, kmax)
         elif speculating:
-            kmax = int(_max(k))
-            if int(_min(k)) == kmax:  # uniform k: every pass has the same shape except growing context
-                ctx_sum = float(_sum(batch.ctx_tokens))
+            if kmin == kmax:  # uniform k: every pass has the same shape except growing context
+                ctx_sum = float(ctx_all_i)
                 for j in range(kmax):
                     ms += self.draft_pass_ms(n, n, ctx_sum + j * n)
             else:
                 for j in range(kmax):
-                    sel = k > j
-                    b = int(_sum(sel))
-                    ms += self.draft_pass_ms(b, b, float(_sum(batch.ctx_tokens[sel])) + j * b)
+                    b = int(pass_count[j])
+                    ms += self.draft_pass_ms(b, b, float(pass_ctx[j]) + j * b)
             accepted, positions = self._sample(rng, batch, k, kmax)
         else:
             accepted = np.zeros(n, dtype=np.int64)
             positions = accepted
-        return StepOutcome(step_ms=self.cost.finish(ms), drafted=k.astype(np.int64), accepted=accepted,
-                           position_accepts=positions)
+        return StepOutcome(step_ms=self.cost.finish(ms), drafted=k, accepted=accepted, position_accepts=positions)
 
     lead_step = True
 
