@@ -9,8 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from simspec.calibrate.batched import (BatchedDraft, BatchedGreedy, BatchedKangaroo,  # noqa: E402
-                                       generate_batch, packed_mask)
+from simspec.calibrate.batched import (BatchedDraft, BatchedGreedy, BatchedHiSpec, BatchedHiSpecSingle,  # noqa: E402
+                                       BatchedKangaroo, generate_batch, packed_mask)
+from simspec.forced_acceptance import ForcedStep  # noqa: E402
 from simspec.calibrate.early_exit import LayeredLM  # noqa: E402
 from simspec.calibrate.runners import greedy_reference  # noqa: E402
 from simspec.errors import SimspecError  # noqa: E402
@@ -52,10 +53,17 @@ def make(name, m):
         "draft-self": lambda: BatchedDraft(lm, 3, CAP, draft=LayeredLM(m)),
         "kangaroo-lens": lambda: BatchedKangaroo(lm, 2, None, CAP, gamma=5, eta=0.0),
         "kangaroo-adapter": lambda: BatchedKangaroo(lm, 2, random_adapter(lm, 2, 6, 0), CAP, gamma=4, eta=0.05),
+        "hispec-lens": lambda: BatchedHiSpec(lm, 1, 3, {}, CAP),
+        "hispec-adapters": lambda: BatchedHiSpec(lm, 2, 4, {2: random_adapter(lm, 2, 6, 1),
+                                                            4: random_adapter(lm, 4, 7, 2)}, CAP, n_draft=3, n_inter=2),
+        "hispec-draft-adapter": lambda: BatchedHiSpec(lm, 1, 4, {1: random_adapter(lm, 1, 6, 3)}, CAP, n_draft=1,
+                                                      n_inter=5),
+        "hispec-single": lambda: BatchedHiSpecSingle(lm, 2, random_adapter(lm, 2, 6, 4), CAP, n_draft=3),
     }[name]
 
 
-@pytest.mark.parametrize("name", ["none", "draft-prefix", "draft-self", "kangaroo-lens", "kangaroo-adapter"])
+@pytest.mark.parametrize("name", ["none", "draft-prefix", "draft-self", "kangaroo-lens", "kangaroo-adapter",
+                                  "hispec-lens", "hispec-adapters", "hispec-draft-adapter", "hispec-single"])
 @pytest.mark.parametrize("admit_every", [0, 3])
 def test_batched_runner_is_lossless(model, prompts, reference, name, admit_every):
     runner = make(name, model)()
