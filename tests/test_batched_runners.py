@@ -120,3 +120,78 @@ def test_bad_steps_are_refused(model, prompts):
         r.step([], [("a", 9)])
     with pytest.raises(SimspecError, match="added twice"):
         r.add("a", prompts[0])
+
+
+def _inner_plan(cap, nd, ni, rng):
+    """A random valid two-level HiSpec plan for one step at ``cap``: appended tokens per inner iteration."""
+    plan, m = [], 0
+    while m < min(ni, cap):
+        d = min(nd, cap - m)
+        a = int(rng.integers(1, d + 1))
+        plan.append(a)
+        m += a
+    return tuple(plan)
+
+
+def test_hispec_forced_acceptance_reproduces_a_pattern(model, prompts):
+    """Forced ForcedStep(drafts, accepted, inner) per member and step: every inner iteration appends
+    exactly the planned count (with real draft and intermediate passes: d = min(N_d, cap − m)), the full
+    verifier accepts exactly ``accepted`` buffer tokens — also ones the target rejects — and a lossless
+    step afterwards continues greedily from what was committed."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    runner = make("hispec-adapters", model)()  # N_d 3, N_i 2: caps 0..4
+    nd, ni, k = runner.nd, runner.ni, runner.k_max
+    assert k == 4
+    for rid, p in (("a", prompts[1]), ("b", prompts[2]), ("c", prompts[0])):
+        runner.add(rid, p)
+    runner.step(["a", "b"], [])
+    forced_accepts = 0
+    for s in range(10):
+        caps = {"a": k, "b": [4, 3, 1, 2, 0][s % 5], "c": k}
+        pre = ["c"] if s == 2 else []  # a newcomer's prefill shares a forced step
+        dec = [(r, caps[r]) for r in ("a", "b", "c") if r not in pre and (r != "c" or s > 2)]
+        plans = {}
+        for rid, cap in dec:
+            inner = _inner_plan(cap, nd, ni, rng)
+            m = sum(inner)
+            acc = m if s % 3 == 0 else int(rng.integers(0, m + 1))
+            plans[rid] = ForcedStep(drafts=m, accepted=acc, inner=inner)
+        before = {rid: len(runner.tokens(rid)) for rid, _ in dec}
+        out = runner.step(pre, dec, forced=plans)
+        for rid, cap in dec:
+            f, o = plans[rid], out[rid]
+            assert [a for _, a in o.inner] == list(f.inner)
+            want_d, m = [], 0
+            for a in f.inner:
+                want_d.append(min(nd, cap - m))
+                m += a
+            assert [d for d, _ in o.inner] == want_d
+            assert o.drafts == f.drafts and o.accepted == f.accepted and len(o.tokens) == f.accepted + 1
+            assert len(runner.tokens(rid)) == before[rid] + f.accepted + 1
+            forced_accepts += f.accepted
+        if pre:
+            assert len(out["c"].tokens) == 1
+    assert forced_accepts > 0
+    for rid, p in (("a", prompts[1]), ("b", prompts[2]), ("c", prompts[0])):
+        nxt = greedy_reference(model, p + runner.tokens(rid), 3)
+        got = []
+        while len(got) < 3:
+            got += runner.step([], [(rid, 0)])[rid].tokens
+        assert got == nxt, rid
+
+
+def test_hispec_forced_plan_must_fit_the_cap(model, prompts):
+    runner = make("hispec-lens", model)()  # N_d 2, N_i 4
+    runner.add("a", prompts[1])
+    runner.step(["a"], [])
+    with pytest.raises(SimspecError, match="forced inner iterations"):
+        runner.step([], [("a", 5)], forced={"a": ForcedStep(drafts=3, accepted=1, inner=(3,))})  # 3 > N_d
+    runner = make("hispec-lens", model)()
+    runner.add("a", prompts[1])
+    runner.step(["a"], [])
+    with pytest.raises(SimspecError, match="does not match its cap"):
+        runner.step([], [("a", 5)], forced={"a": ForcedStep(drafts=6, accepted=1, inner=(2, 2, 1, 1))})
+    with pytest.raises(SimspecError, match="bad forced step"):
+        runner.step([], [("a", 5)], forced={"a": (2, 3)})  # accepted > drafts
