@@ -10,8 +10,9 @@ exit adapters); an attention layer's ``update`` writes each member's new keys in
 the members' caches concatenated, in member order. Cropping (rejected drafts) only shortens a
 length: nothing is copied.
 
-**Runners** (:class:`BatchedGreedy`, :class:`BatchedDraft`, :class:`BatchedKangaroo`): the
-algorithms of :mod:`simspec.calibrate.runners` over a batch. A step takes prefill members (their
+**Runners** (:class:`BatchedGreedy`, :class:`BatchedDraft`, :class:`BatchedKangaroo`,
+:class:`BatchedHiSpec`, :class:`BatchedHiSpecSingle`): the algorithms of
+:mod:`simspec.calibrate.runners` over a batch. A step takes prefill members (their
 whole prompt; the pass yields their first token) and decode members with a draft cap each (the
 server caps it at ``remaining − 1``), and returns per member the tokens committed, drafts made and
 drafts accepted. Work per step mirrors what the simulator's methods charge
@@ -19,12 +20,17 @@ drafts accepted. Work per step mirrors what the simulator's methods charge
 its own, then ``max cap`` draft passes (pass j runs the members with cap > j), then one target pass
 over every member; Kangaroo — drafting rounds at the exit (round j: shallow layers for members with
 ≥ j drafts, adapter + LM head for members still drafting; newcomers' prompts join round 0's shallow
-layers and adapter), then layers exit..N−1 over every member.
+layers and adapter), then layers exit..N−1 over every member; HiSpec — inner iterations in lockstep
+over the members whose buffer is short (drafting rounds at the draft exit, then one intermediate
+pass over each member's drafts), then layers 0..L_i−1 over the frontier tokens and the prompts and
+layers L_i..N−1 over every member (see :class:`BatchedHiSpec`).
 
 **Forced acceptance**: ``step(..., forced={rid: (drafts, accepted)})`` still runs every real draft
 and verification pass, but the member drafts exactly ``drafts`` tokens (Kangaroo; the draft method
-always drafts its cap) and commits its first ``accepted`` drafts plus the target's token after them,
-instead of the longest prefix the target agrees with (see :mod:`simspec.forced_acceptance`). Without
+always drafts its cap; HiSpec: fills its buffer with ``drafts`` tokens, each inner iteration
+appending what ``ForcedStep.inner`` says) and commits its first ``accepted`` drafts plus the target's
+token after them, instead of the longest prefix the target agrees with (see
+:mod:`simspec.forced_acceptance`). Without
 ``forced`` the runners are lossless: tokens equal plain greedy decoding's (up to floating-point ties).
 """
 
@@ -770,11 +776,15 @@ class BatchedHiSpecSingle(BatchedKangaroo):
         super().__init__(target, exit_draft, adapter, capacity_tokens, gamma=n_draft, eta=0.0)
 
 
-def generate_batch(runner: BatchedRunner, prompts: list[list[int]], max_new_tokens: int,
+def generate_batch(runner: BatchedRunner, prompts: list[list[int]], max_new_tokens: int | list[int],
                    admit_every: int = 0) -> list[list[int]]:
-    """Serve ``prompts`` to ``max_new_tokens`` each with ``runner`` (tests and examples): all admitted
-    at once, or with ``admit_every = s`` one newcomer every ``s`` steps (so prefills share steps with
-    decodes). Draft caps: the runner's ``k_max``, capped at ``remaining − 1``."""
+    """Serve ``prompts`` to ``max_new_tokens`` each (one count for all, or one per prompt) with
+    ``runner`` (tests and examples): all admitted at once, or with ``admit_every = s`` one newcomer
+    every ``s`` steps (so prefills share steps with decodes). Draft caps: the runner's ``k_max``,
+    capped at ``remaining − 1``."""
+    want = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [int(max_new_tokens)] * len(prompts)
+    if len(want) != len(prompts) or min(want, default=1) < 1:
+        raise SimspecError(f"max_new_tokens {max_new_tokens}: give one count >= 1, or one per prompt")
     waiting = list(range(len(prompts)))
     live: list[int] = []
     out: dict[int, list[int]] = {}
@@ -786,12 +796,12 @@ def generate_batch(runner: BatchedRunner, prompts: list[list[int]], max_new_toke
             new, waiting = waiting[:take], waiting[take:]
             for i in new:
                 runner.add(i, prompts[i])
-        dec = [(i, max(0, min(runner.k_max, max_new_tokens - len(runner.tokens(i)) - 1))) for i in live]
+        dec = [(i, max(0, min(runner.k_max, want[i] - len(runner.tokens(i)) - 1))) for i in live]
         runner.step(new, dec)
         live += new
         for i in list(live):
-            if len(runner.tokens(i)) >= max_new_tokens:
-                out[i] = runner.tokens(i)[:max_new_tokens]
+            if len(runner.tokens(i)) >= want[i]:
+                out[i] = runner.tokens(i)[:want[i]]
                 runner.release(i)
                 live.remove(i)
         step += 1

@@ -73,6 +73,18 @@ def test_batched_runner_is_lossless(model, prompts, reference, name, admit_every
     assert not runner.reqs and not runner.kv.len  # every request released, its KV freed
 
 
+@pytest.mark.parametrize("name", ["kangaroo-adapter", "hispec-lens", "hispec-adapters", "hispec-draft-adapter"])
+def test_batched_runner_is_lossless_with_different_output_lengths(model, prompts, reference, name):
+    """Requests of different output lengths, admitted one every 2 steps: requests finish at different
+    steps (caps shrink to remaining − 1 near each end) while newcomers prefill beside decodes."""
+    lengths = [NEW, 5, 17, 1]
+    runner = make(name, model)()
+    got = generate_batch(runner, prompts, lengths, admit_every=2)
+    for p, g, ref, n in zip(prompts, got, reference, lengths):
+        assert g == ref[:n], f"{name}: differs from plain greedy on a {len(p)}-token prompt ({n} new tokens)"
+    assert not runner.reqs and not runner.kv.len
+
+
 def test_packed_mask_is_block_diagonal_causal():
     m = packed_mask([2, 0], [1, 3], torch.float32, "cpu")[0, 0]
     ok = m == 0
