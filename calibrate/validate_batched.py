@@ -14,14 +14,14 @@ simulator's batching rules for a KV cache that never fills and a token budget th
 - ``preemptive``: the batch is the top ``max_batch`` of the scheduler's order over every unfinished
   request; a resident pushed out pauses, keeping its KV (a *pause*; nothing is ever recomputed).
 
-A decode member drafts at most ``min(k, remaining − 1)`` (``k``: draft's ``k``, Kangaroo's ``γ``, HiSpec's
-buffer cap ``N_i + N_d − 1``), as
-the simulator's engine caps it; a prefill member's step yields its first token. EOS is ignored.
+A decode member drafts at most ``min(k, remaining − 1)`` (``k``: draft's ``k``, Kangaroo's ``γ``,
+HiSpec's buffer cap ``N_i + N_d − 1``), as the simulator's engine caps it; a prefill member's step
+yields its first token. EOS is ignored.
 
 **Forced acceptance** (``forced=True``): before each decode step the server asks the
 :class:`~simspec.forced_acceptance.ForcedPattern` what the simulator samples for that request's
-``s``-th decode step at that cap, and the runner drafts and accepts exactly that (real passes,
-real costs). The report checks that both runs accepted identically, per request.
+``s``-th decode step at that cap (HiSpec: with each inner iteration's appended tokens), and the
+runner drafts and accepts exactly that (real passes, real costs). The report checks that both runs accepted identically, per request.
 
 **Simulated run**: :func:`simspec.simulator.run.simulate` on the same scaled trace with
 :func:`run_config_for_batched`.
@@ -146,7 +146,7 @@ class BatchedRun:
     ``members``: per step, the members' shapes for costing (see :func:`batched_model_step_ms`):
     arrays ``prefill``, ``fed`` (tokens), ``ctx`` (tokens), ``cap``, ``drafted`` per member and
     ``inner_d``/``inner_a`` (members, iterations): two-level HiSpec's drafts and appended tokens per
-    inner iteration (no columns for the other methods)."""
+    inner iteration (shape (members, 0) for the other methods)."""
 
     requests: pd.DataFrame
     steps: pd.DataFrame
@@ -293,7 +293,8 @@ def batched_model_step_ms(sim_method: Any, cost: Any, members: list[dict[str, np
     out = np.empty(len(members))
     rng = np.random.default_rng(0)
     m = sim_method
-    if getattr(m, "uses_acceptance", False) and not isinstance(m, (Kangaroo, HiSpec)):  # draft: cost never uses acceptance
+    # draft: its cost never uses acceptance (Kangaroo and HiSpec are costed from the real shapes below)
+    if getattr(m, "uses_acceptance", False) and not isinstance(m, (Kangaroo, HiSpec)):
         m = type(m)(dict(m.params), m.profile, cost)
         m.bind_acceptance(m.build_acceptance([{"alpha": {"kind": "fixed", "value": 0.5}}]))
     fo, ff = cost.overhead_fraction, cost.overhead_fixed_ms

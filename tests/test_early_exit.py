@@ -251,7 +251,8 @@ def test_hispec_step_cost_composition_all_agree_and_none_agree():
     assert out.drafted.max() == 5 and out.drafted.min() == 4
 
 
-@pytest.mark.parametrize("spec", ["hispec:draft_exit=2,inter_exit=4,nd=2,ni=4", "hispec:draft_exit=1,inter_exit=6,nd=3,ni=2"])
+@pytest.mark.parametrize("spec", ["hispec:draft_exit=2,inter_exit=4,nd=2,ni=4",
+                                  "hispec:draft_exit=1,inter_exit=6,nd=3,ni=2"])
 def test_hispec_plan_ms_is_the_step_cost_of_its_inner_iterations(spec):
     """``HiSpec.plan_ms`` (what ``validate --max-batch`` charges a real step, from its logged inner
     iterations) equals :meth:`step`'s cost for the iterations the step sampled, to the last bit, on

@@ -217,11 +217,11 @@ class HiSpec(Method):
 
         Every member consumes :attr:`draw_width` uniforms per step (inner iteration t reads
         t·N_d.., the full verification N_i·N_d..), but how many inner iterations a step runs
-        depends on its outcomes, so the sampling stays a loop over steps. The costs depend only on each step's shape: the
-        drafting rounds, intermediate passes and full verification of all steps are costed as
-        (steps, iterations, rounds) arrays, summed in :meth:`step`'s order, so each step's duration
-        (ms) is bit-identical to it. The single-level case (``inter_exit = N``) uses the generic
-        loop over :meth:`step`."""
+        depends on its outcomes, so the sampling stays a loop over steps. The costs depend only on
+        each step's shape: the drafting rounds, intermediate passes and full verification of all
+        steps are costed as (steps, iterations, rounds) arrays, summed in :meth:`step`'s order, so
+        each step's duration (ms) is bit-identical to it. The single-level case (``inter_exit = N``)
+        uses the generic loop over :meth:`step`."""
         if self.single_level:
             return super().decode_window(w)
         acc: HiSpecAcceptance = self.acceptance  # type: ignore[assignment]
