@@ -10,8 +10,9 @@ exit adapters); an attention layer's ``update`` writes each member's new keys in
 the members' caches concatenated, in member order. Cropping (rejected drafts) only shortens a
 length: nothing is copied.
 
-**Runners** (:class:`BatchedGreedy`, :class:`BatchedDraft`, :class:`BatchedKangaroo`): the
-algorithms of :mod:`simspec.calibrate.runners` over a batch. A step takes prefill members (their
+**Runners** (:class:`BatchedGreedy`, :class:`BatchedDraft`, :class:`BatchedKangaroo`,
+:class:`BatchedHiSpec`, :class:`BatchedHiSpecSingle`): the algorithms of
+:mod:`simspec.calibrate.runners` over a batch. A step takes prefill members (their
 whole prompt; the pass yields their first token) and decode members with a draft cap each (the
 server caps it at ``remaining − 1``), and returns per member the tokens committed, drafts made and
 drafts accepted. Work per step mirrors what the simulator's methods charge
@@ -19,12 +20,17 @@ drafts accepted. Work per step mirrors what the simulator's methods charge
 its own, then ``max cap`` draft passes (pass j runs the members with cap > j), then one target pass
 over every member; Kangaroo — drafting rounds at the exit (round j: shallow layers for members with
 ≥ j drafts, adapter + LM head for members still drafting; newcomers' prompts join round 0's shallow
-layers and adapter), then layers exit..N−1 over every member.
+layers and adapter), then layers exit..N−1 over every member; HiSpec — inner iterations in lockstep
+over the members whose buffer is short (drafting rounds at the draft exit, then one intermediate
+pass over each member's drafts), then layers 0..L_i−1 over the frontier tokens and the prompts and
+layers L_i..N−1 over every member (see :class:`BatchedHiSpec`).
 
 **Forced acceptance**: ``step(..., forced={rid: (drafts, accepted)})`` still runs every real draft
 and verification pass, but the member drafts exactly ``drafts`` tokens (Kangaroo; the draft method
-always drafts its cap) and commits its first ``accepted`` drafts plus the target's token after them,
-instead of the longest prefix the target agrees with (see :mod:`simspec.forced_acceptance`). Without
+always drafts its cap; HiSpec: fills its buffer with ``drafts`` tokens, each inner iteration
+appending what ``ForcedStep.inner`` says) and commits its first ``accepted`` drafts plus the target's
+token after them, instead of the longest prefix the target agrees with (see
+:mod:`simspec.forced_acceptance`). Without
 ``forced`` the runners are lossless: tokens equal plain greedy decoding's (up to floating-point ties).
 """
 
@@ -38,8 +44,9 @@ import torch
 from simspec.calibrate.adapter import ExitAdapter
 from simspec.calibrate.early_exit import LayeredLM
 from simspec.errors import ConfigError, SimspecError
+from simspec.forced_acceptance import ForcedStep
 
-BATCHED_METHODS = ("none", "draft", "kangaroo")
+BATCHED_METHODS = ("none", "draft", "kangaroo", "hispec")
 
 
 # ------------------------------------------------------------------------------------ packed KV
@@ -220,6 +227,8 @@ class MemberStep:
     drafts: int = 0
     accepted: int = 0
     confidences: list[float] = field(default_factory=list)
+    #: two-level HiSpec: per inner iteration (drafts made at L_d, tokens appended to the buffer)
+    inner: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -287,13 +296,21 @@ class BatchedRunner:
                 raise SimspecError(f"request {rid}: draft cap {cap} outside 0..{self.k_max}")
 
     def step(self, prefill: list[Any], decode: list[tuple[Any, int]],
-             forced: dict[Any, tuple[int, int]] | None = None) -> dict[Any, MemberStep]:
-        """One step of the batch ``prefill`` (request ids) + ``decode`` (``(request id, draft cap)``)."""
+             forced: dict[Any, ForcedStep | tuple[int, int]] | None = None) -> dict[Any, MemberStep]:
+        """One step of the batch ``prefill`` (request ids) + ``decode`` (``(request id, draft cap)``);
+        ``forced``: per decode member, a :class:`~simspec.forced_acceptance.ForcedStep` or a
+        ``(drafts, accepted)`` pair (see the module docstring)."""
         if not prefill and not decode:
             return {}
         self._check(prefill, decode)
+        fs: dict[Any, ForcedStep] = {}
+        for rid, f in (forced or {}).items():
+            try:
+                fs[rid] = f if isinstance(f, ForcedStep) else ForcedStep(*f)
+            except (TypeError, ValueError) as e:
+                raise SimspecError(f"request {rid}: bad forced step {f!r}: {e}") from None
         with torch.no_grad():
-            out = self._step(prefill, decode, forced or {})
+            out = self._step(prefill, decode, fs)
         for rid, ms in out.items():
             self.reqs[rid].seq.extend(ms.tokens)
         return out
@@ -385,7 +402,7 @@ class BatchedDraft(BatchedRunner):
         confs: dict[Any, list[float]] = {rid: [] for rid, _ in decode}
         caps = dict(decode)
         for rid, cap in decode:
-            want = forced.get(rid, (cap, 0))[0]
+            want = forced[rid].drafts if rid in forced else cap
             if want != cap:
                 raise SimspecError(f"request {rid}: forced drafts {want} != cap {cap} (draft always drafts its cap)")
         for j in range(max(caps.values(), default=0)):
@@ -403,7 +420,7 @@ class BatchedDraft(BatchedRunner):
         out = {rid: MemberStep(tokens=ver[rid]) for rid in prefill}
         for rid, cap in decode:
             d, v = drafts[rid], ver[rid]
-            m = forced[rid][1] if rid in forced else _prefix(d, v)
+            m = forced[rid].accepted if rid in forced else _prefix(d, v)
             if not 0 <= m <= cap:
                 raise SimspecError(f"request {rid}: accepted {m} outside 0..{cap}")
             n = ctx[rid] + 1  # tokens in the sequence before this step (the last one not yet in KV)
@@ -478,7 +495,7 @@ class BatchedKangaroo(BatchedRunner):
         stop_at: dict[Any, int] = {}
         for rid, cap in decode:
             if rid in forced:
-                d = forced[rid][0]
+                d = forced[rid].drafts
                 if not (min(cap, 1) <= d <= cap):
                     raise SimspecError(f"request {rid}: forced drafts {d} outside {min(cap, 1)}..{cap}")
                 stop_at[rid] = d
@@ -531,7 +548,7 @@ class BatchedKangaroo(BatchedRunner):
         out = {rid: MemberStep(tokens=ver[rid]) for rid in prefill}
         for rid in rids:
             d, v = drafts[rid], ver[rid]
-            m = forced[rid][1] if rid in forced else _prefix(d, v)
+            m = forced[rid].accepted if rid in forced else _prefix(d, v)
             if not 0 <= m <= len(d):
                 raise SimspecError(f"request {rid}: accepted {m} outside 0..{len(d)}")
             n = ctx[rid] + 1
@@ -545,11 +562,229 @@ class BatchedKangaroo(BatchedRunner):
         return out
 
 
-def generate_batch(runner: BatchedRunner, prompts: list[list[int]], max_new_tokens: int,
+class BatchedHiSpec(BatchedRunner):
+    """HiSpec, batched (method ``hispec``, two levels: draft exit ``exit_draft`` < intermediate exit
+    ``exit_inter`` < N): the algorithm of :class:`simspec.calibrate.runners.HiSpecRunner` with a
+    draft cap per member, as the simulator's ``hispec`` charges it. ``adapters`` maps exit layer →
+    :class:`ExitAdapter` (missing/None: logit lens). A member with cap k fills a buffer of at least
+    ``min(N_i, k)`` tokens:
+
+    - inner iterations, in lockstep over the members whose buffer is still short: ``d = min(N_d,
+      k − m)`` drafting rounds at L_d (round j: layers 0..L_d−1 + exit head over one token of each
+      member with d > j — its frontier token, then its previous draft), then layers L_d..L_i−1 + exit
+      head over its d tokens in one packed pass; the prefix L_i agrees with plus L_i's own token at
+      the first disagreement (all d drafts when it agrees with all) joins the buffer, KV of layers
+      < L_i and the exits is cropped to it;
+    - full verification: layers 0..L_i−1 over each frontier token (the buffer's last, not yet run)
+      and the newcomers' prompts, then layers L_i..N−1 + LM head over each member's m + 1 states at
+      L_i and the prompts; the prefix the full model agrees with plus its token commits.
+
+    ``MemberStep.drafts`` is the buffer size m (what the full model verified, the simulator's
+    ``drafted``), ``inner`` each iteration's (drafts, appended). Forced: a
+    :class:`~simspec.forced_acceptance.ForcedStep` whose ``inner`` says how many tokens each
+    iteration appends (real passes; a forced count below d appends the drafts before it and L_i's
+    token) and whose ``accepted`` how many buffer tokens the full model accepts."""
+
+    method = "hispec"
+
+    def __init__(self, target: LayeredLM, exit_draft: int, exit_inter: int,
+                 adapters: dict[int, ExitAdapter | None] | None, capacity_tokens: int, n_draft: int = 2,
+                 n_inter: int = 4) -> None:
+        n = target.num_layers
+        if not 0 < exit_draft < exit_inter < n:
+            raise ConfigError(f"--method hispec: draft_exit {exit_draft}, inter_exit {exit_inter}: need "
+                              f"1 <= draft_exit < inter_exit < {n}")
+        if n_draft < 1 or n_inter < 1:
+            raise ConfigError(f"--method hispec: nd {n_draft}, ni {n_inter}: must be >= 1")
+        ads = dict(adapters or {})
+        self.ads: dict[int, ExitAdapter | None] = {int(exit_draft): ads.get(exit_draft),
+                                                  int(exit_inter): ads.get(exit_inter)}
+        for e, a in self.ads.items():
+            if a is not None and a.exit_layer != e:
+                raise ConfigError(f"--method hispec: the adapter for exit {e} is for exit {a.exit_layer}")
+        slots = [a.slot for a in self.ads.values() if a is not None]
+        super().__init__(target, capacity_tokens, n_slots=max([n - 1] + slots) + 1)
+        self.ld, self.li, self.nd, self.ni = int(exit_draft), int(exit_inter), int(n_draft), int(n_inter)
+        #: per KV row and exit with an adapter: exit states (position → [1, 1, hidden]) the adapter
+        #: has not consumed yet (prompts and frontier tokens; consumed as a backlog before new states)
+        self.hist: dict[int, dict[int, dict[int, torch.Tensor]]] = {}
+
+    @property
+    def k_max(self) -> int:
+        """Largest buffer: at most N_i − 1 tokens before the last inner iteration, which adds at most
+        N_d (the simulator's ``hispec`` k_max)."""
+        return self.ni + self.nd - 1
+
+    def _add_extra(self, row: int) -> None:
+        self.hist[row] = {e: {} for e, a in self.ads.items() if a is not None}
+
+    def _drop_extra(self, row: int) -> None:
+        self.hist.pop(row, None)
+
+    def _record(self, row: int, exit_layer: int, h: torch.Tensor, pos0: int) -> None:
+        """Keep exit states ``h`` ``[1, T, hidden]`` at positions ``pos0..`` for the adapter's backlog."""
+        d = self.hist[row].get(exit_layer)
+        if d is not None:
+            for j in range(h.shape[1]):
+                d[pos0 + j] = h[:, j:j + 1]
+
+    def _crop_exits(self, row: int, length: int) -> None:
+        """Forget exit states and adapter KV at positions ``>= length``."""
+        for e, d in self.hist[row].items():
+            for p in [p for p in d if p >= length]:
+                del d[p]
+            self.kv.crop(row, [self.ads[e].slot], length)  # type: ignore[union-attr]
+
+    def _exit_logits(self, exit_layer: int, items: list[tuple[int, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Exit-head logits ``[T_b, V]`` for each item ``(KV row, states [1, T_b, hidden] at positions
+        pos0.., pos0)``, in one packed pass; an adapter is fed each row's backlog first."""
+        ad = self.ads[exit_layer]
+        t_new = [h.shape[1] for _, h, _ in items]
+        if ad is None:  # logit lens
+            logits = self.lm.head(torch.cat([h for _, h, _ in items], dim=1))[0]
+            return [logits[a:b] for a, b in _segments(t_new)]
+        feeds, rows, news = [], [], []
+        for row, h, pos0 in items:
+            have = self.kv.length(row, ad.slot)
+            d = self.hist[row][exit_layer]
+            back = [d[p] for p in range(have, pos0) if p in d]
+            if len(back) != pos0 - have:
+                raise RuntimeError(f"adapter at exit {exit_layer}: row {row} misses exit states for positions "
+                                   f"{have}..{pos0 - 1}")
+            for p in [p for p in d if p < pos0 + h.shape[1]]:
+                del d[p]
+            x = torch.cat(back + [h], dim=1) if back else h
+            feeds.append(x)
+            rows.append(row)
+            news.append(x.shape[1])
+        out = self.p.adapter(ad, torch.cat(feeds, dim=1), self.kv, rows, news)
+        pick = [j for (_, b), t in zip(_segments(news), t_new) for j in range(b - t, b)]
+        logits = self.lm.head(out[:, pick], normed=True)[0]
+        return [logits[a:b] for a, b in _segments(t_new)]
+
+    def _step(self, prefill, decode, forced):
+        Ld, Li, N, nd = self.ld, self.li, self.lm.num_layers, self.nd
+        rids = [rid for rid, _ in decode]
+        caps = dict(decode)
+        R = {rid: self.reqs[rid] for rid in rids}
+        target = {rid: min(self.ni, caps[rid]) for rid in rids}
+        m = {rid: 0 for rid in rids}
+        buf: dict[Any, list[int]] = {rid: [] for rid in rids}
+        states: dict[Any, list[torch.Tensor]] = {rid: [] for rid in rids}  # L_i states of the verified tokens
+        confs: dict[Any, list[float]] = {rid: [] for rid in rids}
+        inner: dict[Any, list[tuple[int, int]]] = {rid: [] for rid in rids}
+        front = {rid: R[rid].seq[-1] for rid in rids}  # frontier token (not in any KV yet)
+        p0 = {rid: len(R[rid].seq) - 1 for rid in rids}  # its position
+        t = 0
+        while True:
+            act = [rid for rid in rids if m[rid] < target[rid]]
+            if not act:
+                break
+            d = {rid: min(nd, caps[rid] - m[rid]) for rid in act}
+            drafts: dict[Any, list[int]] = {rid: [] for rid in act}
+            shallow: dict[Any, list[torch.Tensor]] = {rid: [] for rid in act}
+            for j in range(max(d.values())):  # drafting round j at L_d
+                rr = [rid for rid in act if d[rid] > j]
+                feeds = [[front[rid]] if j == 0 else [drafts[rid][-1]] for rid in rr]
+                h = self.p.run(self.p.embed(feeds), 0, Ld, self.kv, [R[r].row for r in rr], [1] * len(rr))
+                items = []
+                for b, rid in enumerate(rr):
+                    hb = h[:, b:b + 1]
+                    shallow[rid].append(hb)
+                    items.append((R[rid].row, hb, p0[rid] + j))
+                toks, cs = _top1(torch.cat([lg[-1:] for lg in self._exit_logits(Ld, items)], dim=0))
+                for rid, tok, c in zip(rr, toks, cs):
+                    drafts[rid].append(tok)
+                    confs[rid].append(c)
+            # layers L_d..L_i-1 + the intermediate head over every active member's d tokens
+            news = [d[rid] for rid in act]
+            hm = self.p.run(torch.cat([torch.cat(shallow[rid], dim=1) for rid in act], dim=1), Ld, Li, self.kv,
+                            [R[rid].row for rid in act], news)
+            segs = _segments(news)
+            inter_logits = self._exit_logits(Li, [(R[rid].row, hm[:, a:b], p0[rid]) for rid, (a, b) in zip(act, segs)])
+            for rid, (a, _), lg in zip(act, segs, inter_logits):
+                dr, dd, inter = drafts[rid], d[rid], lg.argmax(-1).tolist()
+                if rid in forced:
+                    plan = forced[rid].inner
+                    if t >= len(plan) or not 1 <= plan[t] <= dd:
+                        raise SimspecError(f"request {rid}: forced inner iterations {list(plan)} do not fit iteration "
+                                           f"{t} ({dd} drafts, buffer {m[rid]} of {target[rid]})")
+                    n_app = plan[t]
+                    appended = dr if n_app == dd else dr[:n_app - 1] + [inter[n_app - 1]]
+                else:
+                    agreed = _prefix(dr, inter)
+                    appended = dr if agreed == dd else dr[:agreed] + [inter[agreed]]
+                n_app = len(appended)
+                inner[rid].append((dd, n_app))
+                states[rid].append(hm[:, a:a + n_app])
+                row = R[rid].row
+                self.kv.crop(row, range(Li), p0[rid] + n_app)
+                self._crop_exits(row, p0[rid] + n_app)
+                buf[rid].extend(appended)
+                m[rid] += n_app
+                front[rid], p0[rid] = appended[-1], p0[rid] + n_app
+            t += 1
+        for rid in rids:
+            if rid in forced and (len(forced[rid].inner) != len(inner[rid]) or forced[rid].drafts != m[rid]):
+                raise SimspecError(f"request {rid}: forced step {forced[rid]} does not match its cap {caps[rid]} "
+                                   f"(inner iterations {inner[rid]})")
+        # full verification: layers 0..L_i-1 over the frontier tokens and the prompts, then L_i..N-1
+        feeds = [[front[rid]] for rid in rids] + [self.reqs[r].seq for r in prefill]
+        members = rids + list(prefill)
+        rows = [self.reqs[r].row for r in members]
+        news = [len(f) for f in feeds]
+        starts = [p0[rid] for rid in rids] + [0] * len(prefill)
+        segs = _segments(news)
+        h = self.p.run(self.p.embed(feeds), 0, Ld, self.kv, rows, news)
+        for row, (a, b), s0 in zip(rows, segs, starts):
+            self._record(row, Ld, h[:, a:b], s0)
+        h = self.p.run(h, Ld, Li, self.kv, rows, news)
+        for row, (a, b), s0 in zip(rows, segs, starts):
+            self._record(row, Li, h[:, a:b], s0)
+        hs = [torch.cat(states[rid] + [h[:, a:b]], dim=1) for rid, (a, b) in zip(rids, segs)]
+        if prefill:
+            hs.append(h[:, segs[len(rids)][0]:])
+        ver, ctx = self._verify(prefill, [(rid, [0] * (m[rid] + 1)) for rid in rids], start=Li,
+                                h_in=torch.cat(hs, dim=1))
+        out = {rid: MemberStep(tokens=ver[rid]) for rid in prefill}
+        for rid in rids:
+            b, v = buf[rid], ver[rid]
+            acc = forced[rid].accepted if rid in forced else _prefix(b, v)
+            if not 0 <= acc <= len(b):
+                raise SimspecError(f"request {rid}: accepted {acc} outside 0..{len(b)}")
+            n = ctx[rid] + 1
+            row = R[rid].row
+            self.kv.crop(row, range(N), n + acc)
+            self._crop_exits(row, n + acc)
+            out[rid] = MemberStep(tokens=b[:acc] + [v[acc]], drafts=len(b), accepted=acc, confidences=confs[rid],
+                                  inner=inner[rid])
+        return out
+
+
+class BatchedHiSpecSingle(BatchedKangaroo):
+    """Single-level HiSpec (``inter_exit = N``), batched: ``min(N_d, cap)`` drafts at ``exit_draft``
+    (+ its adapter, None: logit lens), verified by layers ``exit_draft..N−1`` — Kangaroo with
+    γ = N_d and no confidence stop, as the simulator's ``hispec`` charges it."""
+
+    method = "hispec"
+
+    def __init__(self, target: LayeredLM, exit_draft: int, adapter: ExitAdapter | None, capacity_tokens: int,
+                 n_draft: int = 2) -> None:
+        if not 0 < exit_draft < target.num_layers or n_draft < 1:
+            raise ConfigError(f"--method hispec: draft_exit {exit_draft} must be between 1 and "
+                              f"{target.num_layers - 1} and nd {n_draft} >= 1")
+        super().__init__(target, exit_draft, adapter, capacity_tokens, gamma=n_draft, eta=0.0)
+
+
+def generate_batch(runner: BatchedRunner, prompts: list[list[int]], max_new_tokens: int | list[int],
                    admit_every: int = 0) -> list[list[int]]:
-    """Serve ``prompts`` to ``max_new_tokens`` each with ``runner`` (tests and examples): all admitted
-    at once, or with ``admit_every = s`` one newcomer every ``s`` steps (so prefills share steps with
-    decodes). Draft caps: the runner's ``k_max``, capped at ``remaining − 1``."""
+    """Serve ``prompts`` to ``max_new_tokens`` each (one count for all, or one per prompt) with
+    ``runner`` (tests and examples): all admitted at once, or with ``admit_every = s`` one newcomer
+    every ``s`` steps (so prefills share steps with decodes). Draft caps: the runner's ``k_max``,
+    capped at ``remaining − 1``."""
+    want = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [int(max_new_tokens)] * len(prompts)
+    if len(want) != len(prompts) or min(want, default=1) < 1:
+        raise SimspecError(f"max_new_tokens {max_new_tokens}: give one count >= 1, or one per prompt")
     waiting = list(range(len(prompts)))
     live: list[int] = []
     out: dict[int, list[int]] = {}
@@ -561,12 +796,12 @@ def generate_batch(runner: BatchedRunner, prompts: list[list[int]], max_new_toke
             new, waiting = waiting[:take], waiting[take:]
             for i in new:
                 runner.add(i, prompts[i])
-        dec = [(i, max(0, min(runner.k_max, max_new_tokens - len(runner.tokens(i)) - 1))) for i in live]
+        dec = [(i, max(0, min(runner.k_max, want[i] - len(runner.tokens(i)) - 1))) for i in live]
         runner.step(new, dec)
         live += new
         for i in list(live):
-            if len(runner.tokens(i)) >= max_new_tokens:
-                out[i] = runner.tokens(i)[:max_new_tokens]
+            if len(runner.tokens(i)) >= want[i]:
+                out[i] = runner.tokens(i)[:want[i]]
                 runner.release(i)
                 live.remove(i)
         step += 1

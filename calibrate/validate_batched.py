@@ -14,13 +14,14 @@ simulator's batching rules for a KV cache that never fills and a token budget th
 - ``preemptive``: the batch is the top ``max_batch`` of the scheduler's order over every unfinished
   request; a resident pushed out pauses, keeping its KV (a *pause*; nothing is ever recomputed).
 
-A decode member drafts at most ``min(k, remaining − 1)`` (``k``: draft's ``k``, Kangaroo's ``γ``), as
-the simulator's engine caps it; a prefill member's step yields its first token. EOS is ignored.
+A decode member drafts at most ``min(k, remaining − 1)`` (``k``: draft's ``k``, Kangaroo's ``γ``,
+HiSpec's buffer cap ``N_i + N_d − 1``), as the simulator's engine caps it; a prefill member's step
+yields its first token. EOS is ignored.
 
 **Forced acceptance** (``forced=True``): before each decode step the server asks the
 :class:`~simspec.forced_acceptance.ForcedPattern` what the simulator samples for that request's
-``s``-th decode step at that cap, and the runner drafts and accepts exactly that (real passes,
-real costs). The report checks that both runs accepted identically, per request.
+``s``-th decode step at that cap (HiSpec: with each inner iteration's appended tokens), and the
+runner drafts and accepts exactly that (real passes, real costs). The report checks that both runs accepted identically, per request.
 
 **Simulated run**: :func:`simspec.simulator.run.simulate` on the same scaled trace with
 :func:`run_config_for_batched`.
@@ -97,8 +98,12 @@ def run_config_for_batched(scheduler: Any, method: Any, settings: BatchSettings,
                      chunked_prefill=False, batching=settings.batching, seed=seed, allow_extrapolation=True)
 
 
-def build_batched_runner(lm: Any, spec: Any, adapter_dir: str | None, capacity_tokens: int) -> Any:
-    """The batched runner for ``spec`` (simulator parameter names, as :func:`validate.build_method`)."""
+def build_batched_runner(lm: Any, spec: Any, adapter_dir: str | None, capacity_tokens: int,
+                         sim_method: Any = None) -> Any:
+    """The batched runner for ``spec`` (simulator parameter names, as :func:`validate.build_method`).
+    ``sim_method``: the simulator's method object for ``spec``; when given, Kangaroo's exit and
+    HiSpec's exits and N_d/N_i are the values it resolved (a parameter left out defaults to the
+    profile's measured setting there), so both runs use the same ones."""
     from simspec.calibrate import batched as B
     from simspec.calibrate.validate import _adapters
 
@@ -112,10 +117,22 @@ def build_batched_runner(lm: Any, spec: Any, adapter_dir: str | None, capacity_t
             raise ConfigError("--method draft: give draft_layers=L (the draft is the target's first L layers)")
         return B.BatchedDraft(lm, int(p.get("k", 4)), capacity_tokens, draft_layers=dl)
     if spec.name == "kangaroo":
-        ex = int(p.get("exit", max(1, n // 16)))
+        ex = int(sim_method.exit_layer) if sim_method is not None else int(p.get("exit", max(1, n // 16)))
         ads = _adapters(lm, adapter_dir, [ex])
         return B.BatchedKangaroo(lm, ex, ads.get(ex), capacity_tokens, gamma=int(p.get("gamma", 6)),
                                  eta=float(p.get("eta", 0.6)))
+    if spec.name == "hispec":
+        if sim_method is not None:
+            ld, li, nd, ni = (int(sim_method.draft_exit), int(sim_method.inter_exit), int(sim_method.nd),
+                              int(sim_method.ni))
+        else:
+            ld, li = int(p.get("draft_exit", max(1, n // 8))), int(p.get("inter_exit", max(2, n // 4)))
+            nd, ni = int(p.get("nd", 2)), int(p.get("ni", 4))
+        if li == n:  # single level: the intermediate verifier is the full model
+            ads = _adapters(lm, adapter_dir, [ld])
+            return B.BatchedHiSpecSingle(lm, ld, ads.get(ld), capacity_tokens, n_draft=nd)
+        return B.BatchedHiSpec(lm, ld, li, _adapters(lm, adapter_dir, [ld, li]), capacity_tokens, n_draft=nd,
+                               n_inter=ni)
     raise ConfigError(f"--method {spec.name}: no batched runner (batched: {', '.join(B.BATCHED_METHODS)}); "
                       f"use --max-batch 1")
 
@@ -126,7 +143,10 @@ def build_batched_runner(lm: Any, spec: Any, adapter_dir: str | None, capacity_t
 @dataclass
 class BatchedRun:
     """Per-request and per-step tables of a batched real run (seconds from the run start);
-    ``members``: per step, the members' shapes for costing (see :func:`batched_model_step_ms`)."""
+    ``members``: per step, the members' shapes for costing (see :func:`batched_model_step_ms`):
+    arrays ``prefill``, ``fed`` (tokens), ``ctx`` (tokens), ``cap``, ``drafted`` per member and
+    ``inner_d``/``inner_a`` (members, iterations): two-level HiSpec's drafts and appended tokens per
+    inner iteration (shape (members, 0) for the other methods)."""
 
     requests: pd.DataFrame
     steps: pd.DataFrame
@@ -193,7 +213,7 @@ def batched_real_run(runner: Any, trace: Trace, prompt_ids: list[list[int]], con
         caps = [max(0, min(k_base, int(t.output_tokens[i] - t.generated[i]) - 1)) for i in dec]
         forced = None
         if pattern is not None:
-            forced = {ids[i]: pattern.decide(ids[i], int(t.decode_steps[i]), c) for i, c in zip(dec, caps)}
+            forced = {ids[i]: pattern.decide_step(ids[i], int(t.decode_steps[i]), c) for i, c in zip(dec, caps)}
         for i in new:
             runner.add(ids[i], prompt_ids[i])
             t.start_s[i] = now
@@ -239,8 +259,15 @@ def batched_real_run(runner: Any, trace: Trace, prompt_ids: list[list[int]], con
                 progress(1)
         sched.observe(StepRecord(idx=idx, prefill=pre, drafted=drafted, accepted=accepted, committed=committed,
                                  step_ms=step_ms, end_s=end, fed_tokens=fed))
+        n_it = max((len(out[ids[i]].inner) for i in dec), default=0)
+        inner_d = np.zeros((idx.size, n_it), dtype=np.int64)
+        inner_a = np.zeros((idx.size, n_it), dtype=np.int64)
+        for b, i in enumerate(dec):
+            for it, (dd, aa) in enumerate(out[ids[i]].inner):
+                inner_d[b, it], inner_a[b, it] = dd, aa
         members.append({"prefill": pre, "fed": fed, "ctx": np.array(ctx_tok + [0] * len(new), dtype=np.int64),
-                        "cap": np.array(caps + [0] * len(new), dtype=np.int64), "drafted": drafted})
+                        "cap": np.array(caps + [0] * len(new), dtype=np.int64), "drafted": drafted,
+                        "inner_d": inner_d, "inner_a": inner_a})
         steps.append((len(steps), ts - t0, end, step_ms, (ce - cs) * 1e3, int(idx.size), int(len(new)), int(max(caps, default=0)),
                       int(drafted.sum()), int(accepted.sum()), int(committed.sum()), int(fed.sum()),
                       int(sum(ctx_tok)), len(waiting), " ".join(ids[i] for i in idx.tolist())))
@@ -258,14 +285,16 @@ def batched_real_run(runner: Any, trace: Trace, prompt_ids: list[list[int]], con
 def batched_model_step_ms(sim_method: Any, cost: Any, members: list[dict[str, np.ndarray]]) -> np.ndarray:
     """The latency model's compute time (ms, no overhead) of each real step, charged as the
     simulator's method charges a step of that exact shape (members, prefill flags, tokens fed,
-    context, drafts made)."""
+    context, drafts made; two-level HiSpec: each member's inner iterations)."""
     from simspec.simulator.methods.base import BatchStep
+    from simspec.simulator.methods.hispec import HiSpec
     from simspec.simulator.methods.kangaroo import Kangaroo, early_exit_step_ms
 
     out = np.empty(len(members))
     rng = np.random.default_rng(0)
     m = sim_method
-    if getattr(m, "uses_acceptance", False) and not isinstance(m, Kangaroo):  # draft: cost never uses acceptance
+    # draft: its cost never uses acceptance (Kangaroo and HiSpec are costed from the real shapes below)
+    if getattr(m, "uses_acceptance", False) and not isinstance(m, (Kangaroo, HiSpec)):
         m = type(m)(dict(m.params), m.profile, cost)
         m.bind_acceptance(m.build_acceptance([{"alpha": {"kind": "fixed", "value": 0.5}}]))
     fo, ff = cost.overhead_fraction, cost.overhead_fixed_ms
@@ -278,6 +307,10 @@ def batched_model_step_ms(sim_method: Any, cost: Any, members: list[dict[str, np
                               remaining=np.full(b, 10**6), alpha=np.full(b, 0.5), class_idx=np.zeros(b, dtype=np.int64))
             if isinstance(m, Kangaroo):
                 out[j] = early_exit_step_ms(cost, batch, k, m.exit_layer, m.num_layers, adapter=True)
+            elif isinstance(m, HiSpec) and m.single_level:
+                out[j] = early_exit_step_ms(cost, batch, k, m.draft_exit, m.num_layers, adapter=False)
+            elif isinstance(m, HiSpec):
+                out[j] = m.plan_ms(batch, s["inner_d"], s["inner_a"])
             else:
                 out[j] = m.step(rng, batch).step_ms
     finally:
@@ -358,13 +391,13 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
     loaded = load_model(model, dtype=dtype, device=device)
     lm = LayeredLM(loaded.model)
     capacity = int((trace.prompt_tokens + trace.output_tokens).max()) + k_max + 2
-    runner = build_batched_runner(lm, mspec, adapter, capacity)
+    runner = build_batched_runner(lm, mspec, adapter, capacity, sim_method)
     if runner.k_max != k_max:
         raise ConfigError(f"--method {mspec}: the runner drafts up to {runner.k_max}, the simulator's method "
                           f"up to {k_max}; give the same parameters")
     prompt_ids, p_notes = prompt_ids_for_trace(loaded.tokenizer, trace)
     notes += p_notes
-    warm = build_batched_runner(lm, mspec, adapter, capacity)  # allocator and kernels, not timed
+    warm = build_batched_runner(lm, mspec, adapter, capacity, sim_method)  # allocator and kernels, not timed
     from simspec.calibrate.batched import generate_batch
 
     generate_batch(warm, [p[:32] or [1] for p in prompt_ids[:2]], 4, admit_every=2)

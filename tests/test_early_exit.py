@@ -251,6 +251,46 @@ def test_hispec_step_cost_composition_all_agree_and_none_agree():
     assert out.drafted.max() == 5 and out.drafted.min() == 4
 
 
+@pytest.mark.parametrize("spec", ["hispec:draft_exit=2,inter_exit=4,nd=2,ni=4",
+                                  "hispec:draft_exit=1,inter_exit=6,nd=3,ni=2"])
+def test_hispec_plan_ms_is_the_step_cost_of_its_inner_iterations(spec):
+    """``HiSpec.plan_ms`` (what ``validate --max-batch`` charges a real step, from its logged inner
+    iterations) equals :meth:`step`'s cost for the iterations the step sampled, to the last bit, on
+    mixed batches (prefills, caps 0..k_max, contexts); and every step's ``inner`` adds up to its
+    buffer, each iteration appending 1..min(N_d, k − m) tokens."""
+    doc = layer_doc(hispec={"alpha": fixed(0.6), "draft_vs_inter": {"alpha": fixed(0.7)}}, ct=0.01, ckv=1e-4)
+    m = make_method(spec, doc)
+    rng = np.random.default_rng(4)
+    n_iter_seen = set()
+    for _ in range(40):
+        n = int(rng.integers(1, 9))
+        pre = rng.random(n) < 0.25
+        k = np.where(pre, 0, rng.integers(0, m.k_max + 1, n)).astype(np.int64)
+        ctx = np.where(pre, 0, rng.integers(1, 400, n)).astype(np.int64)
+        fed = np.where(pre, rng.integers(5, 60, n), k + 1).astype(np.int64)
+        batch = BatchStep(idx=np.arange(n), prefill=pre, fed_tokens=fed, ctx_tokens=ctx, k=k,
+                          remaining=np.full(n, 1000), alpha=np.full(n, 0.6), class_idx=np.zeros(n, np.int64))
+        out = m.step(rng, batch)
+        inner_a = out.inner
+        assert (inner_a.sum(axis=1) == out.drafted).all()
+        inner_d = np.zeros_like(inner_a)
+        for i in range(n):
+            mm = 0
+            for t in range(inner_a.shape[1]):
+                if inner_a[i, t] == 0:
+                    assert (inner_a[i, t:] == 0).all()
+                    break
+                inner_d[i, t] = min(m.nd, k[i] - mm)
+                assert 1 <= inner_a[i, t] <= inner_d[i, t]
+                mm += inner_a[i, t]
+            used = inner_a[i][inner_a[i] > 0]
+            assert mm >= min(m.ni, k[i])  # the buffer is full ...
+            assert used.size == 0 or mm - used[-1] < min(m.ni, k[i])  # ... only after its last iteration
+        n_iter_seen.add(int((inner_a > 0).sum(axis=1).max()))
+        assert m.cost.finish(m.plan_ms(batch, inner_d, inner_a)) == out.step_ms
+    assert len(n_iter_seen) > 2
+
+
 def test_prefill_members_run_the_whole_model():
     """A batch of prefills only: every method costs one full target forward over the prompts, with
     logits for each prompt's last position, as `none` (+ Kangaroo's adapter over them, which builds

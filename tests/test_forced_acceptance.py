@@ -37,7 +37,10 @@ def replay_pattern(pat, trace, k):
     return out
 
 
-@pytest.mark.parametrize("method,k", [("draft:k=3,draft_layers=5", 3), ("kangaroo:exit=2,gamma=5,eta=0.6", 5)])
+@pytest.mark.parametrize("method,k", [("draft:k=3,draft_layers=5", 3), ("kangaroo:exit=2,gamma=5,eta=0.6", 5),
+                                      ("hispec:draft_exit=4,inter_exit=8,nd=2,ni=4", 5),
+                                      ("hispec:draft_exit=2,inter_exit=6,nd=3,ni=2", 4),
+                                      ("hispec:draft_exit=4,inter_exit=30,nd=3", 3)])
 @pytest.mark.parametrize("scheduler,batching", [("fcfs", "vllm"), ("laps-sd", "preemptive")])
 def test_pattern_is_what_the_simulator_samples(method, k, scheduler, batching):
     profile = load_profile("smollm2-135m-cpu-fp32")
@@ -54,12 +57,35 @@ def test_pattern_is_what_the_simulator_samples(method, k, scheduler, batching):
         assert (int(row["decode_steps"]), int(row["drafted"]), int(row["accepted"])) == (steps, drafted, accepted), rid
     assert 0 < sum(a for _, _, a in want.values()) < sum(d for _, d, _ in want.values())
     if method.startswith("kangaroo"):  # the confidence stop made some steps draft fewer than the cap
-        assert any(d < c for _, _, c, d, _ in pat.log if c > 0)
+        assert any(d < c for _, _, c, d, _, _ in pat.log if c > 0)
 
 
-def test_pattern_refuses_hispec():
+def test_hispec_pattern_carries_the_inner_iterations():
+    """Two-level HiSpec: each decision's inner iterations append 1..N_d tokens each, sum to the buffer,
+    and stop once it holds min(N_i, cap); the buffer never exceeds the cap."""
     profile = load_profile("smollm2-135m-cpu-fp32")
-    cfg = RunConfig(scheduler=ComponentSpec("fcfs"), method=ComponentSpec("hispec"), max_batch_size=2,
+    trace = small_trace()
+    cfg = RunConfig(scheduler=ComponentSpec("fcfs"), method=ComponentSpec.parse("hispec:nd=2,ni=4", "--method"),
+                    max_batch_size=4, kv_budget_tokens=100_000, seed=3, allow_extrapolation=True)
+    pat = forced_pattern(cfg, trace, profile)
+    assert pat.draws_per_step == 4 * 2 + 5
+    seen_short = False
+    for rid in trace.request_id.tolist()[:6]:
+        for s in range(12):
+            for cap in (0, 1, 3, 5):
+                f = pat.decide_step(rid, s, cap)
+                assert f.drafts <= cap and 0 <= f.accepted <= f.drafts
+                assert sum(f.inner) == f.drafts and all(1 <= x <= 2 for x in f.inner)
+                if f.inner:
+                    assert sum(f.inner[:-1]) < min(4, cap) <= f.drafts
+                    seen_short = seen_short or min(f.inner) < min(2, cap)
+                assert pat.decide(rid, s, cap) == (f.drafts, f.accepted)  # deterministic
+    assert seen_short  # the intermediate verifier rejected some drafts
+
+
+def test_pattern_refuses_a_method_without_one():
+    profile = load_profile("smollm2-135m-cpu-fp32")
+    cfg = RunConfig(scheduler=ComponentSpec("fcfs"), method=ComponentSpec("none"), max_batch_size=2,
                     kv_budget_tokens=100_000)
-    with pytest.raises(ConfigError, match="--forced-acceptance: method hispec"):
+    with pytest.raises(ConfigError, match="--forced-acceptance: method none"):
         forced_pattern(cfg, small_trace(), profile)

@@ -8,7 +8,12 @@ import json
 import pandas as pd
 import pytest
 
+from importlib import resources
+from pathlib import Path
+
 from test_validate import _cli, _layer_profile, _tiny_trace
+
+ADAPTER = Path(str(resources.files("simspec") / "data" / "adapters" / "smollm2-135m"))  # exits 2, 4, 8
 
 
 def _spec_profile(path):
@@ -17,12 +22,15 @@ def _spec_profile(path):
     doc = json.loads(path.read_text())
     doc["latency"]["stages"]["adapter"] = {"kind": "linear", "coef": {"c0": 0.1, "c_b": 0.0, "c_t": 0.005, "c_kv": 0.0001}}
     doc["acceptance"]["kangaroo"] = {"default": {"alpha": {"kind": "fixed", "value": 0.4}}}
+    doc["acceptance"]["hispec"] = {"default": {"alpha": {"kind": "fixed", "value": 0.5},
+                                               "draft_vs_inter": {"alpha": {"kind": "fixed", "value": 0.6}}}}
     path.write_text(json.dumps(doc))
     return path
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--max-batch", "2", "--method", "hispec"], "--method hispec: no batched runner"),
+    (["--max-batch", "2", "--method", "hispec:draft_exit=3,inter_exit=2"], "inter_exit (2) must be deeper than"),
+    (["--max-batch", "2", "--method", "hispec:draft_exit=1,inter_exit=3,nd=0"], "--spec hispec: nd"),
     (["--forced-acceptance", "--method", "none"], "--forced-acceptance: method none has no per-request"),
     (["--batching", "preemptive"], "--batching / --max-batch-tokens / --allow-overload: only with --max-batch > 1"),
     (["--max-batch", "3", "--max-batch-tokens", "40"], "--max-batch-tokens 40: a step of 3 requests"),
@@ -40,19 +48,25 @@ def test_bad_batched_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("method, policy, batching, forced", [
-    ("draft:k=2,draft_layers=4", "fcfs", "vllm", False),
-    ("kangaroo:exit=2,gamma=3,eta=0.6", "laps-sd", "preemptive", True),
-    ("draft:k=3,draft_layers=4", "laps-sd", "preemptive", True),
+@pytest.mark.parametrize("method, policy, batching, forced, batch", [
+    ("draft:k=2,draft_layers=4", "fcfs", "vllm", False, 3),
+    ("kangaroo:exit=2,gamma=3,eta=0.6", "laps-sd", "preemptive", True, 3),
+    ("draft:k=3,draft_layers=4", "laps-sd", "preemptive", True, 3),
+    ("hispec:draft_exit=2,inter_exit=5,nd=2,ni=3", "fcfs", "vllm", False, 2),
+    ("hispec:draft_exit=4,inter_exit=8,nd=2,ni=4+adapter", "laps-sd", "preemptive", True, 2),
+    ("hispec:draft_exit=2,inter_exit=30,nd=3", "fcfs", "vllm", True, 3),
 ])
-def test_batched_validation_end_to_end(tmp_path, method, policy, batching, forced):
+def test_batched_validation_end_to_end(tmp_path, method, policy, batching, forced, batch):
     pytest.importorskip("torch")
     prof = _spec_profile(tmp_path / "p.json")
     trace = _tiny_trace(tmp_path / "t.csv")
     out = tmp_path / "report"
+    method, _, with_adapter = method.partition("+")
     args = ["validate", str(trace), "--profile", str(prof), "--method", method, "--policy", policy,
-            "--max-batch", "3", "--batching", batching, "--device", "cpu", "--dtype", "fp32", "--threads", "1",
+            "--max-batch", str(batch), "--batching", batching, "--device", "cpu", "--dtype", "fp32", "--threads", "1",
             "--out", str(out), "--allow-overload", "--no-progress", "--fit-overhead", str(tmp_path / "fitted.json")]
+    if with_adapter:
+        args += ["--adapter", str(ADAPTER)]
     if forced:
         args.append("--forced-acceptance")
     assert _cli(args) == 0
@@ -62,7 +76,7 @@ def test_batched_validation_end_to_end(tmp_path, method, policy, batching, force
     doc = json.loads((out / "validation.json").read_text())
     meta = doc["meta"]
     assert doc["errors"]["n_requests"] == 4 and isinstance(meta["valid"], bool)
-    assert meta["batch"]["max_batch"] == 3 and meta["simulated_config"]["max_batch_size"] == 3
+    assert meta["batch"]["max_batch"] == batch and meta["simulated_config"]["max_batch_size"] == batch
     assert {"loadavg_1m", "cpus"} <= set(meta["machine_load_before"]) and "max_1m" in meta["machine_load_during"]
     real = pd.read_csv(out / "real_requests.csv")
     assert (real["generated_tokens"] == 8).all()  # EOS ignored: exactly the trace's output length
@@ -82,4 +96,10 @@ def test_batched_validation_end_to_end(tmp_path, method, policy, batching, force
     else:
         assert "forced_acceptance" not in doc["heldout"] and not (out / "forced_pattern.csv").exists()
     fitted = json.loads((tmp_path / "fitted.json").read_text())
-    assert fitted["meta"]["overhead_calibration"]["batch"]["max_batch"] == 3
+    assert fitted["meta"]["overhead_calibration"]["batch"]["max_batch"] == batch
+    if method.startswith("hispec") and "inter_exit=30" not in method:  # two-level: inner iterations were costed
+        assert steps["drafted"].sum() > 0
+        if forced:
+            assert pat["inner"].notna().any()
+            for _, row in pat[pat["drafts"] > 0].iterrows():
+                assert sum(int(x) for x in str(row["inner"]).split("+")) == row["drafts"]

@@ -49,16 +49,17 @@ import click
               help="Most tokens fed per step. transformers-cb: the chunked-prefill budget [default: 512]; "
                    "simspec batched: must hold --max-batch whole prompts [default: exactly that].")
 @click.option("--max-batch", "max_requests_per_batch", type=click.IntRange(min=1), default=None,
-              help="Most requests per step. simspec: > 1 serves with the batched runners (none, draft, kangaroo) "
-                   "[default: 1]; transformers-cb [default: 8].")
+              help="Most requests per step. simspec: > 1 serves with the batched runners (none, draft, kangaroo, "
+                   "hispec; lossless, packed varlen steps) [default: 1]; transformers-cb [default: 8].")
 @click.option("--batching", type=click.Choice(["vllm", "preemptive"]), default=None,
               help="simspec batched: how batches form, as the simulator's --batching: vllm (running requests "
                    "first, newcomers admitted in the policy's order) or preemptive (the policy's top --max-batch "
                    "every step) [default: vllm].")
 @click.option("--forced-acceptance", is_flag=True,
-              help="simspec (draft, kangaroo): real draft and verify passes, but each request drafts and accepts "
-                   "what the simulator samples for it (its seeded per-request stream), so both runs accept "
-                   "identically: validates cost composition and scheduling independently of acceptance.")
+              help="simspec (draft, kangaroo, hispec): real draft and verify passes, but each request drafts and "
+                   "accepts what the simulator samples for it (its seeded per-request stream; hispec: also how many "
+                   "tokens each inner round appends), so both runs accept identically: validates cost composition "
+                   "and scheduling independently of acceptance.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar during the real run.")
 @click.option("--engine-scheduler", type=click.Choice(["fifo"]), default="fifo", show_default=True,

@@ -76,6 +76,9 @@ class StepOutcome:
     drafted: np.ndarray
     accepted: np.ndarray
     position_accepts: np.ndarray | None = None  # accepted positions, prefix or not (None: = accepted)
+    #: two-level HiSpec: tokens each inner iteration appended to a member's buffer, (members, N_i),
+    #: 0 past its last iteration (what forced acceptance replays); None for other methods
+    inner: np.ndarray | None = None
 
 
 @dataclass

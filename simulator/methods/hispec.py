@@ -106,9 +106,12 @@ class HiSpec(Method):
     # --- per step ------------------------------------------------------------------------------
     @property
     def draws_per_step(self) -> int | None:  # type: ignore[override]
-        """Single-level: N_d uniforms per decode member and step (a request's draws do not depend on
-        its batch, as Kangaroo's); two-level: what each step actually drew."""
-        return self.nd if self.single_level else None
+        """Uniforms per decode member and step, whatever its batch (as Kangaroo's γ): single-level
+        N_d; two-level :attr:`draw_width` (N_i·N_d for the inner iterations + ``k_max`` for the full
+        verification). So what a request draws depends only on its own decode steps, and a
+        pre-sampled per-request pattern (:mod:`simspec.forced_acceptance`) is what the simulator
+        samples."""
+        return self.nd if self.single_level else self.draw_width
 
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         acc: HiSpecAcceptance = self.acceptance  # type: ignore[assignment]
@@ -128,35 +131,63 @@ class HiSpec(Method):
             ms = early_exit_step_ms(self.cost, batch, drafts, self.draft_exit, self.num_layers, adapter=False)
             return StepOutcome(step_ms=self.cost.finish(ms), drafted=drafts, accepted=accepted)
 
-        c = self.cost
-        nd, ld, li = self.nd, self.draft_exit, self.inter_exit
-        ctx = batch.ctx_tokens
-        target = np.minimum(self.ni, k)  # 0 for prefill members
+        nd, ni = self.nd, self.ni
+        target = np.minimum(ni, k)  # 0 for prefill members
         m = np.zeros(n, dtype=np.int64)
-        ms = 0.0
+        inner = np.zeros((n, ni), dtype=np.int64)
+        iters: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        accepted = np.zeros(n, dtype=np.int64)
         if n and int(target.max()) > 0:
+            # a fixed width per member (draws_per_step): inner iteration t reads uniforms t·N_d ..
+            # t·N_d + N_d − 1, the full verification N_i·N_d .. N_i·N_d + m − 1
+            u = draw_random(rng, (n, self.draw_width))
             p_d = acc.draft_probs(alpha_d, batch.class_idx, nd)
             pos = np.arange(nd)[None, :]
+            t = 0
             while True:
                 ai = np.flatnonzero(m < target)
                 if ai.size == 0:
                     break
                 mi = m[ai]
                 d = np.minimum(nd, k[ai] - mi)
-                ok = (draw_random(rng, (ai.size, nd), ai) < p_d[ai]) & (pos < d[:, None])
+                ok = (u[ai, t * nd:(t + 1) * nd] < p_d[ai]) & (pos < d[:, None])
                 agreed = np.cumprod(ok, axis=1).sum(axis=1)
-                c_ai = ctx[ai] + mi
-                ms += self._draft_rounds_ms(d, c_ai)
-                ms += c.slice_ms(ld, li, ai.size, float(d.sum()), float(c_ai.sum()), lm_head=True)
-                m[ai] = mi + np.minimum(agreed + 1, d)
-        # full verification of the buffer (and the prefill members' prompts)
-        kmax = int(m.max()) if n else 0
-        if kmax:
+                iters.append((ai, d, batch.ctx_tokens[ai] + mi))
+                add = np.minimum(agreed + 1, d)
+                inner[ai, t] = add
+                m[ai] = mi + add
+                t += 1
+            kmax = int(m.max())
             p_f = acc.position_probs(batch.alpha, batch.class_idx, kmax)
-            ok = (rng.random(p_f.shape) < p_f) & (np.arange(kmax)[None, :] < m[:, None])
+            ok = (u[:, ni * nd:ni * nd + kmax] < p_f) & (np.arange(kmax)[None, :] < m[:, None])
             accepted = np.cumprod(ok, axis=1).sum(axis=1).astype(np.int64)
-        else:
-            accepted = np.zeros(n, dtype=np.int64)
+        ms = self.compute_ms(batch, m, iters)
+        return StepOutcome(step_ms=self.cost.finish(ms), drafted=m, accepted=accepted, inner=inner)
+
+    @property
+    def draw_width(self) -> int:
+        """Uniforms a decode member consumes per two-level step: N_d for each of at most N_i inner
+        iterations, then ``k_max`` for the full verification (what a step reads of them depends on
+        its own outcomes only)."""
+        return self.ni * self.nd + self.k_max
+
+    def compute_ms(self, batch: BatchStep, m: np.ndarray,
+                   iters: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+        """Compute time (ms, no overhead) of a two-level step of ``batch`` whose decode members
+        ended with buffers of ``m`` tokens (0 for prefill members) after the inner iterations
+        ``iters``, in order: per iteration (the batch rows taking part, their drafts d, their context
+        tokens then: ``ctx_tokens`` plus what their earlier iterations appended). Drafting rounds at
+        L_d (round j: the rows with d > j), layers L_d..L_i−1 + LM head over the drafts, then the full
+        verification (layers 0..L_i−1 over each frontier token and the prompts, L_i..N−1 + LM head
+        over the buffers + 1 and the prompts)."""
+        c = self.cost
+        ld, li = self.draft_exit, self.inter_exit
+        ms = 0.0
+        for ai, d, c_ai in iters:
+            ms += self._draft_rounds_ms(d, c_ai)
+            ms += c.slice_ms(ld, li, ai.size, float(d.sum()), float(c_ai.sum()), lm_head=True)
+        n = batch.idx.shape[0]
+        ctx = batch.ctx_tokens
         pre = batch.prefill
         fed_last = np.where(pre, batch.fed_tokens, 1)
         fed_full = np.where(pre, batch.fed_tokens, m + 1)
@@ -164,21 +195,33 @@ class HiSpec(Method):
         ms += c.slice_ms(0, li, n, float(fed_last.sum()), ctx_sum + float(m.sum()), embed=True)
         logits = float(fed_full.sum()) - float(batch.fed_tokens[pre].sum()) + float(np.count_nonzero(pre))
         ms += c.slice_ms(li, self.num_layers, n, float(fed_full.sum()), ctx_sum, lm_head=True, logits_tokens=logits)
-        return StepOutcome(step_ms=c.finish(ms), drafted=m, accepted=accepted)
+        return ms
+
+    def plan_ms(self, batch: BatchStep, inner_d: np.ndarray, inner_a: np.ndarray) -> float:
+        """:meth:`compute_ms` of a step whose inner iterations are given per member: ``inner_d``
+        and ``inner_a`` (members, iterations), the drafts made and tokens appended by each of a
+        member's iterations, 0 past its last one (a real run's log)."""
+        m = inner_a.sum(axis=1).astype(np.int64)
+        before = np.cumsum(inner_a, axis=1) - inner_a
+        iters = []
+        for t in range(inner_d.shape[1]):
+            ai = np.flatnonzero(inner_d[:, t] > 0)
+            if ai.size:
+                iters.append((ai, inner_d[ai, t].astype(np.int64), batch.ctx_tokens[ai] + before[ai, t]))
+        return self.compute_ms(batch, m, iters)
 
     def decode_window(self, w: DecodeWindow) -> WindowOutcome:
         """The window's steps, equal to :meth:`step` one step at a time: the sampling runs step by
         step in plain Python on each member's counter-based uniforms (drawn ahead in blocks), and
         the cost of every step is evaluated at the end as arrays.
 
-        Which draws a step uses depends on the outcomes before it: member i draws N_d uniforms per
-        inner iteration it takes part in, then every member draws max(m) (the batch's largest
-        buffer) for the full verification, so step s + 1's first draw follows step s's outcome and
-        the sampling stays a loop over steps. The costs depend only on each step's shape: the
-        drafting rounds, intermediate passes and full verification of all steps are costed as
-        (steps, iterations, rounds) arrays, summed in :meth:`step`'s order, so each step's duration
-        (ms) is bit-identical to it. The single-level case (``inter_exit = N``) uses the generic
-        loop over :meth:`step`."""
+        Every member consumes :attr:`draw_width` uniforms per step (inner iteration t reads
+        t·N_d.., the full verification N_i·N_d..), but how many inner iterations a step runs
+        depends on its outcomes, so the sampling stays a loop over steps. The costs depend only on
+        each step's shape: the drafting rounds, intermediate passes and full verification of all
+        steps are costed as (steps, iterations, rounds) arrays, summed in :meth:`step`'s order, so
+        each step's duration (ms) is bit-identical to it. The single-level case (``inter_exit = N``)
+        uses the generic loop over :meth:`step`."""
         if self.single_level:
             return super().decode_window(w)
         acc: HiSpecAcceptance = self.acceptance  # type: ignore[assignment]
@@ -189,7 +232,8 @@ class HiSpec(Method):
         k, rem, ctx = w.k.tolist(), w.remaining.tolist(), w.ctx_tokens.tolist()
         # each member's uniforms from its next draw on, drawn a block at a time
         base, ctr0 = w.rng_base, w.draws
-        block = min(steps, 32) * (ni * nd + max(kk, 1))
+        wd = self.draw_width  # uniforms per member and step (draws_per_step)
+        block = min(steps, 32) * wd
         bufs: list[list[float]] = [[] for _ in range(n)]
         off = [0] * n
 
@@ -217,16 +261,17 @@ class HiSpec(Method):
         full_ctx: list[int] = []
         alive = list(range(n))
         for s in range(steps):
-            ks_s, m_s, it_s = {}, {}, {}
-            big = 0
+            ks_s, m_s, u_s = {}, {}, {}
             for i in alive:
                 ks = min(k[i], rem[i] - 1)
                 target = min(ni, ks)
                 m = t = 0
                 pdi = p_d[i]
+                u, o0 = take(i, wd)
+                u_s[i] = (u, o0 + ni * nd)
                 while m < target:
                     d = min(nd, ks - m)
-                    u, o = take(i, nd)
+                    o = o0 + t * nd
                     agreed = 0
                     while agreed < d and u[o + agreed] < pdi[agreed]:
                         agreed += 1
@@ -235,22 +280,19 @@ class HiSpec(Method):
                     it_ctx.append(ctx[i] + m)
                     m += min(agreed + 1, d)
                     t += 1
-                ks_s[i], m_s[i], it_s[i] = ks, m, t
-                if m > big:
-                    big = m
+                ks_s[i], m_s[i] = ks, m
             r_k, r_m, r_a, r_c, r_r, r_act = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n, [False] * n
             m_tot = ctx_tot = 0
             for i in alive:
                 m = m_s[i]
                 accepted = 0
-                if big:
-                    u, o = take(i, big)
-                    pfi = p_f[i]
-                    while accepted < m and u[o + accepted] < pfi[accepted]:
-                        accepted += 1
+                u, o = u_s[i]
+                pfi = p_f[i]
+                while accepted < m and u[o + accepted] < pfi[accepted]:
+                    accepted += 1
                 committed = min(accepted + 1, rem[i])
                 r_k[i], r_m[i], r_a[i], r_c[i] = ks_s[i], m, accepted, committed
-                r_r[i] = it_s[i] * nd + big
+                r_r[i] = wd
                 r_act[i] = True
                 m_tot += m
                 ctx_tot += ctx[i]

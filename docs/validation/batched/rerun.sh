@@ -18,6 +18,7 @@ P=${PROFILE:-$REPO/docs/validation/batched/smollm2-135m-cpu-fp32-1thread-b8-spec
 AD=$REPO/simspec/data/adapters/smollm2-135m
 DRAFT=(--method draft:k=4,draft_layers=5)
 KANG=(--method kangaroo:exit=2,gamma=6,eta=0.6 --adapter "$AD")
+HISP=(--method hispec:draft_exit=4,inter_exit=8,nd=2,ni=4 --adapter "$AD")
 COMMON=(--force --threads 1 --max-batch 4 --no-progress)
 FCFS=(--policy fcfs --batching vllm)
 LAPS=(--policy laps-sd --batching preemptive)
@@ -56,6 +57,11 @@ run() {  # NAME: one report
     kangaroo-laps-sd) attempt "$1" "${V[@]}" $VAL "${KANG[@]}" "${LAPS[@]}" "${COMMON[@]}" --profile "$D/fit-kangaroo.json" --out "$D/$1" ;;
     forced-draft-laps-sd) attempt "$1" "${V[@]}" $VAL "${DRAFT[@]}" "${LAPS[@]}" "${COMMON[@]}" --forced-acceptance \
                         --profile "$D/fit-draft.json" --out "$D/$1" ;;
+    calib-hispec-fcfs) attempt "$1" "${V[@]}" $CAL "${HISP[@]}" "${FCFS[@]}" "${COMMON[@]}" --profile "$P" \
+                        --out "$D/$1" --fit-overhead "$D/fit-hispec.json" ;;
+    hispec-fcfs) attempt "$1" "${V[@]}" $VAL "${HISP[@]}" "${FCFS[@]}" "${COMMON[@]}" --profile "$D/fit-hispec.json" --out "$D/$1" ;;
+    forced-hispec-fcfs) attempt "$1" "${V[@]}" $VAL "${HISP[@]}" "${FCFS[@]}" "${COMMON[@]}" --forced-acceptance \
+                        --profile "$D/fit-hispec.json" --out "$D/$1" ;;
     forced-kangaroo-fcfs) attempt "$1" "${V[@]}" $VAL "${KANG[@]}" "${FCFS[@]}" "${COMMON[@]}" --forced-acceptance \
                         --profile "$D/fit-kangaroo.json" --out "$D/$1" ;;
     *) echo "unknown run $1"; return 1 ;;
@@ -64,5 +70,6 @@ run() {  # NAME: one report
 cd "$REPO"
 RUNS=("$@")
 [ ${#RUNS[@]} -eq 0 ] && RUNS=(calib-draft-fcfs calib-kangaroo-fcfs draft-fcfs kangaroo-fcfs forced-draft-laps-sd
-                              forced-kangaroo-fcfs draft-laps-sd kangaroo-laps-sd)
+                              forced-kangaroo-fcfs draft-laps-sd kangaroo-laps-sd calib-hispec-fcfs
+                              forced-hispec-fcfs hispec-fcfs)
 for r in "${RUNS[@]}"; do run "$r" || echo "$r: failed (see /tmp/batched-$r.log)"; done
