@@ -188,23 +188,21 @@ class Replica:
         pre_idx = plan.idx[pre]
         return bool((t.computed[pre_idx] + plan.fed_tokens[pre] >= t.prefill_target[pre_idx]).all())
 
-    def _choose_k(self, plan: StepPlan, dec: np.ndarray | None, ctx: np.ndarray, rem: np.ndarray) -> np.ndarray:
-        """k for each decode member (``dec``: which plan members decode; None: all, as in a
-        decode-only step; ``ctx``/``rem``: their context and remaining output tokens): the policy's
-        choice, within what was reserved unless the extra drafts fit the token budget and free KV
-        (lower-priority members lose them first)."""
+    def _choose_k(self, plan: StepPlan, idx: np.ndarray, k_res: np.ndarray, ctx: np.ndarray, rem: np.ndarray,
+                  ctx_sum: int) -> np.ndarray:
+        """k for decode members ``idx`` of ``plan`` (``k_res``: drafts reserved for them; ``ctx``/
+        ``rem``: their context and remaining output tokens; ``ctx_sum``: the contexts' total):
+        the policy's choice, within what was reserved unless the extra drafts fit the token budget
+        and free KV (lower-priority members lose them first)."""
         former = self.former
-        if dec is None:
-            idx, k_res = plan.idx, plan.k_reserved
-        else:
-            idx, k_res = plan.idx[dec], plan.k_reserved[dec]
-        k = np.asarray(self.spec_len.choose_k(idx, float(_sum(ctx)), former.free_blocks * former.bs, self.step_index),
-                       dtype=np.int64)
-        k = np.minimum(np.maximum(k, 0), rem - 1)
-        extra = k - k_res
-        if _any(extra > 0):
+        k_pol = np.asarray(self.spec_len.choose_k(idx, float(ctx_sum), former.free_blocks * former.bs,
+                                                  self.step_index), dtype=np.int64)
+        if k_pol.ndim == 0:
+            k_pol = np.full(idx.shape[0], int(k_pol), dtype=np.int64)
+        k, any_extra = kernels.clip_k(k_pol, rem, k_res)
+        if any_extra:
             t = self.cluster.table
-            extra = np.maximum(extra, 0)
+            extra = np.maximum(k - k_res, 0)
             slots = ctx + 1 + k
             blocks = np.maximum(blocks_for(slots, former.bs) - t.kv_blocks[idx], 0)
             over = (np.cumsum(extra) > plan.budget_left_tokens) | (np.cumsum(blocks) > former.free_blocks)
@@ -221,41 +219,32 @@ class Replica:
         idx = plan.idx
         n = idx.size
         pre = plan.prefill
-        pre_idx = idx[pre]
-        n_pre = pre_idx.size
-        gen = t.generated[idx]
-        rem = t.output_tokens[idx] - gen
-        ctx_dec = t.prompt_tokens[idx] + gen
-        k = np.zeros(n, dtype=np.int64)
-        if n_pre < n:
-            dec = ~pre
-            k[dec] = self._choose_k(plan, dec, ctx_dec[dec], rem[dec])
-        else:
-            dec = None
-        fed = np.where(pre, plan.fed_tokens, k + 1)
-        computed_pre = t.computed[pre_idx]
-        ctx = ctx_dec.copy()
-        ctx[pre] = computed_pre
+        # the members' state in one compiled pass (simulator/kernels.py)
+        (gen, rem, ctx, base, draws, alpha, class_idx, dec_pos, dec_idx, dec_kres, dec_ctx, dec_rem,
+         dec_ctx_sum) = kernels.mixed_prepare(idx, pre, plan.k_reserved, t.generated, t.output_tokens,
+                                              t.prompt_tokens, t.computed, t.rng_base, t.draws, t.alpha,
+                                              t.class_idx)
+        n_pre = n - dec_pos.size
+        k_dec = (self._choose_k(plan, dec_idx, dec_kres, dec_ctx, dec_rem, dec_ctx_sum) if dec_pos.size
+                 else dec_pos)
+        k, fed = kernels.mixed_k_fed(pre, plan.fed_tokens, dec_pos, k_dec)
         batch = BatchStep(idx=idx, prefill=pre, fed_tokens=fed, ctx_tokens=ctx, k=k, remaining=rem,
-                          alpha=t.alpha[idx], class_idx=t.class_idx[idx])
-        rnd = StepRandom(t.rng_base[idx], t.draws[idx])
+                          alpha=alpha, class_idx=class_idx)
+        rnd = StepRandom(base, draws)
         out = cl.method.step(rnd, batch)
         fixed = cl.method.draws_per_step
-        if fixed is not None:
-            if dec is not None:
-                t.draws[idx[dec]] += np.uint64(fixed)
-        else:
-            t.draws[idx] += rnd.used
         step_s = out.step_ms / 1000.0
         end = now + step_s
         # progress: a chunk that completes its prompt samples one token; decodes commit accepted + 1
         # (one compiled pass over the members: simulator/kernels.py)
         out_acc = np.asarray(out.accepted, dtype=np.int64)
         out_pos = out_acc if out.position_accepts is None else np.asarray(out.position_accepts, dtype=np.int64)
-        drafted, accepted, pos_acc, committed, finished, n_committed, first_prompt = kernels.mixed_step_progress(
+        (drafted, accepted, pos_acc, committed, finished, n_committed, first_prompt, k_max, drafted_sum,
+         accepted_sum, fed_sum) = kernels.mixed_step_progress(
             idx, pre, plan.fed_tokens, np.asarray(out.drafted, dtype=np.int64), out_acc, out_pos, rem, gen,
             now, end, t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.steps,
-            t.decode_steps, t.drafted, t.accepted, t.position_accepts, t.start_s, t.first_token_s)
+            t.decode_steps, t.drafted, t.accepted, t.position_accepts, t.start_s, t.first_token_s, k, fed, t.draws,
+            -1 if fixed is None else int(fixed), rnd.used)
         n_committed = int(n_committed)
         self.outstanding_tokens -= int(first_prompt) + n_committed
         self.busy_s += step_s
@@ -266,9 +255,8 @@ class Replica:
         cl.scheduler.observe(record)
         cl.itl.observe(record)
         self.spec_len.observe(record)
-        self.log.append_one(self.rid, self.step_index, now, end, out.step_ms, n, n_pre,
-                            int(_max(k)) if n else 0, int(_sum(drafted)), int(_sum(accepted)),
-                            n_committed, int(_sum(fed)), kv_used,
+        self.log.append_one(self.rid, self.step_index, now, end, out.step_ms, n, n_pre, int(k_max),
+                            int(drafted_sum), int(accepted_sum), n_committed, int(fed_sum), kv_used,
                             int(self.former.waiting.size), self.spec_len.log_value())
         self.step_index += 1
         self._last_step_s = step_s
@@ -293,7 +281,8 @@ class Replica:
             pre_idx = idx[pre]
             dec = ~pre
             k = np.empty(idx.size, dtype=np.int64)
-            k[dec] = self._choose_k(plan, dec, ctx0[dec], rem0[dec])
+            ctx_d = ctx0[dec]
+            k[dec] = self._choose_k(plan, idx[dec], plan.k_reserved[dec], ctx_d, rem0[dec], int(_sum(ctx_d)))
             # newcomers decode from the next step with the policy's (constant) k
             k[pre] = np.asarray(self.spec_len.choose_k(pre_idx, 0.0, 0, self.step_index + 1), dtype=np.int64)
             computed_pre = t.computed[pre_idx]
@@ -303,7 +292,7 @@ class Replica:
             lead_ctx[pre] = computed_pre
             lead_step = LeadStep(prefill=pre, fed_tokens=lead_fed, ctx_tokens=lead_ctx)
         else:
-            k = self._choose_k(plan, None, ctx0, rem0)
+            k = self._choose_k(plan, idx, plan.k_reserved, ctx0, rem0, int(_sum(ctx0)))
         n_max = 1
         through = False
         # (a known gap: swap preemption with a batch-dependent policy — smartspec-per-request — once

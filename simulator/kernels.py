@@ -209,7 +209,8 @@ def draft_window_accept(probs, idx, base, draws, k, draws_per_step, steps, kk, l
 @jit
 def mixed_step_progress(idx, pre, fed_tokens, out_drafted, out_accepted, out_positions, rem, gen, now_s, end_s,
                         computed, prefill_target, generated, output_tokens, prompt_tokens, steps, decode_steps,
-                        drafted_col, accepted_col, positions_col, start_s, first_token_s):
+                        drafted_col, accepted_col, positions_col, start_s, first_token_s, k, fed, draws_col,
+                        fixed_draws, used):
     """Book one step with prompt chunks in it (:meth:`Replica._mixed_step`) into the request table.
 
     Member m is request ``idx[m]``; ``pre[m]``: it ran a prompt chunk of ``fed_tokens[m]`` tokens
@@ -217,9 +218,13 @@ def mixed_step_progress(idx, pre, fed_tokens, out_drafted, out_accepted, out_pos
     ``out_drafted``/``out_accepted``/``out_positions`` and ``min(accepted + 1, rem)`` committed.
     Updates the table columns in place (a request starting its first chunk gets ``start_s =
     now_s``; one completing its prompt for the first time ``first_token_s = end_s``). Returns
-    ``(drafted, accepted, positions, committed, finished, n_committed, first_prompt_tokens)``:
-    per member (zeros for prompt chunks), whether it has all its output tokens now, the step's
-    committed tokens, and the prompt tokens of requests that got their first token in this step.
+    ``(drafted, accepted, positions, committed, finished, n_committed, first_prompt_tokens, k_max,
+    drafted_sum, accepted_sum, fed_sum)``: per member (zeros for prompt chunks), whether it has all
+    its output tokens now, the step's committed tokens, the prompt tokens of requests that got
+    their first token in this step, and the step's largest ``k``, drafts, accepted drafts and
+    tokens ``fed`` (for the step log). Random draws: each decode member's count advances by
+    ``fixed_draws`` (a method with a fixed draw width), or, with ``fixed_draws`` < 0, every
+    member's by ``used[m]``.
     """
     n = idx.shape[0]
     drafted = np.zeros(n, dtype=np.int64)
@@ -256,7 +261,23 @@ def mixed_step_progress(idx, pre, fed_tokens, out_drafted, out_accepted, out_pos
         steps[i] += 1
         finished[m] = g >= output_tokens[i]
         n_committed += committed[m]
-    return drafted, accepted, positions, committed, finished, n_committed, first_prompt
+        if fixed_draws >= 0:
+            if not pre[m]:
+                draws_col[i] += np.uint64(fixed_draws)
+        else:
+            draws_col[i] += used[m]
+    k_max = 0
+    d_sum = 0
+    a_sum = 0
+    f_sum = 0
+    for m in range(n):
+        if m == 0 or k[m] > k_max:
+            k_max = k[m]
+        d_sum += drafted[m]
+        a_sum += accepted[m]
+        f_sum += fed[m]
+    return (drafted, accepted, positions, committed, finished, n_committed, first_prompt, k_max, d_sum, a_sum,
+            f_sum)
 
 
 @jit
@@ -626,3 +647,88 @@ def draft_step_sums(k, pre, fed, ctx):
             pass_count[j] += 1
             pass_ctx[j] += ctx[m]
     return kmax, kmin, n_pre, fed_all, fed_pre, ctx_all, sel_count, sel_ctx, pass_count, pass_ctx
+
+
+@jit
+def mixed_prepare(idx, pre, k_reserved, generated, output_tokens, prompt_tokens, computed, rng_base, draws, alpha,
+                  class_idx):
+    """Gather one step's members (:meth:`Replica._mixed_step`): per member the tokens generated and
+    left, the context it runs over (a prompt chunk: the prompt computed so far; a decode: prompt
+    + generated), its random stream (``rng_base``, ``draws``), acceptance level and class; and the
+    decode members (positions in the step, request, drafts reserved, context, tokens left, and
+    the sum of their contexts). Returns ``(gen, rem, ctx, base, draws, alpha, class_idx, dec_pos,
+    dec_idx, dec_kres, dec_ctx, dec_rem, dec_ctx_sum)``."""
+    n = idx.shape[0]
+    gen = np.empty(n, dtype=np.int64)
+    rem = np.empty(n, dtype=np.int64)
+    ctx = np.empty(n, dtype=np.int64)
+    base = np.empty(n, dtype=np.uint64)
+    dr = np.empty(n, dtype=np.uint64)
+    al = np.empty(n, dtype=np.float64)
+    ci = np.empty(n, dtype=np.int64)
+    n_dec = 0
+    for m in range(n):
+        if not pre[m]:
+            n_dec += 1
+    dec_pos = np.empty(n_dec, dtype=np.int64)
+    dec_idx = np.empty(n_dec, dtype=np.int64)
+    dec_kres = np.empty(n_dec, dtype=np.int64)
+    dec_ctx = np.empty(n_dec, dtype=np.int64)
+    dec_rem = np.empty(n_dec, dtype=np.int64)
+    ctx_sum = 0
+    d = 0
+    for m in range(n):
+        i = idx[m]
+        g = generated[i]
+        gen[m] = g
+        rem[m] = output_tokens[i] - g
+        base[m] = rng_base[i]
+        dr[m] = draws[i]
+        al[m] = alpha[i]
+        ci[m] = class_idx[i]
+        if pre[m]:
+            ctx[m] = computed[i]
+        else:
+            c = prompt_tokens[i] + g
+            ctx[m] = c
+            dec_pos[d] = m
+            dec_idx[d] = i
+            dec_kres[d] = k_reserved[m]
+            dec_ctx[d] = c
+            dec_rem[d] = rem[m]
+            ctx_sum += c
+            d += 1
+    return gen, rem, ctx, base, dr, al, ci, dec_pos, dec_idx, dec_kres, dec_ctx, dec_rem, ctx_sum
+
+
+@jit
+def clip_k(k_policy, rem, k_reserved):
+    """The policy's k per member within ``0 .. rem − 1``, and whether any exceeds what was
+    reserved for it (extra drafts to fit into the token budget and free KV)."""
+    n = rem.shape[0]
+    k = np.empty(n, dtype=np.int64)
+    extra = False
+    for m in range(n):
+        km = k_policy[m]
+        if km < 0:
+            km = 0
+        if km > rem[m] - 1:
+            km = rem[m] - 1
+        k[m] = km
+        if km > k_reserved[m]:
+            extra = True
+    return k, extra
+
+
+@jit
+def mixed_k_fed(pre, plan_fed, dec_pos, k_dec):
+    """k per member (the decode members' ``k_dec`` at ``dec_pos``, 0 for prompt chunks) and the
+    tokens each feeds: its chunk, or k + 1."""
+    n = pre.shape[0]
+    k = np.zeros(n, dtype=np.int64)
+    for d in range(dec_pos.shape[0]):
+        k[dec_pos[d]] = k_dec[d]
+    fed = np.empty(n, dtype=np.int64)
+    for m in range(n):
+        fed[m] = plan_fed[m] if pre[m] else k[m] + 1
+    return k, fed

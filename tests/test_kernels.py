@@ -177,16 +177,29 @@ def test_mixed_step_progress_equals_numpy(seed):
     r_first[fi[f1]] = end
     first_prompt = int(tb["prompt"][fi[f1]].sum())
     finished = gen + committed >= tb["out"][idx]
-    for fn in _both("mixed_step_progress"):
-        c = cols()
-        comp, g, st_, ft = tb["computed"].copy(), tb["gen"].copy(), start.copy(), first.copy()
-        res = fn(idx, pre, fed, o_drafted, o_acc, o_pos, rem, gen, now, end, comp, tb["target"], g, tb["out"],
-                 tb["prompt"], c["steps"], c["dec"], c["dr"], c["ac"], c["pa"], st_, ft)
-        _eq(res[:5], (drafted, accepted, pos_acc, committed, finished))
-        assert int(res[5]) == int(committed.sum()) and int(res[6]) == first_prompt
-        _eq((comp, g, st_, ft), (r_comp, r_gen, r_start, r_first))
-        for key in c:
-            _eq(c[key], r[key])
+    k = np.where(pre, 0, o_drafted)
+    fed_all = np.where(pre, fed, k + 1)
+    draws0 = rng.integers(0, 100, n_req).astype(np.uint64)
+    used = rng.integers(0, 9, n).astype(np.uint64)
+    for fixed in (-1, 4):
+        r_draws = draws0.copy()
+        if fixed >= 0:
+            r_draws[idx[~pre]] += np.uint64(fixed)
+        else:
+            r_draws[idx] += used
+        for fn in _both("mixed_step_progress"):
+            c = cols()
+            comp, g, st_, ft, dw = tb["computed"].copy(), tb["gen"].copy(), start.copy(), first.copy(), draws0.copy()
+            res = fn(idx, pre, fed, o_drafted, o_acc, o_pos, rem, gen, now, end, comp, tb["target"], g, tb["out"],
+                     tb["prompt"], c["steps"], c["dec"], c["dr"], c["ac"], c["pa"], st_, ft, k, fed_all, dw, fixed,
+                     used)
+            _eq(res[:5], (drafted, accepted, pos_acc, committed, finished))
+            assert int(res[5]) == int(committed.sum()) and int(res[6]) == first_prompt
+            assert [int(x) for x in res[7:]] == [int(k.max()), int(drafted.sum()), int(accepted.sum()),
+                                                 int(fed_all.sum())]
+            _eq((comp, g, st_, ft, dw), (r_comp, r_gen, r_start, r_first, r_draws))
+            for key in c:
+                _eq(c[key], r[key])
 
 
 # ------------------------------------------------------------------------------ vLLM running pass
@@ -347,6 +360,190 @@ def test_select_modes(monkeypatch):
             assert K.draft_accept is K.compiled()["draft_accept"]
     finally:
         K.select(mode=before)
+
+
+# ------------------------------------------------------------------------------ step preparation
+@settings(max_examples=50, deadline=None)
+@given(SEEDS)
+def test_mixed_prepare_clip_k_and_k_fed_equal_numpy(seed):
+    rng = np.random.default_rng(seed)
+    n_req = 40
+    tb = _table(rng, n_req)
+    n = int(rng.integers(1, 20))
+    idx = rng.choice(n_req, n, replace=False).astype(np.int64)
+    pre = tb["computed"][idx] < tb["target"][idx]
+    k_res = np.where(pre, 0, rng.integers(0, 5, n)).astype(np.int64)
+    base = rng.integers(0, 2**63, n_req).astype(np.uint64)
+    draws = rng.integers(0, 10**6, n_req).astype(np.uint64)
+    alpha = rng.random(n_req)
+    cls = rng.integers(0, 3, n_req).astype(np.int64)
+    gen = tb["gen"][idx]
+    rem = tb["out"][idx] - gen
+    ctx_dec = tb["prompt"][idx] + gen
+    ctx = ctx_dec.copy()
+    ctx[pre] = tb["computed"][idx[pre]]
+    dec = ~pre
+    want = (gen, rem, ctx, base[idx], draws[idx], alpha[idx], cls[idx], np.flatnonzero(dec), idx[dec], k_res[dec],
+            ctx_dec[dec], rem[dec])
+    k_pol = rng.integers(-1, 7, int(dec.sum())).astype(np.int64)
+    k_clip = np.minimum(np.maximum(k_pol, 0), rem[dec] - 1)
+    k = np.zeros(n, dtype=np.int64)
+    k[dec] = k_clip
+    plan_fed = rng.integers(1, 100, n).astype(np.int64)
+    fed = np.where(pre, plan_fed, k + 1)
+    for name in ("mixed_prepare", "clip_k", "mixed_k_fed"):
+        for fn in _both(name):
+            if name == "mixed_prepare":
+                res = fn(idx, pre, k_res, tb["gen"], tb["out"], tb["prompt"], tb["computed"], base, draws, alpha, cls)
+                _eq(tuple(res[:12]), want)
+                assert int(res[12]) == int(ctx_dec[dec].sum())
+            elif name == "clip_k":
+                kk, extra = fn(k_pol, rem[dec], k_res[dec])
+                _eq(kk, k_clip)
+                assert bool(extra) == bool((k_clip > k_res[dec]).any())
+            else:
+                _eq(fn(pre, plan_fed, np.flatnonzero(dec), k_clip), (k, fed))
+
+
+@settings(max_examples=50, deadline=None)
+@given(SEEDS)
+def test_draft_step_sums_equal_numpy(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 30))
+    k = rng.integers(0, 6, n).astype(np.int64)
+    if rng.random() < 0.4:
+        k[:] = k[0]
+    pre = rng.random(n) < 0.3
+    k[pre] = 0
+    fed = rng.integers(1, 500, n).astype(np.int64)
+    ctx = rng.integers(0, 5000, n).astype(np.int64)
+    kmax = int(k.max())
+    want = (kmax, int(k.min()), int(pre.sum()), int(fed.sum()), int(fed[pre].sum()), int(ctx.sum()),
+            int((k > 0).sum()), int(ctx[k > 0].sum()))
+    for fn in _both("draft_step_sums"):
+        res = fn(k, pre, fed, ctx)
+        assert tuple(int(x) for x in res[:8]) == want
+        _eq((res[8], res[9]), (np.array([(k > j).sum() for j in range(kmax)], dtype=np.int64),
+                               np.array([ctx[k > j].sum() for j in range(kmax)], dtype=np.int64)))
+
+
+def _ref_window_shape(acc_full, positions, done_step, k, rem0, ctx0, pre, lead_fed, lead_ctx, dps, lead):
+    """DraftModel.decode_window's per-step shape before the kernel."""
+    s_eff, n = acc_full.shape
+    commit_full = acc_full + 1
+    csum = np.cumsum(commit_full, axis=0)
+    act = np.arange(s_eff)[:, None] <= done_step[None, :]
+    all_act = bool(act.all())
+    if lead:
+        dec_act = act.copy()
+        dec_act[0, pre] = False
+        all_dec = False
+    else:
+        dec_act, all_dec = act, all_act
+    before = csum - commit_full
+    rem_s = rem0[None, :] - before
+    k_eff = np.minimum(k[None, :], rem_s - 1)
+    if not all_dec:
+        k_eff = np.where(dec_act, k_eff, 0)
+    accepted = np.minimum(acc_full, k_eff)
+    if not all_dec:
+        positions = np.where(dec_act, positions, 0)
+    committed = np.minimum(accepted + 1, rem_s)
+    fed = k_eff + 1
+    ctx = ctx0[None, :] + before
+    if not all_act:
+        committed = np.where(act, committed, 0)
+    if not all_dec:
+        fed = np.where(dec_act, fed, 0)
+        ctx = np.where(dec_act, ctx, 0)
+    if lead:
+        fed[0] += lead_fed
+        ctx[0] += lead_ctx
+    draws = np.full((s_eff, n), dps, dtype=np.uint64)
+    if not all_dec:
+        draws[~dec_act] = 0
+    kk = int(k.max())
+    sel = k_eff > 0
+    passes = [k_eff > j for j in range(kk)]
+    pb = np.stack([p_.sum(axis=1) for p_ in passes], axis=1).astype(np.float64) if kk else np.zeros((s_eff, 0))
+    pkv = (np.stack([(ctx * p_).sum(axis=1) for p_ in passes], axis=1).astype(np.float64)
+           + np.arange(kk)[None, :] * pb) if kk else np.zeros((s_eff, 0))
+    return (act, all_act, k_eff, accepted, positions, committed, fed, draws, fed.sum(axis=1).astype(np.float64),
+            act.sum(axis=1).astype(np.float64), k_eff.max(axis=1), ctx.sum(axis=1).astype(np.float64),
+            sel.sum(axis=1).astype(np.float64), (ctx * sel).sum(axis=1).astype(np.float64), pb, pkv)
+
+
+@settings(max_examples=60, deadline=None)
+@given(SEEDS, st.booleans())
+def test_draft_window_shape_equals_numpy(seed, lead):
+    rng = np.random.default_rng(seed)
+    n, s_eff, dps = int(rng.integers(1, 9)), int(rng.integers(1, 25)), 4
+    k = rng.integers(0, dps + 1, n).astype(np.int64)
+    rem0 = rng.integers(1, 80, n).astype(np.int64)
+    pre = (rng.random(n) < 0.4) if lead else np.zeros(n, dtype=bool)
+    # acceptance as the sampling kernel leaves it: zeros after each member's completion step
+    probs = rng.random((n, dps))
+    acc, pos, done = K.plain()["draft_window_accept"](probs, np.arange(n), rng.integers(0, 2**63, n).astype(np.uint64),
+                                                      np.zeros(n, dtype=np.uint64), k, dps, s_eff, int(k.max()), pre,
+                                                      rem0)
+    last = min(s_eff, int(done.max()) + 1)
+    acc, pos = acc[:last], pos[:last]
+    ctx0 = rng.integers(1, 3000, n).astype(np.int64)
+    lead_fed = np.where(pre, rng.integers(1, 300, n), 0).astype(np.int64)
+    lead_ctx = np.where(pre, rng.integers(0, 3000, n), 0).astype(np.int64)
+    want = _ref_window_shape(acc, pos, done, k, rem0, ctx0, pre, lead_fed, lead_ctx, dps, lead)
+    for fn in _both("draft_window_shape"):
+        res = fn(acc, pos, done, k, rem0, ctx0, pre, lead_fed, lead_ctx, dps)
+        kk_all = int(res[10].max())
+        assert bool(res[1]) == want[1]
+        _eq((res[0],) + tuple(res[2:14]), (want[0],) + tuple(want[2:14]))
+        _eq((res[14][:, :kk_all], res[15][:, :kk_all]), (want[14][:, :kk_all], want[15][:, :kk_all]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(SEEDS, st.booleans(), st.booleans())
+def test_window_book_equals_numpy(seed, with_active, lead):
+    rng = np.random.default_rng(seed)
+    n_req, n, s_n = 30, int(rng.integers(1, 9)), int(rng.integers(1, 20))
+    idx = rng.choice(n_req, n, replace=False).astype(np.int64)
+    shp = (s_n, n)
+    committed, drafted, accepted = (rng.integers(0, 5, shp).astype(np.int64) for _ in range(3))
+    positions, fed, kst = (rng.integers(0, 5, shp).astype(np.int64) for _ in range(3))
+    draws = rng.integers(0, 5, shp).astype(np.uint64)
+    act = None
+    if with_active:
+        last = rng.integers(0, s_n, n)
+        act = np.arange(s_n)[:, None] <= last[None, :]
+    held = rng.integers(0, 50, shp).astype(np.int64)
+    pre = (rng.random(n) < 0.3) if lead else np.zeros(n, dtype=bool)
+    cols0 = {c: rng.integers(0, 100, n_req).astype(np.int64) for c in ("gen", "steps", "dec", "dr", "ac", "pa")}
+    draws0 = rng.integers(0, 100, n_req).astype(np.uint64)
+    out_tok = rng.integers(50, 200, n_req).astype(np.int64)
+    # the numpy reference (Replica._decode_steps before the kernel)
+    r = {c: v.copy() for c, v in cols0.items()}
+    r_draws = draws0.copy()
+    steps_run = act.sum(axis=0) if act is not None else np.full(n, s_n)
+    r["dec"][idx] += steps_run - pre
+    r["gen"][idx] += committed.sum(axis=0)
+    r["steps"][idx] += steps_run
+    r["dr"][idx] += drafted.sum(axis=0)
+    r["ac"][idx] += accepted.sum(axis=0)
+    r["pa"][idx] += positions.sum(axis=0)
+    r_draws[idx] += draws.sum(axis=0).astype(np.uint64)
+    want = (steps_run, r["gen"][idx] >= out_tok[idx], committed.sum(axis=1),
+            act.sum(axis=1) if act is not None else np.full(s_n, n), kst.max(axis=1), drafted.sum(axis=1),
+            accepted.sum(axis=1), fed.sum(axis=1), (held * act).sum(axis=1) if act is not None else held.sum(axis=1))
+    for fn in _both("window_book"):
+        c = {k_: v.copy() for k_, v in cols0.items()}
+        dw = draws0.copy()
+        res = fn(idx, committed, drafted, accepted, positions, draws, fed, kst,
+                 act if act is not None else np.ones((1, 1), dtype=bool), act is not None, held, True, pre,
+                 c["gen"], c["steps"], c["dec"], c["dr"], c["ac"], c["pa"], dw, out_tok)
+        _eq(tuple(res[:9]), tuple(np.asarray(w).astype(np.asarray(g).dtype) for w, g in zip(want, res[:9])))
+        assert int(res[9]) == int(committed.sum())
+        for key in c:
+            _eq(c[key], r[key])
+        _eq(dw, r_draws)
 
 
 # ------------------------------------------------------------------------------ end to end
