@@ -29,6 +29,7 @@ switches them.
 from __future__ import annotations
 
 import os
+import sys
 import types
 
 import numpy as np
@@ -89,6 +90,20 @@ def compiled() -> dict[str, object]:
 
         g = dict(globals())
         g["_uniform"] = njit(cache=True, nogil=True)(_uniform_u64)
+        # numba sets up its CPU target on the first compiled call, and registering its BLAS-backed
+        # functions (np.dot, np.linalg) imports scipy.linalg: ~0.3-0.6 s of start-up for functions
+        # no kernel here uses. Make that one import fail while the target loads (numba then skips
+        # BLAS: a kernel calling np.dot would not compile), and undo it: scipy.linalg imports as
+        # usual afterwards (tests/test_kernels.py checks).
+        key = "scipy.linalg.cython_blas"
+        guard = key not in sys.modules
+        if guard:
+            sys.modules[key] = None  # type: ignore[assignment]
+        try:
+            g["_uniform"](np.uint64(1), np.uint64(2))
+        finally:
+            if guard and sys.modules.get(key, 0) is None:
+                del sys.modules[key]
         out = {}
         for name, fn in _KERNELS.items():
             f2 = types.FunctionType(fn.__code__, g, name, fn.__defaults__, fn.__closure__)

@@ -589,3 +589,18 @@ def test_replay_identical_in_both_kernel_modes(monkeypatch, spec, policy, spec_l
     pd.testing.assert_frame_equal(a.steps, b.steps, check_exact=True)
     assert a.summary == b.summary
     assert len(a.steps) > 200
+
+
+def test_scipy_linalg_imports_after_the_compiled_kernels_load():
+    """compiled() keeps numba from importing scipy.linalg while its target loads; that must not
+    leave scipy.linalg broken for the rest of the process."""
+    if not K.numba_available():
+        pytest.skip("numba is not installed")
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, simspec.simulator.kernels as K; K.compiled();"
+            "import scipy.linalg, scipy.linalg.cython_blas;"
+            "assert np.allclose(scipy.linalg.solve(np.eye(2) * 2, np.ones(2)), 0.5); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
