@@ -28,6 +28,7 @@ from simspec.policies.base import StepRecord, WindowRecord
 from simspec.simulator import kernels
 
 _CONSOLIDATE_AT = 1 << 20  # buffered entries before merging equal values
+_NO_ACTIVE = np.ones((1, 1), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -70,14 +71,6 @@ class ItlLog:
             u, c = _merge(self._values, self._counts)
             self._values, self._counts, self._buffered = [u], [c], int(u.size)
 
-    def _members(self, idx: np.ndarray, end_s: float) -> None:
-        """Members ``idx`` received a chunk at ``end_s``: one sample each that had one before."""
-        prev = self.last_token_s[idx]
-        had = ~np.isnan(prev)
-        if bool(had.any()):
-            self._add(end_s - prev[had], np.ones(int(had.sum()), dtype=np.int64))
-        self.last_token_s[idx] = end_s
-
     def observe(self, rec: StepRecord) -> None:
         """One step: every member that committed a token got a chunk at the step's end."""
         gaps = kernels.itl_chunk_gaps(self.last_token_s, rec.idx, rec.committed, float(rec.end_s))
@@ -85,28 +78,14 @@ class ItlLog:
             self._add(gaps, np.ones(gaps.size, dtype=np.int64))
 
     def observe_window(self, rec: WindowRecord) -> None:
-        """Consecutive decode steps of one batch: a member's gap within the window is the step's
-        duration (end minus the previous step's end), so each later step adds one value counted
-        once per member that got a chunk in it and in the step before."""
-        tok = rec.committed > 0
-        if rec.active is not None:
-            tok &= rec.active
-        ends = rec.end_s
-        if ends.shape[0] > 1 and bool((tok[1:] & ~tok[:-1]).any()):
-            # a member with a chunkless step before a chunk (members only ever leave a window, so
-            # the engine does not produce this): step by step
-            for s in range(ends.shape[0]):
-                self._members(rec.idx[tok[s]], float(ends[s]))
-            return
-        self._members(rec.idx[tok[0]], float(ends[0]))
-        if ends.shape[0] > 1:
-            both = tok[1:].sum(axis=1)  # == tok[1:] & tok[:-1]: a member with a chunk had one before
-            keep = both > 0
-            self._add((ends[1:] - ends[:-1])[keep], both[keep].astype(np.int64))
-            # each member's latest chunk: the end of its last step with a token
-            n_tok = tok.sum(axis=0)
-            has = n_tok > 0
-            self.last_token_s[rec.idx[has]] = ends[n_tok[has] - 1]
+        """Consecutive decode steps of one batch: each member that got a chunk in a step gives one
+        sample, the time since its previous chunk (within the window: the step's duration, end
+        minus the previous step's end). One compiled pass (simulator/kernels.py)."""
+        act = rec.active
+        values, counts = kernels.itl_window_gaps(self.last_token_s, rec.idx, rec.committed,
+                                                 act if act is not None else _NO_ACTIVE, act is not None,
+                                                 np.asarray(rec.end_s, dtype=np.float64))
+        self._add(values, counts)
 
     def samples(self) -> ItlSamples:
         """All samples so far, in ms (distinct values ascending, with counts)."""

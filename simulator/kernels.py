@@ -747,3 +747,35 @@ def mixed_k_fed(pre, plan_fed, dec_pos, k_dec):
     for m in range(n):
         fed[m] = plan_fed[m] if pre[m] else k[m] + 1
     return k, fed
+
+
+@jit
+def itl_window_gaps(last_token_s, idx, committed, active, has_active, ends_s):
+    """Chunk gaps of a window of steps (:meth:`ItlLog.observe_window`): at step s every member
+    that committed a token (and is in the batch) received a chunk at ``ends_s[s]``; a member with
+    a chunk before gives one sample, the time since its previous chunk. Updates ``last_token_s``.
+    Returns ``(values_s, counts)``: the samples, equal values of one step merged into one entry
+    with its count (a step's gaps are all ``ends[s] − ends[s−1]`` once members decode every step,
+    so a window adds about one entry per step)."""
+    n_steps, n = committed.shape
+    values = np.empty(n_steps * n, dtype=np.float64)
+    counts = np.empty(n_steps * n, dtype=np.int64)
+    e = 0
+    for s in range(n_steps):
+        end = ends_s[s]
+        first_e = e
+        for m in range(n):
+            if committed[s, m] <= 0 or (has_active and not active[s, m]):
+                continue
+            i = idx[m]
+            prev = last_token_s[i]
+            if not np.isnan(prev):
+                g = end - prev
+                if e > first_e and values[e - 1] == g:
+                    counts[e - 1] += 1
+                else:
+                    values[e] = g
+                    counts[e] = 1
+                    e += 1
+            last_token_s[i] = end
+    return values[:e], counts[:e]

@@ -604,3 +604,64 @@ def test_scipy_linalg_imports_after_the_compiled_kernels_load():
             "assert np.allclose(scipy.linalg.solve(np.eye(2) * 2, np.ones(2)), 0.5); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def _ref_itl_window(last, idx, committed, active, ends):
+    """ItlLog.observe_window before the kernel: (values, counts) appended, and last chunk times."""
+    vals, cnts = [], []
+
+    def members(sel, end):
+        prev = last[sel]
+        had = ~np.isnan(prev)
+        vals.extend((end - prev[had]).tolist())
+        cnts.extend([1] * int(had.sum()))
+        last[sel] = end
+
+    tok = committed > 0
+    if active is not None:
+        tok &= active
+    if ends.shape[0] > 1 and bool((tok[1:] & ~tok[:-1]).any()):
+        for s in range(ends.shape[0]):
+            members(idx[tok[s]], float(ends[s]))
+    else:
+        members(idx[tok[0]], float(ends[0]))
+        if ends.shape[0] > 1:
+            both = tok[1:].sum(axis=1)
+            keep = both > 0
+            vals.extend((ends[1:] - ends[:-1])[keep].tolist())
+            cnts.extend(both[keep].tolist())
+            n_tok = tok.sum(axis=0)
+            has = n_tok > 0
+            last[idx[has]] = ends[n_tok[has] - 1]
+    return vals, cnts
+
+
+def _pooled(vals, cnts):
+    u, inv = np.unique(np.asarray(vals, dtype=np.float64), return_inverse=True)
+    return u, np.bincount(inv.ravel(), weights=np.asarray(cnts, dtype=np.float64), minlength=u.size)
+
+
+@settings(max_examples=60, deadline=None)
+@given(SEEDS, st.booleans(), st.booleans())
+def test_itl_window_gaps_equal_numpy(seed, with_active, ragged):
+    rng = np.random.default_rng(seed)
+    n_req, n, s_n = 20, int(rng.integers(1, 8)), int(rng.integers(1, 15))
+    idx = rng.choice(n_req, n, replace=False).astype(np.int64)
+    committed = rng.integers(1, 4, (s_n, n)).astype(np.int64)
+    if ragged:  # a member without a token in some step (the step-by-step branch)
+        committed[rng.random((s_n, n)) < 0.2] = 0
+    active = None
+    if with_active:
+        last_step = rng.integers(0, s_n, n)
+        active = np.arange(s_n)[:, None] <= last_step[None, :]
+    ends = np.cumsum(rng.random(s_n) * 0.1 + 0.001) + 10.0
+    last0 = np.where(rng.random(n_req) < 0.3, np.nan, rng.random(n_req) * 10)
+    ref_last = last0.copy()
+    want = _pooled(*_ref_itl_window(ref_last, idx, committed, active, ends))
+    for fn in _both("itl_window_gaps"):
+        lt = last0.copy()
+        v, c = fn(lt, idx, committed, active if active is not None else np.ones((1, 1), dtype=bool),
+                  active is not None, ends)
+        got = _pooled(v, c)
+        _eq(got, want)
+        _eq(lt, ref_last)
