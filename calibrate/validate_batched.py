@@ -326,7 +326,7 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
                            time_scale: float = 1.0, seed: int = 0, dtype: str | None = None,
                            threads: int | None = None, fit_overhead_to: str | None = None,
                            allow_overload: bool = False, progress: bool = True, echo: Any = print,
-                           force: bool = False) -> dict[str, Any]:
+                           force: bool = False, max_other_cores: float | None = None) -> dict[str, Any]:
     """The whole of ``simspec validate --max-batch B`` (B > 1) or ``--forced-acceptance``: checks, real
     run, simulated run, report (``validation.json`` etc., as :func:`validate.run_validation`, plus
     ``sim_steps.csv`` and, when forced, ``forced_pattern.csv``). Returns the ``validation.json``
@@ -341,7 +341,7 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
         check_output_file(fit_overhead_to, force=True, what="--fit-overhead")
     from simspec.calibrate.validate import SPEC_METHODS, fit_overhead, prompt_ids_for_trace, scale_trace, \
         tokens_per_decode_step
-    from simspec.calibrate.validate_cb import LoadSampler, load_now, overload_verdict
+    from simspec.calibrate.validate_cb import LoadSampler, load_now, other_cores_limit, overload_verdict
     from simspec.forced_acceptance import forced_pattern
     from simspec.policies import get_scheduler_class
     from simspec.profile import load_profile
@@ -424,7 +424,8 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
     echo(f"real run done in {real.wall_s:.1f} s; load 1m before {load_before['loadavg_1m']}, max during "
          f"{load_during['max_1m']}, after {load_after['loadavg_1m']} ({cpus} CPUs); other processes used "
          f"{load_during['other_processes_cores_mean']} cores on average")
-    overloaded, why = overload_verdict(device, cpus, int(torch.get_num_threads()), load_before, load_during, load_after)
+    overloaded, why = overload_verdict(device, cpus, int(torch.get_num_threads()), load_before, load_during, load_after,
+                                       max_other_cores)
     if overloaded and not allow_overload:
         raise SimspecError(f"machine too busy: {why} during the real run; timings are not representative, "
                            "not reporting (rerun on a quiet machine)")
@@ -495,6 +496,7 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
         echo(f"overhead fitted: fraction {fitted['fraction']:.4f}, fixed {fitted['fixed_ms']:.3f} ms -> {dst}")
     meta = {
         "valid": not overloaded, "overload_allowed": bool(overloaded and allow_overload),
+        "load_gate_max_other_cores": other_cores_limit(cpus, int(torch.get_num_threads()), max_other_cores),
         "simspec_version": __version__, "engine": "simspec-batched", "trace": str(trace_arg),
         "n_requests": len(trace), "time_scale": time_scale, "model": model, "model_id": loaded.model_id,
         "dtype": dtype, "device": device, "torch_version": torch.__version__,

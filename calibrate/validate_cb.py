@@ -212,18 +212,27 @@ class LoadSampler:
                 "other_processes_cores_series": [round(o, 2) for o in oth]}
 
 
+def other_cores_limit(cpus: int, threads: int, max_other_cores: float | None = None) -> float:
+    """CPU cores other processes may keep busy on average during a gated run: ``max_other_cores``
+    when given (``--max-other-cores``: e.g. 0.1 for a run that backs a 5 % figure), else what the
+    run's ``threads`` leave free (at least half a CPU)."""
+    return float(max_other_cores) if max_other_cores is not None else float(max(cpus - threads, 0.5))
+
+
 def overload_verdict(device: str, cpus: int, threads: int, before: dict[str, Any], during: dict[str, Any],
-                     after: dict[str, Any]) -> tuple[bool, str]:
+                     after: dict[str, Any], max_other_cores: float | None = None) -> tuple[bool, str]:
     """(overloaded, why): on a CPU run, the 1-minute load average exceeded the CPU count before,
-    during or after the run, or other processes kept more CPUs busy on average than the run's
-    ``threads`` leave free (at least half a CPU)."""
+    during or after the run, or other processes kept more CPUs busy on average than
+    :func:`other_cores_limit` allows."""
     worst = max(before["loadavg_1m"], during.get("max_1m") or 0, after["loadavg_1m"])
     others = during.get("other_processes_cores_mean")
-    contended = others is not None and others > max(cpus - threads, 0.5)
+    limit = other_cores_limit(cpus, threads, max_other_cores)
+    contended = others is not None and others > limit
     if device != "cpu" or not (worst > cpus or contended):
         return False, ""
     why = (f"load average reached {worst} on {cpus} CPU(s)" if worst > cpus else
-           f"other processes kept {others} of {cpus} CPU(s) busy on average (this run needs {threads})")
+           f"other processes kept {others} of {cpus} CPU(s) busy on average (limit {limit:g}; this run needs "
+           f"{threads})")
     return True, why
 
 
@@ -451,7 +460,8 @@ def run_engine_validation(trace_arg: str, *, model: str, profile_arg: str, out_d
                           threads: int | None = None, time_scale: float = 1.0, seed: int = 0,
                           random_config: str | None = None, max_requests: int | None = None,
                           allow_overload: bool = False, fit_overhead_to: str | None = None,
-                          echo: Any = print, force: bool = False) -> dict[str, Any]:
+                          echo: Any = print, force: bool = False,
+                          max_other_cores: float | None = None) -> dict[str, Any]:
     """The whole of ``simspec validate --engine transformers-cb``: checks, engine run, simulated run,
     report. Returns the ``validation.json`` document.
 
@@ -513,7 +523,7 @@ def run_engine_validation(trace_arg: str, *, model: str, profile_arg: str, out_d
          f"max during {load_during['max_1m']}, after {load_after['loadavg_1m']} ({cpus} CPUs); other processes "
          f"used {load_during['other_processes_cores_mean']} cores on average")
     overloaded, why = overload_verdict(device, cpus, int(torch.get_num_threads()), load_before, load_during,
-                                       load_after)
+                                       load_after, max_other_cores)
     if overloaded and not allow_overload:
         raise SimspecError(f"machine too busy: {why} during the engine run; timings are not representative, "
                            "not reporting (rerun on a quiet machine)")
@@ -573,6 +583,7 @@ def run_engine_validation(trace_arg: str, *, model: str, profile_arg: str, out_d
         echo(f"overhead fitted: fraction {fitted['fraction']:.4f}, fixed {fitted['fixed_ms']:.3f} ms -> {dst}")
     meta = {
         "valid": not overloaded, "overload_allowed": bool(overloaded and allow_overload),
+        "load_gate_max_other_cores": other_cores_limit(cpus, int(torch.get_num_threads()), max_other_cores),
         "simspec_version": __version__, "engine": ENGINE_NAME, "engine_version": f"transformers {transformers.__version__}",
         "torch_version": torch.__version__, "engine_settings": asdict(settings),
         "simulated_config": config.to_dict(), "trace": str(trace_arg), "n_requests": len(trace),

@@ -28,11 +28,26 @@ def _spec_profile(path):
     return path
 
 
+def test_stricter_load_gate_refuses_what_the_default_allows():
+    """--max-other-cores: 0.3 cores of other processes pass the default gate of a 1-thread run on
+    2 CPUs (1 core left free) but not a 0.1-core limit (a run that backs a 5 % figure)."""
+    from simspec.calibrate.validate_cb import other_cores_limit, overload_verdict
+
+    quiet = {"loadavg_1m": 0.5}
+    during = {"max_1m": 0.8, "other_processes_cores_mean": 0.3}
+    assert overload_verdict("cpu", 2, 1, quiet, during, quiet) == (False, "")
+    bad, why = overload_verdict("cpu", 2, 1, quiet, during, quiet, max_other_cores=0.1)
+    assert bad and "limit 0.1" in why
+    assert other_cores_limit(2, 1) == 1.0 and other_cores_limit(2, 2) == 0.5 and other_cores_limit(2, 1, 0.1) == 0.1
+    assert overload_verdict("cuda", 2, 1, quiet, during, quiet, max_other_cores=0.1) == (False, "")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--max-batch", "2", "--method", "hispec:draft_exit=3,inter_exit=2"], "inter_exit (2) must be deeper than"),
     (["--max-batch", "2", "--method", "hispec:draft_exit=1,inter_exit=3,nd=0"], "--spec hispec: nd"),
     (["--forced-acceptance", "--method", "none"], "--forced-acceptance: method none has no per-request"),
-    (["--batching", "preemptive"], "--batching / --max-batch-tokens / --allow-overload: only with --max-batch > 1"),
+    (["--batching", "preemptive"], "--batching / --max-batch-tokens / --allow-overload / --max-other-cores: only with"),
+    (["--max-other-cores", "0.1"], "--max-other-cores: only with --max-batch > 1"),
     (["--max-batch", "3", "--max-batch-tokens", "40"], "--max-batch-tokens 40: a step of 3 requests"),
     (["--max-batch", "2", "--method", "draft:k=2"], "give draft_layers=L"),
     (["--engine", "transformers-cb", "--forced-acceptance"], "--batching / --forced-acceptance: only with"),

@@ -70,11 +70,15 @@ import click
 @click.option("--allow-overload", is_flag=True,
               help="transformers-cb and simspec batched: write the report even if the load average exceeded the "
                    "CPU count (marked valid: false; smoke tests only).")
+@click.option("--max-other-cores", type=click.FloatRange(min=0.0), default=None,
+              help="transformers-cb and simspec batched: refuse to report a CPU run during which other processes "
+                   "kept more than this many cores busy on average (default: the cores the run's threads leave "
+                   "free, at least 0.5; use ~0.1 for a run that backs a 5 %% figure).")
 @click.option("--force", is_flag=True, help="Replace --out if it is a simspec output directory.")
 def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, threads, out_dir, time_scale, seed,
              fit_overhead_to, no_heldout, force, engine, random_config, page_size, num_blocks, max_batch_tokens,
              max_requests_per_batch, engine_scheduler, engine_cuda_graphs, max_requests, allow_overload, batching,
-             forced_acceptance, progress):
+             forced_acceptance, progress, max_other_cores):
     """Measure the simulator against real execution of TRACE and report its error.
 
     Serves TRACE with the real runners (arrivals on the wall clock, the policy's order at every
@@ -100,7 +104,7 @@ def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, 
                               device=device, dtype=dtype, threads=threads, time_scale=time_scale, seed=seed,
                               random_config=random_config, max_requests=max_requests,
                               allow_overload=allow_overload, fit_overhead_to=fit_overhead_to, echo=click.echo,
-                              force=force)
+                              force=force, max_other_cores=max_other_cores)
         return
     if random_config or max_requests:
         raise ConfigError("--config / --max-requests: only with --engine transformers-cb")
@@ -114,10 +118,11 @@ def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, 
                                profile_arg=profile_arg, device=device, out_dir=out_dir, settings=settings,
                                time_scale=time_scale, seed=seed, dtype=dtype, threads=threads,
                                fit_overhead_to=fit_overhead_to, allow_overload=allow_overload, progress=progress,
-                               echo=click.echo, force=force)
+                               echo=click.echo, force=force, max_other_cores=max_other_cores)
         return
-    if batching or max_batch_tokens or allow_overload:
-        raise ConfigError("--batching / --max-batch-tokens / --allow-overload: only with --max-batch > 1, "
+    if batching or max_batch_tokens or allow_overload or max_other_cores is not None:
+        raise ConfigError("--batching / --max-batch-tokens / --allow-overload / --max-other-cores: only with "
+                          "--max-batch > 1, "
                           "--forced-acceptance or --engine transformers-cb")
     from simspec.calibrate.validate import run_validation
 
