@@ -9,13 +9,15 @@ Each kernel is written once, as plain Python over numpy arrays, and runs in one 
 chosen per run by :func:`select` (``simulate()`` calls it):
 
 - **compiled** — numba's ``njit(cache=True)`` of the same source; the machine code is cached
-  beside this module (``__pycache__``), so only the first run on a machine compiles (a few
-  seconds); later processes pay ~0.7 s to import numba and load it. Used for runs of at least
-  :data:`JIT_MIN_REQUESTS` requests.
-- **plain** — the functions as written, run by the interpreter: no start-up cost, slower per
-  step on large batches. Used for small runs, without numba, or with ``SIMSPEC_JIT=0``.
+  beside this module (``__pycache__``; numba falls back to a per-user cache where that is not
+  writable), so only the first run on a machine compiles (~10 s); later processes pay ~0.5 s to
+  import numba and load the kernels, once. Used for runs of at least :data:`JIT_MIN_REQUESTS`
+  requests, and for every run once a process has loaded them.
+- **plain** — the functions as written, run by the interpreter: no start-up cost but 5–20×
+  slower per step than compiled (per-element Python loops; ~3 ms per request on a synthetic
+  low-load trace). Used for tiny runs, without numba, or with ``SIMSPEC_JIT=0``.
 
-``SIMSPEC_JIT=1`` forces compiled, ``0`` plain, ``auto`` (the default) decides by size. Both modes
+``SIMSPEC_JIT=1`` forces compiled, ``0`` plain, ``auto`` (the default) decides as above. Both modes
 give bit-identical results: integer arithmetic, the same SplitMix64 counter draws as
 :func:`simspec.rng.counter_uniforms` (on uint64 when compiled, on Python ints masked to 64 bits
 when plain), comparisons of the same float64 values, and sums of integers only (exact);
@@ -37,8 +39,8 @@ import numpy as np
 from simspec.rng import _G2, _INV53, _M1, _M2  # SplitMix64's constants (one definition)
 
 #: runs with at least this many requests use the compiled kernels under ``SIMSPEC_JIT=auto``
-#: (below it numba's ~0.7 s start-up is more than the kernels save)
-JIT_MIN_REQUESTS = 2000
+#: (below it the plain kernels finish before numba would have loaded: ~0.5 s)
+JIT_MIN_REQUESTS = 200
 
 _KERNELS: dict[str, types.FunctionType] = {}  # name -> plain function
 _COMPILED: dict[str, object] | None = None
@@ -129,8 +131,9 @@ def select(n_requests: int | None = None, mode: str | None = None) -> str:
             mode = "plain"
         elif env in ("1", "true", "yes", "on", "compiled"):
             mode = "compiled"
-        else:
-            mode = "compiled" if n_requests is not None and n_requests >= JIT_MIN_REQUESTS else "plain"
+        else:  # loaded already (their cost is paid), or a run large enough to pay for loading them
+            big = n_requests is not None and n_requests >= JIT_MIN_REQUESTS
+            mode = "compiled" if big or _COMPILED is not None else "plain"
     if mode == "compiled" and not numba_available():
         mode = "plain"
     if mode not in ("compiled", "plain"):

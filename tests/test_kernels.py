@@ -345,20 +345,25 @@ def test_itl_chunk_gaps():
 
 def test_select_modes(monkeypatch):
     """``select`` switches the module's kernels; ``SIMSPEC_JIT`` overrides the size rule."""
-    before = K.MODE
+    before, loaded = K.MODE, K._COMPILED
     try:
         assert K.select(mode="plain") == "plain" and K.draft_accept is K.plain()["draft_accept"]
         monkeypatch.setenv("SIMSPEC_JIT", "0")
         assert K.select(10**9) == "plain"
         monkeypatch.setenv("SIMSPEC_JIT", "auto")
+        monkeypatch.setattr(K, "_COMPILED", None)  # a process that has not loaded them
         assert K.select(K.JIT_MIN_REQUESTS - 1) == "plain"
         want = "compiled" if K.numba_available() else "plain"
         assert K.select(K.JIT_MIN_REQUESTS) == want
+        # once loaded, small runs use them too (their start-up is paid)
+        assert K.select(1) == want
         monkeypatch.setenv("SIMSPEC_JIT", "1")
         assert K.select(1) == want
         if want == "compiled":
             assert K.draft_accept is K.compiled()["draft_accept"]
     finally:
+        monkeypatch.undo()
+        K._COMPILED = loaded if loaded is not None else K._COMPILED
         K.select(mode=before)
 
 
