@@ -321,7 +321,7 @@ class Replica:
                            stop_at_s=cl.next_arrival_for(self.rid) if n_max > 1 else float("inf"))
         out = cl.method.decode_window(win)
         s_n = out.n_steps
-        ends = np.cumsum(np.concatenate(([now], out.step_ms / 1000.0)))[1:]
+        starts, ends, busy_after = kernels.window_clock(now, self.busy_s, np.asarray(out.step_ms, dtype=np.float64))
         # KV: blocks each member holds after each step (step 0 was allocated by the scheduler)
         held0 = t.kv_blocks[idx]
         held = None
@@ -336,7 +336,7 @@ class Replica:
             s_n = int(s_kv)
             if s_n < out.n_steps:
                 out = _trim(out, s_n)
-                ends = ends[:s_n]
+                starts, ends = starts[:s_n], ends[:s_n]
             held = held[:s_n]
             held_end = held[-1]
         else:
@@ -373,7 +373,7 @@ class Replica:
             self._inflight_end_s = ends
             self._inflight_committed = np.cumsum(per_step_committed)
         self.outstanding_tokens -= int(committed_all)
-        self.busy_s = float(np.cumsum(np.concatenate(([self.busy_s], out.step_ms / 1000.0)))[-1])
+        self.busy_s = float(busy_after[s_n - 1])
         end = float(ends[-1])
         used_end = self._kv_used_tokens()  # after the last step's allocation, before completions
         # each member completes at the end of its last step in the window
@@ -407,7 +407,6 @@ class Replica:
             kv_used = other + live_blocks * former.bs
         else:
             kv_used = np.array([used_end])
-        starts = np.concatenate(([now], ends[:-1]))
         queue = int(self.former.waiting.size)
         if lead:
             self.log.append_one(self.rid, self.step_index, now, first_end, float(out.step_ms[0]), int(batch_sizes[0]),

@@ -782,3 +782,25 @@ def itl_window_gaps(last_token_s, idx, committed, active, has_active, ends_s):
                     e += 1
             last_token_s[i] = end
     return values[:e], counts[:e]
+
+
+@jit
+def window_clock(now_s, busy_s, step_ms):
+    """The replica's clock over a window of steps taking ``step_ms`` each (ms), adding step times
+    one at a time as a one-step engine's clock does (in seconds: ``step_ms / 1000``). Returns
+    ``(starts_s, ends_s, busy_after_s)``: each step's start and end, and the replica's busy time
+    after each step (from ``busy_s``)."""
+    n = step_ms.shape[0]
+    starts = np.empty(n, dtype=np.float64)
+    ends = np.empty(n, dtype=np.float64)
+    busy = np.empty(n, dtype=np.float64)
+    t = now_s
+    b = busy_s
+    for s in range(n):
+        x = step_ms[s] / 1000.0
+        starts[s] = t
+        t = t + x
+        ends[s] = t
+        b = b + x
+        busy[s] = b
+    return starts, ends, busy

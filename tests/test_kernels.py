@@ -670,3 +670,17 @@ def test_itl_window_gaps_equal_numpy(seed, with_active, ragged):
         got = _pooled(v, c)
         _eq(got, want)
         _eq(lt, ref_last)
+
+
+@settings(max_examples=40, deadline=None)
+@given(SEEDS)
+def test_window_clock_equals_numpy(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    step_ms = rng.random(n) * 80 + 0.01
+    now, busy = float(rng.random() * 1e4), float(rng.random() * 1e3)
+    ends = np.cumsum(np.concatenate(([now], step_ms / 1000.0)))[1:]
+    starts = np.concatenate(([now], ends[:-1]))
+    busy_after = np.cumsum(np.concatenate(([busy], step_ms / 1000.0)))[1:]
+    for fn in _both("window_clock"):
+        _eq(fn(now, busy, step_ms), (starts, ends, busy_after))
