@@ -95,7 +95,12 @@ class BatchFormer:
 
     # ------------------------------------------------------------------------------ helpers
     def add_waiting(self, idx: np.ndarray) -> None:
-        self.waiting = np.sort(np.concatenate([self.waiting, idx]))
+        """Add requests ``idx`` to the waiting list (kept in arrival order: ascending row)."""
+        w = self.waiting
+        if idx.size == 1 and (w.size == 0 or int(idx[0]) > int(w[-1])):
+            self.waiting = np.append(w, idx)  # an arrival: later than everyone waiting
+        else:
+            self.waiting = np.sort(np.concatenate([w, idx]))
 
     def _ask(self, i: int, k_res: int, budget: int) -> tuple[int, int, int, bool] | None:
         """What request ``i`` would run within ``budget`` tokens: ``(fed tokens, drafts, KV slots
