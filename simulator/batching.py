@@ -187,13 +187,14 @@ class BatchFormer:
         preempted = False
         if order.size:
             # the asks, the budget cut and the blocks still needed, in one compiled pass
-            order, fed, k, slots, pre, need, cut = kernels.vllm_running_asks(
+            # (granted in the same pass when the free KV suffices)
+            order, fed, k, slots, pre, need, cut, granted, fed_cut = kernels.vllm_running_asks(
                 order, t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.kv_blocks,
-                k_res, self.threshold, budget, self.chunked, self.bs)
-            if cut >= 0 and int(_sum(need)) <= self.free_blocks:
+                k_res, self.threshold, budget, self.chunked, self.bs, self.free_blocks, t.kv_tokens, t.kv_resident)
+            if granted >= 0:
                 sched_idx, sched_fed, sched_k, sched_pre = order[:cut], fed[:cut], k[:cut], pre[:cut]
-                self.free_blocks -= kernels.grant_blocks(sched_idx, slots, need, t.kv_blocks, t.kv_tokens, t.kv_resident)
-                budget -= int(_sum(sched_fed))
+                self.free_blocks -= int(granted)
+                budget -= int(fed_cut)
             elif cut >= 0:
                 # KV short: grant in priority order, preempting from the end of the order (the same
                 # sequence as the one-at-a-time loop, on precomputed asks)

@@ -300,7 +300,7 @@ def mixed_step_progress(idx, pre, fed_tokens, out_drafted, out_accepted, out_pos
 
 @jit
 def vllm_running_asks(order, computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks,
-                      k_res, threshold, budget, chunked, block_size):
+                      k_res, threshold, budget, chunked, block_size, free_blocks, kv_tokens, kv_resident):
     """vLLM's running pass on precomputed asks (:meth:`BatchFormer.schedule_vllm`).
 
     ``order``: running requests in priority order. Decodes go before prompt chunks (a stable
@@ -311,7 +311,11 @@ def vllm_running_asks(order, computed, prefill_target, generated, output_tokens,
     pre, need, cut)`` in the partitioned order: tokens fed, drafts reserved, KV slots needed after
     the step and blocks still to allocate per member, and how many members are scheduled (``cut``;
     −1: a whole prompt that does not fit without chunking, which the caller's one-at-a-time loop
-    handles). ``need`` covers the first ``cut`` members."""
+    handles). ``need`` covers the first ``cut`` members. When they all fit the ``free_blocks``, they
+    are granted here (:func:`grant_blocks` on the table's ``kv_blocks``, ``kv_tokens``,
+    ``kv_resident``): ``granted`` is then the blocks given (else −1: the caller preempts or loops),
+    and ``fed_cut`` the tokens the scheduled members feed. Returns ``(order, fed, k, slots, pre,
+    need, cut, granted, fed_cut)``."""
     n = order.shape[0]
     out_order = np.empty(n, dtype=np.int64)
     pre = np.empty(n, dtype=np.bool_)
@@ -364,10 +368,23 @@ def vllm_running_asks(order, computed, prefill_target, generated, output_tokens,
                 cut = -1
         cum += fed[m]
     need = np.zeros(max(cut, 0), dtype=np.int64)
+    need_sum = 0
+    fed_cut = 0
     for m in range(max(cut, 0)):
         nb = -(-slots[m] // block_size) - kv_blocks[out_order[m]]
         need[m] = nb if nb > 0 else 0
-    return out_order, fed, k, slots, pre, need, cut
+        need_sum += need[m]
+        fed_cut += fed[m]
+    granted = -1
+    if cut >= 0 and need_sum <= free_blocks:
+        for m in range(cut):
+            i = out_order[m]
+            kv_blocks[i] += need[m]
+            if slots[m] > kv_tokens[i]:
+                kv_tokens[i] = slots[m]
+            kv_resident[i] = True
+        granted = need_sum
+    return out_order, fed, k, slots, pre, need, cut, granted, fed_cut
 
 
 @jit

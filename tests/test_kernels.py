@@ -259,14 +259,30 @@ def test_vllm_running_asks_equals_numpy(seed, chunked):
     budget = int(rng.choice([1 << 62, 16, 100, 512, int(rng.integers(1, 400))]))
     bs = int(rng.choice([1, 16, 32]))
     o, fed, k, slots, pre, need, cut = _ref_running_asks(order, t, k_res, threshold, budget, chunked, bs)
+    free = int(rng.choice([0, int(need.sum()), int(need.sum()) - 1, 10**6]))
+    fits = cut >= 0 and int(need.sum()) <= free
     for fn in _both("vllm_running_asks"):
-        go, gfed, gk, gslots, gpre, gneed, gcut = fn(order, t["computed"], t["target"], t["gen"], t["out"],
-                                                     t["prompt"], t["kv_blocks"], k_res, threshold, budget,
-                                                     chunked, bs)
+        blocks, tokens = t["kv_blocks"].copy(), rng.integers(0, 400, n_req).astype(np.int64)
+        tokens0, resident = tokens.copy(), np.zeros(n_req, dtype=bool)
+        go, gfed, gk, gslots, gpre, gneed, gcut, granted, fed_cut = fn(
+            order, t["computed"], t["target"], t["gen"], t["out"], t["prompt"], blocks, k_res, threshold, budget,
+            chunked, bs, free, tokens, resident)
         assert int(gcut) == cut
         m = max(cut, 0)
         _eq((go, gpre), (o, pre))
         _eq((gfed[:m], gk[:m], gslots[:m], gneed), (fed[:m], k[:m], slots[:m], need))
+        assert int(fed_cut) == int(fed[:m].sum())
+        if fits:  # granted as grant_blocks would: blocks, slots, residency of the first `cut`
+            assert int(granted) == int(need.sum())
+            want_b, want_t = t["kv_blocks"].copy(), tokens0.copy()
+            want_b[o[:m]] += need
+            want_t[o[:m]] = np.maximum(want_t[o[:m]], slots[:m])
+            _eq((blocks, tokens), (want_b, want_t))
+            assert resident[o[:m]].all() and resident.sum() == m
+        else:
+            assert int(granted) == -1
+            _eq((blocks, tokens), (t["kv_blocks"], tokens0))
+            assert not resident.any()
 
 
 def test_grant_blocks():
