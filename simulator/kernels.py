@@ -626,3 +626,122 @@ def draft_step_sums(k, pre, fed, ctx):
             pass_count[j] += 1
             pass_ctx[j] += ctx[m]
     return kmax, kmin, n_pre, fed_all, fed_pre, ctx_all, sel_count, sel_ctx, pass_count, pass_ctx
+
+
+# ------------------------------------------------------------------ early-exit methods (kangaroo, hispec)
+
+
+@jit
+def kangaroo_member_draws(p, conf_a, conf_r, early, base, c0, cap, wd):
+    """One Kangaroo decode step of one member (:meth:`KangarooAcceptance.sample_drafts` at width
+    ``wd``): ``p[j]`` its acceptance probability at position j, ``conf_a``/``conf_r`` its
+    confidence-stop probabilities (P(conf ≥ η) after an accepted / a rejected draft), ``early``:
+    whether drafting can stop early, ``base``/``c0`` its stream and first draw number (prefix
+    uniforms ``c0 + j``, stop uniforms ``c0 + wd + j``), ``cap`` its most drafts (≤ ``wd``).
+    Returns ``(d_full, acc)``: drafts made (the first j + 1 whose stop uniform is ≥ the
+    confidence probability, else ``cap``) and the accepted prefix among them (tokens). Only the
+    positions below ``d_full`` matter, so only those are drawn."""
+    d_full = cap
+    acc = 0
+    prefix = True
+    for j in range(cap):
+        if prefix:
+            if _uniform(base, c0 + np.uint64(j)) < p[j]:
+                acc += 1
+            else:
+                prefix = False
+                if not early:
+                    break
+        if early:
+            pc = conf_a[j] if prefix else conf_r[j]
+            if _uniform(base, c0 + np.uint64(wd + j)) >= pc:
+                d_full = j + 1
+                break
+    return d_full, acc
+
+
+@jit
+def kangaroo_window(probs, rows, conf_a, conf_r, cls, early, base, draws, k, cap, rem0, ctx0, steps, through, wd,
+                    per):
+    """Sampling and per-step shape of a window of decode-only Kangaroo steps
+    (:meth:`Kangaroo.decode_window`).
+
+    Member m: probabilities ``probs[rows[m], :]`` (width ≥ ``wd``), confidence-stop rows
+    ``conf_a/conf_r[cls[m]]``, stream ``base[m]`` from draw ``draws[m]`` (step s reads draws
+    ``draws[m] + s·per + j``: :func:`kangaroo_member_draws`), policy cap ``k[m]``, draft cap
+    ``cap[m] = min(k, γ)``, ``rem0[m]`` tokens left and ``ctx0[m]`` context tokens (tokens) at the
+    window's start. A step's batch cap is the largest ``min(cap, left − 1)`` of its members; at 0
+    nobody draws (each commits one token). A member leaves after the step that commits its last
+    token; the window stops after ``steps`` steps, when all have left, or (not ``through``) after
+    the first step in which one leaves.
+
+    Returns ``(s_n, act, drafts, accepted, k_eff, committed, fed, draws_used, ctx, cnt_ge,
+    ctx_ge, dmax)`` over the first ``s_n`` rows (steps run): per (step, member) whether it runs,
+    drafts, accepted prefix, ``min(k, left − 1)``, tokens committed, tokens fed (k_eff + 1),
+    uniforms consumed (uint64) and context tokens, all 0 where it does not run; per (step, round
+    j ≤ γ) the running members with drafts ≥ j and the sum of their context (tokens, int64), and
+    each step's largest drafts (−1: none running)."""
+    n = rem0.shape[0]
+    act = np.zeros((steps, n), dtype=np.bool_)
+    drafts = np.zeros((steps, n), dtype=np.int64)
+    accepted = np.zeros((steps, n), dtype=np.int64)
+    k_eff = np.zeros((steps, n), dtype=np.int64)
+    committed = np.zeros((steps, n), dtype=np.int64)
+    fed = np.zeros((steps, n), dtype=np.int64)
+    draws_used = np.zeros((steps, n), dtype=np.uint64)
+    ctx_s = np.zeros((steps, n), dtype=np.int64)
+    cnt_ge = np.zeros((steps, wd + 1), dtype=np.int64)
+    ctx_ge = np.zeros((steps, wd + 1), dtype=np.int64)
+    dmax = np.full(steps, -1, dtype=np.int64)
+    rem = rem0.copy()
+    ctx = ctx0.copy()
+    alive = np.ones(n, dtype=np.bool_)
+    pu = np.uint64(per)
+    s_n = 0
+    for s in range(steps):
+        kmax = 0
+        for m in range(n):
+            if alive[m]:
+                c = min(cap[m], rem[m] - 1)
+                if c > kmax:
+                    kmax = c
+        any_done = False
+        n_alive = 0
+        dm = -1
+        for m in range(n):
+            if not alive[m]:
+                continue
+            d_full = 0
+            pl = 0
+            if kmax > 0:
+                d_full, pl = kangaroo_member_draws(probs[rows[m]], conf_a[cls[m]], conf_r[cls[m]], early, base[m],
+                                                   draws[m] + np.uint64(s) * pu, cap[m], wd)
+            d = min(d_full, min(cap[m], rem[m] - 1))
+            a = min(pl, d)
+            act[s, m] = True
+            drafts[s, m] = d
+            accepted[s, m] = a
+            k_eff[s, m] = min(k[m], rem[m] - 1)
+            committed[s, m] = a + 1
+            fed[s, m] = k_eff[s, m] + 1
+            draws_used[s, m] = pu
+            ctx_s[s, m] = ctx[m]
+            if d > dm:
+                dm = d
+            for j in range(d + 1):
+                cnt_ge[s, j] += 1
+                ctx_ge[s, j] += ctx[m]
+            got = min(pl, d_full) + 1
+            rem[m] -= got
+            ctx[m] += got
+            if rem[m] <= 0:
+                alive[m] = False
+                any_done = True
+            else:
+                n_alive += 1
+        dmax[s] = dm
+        s_n = s + 1
+        if n_alive == 0 or (any_done and not through):
+            break
+    return (s_n, act[:s_n], drafts[:s_n], accepted[:s_n], k_eff[:s_n], committed[:s_n], fed[:s_n], draws_used[:s_n],
+            ctx_s[:s_n], cnt_ge[:s_n], ctx_ge[:s_n], dmax[:s_n])

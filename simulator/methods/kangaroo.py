@@ -31,7 +31,7 @@ from simspec.errors import ConfigError
 from simspec.profile import Profile
 from simspec.simulator.acceptance_early_exit import KangarooAcceptance, kangaroo_expectations
 from simspec.simulator.cost import CostModel
-from simspec.rng import counter_uniforms
+from simspec.simulator import kernels
 from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, WindowOutcome,
                                             register_method)
 
@@ -294,115 +294,45 @@ class Kangaroo(Method):
         kk = int(cap_full.max()) if n else 0
         early = bool(acc.stops_early)
         wd = self.gamma  # uniforms per step for the prefix (and as many for the stop): a fixed width
+        per = wd * (2 if early else 1)  # uniforms each running member draws per step (draws_per_step)
         if kk:
-            p_all = acc.position_probs(w.alpha, w.class_idx, wd)
-            if early:
-                conf_a = acc.conf_acc[w.class_idx, :wd][None]
-                conf_r = acc.conf_rej[w.class_idx, :wd][None]
-        base = w.rng_base[None, :, None]
-        ctr = w.draws.copy()
-        rem = w.remaining.copy()
-        ctx = w.ctx_tokens.copy()
-        alive = np.ones(n, dtype=bool)
-        segs: list[tuple] = []
-        s0 = 0
-        while True:
-            rem_alive = rem[alive]
-            # each running member commits at least one token per step
-            left = min(steps - s0, int(rem_alive.max() if w.through else rem_alive.min()))
-            kmax = int(np.minimum(cap_full, rem - 1)[alive].max())
-            per = wd * (2 if early else 1)  # uniforms each running member draws per step (draws_per_step)
-            if kmax:
-                pos_u = np.arange(wd, dtype=np.uint64)
-                c0 = (ctr[None, :] + np.arange(left, dtype=np.uint64)[:, None] * np.uint64(per))[:, :, None]
-                prefix = np.cumprod(counter_uniforms(base, c0 + pos_u) < p_all[None, :, :wd], axis=2).astype(bool)
-                p_len = prefix.sum(axis=2)  # accepted prefix over all wd positions
-                if early:
-                    pc = np.where(prefix, conf_a[:, :, :wd], conf_r[:, :, :wd])
-                    low = counter_uniforms(base, c0 + (pos_u + np.uint64(wd))) >= pc
-                    first_low = np.where(low.any(axis=2), low.argmax(axis=2) + 1, wd)
-                    d_full = np.minimum(first_low, cap_full[None, :])
-                else:
-                    d_full = np.broadcast_to(cap_full[None, :], (left, n))
-                commit = np.minimum(p_len, d_full) + 1
-            else:
-                p_len = d_full = np.zeros((left, n), dtype=np.int64)
-                commit = np.ones((left, n), dtype=np.int64)
-            csum = np.cumsum(commit, axis=0)
-            done = csum >= rem[None, :]
-            done_step = np.where(alive, np.where(done.any(axis=0), done.argmax(axis=0), left), -1)
-            ds = done_step[alive]
-            last = min(left, int(ds.max() if w.through else ds.min()) + 1)
-            act = np.arange(last)[:, None] <= done_step[None, :]  # member running at the step
-            before = (csum - commit)[:last]
-            rem_s = rem[None, :] - before
-            kmax_s = np.where(act, np.minimum(cap_full[None, :], rem_s - 1), -1).max(axis=1)
-            changed = kmax_s != kmax
-            if changed.any():  # never at the segment's first step
-                last = int(changed.argmax())
-                act, before, rem_s = act[:last], before[:last], rem_s[:last]
-            segs.append((p_len[:last], d_full[:last], act, rem_s, ctx[None, :] + before, np.full(last, per)))
-            got = np.where(act, commit[:last], 0).sum(axis=0)
-            rem = rem - got
-            ctx = ctx + got
-            ctr = ctr + np.uint64(per * last)
-            s0 += last
-            finished = alive & (rem <= 0)
-            alive &= ~finished
-            if s0 >= steps or not alive.any() or (not w.through and finished.any()):
-                break
-        if len(segs) == 1:
-            p_len, d_full, act, rem_s, ctx_s, per_s = segs[0]
+            probs = acc.position_probs(w.alpha, w.class_idx, wd)
         else:
-            p_len, d_full, act, rem_s, ctx_s, per_s = (np.concatenate(x) for x in zip(*segs))
+            probs = np.zeros((n, wd))
+        # sampling and each step's shape in one pass (simulator/kernels.py)
+        (s_n, act, drafts, accepted, k_s, committed, fed, draws, ctx_s, cnt_ge, ctx_ge,
+         dmax) = kernels.kangaroo_window(probs, np.arange(n), acc.conf_acc, acc.conf_rej, w.class_idx, early,
+                                         w.rng_base, w.draws, w.k, cap_full, w.remaining, w.ctx_tokens, steps,
+                                         bool(w.through), wd, per)
         all_act = bool(act.all())
-        drafts = np.minimum(d_full, np.minimum(cap_full[None, :], rem_s - 1))
-        accepted = np.minimum(p_len, drafts)
-        k_s = np.minimum(w.k[None, :], rem_s - 1)
-        committed = accepted + 1
-        fed = k_s + 1
-        draws = np.repeat(per_s.astype(np.uint64)[:, None], n, axis=1)
-        if not all_act:
-            drafts = np.where(act, drafts, 0)
-            accepted = np.where(act, accepted, 0)
-            committed = np.where(act, committed, 0)
-            k_s = np.where(act, k_s, 0)
-            fed = np.where(act, fed, 0)
-            ctx_s = np.where(act, ctx_s, 0)
-            draws[~act] = 0
-        ms = self._window_ms(drafts, ctx_s, act, all_act)
-        accepted = accepted.astype(np.int64)
-        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_s.astype(np.int64), drafted=drafts.astype(np.int64),
-                             accepted=accepted, position_accepts=accepted, committed=committed.astype(np.int64),
-                             fed_tokens=fed.astype(np.int64), draws=draws, active=None if all_act else act)
+        ms = self._window_ms(drafts, ctx_s, act, all_act, cnt_ge, ctx_ge, dmax)
+        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_s, drafted=drafts, accepted=accepted,
+                             position_accepts=accepted, committed=committed, fed_tokens=fed, draws=draws,
+                             active=None if all_act else act)
 
-    def _window_ms(self, drafts: np.ndarray, ctx: np.ndarray, act: np.ndarray, all_act: bool) -> np.ndarray:
+    def _window_ms(self, drafts: np.ndarray, ctx: np.ndarray, act: np.ndarray, all_act: bool, cnt_ge: np.ndarray,
+                   ctx_ge: np.ndarray, dmax: np.ndarray) -> np.ndarray:
         """Compute time (ms, no overhead) of each step of a decode-only window: ``drafts``/``ctx``
-        (steps, members), zero where a member is not running (``act``). The arithmetic of
-        :func:`early_exit_step_ms` per step, with every drafting round j of every step in one
-        (steps, rounds) evaluation per stage; a round a step does not run costs exactly 0."""
+        (steps, members), zero where a member is not running (``act``); ``cnt_ge``/``ctx_ge``
+        (steps, rounds): the running members with drafts ≥ j and their context (tokens);
+        ``dmax``: each step's largest drafts. The arithmetic of :func:`early_exit_step_ms` per
+        step, with every drafting round j of every step in one (steps, rounds) evaluation per
+        stage; a round a step does not run costs exactly 0."""
         c = self.cost
         s_n, n = drafts.shape
         if s_n == 0:
             return np.zeros(0)
-        d = np.where(act, drafts, -1) if not all_act else drafts
-        dmax = d.max(axis=1)  # (steps,): rounds 0..dmax run
         nj = int(dmax.max()) + 1
-        # per step and round j: members (and their context) with drafts >= j
-        key = (np.arange(s_n)[:, None] * (nj + 1) + d + 1).ravel()  # value + 1: -1 (idle) -> bin 0
-        cnt = np.bincount(key, minlength=s_n * (nj + 1)).reshape(s_n, nj + 1)[:, ::-1].cumsum(axis=1)[:, ::-1]
-        csum = np.bincount(key, weights=ctx.ravel(), minlength=s_n * (nj + 1)).reshape(s_n, nj + 1)
-        csum = csum[:, ::-1].cumsum(axis=1)[:, ::-1]
-        cnt_ge, ctx_ge = cnt[:, 1:], csum[:, 1:]  # column j: drafts >= j
+        cnt_ge, ctx_ge = cnt_ge[:, :nj + 1], ctx_ge[:, :nj + 1]
         jj = np.arange(nj)
         runs = jj[None, :] <= dmax[:, None]
-        b = np.where(runs, cnt_ge, 0).astype(np.float64)
-        kv = np.where(runs, ctx_ge + jj[None, :] * b, 0.0)
+        b = np.where(runs, cnt_ge[:, :nj], 0).astype(np.float64)
+        kv = np.where(runs, ctx_ge[:, :nj] + jj[None, :] * cnt_ge[:, :nj], 0).astype(np.float64)
         # the adapter and LM head of round j run for drafts > j (none in a step's last round)
         bh = np.zeros_like(b)
-        bh[:, :-1] = np.where(jj[None, :-1] < dmax[:, None], cnt_ge[:, 1:], 0)
+        bh[:, :-1] = np.where(jj[None, :-1] < dmax[:, None], cnt_ge[:, 1:nj], 0)
         kvh = np.zeros_like(kv)
-        kvh[:, :-1] = np.where(bh[:, :-1] > 0, ctx_ge[:, 1:] + jj[None, :-1] * bh[:, :-1], 0.0)
+        kvh[:, :-1] = np.where(bh[:, :-1] > 0, ctx_ge[:, 1:nj] + jj[None, :-1] * cnt_ge[:, 1:nj], 0)
         nb = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_n, float(n))
         deep = (drafts + act).sum(axis=1).astype(np.float64)
         ex = self.exit_layer
