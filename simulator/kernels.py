@@ -745,3 +745,112 @@ def kangaroo_window(probs, rows, conf_a, conf_r, cls, early, base, draws, k, cap
             break
     return (s_n, act[:s_n], drafts[:s_n], accepted[:s_n], k_eff[:s_n], committed[:s_n], fed[:s_n], draws_used[:s_n],
             ctx_s[:s_n], cnt_ge[:s_n], ctx_ge[:s_n], dmax[:s_n])
+
+
+@jit
+def hispec_window(p_d, p_f, base, draws, k, rem0, ctx0, steps, through, nd, ni, wd):
+    """Sampling and per-step shape of a window of decode-only two-level HiSpec steps
+    (:meth:`HiSpec.decode_window`).
+
+    Member m: draft-vs-intermediate agreement ``p_d[m, j]`` at position j of an inner block,
+    intermediate-vs-full acceptance ``p_f[m, j]`` at buffer position j, stream ``base[m]`` from
+    draw ``draws[m]``, policy cap ``k[m]``, ``rem0[m]`` tokens left and ``ctx0[m]`` context tokens
+    (tokens) at the window's start. In step s member m reads draws ``draws[m] + s·wd + x``: inner
+    iteration t at ``x = t·nd + j``, the full verification at ``x = ni·nd + j``. Per step with
+    ``ks = min(k, left − 1)`` it runs inner iterations while its buffer is below ``min(ni, ks)``
+    (iteration: ``d = min(nd, ks − buffer)`` drafts, appends ``min(agreed + 1, d)``), then the full
+    model accepts a prefix of the buffer; it commits ``min(accepted + 1, left)``. A member leaves
+    after the step that commits its last token; the window stops after ``steps`` steps, when all
+    have left, or (not ``through``) after the first step in which one leaves.
+
+    Returns ``(s_n, act, k_eff, buf, accepted, committed, fed, draws_used, n_it, it_b, it_tok,
+    it_ctx, r_cnt, r_ctx, full_b, full_m, full_ctx)`` over the first ``s_n`` steps: per (step,
+    member) whether it runs, ks, buffer tokens verified, accepted prefix, tokens committed,
+    tokens fed (ks + 1), uniforms consumed (uint64; 0 where it does not run); the number of inner
+    iterations run (all members); per (step, iteration t) the members in it, their drafts and
+    their context (tokens: context + buffer before it); per (step, t, drafting round j) the
+    members with d > j and the sum of their context; per step the members, the buffer tokens and
+    the context tokens of the full verification. All int64 and exact."""
+    n = rem0.shape[0]
+    act = np.zeros((steps, n), dtype=np.bool_)
+    k_eff = np.zeros((steps, n), dtype=np.int64)
+    buf = np.zeros((steps, n), dtype=np.int64)
+    accepted = np.zeros((steps, n), dtype=np.int64)
+    committed = np.zeros((steps, n), dtype=np.int64)
+    fed = np.zeros((steps, n), dtype=np.int64)
+    draws_used = np.zeros((steps, n), dtype=np.uint64)
+    it_b = np.zeros((steps, ni), dtype=np.int64)
+    it_tok = np.zeros((steps, ni), dtype=np.int64)
+    it_ctx = np.zeros((steps, ni), dtype=np.int64)
+    r_cnt = np.zeros((steps, ni, nd), dtype=np.int64)
+    r_ctx = np.zeros((steps, ni, nd), dtype=np.int64)
+    full_b = np.zeros(steps, dtype=np.int64)
+    full_m = np.zeros(steps, dtype=np.int64)
+    full_ctx = np.zeros(steps, dtype=np.int64)
+    rem = rem0.copy()
+    ctx = ctx0.copy()
+    alive = np.ones(n, dtype=np.bool_)
+    wu = np.uint64(wd)
+    n_it = 0
+    s_n = 0
+    for s in range(steps):
+        n_alive = 0
+        any_done = False
+        fb = 0
+        fm = 0
+        fc = 0
+        for i in range(n):
+            if not alive[i]:
+                continue
+            c0 = draws[i] + np.uint64(s) * wu
+            ks = min(k[i], rem[i] - 1)
+            target = min(ni, ks)
+            m = 0
+            t = 0
+            while m < target:
+                d = min(nd, ks - m)
+                o = t * nd
+                agreed = 0
+                while agreed < d and _uniform(base[i], c0 + np.uint64(o + agreed)) < p_d[i, agreed]:
+                    agreed += 1
+                cx = ctx[i] + m
+                it_b[s, t] += 1
+                it_tok[s, t] += d
+                it_ctx[s, t] += cx
+                for j in range(d):
+                    r_cnt[s, t, j] += 1
+                    r_ctx[s, t, j] += cx
+                n_it += 1
+                m += min(agreed + 1, d)
+                t += 1
+            a = 0
+            o = ni * nd
+            while a < m and _uniform(base[i], c0 + np.uint64(o + a)) < p_f[i, a]:
+                a += 1
+            cm = min(a + 1, rem[i])
+            act[s, i] = True
+            k_eff[s, i] = ks
+            buf[s, i] = m
+            accepted[s, i] = a
+            committed[s, i] = cm
+            fed[s, i] = ks + 1
+            draws_used[s, i] = wu
+            fb += 1
+            fm += m
+            fc += ctx[i]
+            rem[i] -= cm
+            ctx[i] += cm
+            if rem[i] <= 0:
+                alive[i] = False
+                any_done = True
+            else:
+                n_alive += 1
+        full_b[s] = fb
+        full_m[s] = fm
+        full_ctx[s] = fc
+        s_n = s + 1
+        if any_done and (not through or n_alive == 0):
+            break
+    return (s_n, act[:s_n], k_eff[:s_n], buf[:s_n], accepted[:s_n], committed[:s_n], fed[:s_n], draws_used[:s_n],
+            n_it, it_b[:s_n], it_tok[:s_n], it_ctx[:s_n], r_cnt[:s_n], r_ctx[:s_n], full_b[:s_n], full_m[:s_n],
+            full_ctx[:s_n])
