@@ -854,3 +854,138 @@ def hispec_window(p_d, p_f, base, draws, k, rem0, ctx0, steps, through, nd, ni, 
     return (s_n, act[:s_n], k_eff[:s_n], buf[:s_n], accepted[:s_n], committed[:s_n], fed[:s_n], draws_used[:s_n],
             n_it, it_b[:s_n], it_tok[:s_n], it_ctx[:s_n], r_cnt[:s_n], r_ctx[:s_n], full_b[:s_n], full_m[:s_n],
             full_ctx[:s_n])
+
+
+@jit
+def kangaroo_step_draws(probs, conf_a, conf_r, cls, early, base, ctr, cap, wd):
+    """Drafts and accepted prefix of each member of one Kangaroo step
+    (:meth:`KangarooAcceptance.sample_drafts` at width ``wd``, on the engine's counter-based draws).
+
+    Member m: acceptance probabilities ``probs[m, :]`` (width ≥ ``wd``), confidence-stop rows
+    ``conf_a/conf_r[cls[m]]``, stream ``base[m]`` from draw ``ctr[m]``, at most ``cap[m]`` drafts
+    (:func:`kangaroo_member_draws`). Returns ``(drafts, accepted)`` (tokens, int64)."""
+    n = cap.shape[0]
+    drafts = np.zeros(n, dtype=np.int64)
+    accepted = np.zeros(n, dtype=np.int64)
+    for m in range(n):
+        d, a = kangaroo_member_draws(probs[m], conf_a[cls[m]], conf_r[cls[m]], early, base[m], ctr[m], cap[m], wd)
+        drafts[m] = d
+        accepted[m] = a
+    return drafts, accepted
+
+
+@jit
+def early_exit_step_sums(drafts, pre, fed, ctx):
+    """The integer sums one single-level early-exit step is costed on (:func:`early_exit_step_ms`).
+
+    Members have ``drafts`` (tokens; decode members), ``pre`` (a prompt chunk), ``fed`` tokens
+    and ``ctx`` context tokens. Returns ``(n_pre, pre_tokens, dmax, cnt_ge, ctx_ge, deep_dec,
+    ctx_all)``: prompt chunks and their tokens, the decode members' largest drafts (0 if none),
+    per drafting round j ≤ dmax the decode members with drafts ≥ j and their context, the decode
+    members' drafts + 1 summed, and all members' context (tokens, int64)."""
+    n = drafts.shape[0]
+    n_pre = 0
+    pre_tokens = 0
+    dmax = 0
+    ctx_all = 0
+    deep_dec = 0
+    for m in range(n):
+        ctx_all += ctx[m]
+        if pre[m]:
+            n_pre += 1
+            pre_tokens += fed[m]
+        else:
+            deep_dec += drafts[m] + 1
+            if drafts[m] > dmax:
+                dmax = drafts[m]
+    cnt_ge = np.zeros(dmax + 1, dtype=np.int64)
+    ctx_ge = np.zeros(dmax + 1, dtype=np.int64)
+    for m in range(n):
+        if not pre[m]:
+            for j in range(drafts[m] + 1):
+                cnt_ge[j] += 1
+                ctx_ge[j] += ctx[m]
+    return n_pre, pre_tokens, dmax, cnt_ge, ctx_ge, deep_dec, ctx_all
+
+
+@jit
+def hispec_step(p_d, p_f, base, ctr, k, pre, fed, ctx, nd, ni):
+    """Sampling and shape of one two-level HiSpec step (:meth:`HiSpec.step` on the engine's
+    counter-based draws).
+
+    Member m: agreement ``p_d[m, j]`` (draft vs intermediate, position j of an inner block),
+    acceptance ``p_f[m, j]`` (intermediate vs full, buffer position j; width ≥ the largest
+    buffer), stream ``base[m]`` from draw ``ctr[m]`` (inner iteration t reads ``ctr + t·nd + j``,
+    the full verification ``ctr + ni·nd + j``), cap ``k[m]`` (0 for prompt chunks), ``pre[m]``
+    (a prompt chunk of ``fed[m]`` tokens), ``ctx[m]`` context tokens. Inner iterations run while
+    a member's buffer is below ``min(ni, k)``: ``d = min(nd, k − buffer)`` drafts, appending
+    ``min(agreed + 1, d)``.
+
+    Returns ``(buf, accepted, inner, n_iter, it_b, it_tok, it_ctx, it_dmax, r_cnt, r_ctx, n_pre,
+    fed_pre, fed_last, fed_full, ctx_all, buf_all)``: per member the buffer verified, the full
+    model's accepted prefix and the tokens each inner iteration appended; the iterations run (t <
+    n_iter) and per iteration the members in it, their drafts, their context (context + buffer
+    before it) and their largest d; per (iteration, drafting round j) the members with d > j and
+    their context; the prompt chunks and their tokens, the tokens through layers 0..L_i−1 (one
+    per decode member, the prompts), through L_i..N−1 (buffer + 1 per decode member, the
+    prompts), all members' context and buffers. All int64 and exact."""
+    n = k.shape[0]
+    buf = np.zeros(n, dtype=np.int64)
+    accepted = np.zeros(n, dtype=np.int64)
+    inner = np.zeros((n, ni), dtype=np.int64)
+    it_b = np.zeros(ni, dtype=np.int64)
+    it_tok = np.zeros(ni, dtype=np.int64)
+    it_ctx = np.zeros(ni, dtype=np.int64)
+    it_dmax = np.zeros(ni, dtype=np.int64)
+    r_cnt = np.zeros((ni, nd), dtype=np.int64)
+    r_ctx = np.zeros((ni, nd), dtype=np.int64)
+    n_iter = 0
+    n_pre = 0
+    fed_pre = 0
+    fed_last = 0
+    fed_full = 0
+    ctx_all = 0
+    buf_all = 0
+    for i in range(n):
+        target = min(ni, k[i])
+        m = 0
+        t = 0
+        while m < target:
+            d = min(nd, k[i] - m)
+            o = t * nd
+            agreed = 0
+            while agreed < d and _uniform(base[i], ctr[i] + np.uint64(o + agreed)) < p_d[i, agreed]:
+                agreed += 1
+            cx = ctx[i] + m
+            it_b[t] += 1
+            it_tok[t] += d
+            it_ctx[t] += cx
+            if d > it_dmax[t]:
+                it_dmax[t] = d
+            for j in range(d):
+                r_cnt[t, j] += 1
+                r_ctx[t, j] += cx
+            add = min(agreed + 1, d)
+            inner[i, t] = add
+            m += add
+            t += 1
+        if t > n_iter:
+            n_iter = t
+        a = 0
+        o = ni * nd
+        while a < m and _uniform(base[i], ctr[i] + np.uint64(o + a)) < p_f[i, a]:
+            a += 1
+        buf[i] = m
+        accepted[i] = a
+        ctx_all += ctx[i]
+        buf_all += m
+        if pre[i]:
+            n_pre += 1
+            fed_pre += fed[i]
+            fed_last += fed[i]
+            fed_full += fed[i]
+        else:
+            fed_last += 1
+            fed_full += m + 1
+    return (buf, accepted, inner, n_iter, it_b, it_tok, it_ctx, it_dmax, r_cnt, r_ctx, n_pre, fed_pre, fed_last,
+            fed_full, ctx_all, buf_all)

@@ -38,8 +38,8 @@ import numpy as np
 from simspec.errors import ConfigError
 from simspec.simulator.acceptance_early_exit import HiSpecAcceptance, hispec_buffer_expectations
 from simspec.simulator import kernels
-from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, WindowOutcome, draw_random,
-                                            register_method)
+from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, StepRandom, WindowOutcome,
+                                            draw_random, register_method)
 from simspec.simulator.methods.kangaroo import (DEFAULT_ALPHA, class_entry_names, early_exit_step_ms,
                                                 int_param, profile_setting, require_layer_level,
                                                 setting_notes, slices_ms)
@@ -131,6 +131,10 @@ class HiSpec(Method):
             ms = early_exit_step_ms(self.cost, batch, drafts, self.draft_exit, self.num_layers, adapter=False)
             return StepOutcome(step_ms=self.cost.finish(ms), drafted=drafts, accepted=accepted)
 
+        if type(rng) is StepRandom:
+            out = self._step_kernel(rng, batch, alpha_d)
+            if out is not None:
+                return out
         nd, ni = self.nd, self.ni
         target = np.minimum(ni, k)  # 0 for prefill members
         m = np.zeros(n, dtype=np.int64)
@@ -162,6 +166,47 @@ class HiSpec(Method):
             ok = (u[:, ni * nd:ni * nd + kmax] < p_f) & (np.arange(kmax)[None, :] < m[:, None])
             accepted = np.cumprod(ok, axis=1).sum(axis=1).astype(np.int64)
         ms = self.compute_ms(batch, m, iters)
+        return StepOutcome(step_ms=self.cost.finish(ms), drafted=m, accepted=accepted, inner=inner)
+
+    def _step_kernel(self, rng: StepRandom, batch: BatchStep, alpha_d: np.ndarray) -> StepOutcome | None:
+        """:meth:`step`'s two-level case on the engine's counter-based draws: the sampling and the
+        step's shape in one pass (:func:`simspec.simulator.kernels.hispec_step`), then
+        :meth:`compute_ms`'s arithmetic on its sums, in the same order. None where the
+        acceptance positions are narrower than the largest buffer (numpy's path, as before)."""
+        acc: HiSpecAcceptance = self.acceptance  # type: ignore[assignment]
+        n, k, nd, ni = batch.idx.shape[0], batch.k, self.nd, self.ni
+        drew = n > 0 and min(ni, int(k.max())) > 0
+        if drew:
+            p_d = acc.draft_probs(alpha_d, batch.class_idx, nd)
+            p_f = acc.position_probs(batch.alpha, batch.class_idx, self.k_max)
+            if p_d.shape[1] < nd or p_f.shape[1] < self.k_max:
+                return None
+        else:
+            p_d, p_f = np.zeros((n, nd)), np.zeros((n, 1))
+        (m, accepted, inner, n_iter, it_b, it_tok, it_ctx, it_dmax, r_cnt, r_ctx, n_pre, fed_pre, fed_last, fed_full,
+         ctx_all, buf_all) = kernels.hispec_step(p_d, p_f, rng.base, rng.start + rng.used, k, batch.prefill,
+                                                 batch.fed_tokens, batch.ctx_tokens, nd, ni)
+        if drew:
+            rng.used += np.uint64(self.draw_width)
+        c = self.cost
+        ld, li = self.draft_exit, self.inter_exit
+        ms = 0.0
+        if n_iter:
+            it_b, it_tok, it_ctx, it_dmax = it_b.tolist(), it_tok.tolist(), it_ctx.tolist(), it_dmax.tolist()
+            r_cnt, r_ctx = r_cnt.tolist(), r_ctx.tolist()
+            for t in range(int(n_iter)):
+                # drafting rounds at L_d (:meth:`_draft_rounds_ms`), then L_d..L_i−1 over the drafts
+                r = 0.0
+                cnt, csum = r_cnt[t], r_ctx[t]
+                for j in range(it_dmax[t]):
+                    b = cnt[j]
+                    r += c.slice_ms(0, ld, b, b, float(csum[j]) + j * b, embed=True, lm_head=True)
+                ms += r
+                ms += c.slice_ms(ld, li, it_b[t], float(it_tok[t]), float(it_ctx[t]), lm_head=True)
+        ctx_sum = float(ctx_all)
+        ms += c.slice_ms(0, li, n, float(fed_last), ctx_sum + float(buf_all), embed=True)
+        logits = float(fed_full) - float(fed_pre) + float(n_pre)
+        ms += c.slice_ms(li, self.num_layers, n, float(fed_full), ctx_sum, lm_head=True, logits_tokens=logits)
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=m, accepted=accepted, inner=inner)
 
     @property
@@ -229,6 +274,8 @@ class HiSpec(Method):
         kk = int(w.k.max()) if n else 0
         p_d = acc.draft_probs(acc.alpha_draft(w.alpha, w.class_idx), w.class_idx, nd)
         p_f = acc.position_probs(w.alpha, w.class_idx, max(kk, 1))
+        if p_d.shape[1] < nd or p_f.shape[1] < min(max(kk, 1), self.k_max):
+            return super().decode_window(w)  # beyond the acceptance positions: step by step
         # the sampling and each step's shape, step by step in one pass (simulator/kernels.py)
         (s_n, act, k_out, drafted, accepted, committed, fed, draws, n_it, it_b, it_tok, it_ctx, r_cnt, r_ctx,
          full_b, full_m, full_ctx) = kernels.hispec_window(p_d, p_f, w.rng_base, w.draws, w.k, w.remaining,

@@ -32,7 +32,7 @@ from simspec.profile import Profile
 from simspec.simulator.acceptance_early_exit import KangarooAcceptance, kangaroo_expectations
 from simspec.simulator.cost import CostModel
 from simspec.simulator import kernels
-from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, WindowOutcome,
+from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, StepRandom, WindowOutcome,
                                             register_method)
 
 DEFAULT_ALPHA = 0.7  # estimate used by policies before an acceptance model is bound
@@ -115,6 +115,13 @@ def draft_rounds_ms(cost: CostModel, drafts: np.ndarray, ctx: np.ndarray, exit_l
         cnt = np.bincount(drafts, minlength=dmax + 1)[::-1].cumsum()[::-1]
         csum = np.bincount(drafts, weights=ctx, minlength=dmax + 1)[::-1].cumsum()[::-1]
         cnt_ge, ctx_ge = cnt.tolist(), csum.tolist()
+    return rounds_ms(cost, dmax, cnt_ge, ctx_ge, exit_layer, adapter, prefill_b, prefill_tokens)
+
+
+def rounds_ms(cost: CostModel, dmax: int, cnt_ge: list, ctx_ge: list, exit_layer: int, adapter: bool,
+              prefill_b: int = 0, prefill_tokens: float = 0.0) -> float:
+    """:func:`draft_rounds_ms` from its counts: rounds j = 0..``dmax``, ``cnt_ge[j]`` requests
+    with drafts ≥ j holding ``ctx_ge[j]`` context tokens in all (at round 0)."""
     ms = 0.0
     for j in range(dmax + 1):
         b = cnt_ge[j]
@@ -186,23 +193,23 @@ def early_exit_step_ms(cost: CostModel, batch: BatchStep, drafts: np.ndarray, ex
     the decode members (prefill prompts in round 0), then layers exit..N−1 over ``drafts + 1``
     tokens per decode member and the prompt of each prefill member, and the LM head over the
     decode members' tokens and each prompt's last position."""
-    pre = batch.prefill
-    dec = ~pre
     n = batch.idx.shape[0]
-    n_pre = int(np.count_nonzero(pre))
-    pre_tokens = float(batch.fed_tokens[pre].sum()) if n_pre else 0.0
+    # the step's integer sums in one pass (simulator/kernels.py)
+    n_pre, pre_tok, dmax, cnt_ge, ctx_ge, deep_dec, ctx_all = kernels.early_exit_step_sums(
+        drafts, batch.prefill, batch.fed_tokens, batch.ctx_tokens)
+    n_pre = int(n_pre)
+    pre_tokens = float(pre_tok) if n_pre else 0.0
+    ms = rounds_ms(cost, int(dmax), cnt_ge.tolist(), [float(x) for x in ctx_ge.tolist()], exit_layer, adapter, n_pre,
+                   pre_tokens)
     if n_pre == n:
-        ms = draft_rounds_ms(cost, drafts[:0], batch.ctx_tokens[:0], exit_layer, adapter, n_pre, pre_tokens)
         deep_tokens = pre_tokens
     elif n_pre:
-        ms = draft_rounds_ms(cost, drafts[dec], batch.ctx_tokens[dec], exit_layer, adapter, n_pre, pre_tokens)
-        deep_tokens = pre_tokens + float((drafts[dec] + 1).sum())
+        deep_tokens = pre_tokens + float(deep_dec)
     else:
-        ms = draft_rounds_ms(cost, drafts, batch.ctx_tokens, exit_layer, adapter)
-        deep_tokens = float((drafts + 1).sum())
+        deep_tokens = float(deep_dec)
     # logits: every verified position of a decode member, the last position of a prefill
     logits = deep_tokens - pre_tokens + n_pre
-    ms += cost.slice_ms(exit_layer, num_layers, n, deep_tokens, float(batch.ctx_tokens.sum()), lm_head=True,
+    ms += cost.slice_ms(exit_layer, num_layers, n, deep_tokens, float(ctx_all), lm_head=True,
                         logits_tokens=logits)
     return ms
 
@@ -261,12 +268,28 @@ class Kangaroo(Method):
     # --- per step ------------------------------------------------------------------------------
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         cap = np.minimum(batch.k, self.gamma)
-        if cap.size and int(cap.max()) > 0:
+        acc = self.acceptance
+        if cap.size and int(cap.max()) > 0 and type(rng) is StepRandom and type(acc) is KangarooAcceptance:
+            # sample_drafts at width γ on the engine's counter-based draws, in one pass (kernels.py)
+            wd = self.gamma
+            probs = acc.position_probs(batch.alpha, batch.class_idx, wd)
+            early = bool(acc.stops_early)
+            if probs.shape[1] < wd:  # γ beyond the acceptance positions: numpy's error, as before
+                return self._numpy_step(rng, batch, cap)
+            drafts, accepted = kernels.kangaroo_step_draws(probs, acc.conf_acc, acc.conf_rej, batch.class_idx, early,
+                                                           rng.base, rng.start + rng.used, cap, wd)
+            rng.used += np.uint64(wd * (2 if early else 1))
+        elif cap.size and int(cap.max()) > 0:
             drafts, accepted = self.acceptance.sample_drafts(rng, batch.alpha, batch.class_idx, cap,
                                                              width=self.gamma)
         else:
             drafts = np.zeros(batch.idx.shape[0], dtype=np.int64)
             accepted = drafts.copy()
+        ms = early_exit_step_ms(self.cost, batch, drafts, self.exit_layer, self.num_layers, adapter=True)
+        return StepOutcome(step_ms=self.cost.finish(ms), drafted=drafts, accepted=accepted)
+
+    def _numpy_step(self, rng, batch: BatchStep, cap: np.ndarray) -> StepOutcome:
+        drafts, accepted = self.acceptance.sample_drafts(rng, batch.alpha, batch.class_idx, cap, width=self.gamma)
         ms = early_exit_step_ms(self.cost, batch, drafts, self.exit_layer, self.num_layers, adapter=True)
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=drafts, accepted=accepted)
 
@@ -297,6 +320,8 @@ class Kangaroo(Method):
         per = wd * (2 if early else 1)  # uniforms each running member draws per step (draws_per_step)
         if kk:
             probs = acc.position_probs(w.alpha, w.class_idx, wd)
+            if probs.shape[1] < wd:  # γ beyond the acceptance positions: step by step (numpy's error)
+                return super().decode_window(w)
         else:
             probs = np.zeros((n, wd))
         # sampling and each step's shape in one pass (simulator/kernels.py)
