@@ -257,8 +257,9 @@ class HiSpec(Method):
 
     def decode_window(self, w: DecodeWindow) -> WindowOutcome:
         """The window's steps, equal to :meth:`step` one step at a time: the sampling runs step by
-        step in plain Python on each member's counter-based uniforms (drawn ahead in blocks), and
-        the cost of every step is evaluated at the end as arrays.
+        step on each member's counter-based uniforms, with each step's shape, in one pass
+        (:func:`simspec.simulator.kernels.hispec_window`), and the cost of every step is evaluated
+        at the end as arrays.
 
         Every member consumes :attr:`draw_width` uniforms per step (inner iteration t reads
         t·N_d.., the full verification N_i·N_d..), but how many inner iterations a step runs

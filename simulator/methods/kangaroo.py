@@ -294,22 +294,17 @@ class Kangaroo(Method):
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=drafts, accepted=accepted)
 
     def decode_window(self, w: DecodeWindow) -> WindowOutcome:
-        """All the window's steps vectorised, equal to :meth:`step` one step at a time.
+        """The window's steps, equal to :meth:`step` one step at a time.
 
-        Draws: a step with batch cap ``kmax`` (the largest ``min(k, remaining − 1, γ)`` of the
-        members still running; 0: no draws) has every running member draw ``kmax`` uniforms for the
-        accepted prefix and, when the acceptance model ``stops_early``, ``kmax`` more for the
-        confidence stop (:meth:`KangarooAcceptance.sample_drafts`): ``u`` uniforms per step. The
-        window is evaluated in segments of constant ``kmax``: from a segment's first step s0 (where
-        member i's next draw is ``c_i``), step s0 + s uses draws ``c_i + s·u + j`` (prefix) and
-        ``c_i + s·u + kmax + j`` (stop), for every remaining step at once; the segment ends before
-        the first step whose ``kmax`` differs (members' caps shrink near completion) and the next
-        one starts there.
-
-        Capping a member's drafts at remaining − 1 never changes the tokens a step commits
-        (``min(accepted + 1, remaining)`` either way), so the completion step and every step's
-        context follow from cumulative sums of the uncapped outcome. The cost of all steps is
-        evaluated as (steps, rounds) arrays and summed round by round in :func:`draft_rounds_ms`'s
+        Draws: every running member draws ``u`` uniforms per step whatever it drafts
+        (:attr:`draws_per_step`: γ for the accepted prefix and, when the acceptance model
+        ``stops_early``, γ more for the confidence stop, as :meth:`KangarooAcceptance.sample_drafts`
+        at width γ), so step s of member i reads draws ``c_i + s·u + j`` (prefix) and ``c_i + s·u +
+        γ + j`` (stop); a step whose batch cap (the largest ``min(k, remaining − 1, γ)`` of its
+        members) is 0 samples nothing and commits one token per member. The sampling and each
+        step's shape (per member and drafting round) run step by step in one pass
+        (:func:`simspec.simulator.kernels.kangaroo_window`); the cost of all steps is evaluated
+        at the end as (steps, rounds) arrays and summed round by round in :func:`draft_rounds_ms`'s
         order, so each step's duration (ms) is bit-identical to :meth:`step`'s."""
         n, steps = w.idx.shape[0], w.n_steps
         acc: KangarooAcceptance = self.acceptance  # type: ignore[assignment]
@@ -348,7 +343,6 @@ class Kangaroo(Method):
         if s_n == 0:
             return np.zeros(0)
         nj = int(dmax.max()) + 1
-        cnt_ge, ctx_ge = cnt_ge[:, :nj + 1], ctx_ge[:, :nj + 1]
         jj = np.arange(nj)
         runs = jj[None, :] <= dmax[:, None]
         b = np.where(runs, cnt_ge[:, :nj], 0).astype(np.float64)
