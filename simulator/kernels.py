@@ -989,3 +989,47 @@ def hispec_step(p_d, p_f, base, ctr, k, pre, fed, ctx, nd, ni):
             fed_full += m + 1
     return (buf, accepted, inner, n_iter, it_b, it_tok, it_ctx, it_dmax, r_cnt, r_ctx, n_pre, fed_pre, fed_last,
             fed_full, ctx_all, buf_all)
+
+
+@jit
+def kangaroo_window_rounds(act, drafts, ctx, cnt_ge, ctx_ge, dmax):
+    """The arrays a window of Kangaroo steps is costed on (:meth:`Kangaroo._window_ms`), from
+    :func:`kangaroo_window`'s per (step, member) ``act``/``drafts``/``ctx`` (0 where not running)
+    and per (step, round) ``cnt_ge``/``ctx_ge`` and ``dmax``.
+
+    Returns ``(b, kv, bh, kvh, nb, deep, ctx_sum)`` as float64 (integer values, exact): per (step,
+    round j < nj = max dmax + 1) the members through layers 0..ℓ−1 in round j (drafts ≥ j; 0 where
+    the step runs no round j) and their KV tokens (context + j each), the members through the
+    adapter and LM head in round j (drafts > j) and their KV tokens; per step the members, the
+    tokens verified (drafts + 1 each) and the context (tokens)."""
+    s_n, n = drafts.shape
+    nj = 0
+    for s in range(s_n):
+        if dmax[s] + 1 > nj:
+            nj = dmax[s] + 1
+    b = np.zeros((s_n, nj), dtype=np.float64)
+    kv = np.zeros((s_n, nj), dtype=np.float64)
+    bh = np.zeros((s_n, nj), dtype=np.float64)
+    kvh = np.zeros((s_n, nj), dtype=np.float64)
+    nb = np.zeros(s_n, dtype=np.float64)
+    deep = np.zeros(s_n, dtype=np.float64)
+    ctx_sum = np.zeros(s_n, dtype=np.float64)
+    for s in range(s_n):
+        for j in range(dmax[s] + 1):
+            b[s, j] = float(cnt_ge[s, j])
+            kv[s, j] = float(ctx_ge[s, j] + j * cnt_ge[s, j])
+            if j < dmax[s] and cnt_ge[s, j + 1] > 0:
+                bh[s, j] = float(cnt_ge[s, j + 1])
+                kvh[s, j] = float(ctx_ge[s, j + 1] + j * cnt_ge[s, j + 1])
+        c = 0
+        d = 0
+        x = 0
+        for m in range(n):
+            if act[s, m]:
+                c += 1
+                d += drafts[s, m] + 1
+            x += ctx[s, m]
+        nb[s] = c
+        deep[s] = d
+        ctx_sum[s] = x
+    return b, kv, bh, kvh, nb, deep, ctx_sum

@@ -410,8 +410,8 @@ from simspec.simulator.methods.kangaroo import draft_rounds_ms, early_exit_step_
 from simspec.analytic import KANGAROO_CONFIDENCE  # noqa: E402
 from tests.test_early_exit import fixed, layer_doc, make_method  # noqa: E402
 
-_EE_KERNELS = ("kangaroo_member_draws", "kangaroo_window", "kangaroo_step_draws", "early_exit_step_sums",
-               "hispec_window", "hispec_step")
+_EE_KERNELS = ("kangaroo_member_draws", "kangaroo_window", "kangaroo_window_rounds", "kangaroo_step_draws",
+               "early_exit_step_sums", "hispec_window", "hispec_step")
 
 
 def _modes():

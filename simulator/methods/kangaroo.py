@@ -343,23 +343,15 @@ class Kangaroo(Method):
         if s_n == 0:
             return np.zeros(0)
         nj = int(dmax.max()) + 1
-        jj = np.arange(nj)
-        runs = jj[None, :] <= dmax[:, None]
-        b = np.where(runs, cnt_ge[:, :nj], 0).astype(np.float64)
-        kv = np.where(runs, ctx_ge[:, :nj] + jj[None, :] * cnt_ge[:, :nj], 0).astype(np.float64)
-        # the adapter and LM head of round j run for drafts > j (none in a step's last round)
-        bh = np.zeros_like(b)
-        bh[:, :-1] = np.where(jj[None, :-1] < dmax[:, None], cnt_ge[:, 1:nj], 0)
-        kvh = np.zeros_like(kv)
-        kvh[:, :-1] = np.where(bh[:, :-1] > 0, ctx_ge[:, 1:nj] + jj[None, :-1] * cnt_ge[:, 1:nj], 0)
-        nb = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_n, float(n))
-        deep = (drafts + act).sum(axis=1).astype(np.float64)
+        # per (step, round): b, kv (drafts >= j), bh, kvh (drafts > j; none in a step's last
+        # round); per step the batch, the verified tokens and the context (simulator/kernels.py)
+        b, kv, bh, kvh, nb, deep, ctx_sum = kernels.kangaroo_window_rounds(act, drafts, ctx, cnt_ge, ctx_ge, dmax)
         ex = self.exit_layer
         shallow, adapter, head, verify = slices_ms(c, [
             (0, ex, b, b, kv, True, False, False, None),  # slice_ms(0, ℓ, ..., embed=True)
             (0, 0, bh, bh, kvh, False, True, False, None),  # stage_ms("adapter", ...)
             (0, 0, bh, bh, kvh, False, False, True, None),  # stage_ms("lm_head", ...): an early-exit head
-            (ex, self.num_layers, nb, deep, ctx.sum(axis=1).astype(np.float64), False, False, True, deep)])
+            (ex, self.num_layers, nb, deep, ctx_sum, False, False, True, deep)])
         ms = np.zeros(s_n)
         for j in range(nj):
             ms = ms + shallow[:, j]
