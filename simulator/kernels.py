@@ -821,3 +821,410 @@ def window_clock(now_s, busy_s, step_ms):
         b = b + x
         busy[s] = b
     return starts, ends, busy
+
+
+# ------------------------------------------------------------------ early-exit methods (kangaroo, hispec)
+
+
+@jit
+def kangaroo_member_draws(p, conf_a, conf_r, early, base, c0, cap, wd):
+    """One Kangaroo decode step of one member (:meth:`KangarooAcceptance.sample_drafts` at width
+    ``wd``): ``p[j]`` its acceptance probability at position j, ``conf_a``/``conf_r`` its
+    confidence-stop probabilities (P(conf ≥ η) after an accepted / a rejected draft), ``early``:
+    whether drafting can stop early, ``base``/``c0`` its stream and first draw number (prefix
+    uniforms ``c0 + j``, stop uniforms ``c0 + wd + j``), ``cap`` its most drafts (≤ ``wd``).
+    Returns ``(d_full, acc)``: drafts made (the first j + 1 whose stop uniform is ≥ the
+    confidence probability, else ``cap``) and the accepted prefix among them (tokens). Only the
+    positions below ``d_full`` matter, so only those are drawn."""
+    d_full = cap
+    acc = 0
+    prefix = True
+    for j in range(cap):
+        if prefix:
+            if _uniform(base, c0 + np.uint64(j)) < p[j]:
+                acc += 1
+            else:
+                prefix = False
+                if not early:
+                    break
+        if early:
+            pc = conf_a[j] if prefix else conf_r[j]
+            if _uniform(base, c0 + np.uint64(wd + j)) >= pc:
+                d_full = j + 1
+                break
+    return d_full, acc
+
+
+@jit
+def kangaroo_window(probs, rows, conf_a, conf_r, cls, early, base, draws, k, cap, rem0, ctx0, steps, through, wd,
+                    per):
+    """Sampling and per-step shape of a window of decode-only Kangaroo steps
+    (:meth:`Kangaroo.decode_window`).
+
+    Member m: probabilities ``probs[rows[m], :]`` (width ≥ ``wd``), confidence-stop rows
+    ``conf_a/conf_r[cls[m]]``, stream ``base[m]`` from draw ``draws[m]`` (step s reads draws
+    ``draws[m] + s·per + j``: :func:`kangaroo_member_draws`), policy cap ``k[m]``, draft cap
+    ``cap[m] = min(k, γ)``, ``rem0[m]`` tokens left and ``ctx0[m]`` context tokens (tokens) at the
+    window's start. A step's batch cap is the largest ``min(cap, left − 1)`` of its members; at 0
+    nobody draws (each commits one token). A member leaves after the step that commits its last
+    token; the window stops after ``steps`` steps, when all have left, or (not ``through``) after
+    the first step in which one leaves.
+
+    Returns ``(s_n, act, drafts, accepted, k_eff, committed, fed, draws_used, ctx, cnt_ge,
+    ctx_ge, dmax)`` over the first ``s_n`` rows (steps run): per (step, member) whether it runs,
+    drafts, accepted prefix, ``min(k, left − 1)``, tokens committed, tokens fed (k_eff + 1),
+    uniforms consumed (uint64) and context tokens, all 0 where it does not run; per (step, round
+    j ≤ γ) the running members with drafts ≥ j and the sum of their context (tokens, int64), and
+    each step's largest drafts (−1: none running)."""
+    n = rem0.shape[0]
+    act = np.zeros((steps, n), dtype=np.bool_)
+    drafts = np.zeros((steps, n), dtype=np.int64)
+    accepted = np.zeros((steps, n), dtype=np.int64)
+    k_eff = np.zeros((steps, n), dtype=np.int64)
+    committed = np.zeros((steps, n), dtype=np.int64)
+    fed = np.zeros((steps, n), dtype=np.int64)
+    draws_used = np.zeros((steps, n), dtype=np.uint64)
+    ctx_s = np.zeros((steps, n), dtype=np.int64)
+    cnt_ge = np.zeros((steps, wd + 1), dtype=np.int64)
+    ctx_ge = np.zeros((steps, wd + 1), dtype=np.int64)
+    dmax = np.full(steps, -1, dtype=np.int64)
+    rem = rem0.copy()
+    ctx = ctx0.copy()
+    alive = np.ones(n, dtype=np.bool_)
+    pu = np.uint64(per)
+    s_n = 0
+    for s in range(steps):
+        kmax = 0
+        for m in range(n):
+            if alive[m]:
+                c = min(cap[m], rem[m] - 1)
+                if c > kmax:
+                    kmax = c
+        any_done = False
+        n_alive = 0
+        dm = -1
+        for m in range(n):
+            if not alive[m]:
+                continue
+            d_full = 0
+            pl = 0
+            if kmax > 0:
+                d_full, pl = kangaroo_member_draws(probs[rows[m]], conf_a[cls[m]], conf_r[cls[m]], early, base[m],
+                                                   draws[m] + np.uint64(s) * pu, cap[m], wd)
+            d = min(d_full, min(cap[m], rem[m] - 1))
+            a = min(pl, d)
+            act[s, m] = True
+            drafts[s, m] = d
+            accepted[s, m] = a
+            k_eff[s, m] = min(k[m], rem[m] - 1)
+            committed[s, m] = a + 1
+            fed[s, m] = k_eff[s, m] + 1
+            draws_used[s, m] = pu
+            ctx_s[s, m] = ctx[m]
+            if d > dm:
+                dm = d
+            for j in range(d + 1):
+                cnt_ge[s, j] += 1
+                ctx_ge[s, j] += ctx[m]
+            got = min(pl, d_full) + 1
+            rem[m] -= got
+            ctx[m] += got
+            if rem[m] <= 0:
+                alive[m] = False
+                any_done = True
+            else:
+                n_alive += 1
+        dmax[s] = dm
+        s_n = s + 1
+        if n_alive == 0 or (any_done and not through):
+            break
+    return (s_n, act[:s_n], drafts[:s_n], accepted[:s_n], k_eff[:s_n], committed[:s_n], fed[:s_n], draws_used[:s_n],
+            ctx_s[:s_n], cnt_ge[:s_n], ctx_ge[:s_n], dmax[:s_n])
+
+
+@jit
+def hispec_window(p_d, p_f, base, draws, k, rem0, ctx0, steps, through, nd, ni, wd):
+    """Sampling and per-step shape of a window of decode-only two-level HiSpec steps
+    (:meth:`HiSpec.decode_window`).
+
+    Member m: draft-vs-intermediate agreement ``p_d[m, j]`` at position j of an inner block,
+    intermediate-vs-full acceptance ``p_f[m, j]`` at buffer position j, stream ``base[m]`` from
+    draw ``draws[m]``, policy cap ``k[m]``, ``rem0[m]`` tokens left and ``ctx0[m]`` context tokens
+    (tokens) at the window's start. In step s member m reads draws ``draws[m] + s·wd + x``: inner
+    iteration t at ``x = t·nd + j``, the full verification at ``x = ni·nd + j``. Per step with
+    ``ks = min(k, left − 1)`` it runs inner iterations while its buffer is below ``min(ni, ks)``
+    (iteration: ``d = min(nd, ks − buffer)`` drafts, appends ``min(agreed + 1, d)``), then the full
+    model accepts a prefix of the buffer; it commits ``min(accepted + 1, left)``. A member leaves
+    after the step that commits its last token; the window stops after ``steps`` steps, when all
+    have left, or (not ``through``) after the first step in which one leaves.
+
+    Returns ``(s_n, act, k_eff, buf, accepted, committed, fed, draws_used, n_it, it_b, it_tok,
+    it_ctx, r_cnt, r_ctx, full_b, full_m, full_ctx)`` over the first ``s_n`` steps: per (step,
+    member) whether it runs, ks, buffer tokens verified, accepted prefix, tokens committed,
+    tokens fed (ks + 1), uniforms consumed (uint64; 0 where it does not run); the number of inner
+    iterations run (all members); per (step, iteration t) the members in it, their drafts and
+    their context (tokens: context + buffer before it); per (step, t, drafting round j) the
+    members with d > j and the sum of their context; per step the members, the buffer tokens and
+    the context tokens of the full verification. All int64 and exact."""
+    n = rem0.shape[0]
+    act = np.zeros((steps, n), dtype=np.bool_)
+    k_eff = np.zeros((steps, n), dtype=np.int64)
+    buf = np.zeros((steps, n), dtype=np.int64)
+    accepted = np.zeros((steps, n), dtype=np.int64)
+    committed = np.zeros((steps, n), dtype=np.int64)
+    fed = np.zeros((steps, n), dtype=np.int64)
+    draws_used = np.zeros((steps, n), dtype=np.uint64)
+    it_b = np.zeros((steps, ni), dtype=np.int64)
+    it_tok = np.zeros((steps, ni), dtype=np.int64)
+    it_ctx = np.zeros((steps, ni), dtype=np.int64)
+    r_cnt = np.zeros((steps, ni, nd), dtype=np.int64)
+    r_ctx = np.zeros((steps, ni, nd), dtype=np.int64)
+    full_b = np.zeros(steps, dtype=np.int64)
+    full_m = np.zeros(steps, dtype=np.int64)
+    full_ctx = np.zeros(steps, dtype=np.int64)
+    rem = rem0.copy()
+    ctx = ctx0.copy()
+    alive = np.ones(n, dtype=np.bool_)
+    wu = np.uint64(wd)
+    n_it = 0
+    s_n = 0
+    for s in range(steps):
+        n_alive = 0
+        any_done = False
+        fb = 0
+        fm = 0
+        fc = 0
+        for i in range(n):
+            if not alive[i]:
+                continue
+            c0 = draws[i] + np.uint64(s) * wu
+            ks = min(k[i], rem[i] - 1)
+            target = min(ni, ks)
+            m = 0
+            t = 0
+            while m < target:
+                d = min(nd, ks - m)
+                o = t * nd
+                agreed = 0
+                while agreed < d and _uniform(base[i], c0 + np.uint64(o + agreed)) < p_d[i, agreed]:
+                    agreed += 1
+                cx = ctx[i] + m
+                it_b[s, t] += 1
+                it_tok[s, t] += d
+                it_ctx[s, t] += cx
+                for j in range(d):
+                    r_cnt[s, t, j] += 1
+                    r_ctx[s, t, j] += cx
+                n_it += 1
+                m += min(agreed + 1, d)
+                t += 1
+            a = 0
+            o = ni * nd
+            while a < m and _uniform(base[i], c0 + np.uint64(o + a)) < p_f[i, a]:
+                a += 1
+            cm = min(a + 1, rem[i])
+            act[s, i] = True
+            k_eff[s, i] = ks
+            buf[s, i] = m
+            accepted[s, i] = a
+            committed[s, i] = cm
+            fed[s, i] = ks + 1
+            draws_used[s, i] = wu
+            fb += 1
+            fm += m
+            fc += ctx[i]
+            rem[i] -= cm
+            ctx[i] += cm
+            if rem[i] <= 0:
+                alive[i] = False
+                any_done = True
+            else:
+                n_alive += 1
+        full_b[s] = fb
+        full_m[s] = fm
+        full_ctx[s] = fc
+        s_n = s + 1
+        if any_done and (not through or n_alive == 0):
+            break
+    return (s_n, act[:s_n], k_eff[:s_n], buf[:s_n], accepted[:s_n], committed[:s_n], fed[:s_n], draws_used[:s_n],
+            n_it, it_b[:s_n], it_tok[:s_n], it_ctx[:s_n], r_cnt[:s_n], r_ctx[:s_n], full_b[:s_n], full_m[:s_n],
+            full_ctx[:s_n])
+
+
+@jit
+def kangaroo_step_draws(probs, conf_a, conf_r, cls, early, base, ctr, cap, wd):
+    """Drafts and accepted prefix of each member of one Kangaroo step
+    (:meth:`KangarooAcceptance.sample_drafts` at width ``wd``, on the engine's counter-based draws).
+
+    Member m: acceptance probabilities ``probs[m, :]`` (width ≥ ``wd``), confidence-stop rows
+    ``conf_a/conf_r[cls[m]]``, stream ``base[m]`` from draw ``ctr[m]``, at most ``cap[m]`` drafts
+    (:func:`kangaroo_member_draws`). Returns ``(drafts, accepted)`` (tokens, int64)."""
+    n = cap.shape[0]
+    drafts = np.zeros(n, dtype=np.int64)
+    accepted = np.zeros(n, dtype=np.int64)
+    for m in range(n):
+        d, a = kangaroo_member_draws(probs[m], conf_a[cls[m]], conf_r[cls[m]], early, base[m], ctr[m], cap[m], wd)
+        drafts[m] = d
+        accepted[m] = a
+    return drafts, accepted
+
+
+@jit
+def early_exit_step_sums(drafts, pre, fed, ctx):
+    """The integer sums one single-level early-exit step is costed on (:func:`early_exit_step_ms`).
+
+    Members have ``drafts`` (tokens; decode members), ``pre`` (a prompt chunk), ``fed`` tokens
+    and ``ctx`` context tokens. Returns ``(n_pre, pre_tokens, dmax, cnt_ge, ctx_ge, deep_dec,
+    ctx_all)``: prompt chunks and their tokens, the decode members' largest drafts (0 if none),
+    per drafting round j ≤ dmax the decode members with drafts ≥ j and their context, the decode
+    members' drafts + 1 summed, and all members' context (tokens, int64)."""
+    n = drafts.shape[0]
+    n_pre = 0
+    pre_tokens = 0
+    dmax = 0
+    ctx_all = 0
+    deep_dec = 0
+    for m in range(n):
+        ctx_all += ctx[m]
+        if pre[m]:
+            n_pre += 1
+            pre_tokens += fed[m]
+        else:
+            deep_dec += drafts[m] + 1
+            if drafts[m] > dmax:
+                dmax = drafts[m]
+    cnt_ge = np.zeros(dmax + 1, dtype=np.int64)
+    ctx_ge = np.zeros(dmax + 1, dtype=np.int64)
+    for m in range(n):
+        if not pre[m]:
+            for j in range(drafts[m] + 1):
+                cnt_ge[j] += 1
+                ctx_ge[j] += ctx[m]
+    return n_pre, pre_tokens, dmax, cnt_ge, ctx_ge, deep_dec, ctx_all
+
+
+@jit
+def hispec_step(p_d, p_f, base, ctr, k, pre, fed, ctx, nd, ni):
+    """Sampling and shape of one two-level HiSpec step (:meth:`HiSpec.step` on the engine's
+    counter-based draws).
+
+    Member m: agreement ``p_d[m, j]`` (draft vs intermediate, position j of an inner block),
+    acceptance ``p_f[m, j]`` (intermediate vs full, buffer position j; width ≥ the largest
+    buffer), stream ``base[m]`` from draw ``ctr[m]`` (inner iteration t reads ``ctr + t·nd + j``,
+    the full verification ``ctr + ni·nd + j``), cap ``k[m]`` (0 for prompt chunks), ``pre[m]``
+    (a prompt chunk of ``fed[m]`` tokens), ``ctx[m]`` context tokens. Inner iterations run while
+    a member's buffer is below ``min(ni, k)``: ``d = min(nd, k − buffer)`` drafts, appending
+    ``min(agreed + 1, d)``.
+
+    Returns ``(buf, accepted, inner, n_iter, it_b, it_tok, it_ctx, it_dmax, r_cnt, r_ctx, n_pre,
+    fed_pre, fed_last, fed_full, ctx_all, buf_all)``: per member the buffer verified, the full
+    model's accepted prefix and the tokens each inner iteration appended; the iterations run (t <
+    n_iter) and per iteration the members in it, their drafts, their context (context + buffer
+    before it) and their largest d; per (iteration, drafting round j) the members with d > j and
+    their context; the prompt chunks and their tokens, the tokens through layers 0..L_i−1 (one
+    per decode member, the prompts), through L_i..N−1 (buffer + 1 per decode member, the
+    prompts), all members' context and buffers. All int64 and exact."""
+    n = k.shape[0]
+    buf = np.zeros(n, dtype=np.int64)
+    accepted = np.zeros(n, dtype=np.int64)
+    inner = np.zeros((n, ni), dtype=np.int64)
+    it_b = np.zeros(ni, dtype=np.int64)
+    it_tok = np.zeros(ni, dtype=np.int64)
+    it_ctx = np.zeros(ni, dtype=np.int64)
+    it_dmax = np.zeros(ni, dtype=np.int64)
+    r_cnt = np.zeros((ni, nd), dtype=np.int64)
+    r_ctx = np.zeros((ni, nd), dtype=np.int64)
+    n_iter = 0
+    n_pre = 0
+    fed_pre = 0
+    fed_last = 0
+    fed_full = 0
+    ctx_all = 0
+    buf_all = 0
+    for i in range(n):
+        target = min(ni, k[i])
+        m = 0
+        t = 0
+        while m < target:
+            d = min(nd, k[i] - m)
+            o = t * nd
+            agreed = 0
+            while agreed < d and _uniform(base[i], ctr[i] + np.uint64(o + agreed)) < p_d[i, agreed]:
+                agreed += 1
+            cx = ctx[i] + m
+            it_b[t] += 1
+            it_tok[t] += d
+            it_ctx[t] += cx
+            if d > it_dmax[t]:
+                it_dmax[t] = d
+            for j in range(d):
+                r_cnt[t, j] += 1
+                r_ctx[t, j] += cx
+            add = min(agreed + 1, d)
+            inner[i, t] = add
+            m += add
+            t += 1
+        if t > n_iter:
+            n_iter = t
+        a = 0
+        o = ni * nd
+        while a < m and _uniform(base[i], ctr[i] + np.uint64(o + a)) < p_f[i, a]:
+            a += 1
+        buf[i] = m
+        accepted[i] = a
+        ctx_all += ctx[i]
+        buf_all += m
+        if pre[i]:
+            n_pre += 1
+            fed_pre += fed[i]
+            fed_last += fed[i]
+            fed_full += fed[i]
+        else:
+            fed_last += 1
+            fed_full += m + 1
+    return (buf, accepted, inner, n_iter, it_b, it_tok, it_ctx, it_dmax, r_cnt, r_ctx, n_pre, fed_pre, fed_last,
+            fed_full, ctx_all, buf_all)
+
+
+@jit
+def kangaroo_window_rounds(act, drafts, ctx, cnt_ge, ctx_ge, dmax):
+    """The arrays a window of Kangaroo steps is costed on (:meth:`Kangaroo._window_ms`), from
+    :func:`kangaroo_window`'s per (step, member) ``act``/``drafts``/``ctx`` (0 where not running)
+    and per (step, round) ``cnt_ge``/``ctx_ge`` and ``dmax``.
+
+    Returns ``(b, kv, bh, kvh, nb, deep, ctx_sum)`` as float64 (integer values, exact): per (step,
+    round j < nj = max dmax + 1) the members through layers 0..ℓ−1 in round j (drafts ≥ j; 0 where
+    the step runs no round j) and their KV tokens (context + j each), the members through the
+    adapter and LM head in round j (drafts > j) and their KV tokens; per step the members, the
+    tokens verified (drafts + 1 each) and the context (tokens)."""
+    s_n, n = drafts.shape
+    nj = 0
+    for s in range(s_n):
+        if dmax[s] + 1 > nj:
+            nj = dmax[s] + 1
+    b = np.zeros((s_n, nj), dtype=np.float64)
+    kv = np.zeros((s_n, nj), dtype=np.float64)
+    bh = np.zeros((s_n, nj), dtype=np.float64)
+    kvh = np.zeros((s_n, nj), dtype=np.float64)
+    nb = np.zeros(s_n, dtype=np.float64)
+    deep = np.zeros(s_n, dtype=np.float64)
+    ctx_sum = np.zeros(s_n, dtype=np.float64)
+    for s in range(s_n):
+        for j in range(dmax[s] + 1):
+            b[s, j] = float(cnt_ge[s, j])
+            kv[s, j] = float(ctx_ge[s, j] + j * cnt_ge[s, j])
+            if j < dmax[s] and cnt_ge[s, j + 1] > 0:
+                bh[s, j] = float(cnt_ge[s, j + 1])
+                kvh[s, j] = float(ctx_ge[s, j + 1] + j * cnt_ge[s, j + 1])
+        c = 0
+        d = 0
+        x = 0
+        for m in range(n):
+            if act[s, m]:
+                c += 1
+                d += drafts[s, m] + 1
+            x += ctx[s, m]
+        nb[s] = c
+        deep[s] = d
+        ctx_sum[s] = x
+    return b, kv, bh, kvh, nb, deep, ctx_sum

@@ -573,6 +573,9 @@ def test_window_book_equals_numpy(seed, with_active, lead):
     ("none", "srpt", "fixed", "vllm", "least-outstanding"),
     ("draft:k=3", "laps-sd", "smartspec", "preemptive", "round-robin"),
     ("kangaroo", "fcfs", "smartspec", "vllm", "round-robin"),
+    ("kangaroo:eta=0", "srpt", "fixed", "vllm", "least-outstanding"),
+    ("hispec", "fcfs", "fixed", "vllm", "round-robin"),
+    ("hispec:inter_exit=32", "laps-sd", "smartspec", "preemptive", "round-robin"),  # single-level
 ])
 def test_replay_identical_in_both_kernel_modes(monkeypatch, spec, policy, spec_len, batching, router):
     """A saturated run (chunked prefills, preemptions, windows cut by arrivals and KV) gives
@@ -700,3 +703,477 @@ def test_window_clock_equals_numpy(seed):
     busy_after = np.cumsum(np.concatenate(([busy], step_ms / 1000.0)))[1:]
     for fn in _both("window_clock"):
         _eq(fn(now, busy, step_ms), (starts, ends, busy_after))
+
+
+# ------------------------------------------------------------------------------ kangaroo / hispec
+# References: the numpy code of Kangaroo/HiSpec's decode_window, step and early_exit_step_ms as it
+# was before the kernels (main at e8b8e5a), copied with ``self`` -> ``m``. The methods' outputs must
+# be byte-identical to it with the kernels in either mode (``_kernel_mode`` swaps the module's
+# attributes the methods call).
+import contextlib  # noqa: E402
+
+from simspec.rng import request_bases, stream_key  # noqa: E402
+from simspec.simulator.methods.base import BatchStep, DecodeWindow, StepRandom, WindowOutcome  # noqa: E402
+from simspec.simulator.methods.kangaroo import draft_rounds_ms, early_exit_step_ms, slices_ms  # noqa: E402
+from simspec.analytic import KANGAROO_CONFIDENCE  # noqa: E402
+from tests.test_early_exit import fixed, layer_doc, make_method  # noqa: E402
+
+_EE_KERNELS = ("kangaroo_member_draws", "kangaroo_window", "kangaroo_window_rounds", "kangaroo_step_draws",
+               "early_exit_step_sums", "hispec_window", "hispec_step")
+
+
+def _modes():
+    return ["plain"] + (["compiled"] if K.numba_available() else [])
+
+
+@contextlib.contextmanager
+def _kernel_mode(mode):
+    """The early-exit kernels of ``mode`` as the module's attributes (restored after)."""
+    table = K.plain() if mode == "plain" else K.compiled()
+    saved = {name: getattr(K, name) for name in _EE_KERNELS}
+    try:
+        for name in _EE_KERNELS:
+            setattr(K, name, table[name])
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(K, name, fn)
+
+
+class _NumpyRandom(StepRandom):
+    """The engine's counter-based draws, but not of type StepRandom: the methods take their numpy
+    path (draw_random / rng.random), the code the kernels replaced."""
+
+
+def _ref_early_exit_step_ms(cost, batch, drafts, exit_layer, num_layers, adapter):
+    pre = batch.prefill
+    dec = ~pre
+    n = batch.idx.shape[0]
+    n_pre = int(np.count_nonzero(pre))
+    pre_tokens = float(batch.fed_tokens[pre].sum()) if n_pre else 0.0
+    if n_pre == n:
+        ms = draft_rounds_ms(cost, drafts[:0], batch.ctx_tokens[:0], exit_layer, adapter, n_pre, pre_tokens)
+        deep_tokens = pre_tokens
+    elif n_pre:
+        ms = draft_rounds_ms(cost, drafts[dec], batch.ctx_tokens[dec], exit_layer, adapter, n_pre, pre_tokens)
+        deep_tokens = pre_tokens + float((drafts[dec] + 1).sum())
+    else:
+        ms = draft_rounds_ms(cost, drafts, batch.ctx_tokens, exit_layer, adapter)
+        deep_tokens = float((drafts + 1).sum())
+    logits = deep_tokens - pre_tokens + n_pre
+    ms += cost.slice_ms(exit_layer, num_layers, n, deep_tokens, float(batch.ctx_tokens.sum()), lm_head=True,
+                        logits_tokens=logits)
+    return ms
+
+
+def _ref_kangaroo_step(m, rng, batch):
+    cap = np.minimum(batch.k, m.gamma)
+    if cap.size and int(cap.max()) > 0:
+        drafts, accepted = m.acceptance.sample_drafts(rng, batch.alpha, batch.class_idx, cap, width=m.gamma)
+    else:
+        drafts = np.zeros(batch.idx.shape[0], dtype=np.int64)
+        accepted = drafts.copy()
+    ms = _ref_early_exit_step_ms(m.cost, batch, drafts, m.exit_layer, m.num_layers, adapter=True)
+    return m.cost.finish(ms), drafts, accepted
+
+
+def _ref_kangaroo_window_ms(m, drafts, ctx, act, all_act):
+    c = m.cost
+    s_n, n = drafts.shape
+    if s_n == 0:
+        return np.zeros(0)
+    d = np.where(act, drafts, -1) if not all_act else drafts
+    dmax = d.max(axis=1)
+    nj = int(dmax.max()) + 1
+    key = (np.arange(s_n)[:, None] * (nj + 1) + d + 1).ravel()
+    cnt = np.bincount(key, minlength=s_n * (nj + 1)).reshape(s_n, nj + 1)[:, ::-1].cumsum(axis=1)[:, ::-1]
+    csum = np.bincount(key, weights=ctx.ravel(), minlength=s_n * (nj + 1)).reshape(s_n, nj + 1)
+    csum = csum[:, ::-1].cumsum(axis=1)[:, ::-1]
+    cnt_ge, ctx_ge = cnt[:, 1:], csum[:, 1:]
+    jj = np.arange(nj)
+    runs = jj[None, :] <= dmax[:, None]
+    b = np.where(runs, cnt_ge, 0).astype(np.float64)
+    kv = np.where(runs, ctx_ge + jj[None, :] * b, 0.0)
+    bh = np.zeros_like(b)
+    bh[:, :-1] = np.where(jj[None, :-1] < dmax[:, None], cnt_ge[:, 1:], 0)
+    kvh = np.zeros_like(kv)
+    kvh[:, :-1] = np.where(bh[:, :-1] > 0, ctx_ge[:, 1:] + jj[None, :-1] * bh[:, :-1], 0.0)
+    nb = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_n, float(n))
+    deep = (drafts + act).sum(axis=1).astype(np.float64)
+    ex = m.exit_layer
+    shallow, adapter, head, verify = slices_ms(c, [
+        (0, ex, b, b, kv, True, False, False, None),
+        (0, 0, bh, bh, kvh, False, True, False, None),
+        (0, 0, bh, bh, kvh, False, False, True, None),
+        (ex, m.num_layers, nb, deep, ctx.sum(axis=1).astype(np.float64), False, False, True, deep)])
+    ms = np.zeros(s_n)
+    for j in range(nj):
+        ms = ms + shallow[:, j]
+        ms = ms + adapter[:, j]
+        ms = ms + head[:, j]
+    return ms + verify
+
+
+def _ref_kangaroo_window(m, w):
+    n, steps = w.idx.shape[0], w.n_steps
+    acc = m.acceptance
+    cap_full = np.minimum(w.k, m.gamma)
+    kk = int(cap_full.max()) if n else 0
+    early = bool(acc.stops_early)
+    wd = m.gamma
+    if kk:
+        p_all = acc.position_probs(w.alpha, w.class_idx, wd)
+        if early:
+            conf_a = acc.conf_acc[w.class_idx, :wd][None]
+            conf_r = acc.conf_rej[w.class_idx, :wd][None]
+    base = w.rng_base[None, :, None]
+    ctr = w.draws.copy()
+    rem = w.remaining.copy()
+    ctx = w.ctx_tokens.copy()
+    alive = np.ones(n, dtype=bool)
+    segs = []
+    s0 = 0
+    while True:
+        rem_alive = rem[alive]
+        left = min(steps - s0, int(rem_alive.max() if w.through else rem_alive.min()))
+        kmax = int(np.minimum(cap_full, rem - 1)[alive].max())
+        per = wd * (2 if early else 1)
+        if kmax:
+            pos_u = np.arange(wd, dtype=np.uint64)
+            c0 = (ctr[None, :] + np.arange(left, dtype=np.uint64)[:, None] * np.uint64(per))[:, :, None]
+            prefix = np.cumprod(counter_uniforms(base, c0 + pos_u) < p_all[None, :, :wd], axis=2).astype(bool)
+            p_len = prefix.sum(axis=2)
+            if early:
+                pc = np.where(prefix, conf_a[:, :, :wd], conf_r[:, :, :wd])
+                low = counter_uniforms(base, c0 + (pos_u + np.uint64(wd))) >= pc
+                first_low = np.where(low.any(axis=2), low.argmax(axis=2) + 1, wd)
+                d_full = np.minimum(first_low, cap_full[None, :])
+            else:
+                d_full = np.broadcast_to(cap_full[None, :], (left, n))
+            commit = np.minimum(p_len, d_full) + 1
+        else:
+            p_len = d_full = np.zeros((left, n), dtype=np.int64)
+            commit = np.ones((left, n), dtype=np.int64)
+        csum = np.cumsum(commit, axis=0)
+        done = csum >= rem[None, :]
+        done_step = np.where(alive, np.where(done.any(axis=0), done.argmax(axis=0), left), -1)
+        ds = done_step[alive]
+        last = min(left, int(ds.max() if w.through else ds.min()) + 1)
+        act = np.arange(last)[:, None] <= done_step[None, :]
+        before = (csum - commit)[:last]
+        rem_s = rem[None, :] - before
+        kmax_s = np.where(act, np.minimum(cap_full[None, :], rem_s - 1), -1).max(axis=1)
+        changed = kmax_s != kmax
+        if changed.any():
+            last = int(changed.argmax())
+            act, before, rem_s = act[:last], before[:last], rem_s[:last]
+        segs.append((p_len[:last], d_full[:last], act, rem_s, ctx[None, :] + before, np.full(last, per)))
+        got = np.where(act, commit[:last], 0).sum(axis=0)
+        rem = rem - got
+        ctx = ctx + got
+        ctr = ctr + np.uint64(per * last)
+        s0 += last
+        finished = alive & (rem <= 0)
+        alive &= ~finished
+        if s0 >= steps or not alive.any() or (not w.through and finished.any()):
+            break
+    if len(segs) == 1:
+        p_len, d_full, act, rem_s, ctx_s, per_s = segs[0]
+    else:
+        p_len, d_full, act, rem_s, ctx_s, per_s = (np.concatenate(x) for x in zip(*segs))
+    all_act = bool(act.all())
+    drafts = np.minimum(d_full, np.minimum(cap_full[None, :], rem_s - 1))
+    accepted = np.minimum(p_len, drafts)
+    k_s = np.minimum(w.k[None, :], rem_s - 1)
+    committed = accepted + 1
+    fed = k_s + 1
+    draws = np.repeat(per_s.astype(np.uint64)[:, None], n, axis=1)
+    if not all_act:
+        drafts = np.where(act, drafts, 0)
+        accepted = np.where(act, accepted, 0)
+        committed = np.where(act, committed, 0)
+        k_s = np.where(act, k_s, 0)
+        fed = np.where(act, fed, 0)
+        ctx_s = np.where(act, ctx_s, 0)
+        draws[~act] = 0
+    ms = _ref_kangaroo_window_ms(m, drafts, ctx_s, act, all_act)
+    accepted = accepted.astype(np.int64)
+    return WindowOutcome(step_ms=m.cost.finish(ms), k=k_s.astype(np.int64), drafted=drafts.astype(np.int64),
+                         accepted=accepted, position_accepts=accepted, committed=committed.astype(np.int64),
+                         fed_tokens=fed.astype(np.int64), draws=draws, active=None if all_act else act)
+
+
+def _ref_hispec_window_ms(m, s_n, it_key, it_d, it_ctx, full_b, full_m, full_ctx):
+    c, nd, ni = m.cost, m.nd, m.ni
+    ld, li = m.draft_exit, m.inter_exit
+    b = np.asarray(full_b, dtype=np.float64)
+    m_sum = np.asarray(full_m, dtype=np.float64)
+    ctx_sum = np.asarray(full_ctx, dtype=np.float64)
+    fed = m_sum + b
+    parts = [(0, li, b, b, ctx_sum + m_sum, True, False, False, None),
+             (li, m.num_layers, b, fed, ctx_sum, False, False, True, fed)]
+    ms = np.zeros(s_n)
+    if it_key:
+        key = np.asarray(it_key, dtype=np.int64)
+        d = np.asarray(it_d, dtype=np.int64)
+        cx = np.asarray(it_ctx, dtype=np.float64)
+        n_it = s_n * ni
+        b_i = np.bincount(key, minlength=n_it).astype(np.float64)
+        tok_i = np.bincount(key, weights=d.astype(np.float64), minlength=n_it)
+        kv_i = np.bincount(key, weights=cx, minlength=n_it)
+        key2 = key * nd + (d - 1)
+        cnt = np.bincount(key2, minlength=n_it * nd).reshape(s_n, ni, nd)[:, :, ::-1].cumsum(axis=2)[:, :, ::-1]
+        csum = np.bincount(key2, weights=cx, minlength=n_it * nd).reshape(s_n, ni, nd)
+        csum = csum[:, :, ::-1].cumsum(axis=2)[:, :, ::-1]
+        b_r = cnt.astype(np.float64)
+        kv_r = np.where(cnt > 0, csum + np.arange(nd)[None, None, :] * b_r, 0.0)
+        full_1, full_2, inter, rounds = slices_ms(c, parts + [
+            (ld, li, b_i, tok_i, kv_i, False, False, True, None),
+            (0, ld, b_r, b_r, kv_r, True, False, True, None)])
+        inter = inter.reshape(s_n, ni)
+        for t in range(ni):
+            r = np.zeros(s_n)
+            for j in range(nd):
+                r = r + rounds[:, t, j]
+            ms = ms + r
+            ms = ms + inter[:, t]
+    else:
+        full_1, full_2 = slices_ms(c, parts)
+    ms = ms + full_1
+    return ms + full_2
+
+
+def _ref_hispec_window(m, w):
+    acc = m.acceptance
+    n, steps, nd, ni = w.idx.shape[0], w.n_steps, m.nd, m.ni
+    kk = int(w.k.max()) if n else 0
+    p_d = acc.draft_probs(acc.alpha_draft(w.alpha, w.class_idx), w.class_idx, nd).tolist()
+    p_f = acc.position_probs(w.alpha, w.class_idx, max(kk, 1)).tolist()
+    k, rem, ctx = w.k.tolist(), w.remaining.tolist(), w.ctx_tokens.tolist()
+    base, ctr0 = w.rng_base, w.draws
+    wd = m.draw_width
+    block = min(steps, 32) * wd
+    bufs = [[] for _ in range(n)]
+    off = [0] * n
+
+    def take(i, count):
+        buf, o = bufs[i], off[i]
+        if o + count > len(buf):
+            start = ctr0[i] + np.uint64(len(buf))
+            buf.extend(counter_uniforms(base[i], start + np.arange(max(block, count), dtype=np.uint64)).tolist())
+        off[i] = o + count
+        return buf, o
+
+    rows_k, rows_m, rows_a, rows_c, rows_r, rows_act = [], [], [], [], [], []
+    it_key, it_d, it_ctx, full_b, full_m, full_ctx = [], [], [], [], [], []
+    alive = list(range(n))
+    for s in range(steps):
+        ks_s, m_s, u_s = {}, {}, {}
+        for i in alive:
+            ks = min(k[i], rem[i] - 1)
+            target = min(ni, ks)
+            mm = t = 0
+            pdi = p_d[i]
+            u, o0 = take(i, wd)
+            u_s[i] = (u, o0 + ni * nd)
+            while mm < target:
+                d = min(nd, ks - mm)
+                o = o0 + t * nd
+                agreed = 0
+                while agreed < d and u[o + agreed] < pdi[agreed]:
+                    agreed += 1
+                it_key.append(s * ni + t)
+                it_d.append(d)
+                it_ctx.append(ctx[i] + mm)
+                mm += min(agreed + 1, d)
+                t += 1
+            ks_s[i], m_s[i] = ks, mm
+        r_k, r_m, r_a, r_c, r_r, r_act = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n, [False] * n
+        m_tot = ctx_tot = 0
+        for i in alive:
+            mm = m_s[i]
+            accepted = 0
+            u, o = u_s[i]
+            pfi = p_f[i]
+            while accepted < mm and u[o + accepted] < pfi[accepted]:
+                accepted += 1
+            committed = min(accepted + 1, rem[i])
+            r_k[i], r_m[i], r_a[i], r_c[i] = ks_s[i], mm, accepted, committed
+            r_r[i] = wd
+            r_act[i] = True
+            m_tot += mm
+            ctx_tot += ctx[i]
+            rem[i] -= committed
+            ctx[i] += committed
+        full_b.append(len(alive))
+        full_m.append(m_tot)
+        full_ctx.append(ctx_tot)
+        rows_k.append(r_k)
+        rows_m.append(r_m)
+        rows_a.append(r_a)
+        rows_c.append(r_c)
+        rows_r.append(r_r)
+        rows_act.append(r_act)
+        left = [i for i in alive if rem[i] > 0]
+        if len(left) < len(alive) and (not w.through or not left):
+            break
+        alive = left
+    s_n = len(rows_k)
+    act = np.array(rows_act, dtype=bool)
+    all_act = bool(act.all())
+    k_out = np.array(rows_k, dtype=np.int64)
+    accepted = np.array(rows_a, dtype=np.int64)
+    ms = _ref_hispec_window_ms(m, s_n, it_key, it_d, it_ctx, full_b, full_m, full_ctx)
+    return WindowOutcome(step_ms=m.cost.finish(ms), k=k_out, drafted=np.array(rows_m, dtype=np.int64),
+                         accepted=accepted, position_accepts=accepted, committed=np.array(rows_c, dtype=np.int64),
+                         fed_tokens=np.where(act, k_out + 1, 0), draws=np.array(rows_r, dtype=np.uint64),
+                         active=None if all_act else act)
+
+
+_WINDOW_FIELDS = ("step_ms", "k", "drafted", "accepted", "position_accepts", "committed", "fed_tokens", "draws")
+
+
+def _eq_window(got, want):
+    for f in _WINDOW_FIELDS:
+        a, b = getattr(got, f), getattr(want, f)
+        assert a.dtype == b.dtype, (f, a.dtype, b.dtype)
+        _eq(a, b)
+    assert (got.active is None) == (want.active is None)
+    if want.active is not None:
+        _eq(got.active, want.active)
+
+
+def _early_exit_method(spec):
+    if spec.startswith("kangaroo"):
+        doc = layer_doc(kangaroo={"alpha": fixed(0.7), "confidence": KANGAROO_CONFIDENCE}, ct=0.01, ckv=1e-4)
+    else:
+        doc = layer_doc(hispec={"alpha": fixed(0.7), "draft_vs_inter": {"alpha": fixed(0.8)}}, ct=0.01, ckv=1e-4)
+    return make_method(spec, doc)
+
+
+def _random_window(rng, n, kmax, through, steps, short):
+    rem = rng.integers(1, 12 if short else 400, n)
+    return DecodeWindow(idx=np.arange(n), ctx_tokens=rng.integers(1, 3000, n), k=rng.integers(0, kmax + 1, n),
+                        remaining=rem, alpha=rng.uniform(0.0, 1.0, n), class_idx=np.zeros(n, dtype=np.int64),
+                        rng_base=request_bases(stream_key(int(rng.integers(1 << 30)), "acceptance"),
+                                               rng.integers(0, 1 << 40, n).astype(np.uint64)),
+                        draws=rng.integers(0, 1000, n).astype(np.uint64), n_steps=steps, through=through)
+
+
+def _random_step_batch(rng, n, kmax):
+    pre = rng.random(n) < 0.3
+    k = np.where(pre, 0, rng.integers(0, kmax + 1, n)).astype(np.int64)
+    fed = np.where(pre, rng.integers(1, 600, n), k + 1).astype(np.int64)
+    return BatchStep(idx=np.arange(n), prefill=pre, fed_tokens=fed, ctx_tokens=rng.integers(0, 3000, n),
+                     k=k, remaining=rng.integers(1, 400, n), alpha=rng.uniform(0.0, 1.0, n),
+                     class_idx=np.zeros(n, dtype=np.int64))
+
+
+KANGAROO_SPECS = ["kangaroo:exit=2,gamma=6,eta=0.6", "kangaroo:exit=3,gamma=4,eta=0", "kangaroo:exit=2,gamma=5,eta=1"]
+HISPEC_SPECS = ["hispec:draft_exit=1,inter_exit=3,nd=2,ni=4", "hispec:draft_exit=2,inter_exit=5,nd=3,ni=2",
+                "hispec:draft_exit=1,inter_exit=4,nd=1,ni=6"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(SEEDS, st.sampled_from(KANGAROO_SPECS), st.booleans(), st.booleans())
+def test_kangaroo_window_equals_numpy(seed, spec, through, short):
+    m = _early_exit_method(spec)
+    rng = np.random.default_rng(seed)
+    w = _random_window(rng, int(rng.integers(1, 20)), 8, through, int(rng.integers(1, 40)), short)
+    want = _ref_kangaroo_window(m, w)
+    for mode in _modes():
+        with _kernel_mode(mode):
+            _eq_window(m.decode_window(w), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(SEEDS, st.sampled_from(HISPEC_SPECS), st.booleans(), st.booleans())
+def test_hispec_window_equals_numpy(seed, spec, through, short):
+    m = _early_exit_method(spec)
+    rng = np.random.default_rng(seed)
+    w = _random_window(rng, int(rng.integers(1, 20)), m.k_max, through, int(rng.integers(1, 40)), short)
+    want = _ref_hispec_window(m, w)
+    for mode in _modes():
+        with _kernel_mode(mode):
+            _eq_window(m.decode_window(w), want)
+
+
+def _step_randoms(rng, n):
+    base = request_bases(stream_key(int(rng.integers(1 << 30)), "acceptance"),
+                         rng.integers(0, 1 << 40, n).astype(np.uint64))
+    draws = rng.integers(0, 1000, n).astype(np.uint64)
+    return (lambda: StepRandom(base, draws.copy())), (lambda: _NumpyRandom(base, draws.copy()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(SEEDS, st.sampled_from(KANGAROO_SPECS + ["kangaroo:exit=2,gamma=6,eta=0.6"]))
+def test_kangaroo_step_equals_numpy(seed, spec):
+    m = _early_exit_method(spec)
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 20))
+    batch = _random_step_batch(rng, n, 8)
+    if rng.random() < 0.2:
+        batch.k[:] = 0
+    new_rng, old_rng = _step_randoms(rng, n)
+    r0 = old_rng()
+    want_ms, want_d, want_a = _ref_kangaroo_step(m, r0, batch)
+    for mode in _modes():
+        with _kernel_mode(mode):
+            r1 = new_rng()
+            out = m.step(r1, batch)
+        assert out.step_ms == want_ms or (np.isnan(out.step_ms) and np.isnan(want_ms))
+        assert np.float64(out.step_ms).tobytes() == np.float64(want_ms).tobytes()
+        _eq(np.asarray(out.drafted, dtype=np.int64), want_d.astype(np.int64))
+        _eq(np.asarray(out.accepted, dtype=np.int64), want_a.astype(np.int64))
+        _eq(r1.used, r0.used)
+
+
+@settings(max_examples=60, deadline=None)
+@given(SEEDS, st.sampled_from(HISPEC_SPECS + ["hispec:draft_exit=2,inter_exit=8,nd=3"]))
+def test_hispec_step_equals_numpy(seed, spec):
+    """The two-level step's kernel path against its numpy path (draw_random + compute_ms, kept
+    for other generators); the single-level step's early_exit_step_ms against the numpy one."""
+    m = _early_exit_method(spec)
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 20))
+    batch = _random_step_batch(rng, n, m.k_max)
+    if rng.random() < 0.2:
+        batch.k[:] = 0
+    new_rng, old_rng = _step_randoms(rng, n)
+    r0 = old_rng()
+    want = m.step(r0, batch)
+    if m.single_level:
+        drafts = np.minimum(batch.k, m.nd).astype(np.int64)
+        want_ms = m.cost.finish(_ref_early_exit_step_ms(m.cost, batch, drafts, m.draft_exit, m.num_layers, False))
+        assert np.float64(want.step_ms).tobytes() == np.float64(want_ms).tobytes()
+    for mode in _modes():
+        with _kernel_mode(mode):
+            r1 = new_rng()
+            out = m.step(r1, batch)
+        assert np.float64(out.step_ms).tobytes() == np.float64(want.step_ms).tobytes()
+        _eq(np.asarray(out.drafted, dtype=np.int64), np.asarray(want.drafted, dtype=np.int64))
+        _eq(np.asarray(out.accepted, dtype=np.int64), np.asarray(want.accepted, dtype=np.int64))
+        if want.inner is not None:
+            _eq(np.asarray(out.inner, dtype=np.int64), np.asarray(want.inner, dtype=np.int64))
+        _eq(r1.used, r0.used)
+
+
+@settings(max_examples=60, deadline=None)
+@given(SEEDS)
+def test_early_exit_step_sums_equals_numpy(seed):
+    """early_exit_step_ms (on the kernel's sums) against the numpy version, prompts included."""
+    m = _early_exit_method("kangaroo:exit=2,gamma=6,eta=0.6")
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 20))
+    batch = _random_step_batch(rng, n, 6)
+    if rng.random() < 0.2:
+        batch.prefill[:] = True
+    drafts = np.where(batch.prefill, 0, rng.integers(0, 7, n)).astype(np.int64)
+    if rng.random() < 0.3:
+        drafts = np.where(batch.prefill, 0, 3).astype(np.int64)  # uniform drafts
+    for adapter in (True, False):
+        want = _ref_early_exit_step_ms(m.cost, batch, drafts, m.exit_layer, m.num_layers, adapter)
+        for mode in _modes():
+            with _kernel_mode(mode):
+                got = early_exit_step_ms(m.cost, batch, drafts, m.exit_layer, m.num_layers, adapter)
+            assert np.float64(got).tobytes() == np.float64(want).tobytes()

@@ -37,9 +37,9 @@ import numpy as np
 
 from simspec.errors import ConfigError
 from simspec.simulator.acceptance_early_exit import HiSpecAcceptance, hispec_buffer_expectations
-from simspec.rng import counter_uniforms
-from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, WindowOutcome, draw_random,
-                                            register_method)
+from simspec.simulator import kernels
+from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, StepRandom, WindowOutcome,
+                                            draw_random, register_method)
 from simspec.simulator.methods.kangaroo import (DEFAULT_ALPHA, class_entry_names, early_exit_step_ms,
                                                 int_param, profile_setting, require_layer_level,
                                                 setting_notes, slices_ms)
@@ -131,6 +131,10 @@ class HiSpec(Method):
             ms = early_exit_step_ms(self.cost, batch, drafts, self.draft_exit, self.num_layers, adapter=False)
             return StepOutcome(step_ms=self.cost.finish(ms), drafted=drafts, accepted=accepted)
 
+        if type(rng) is StepRandom:
+            out = self._step_kernel(rng, batch, alpha_d)
+            if out is not None:
+                return out
         nd, ni = self.nd, self.ni
         target = np.minimum(ni, k)  # 0 for prefill members
         m = np.zeros(n, dtype=np.int64)
@@ -162,6 +166,47 @@ class HiSpec(Method):
             ok = (u[:, ni * nd:ni * nd + kmax] < p_f) & (np.arange(kmax)[None, :] < m[:, None])
             accepted = np.cumprod(ok, axis=1).sum(axis=1).astype(np.int64)
         ms = self.compute_ms(batch, m, iters)
+        return StepOutcome(step_ms=self.cost.finish(ms), drafted=m, accepted=accepted, inner=inner)
+
+    def _step_kernel(self, rng: StepRandom, batch: BatchStep, alpha_d: np.ndarray) -> StepOutcome | None:
+        """:meth:`step`'s two-level case on the engine's counter-based draws: the sampling and the
+        step's shape in one pass (:func:`simspec.simulator.kernels.hispec_step`), then
+        :meth:`compute_ms`'s arithmetic on its sums, in the same order. None where the
+        acceptance positions are narrower than the largest buffer (numpy's path, as before)."""
+        acc: HiSpecAcceptance = self.acceptance  # type: ignore[assignment]
+        n, k, nd, ni = batch.idx.shape[0], batch.k, self.nd, self.ni
+        drew = n > 0 and min(ni, int(k.max())) > 0
+        if drew:
+            p_d = acc.draft_probs(alpha_d, batch.class_idx, nd)
+            p_f = acc.position_probs(batch.alpha, batch.class_idx, self.k_max)
+            if p_d.shape[1] < nd or p_f.shape[1] < self.k_max:
+                return None
+        else:
+            p_d, p_f = np.zeros((n, nd)), np.zeros((n, 1))
+        (m, accepted, inner, n_iter, it_b, it_tok, it_ctx, it_dmax, r_cnt, r_ctx, n_pre, fed_pre, fed_last, fed_full,
+         ctx_all, buf_all) = kernels.hispec_step(p_d, p_f, rng.base, rng.start + rng.used, k, batch.prefill,
+                                                 batch.fed_tokens, batch.ctx_tokens, nd, ni)
+        if drew:
+            rng.used += np.uint64(self.draw_width)
+        c = self.cost
+        ld, li = self.draft_exit, self.inter_exit
+        ms = 0.0
+        if n_iter:
+            it_b, it_tok, it_ctx, it_dmax = it_b.tolist(), it_tok.tolist(), it_ctx.tolist(), it_dmax.tolist()
+            r_cnt, r_ctx = r_cnt.tolist(), r_ctx.tolist()
+            for t in range(int(n_iter)):
+                # drafting rounds at L_d (:meth:`_draft_rounds_ms`), then L_d..L_i−1 over the drafts
+                r = 0.0
+                cnt, csum = r_cnt[t], r_ctx[t]
+                for j in range(it_dmax[t]):
+                    b = cnt[j]
+                    r += c.slice_ms(0, ld, b, b, float(csum[j]) + j * b, embed=True, lm_head=True)
+                ms += r
+                ms += c.slice_ms(ld, li, it_b[t], float(it_tok[t]), float(it_ctx[t]), lm_head=True)
+        ctx_sum = float(ctx_all)
+        ms += c.slice_ms(0, li, n, float(fed_last), ctx_sum + float(buf_all), embed=True)
+        logits = float(fed_full) - float(fed_pre) + float(n_pre)
+        ms += c.slice_ms(li, self.num_layers, n, float(fed_full), ctx_sum, lm_head=True, logits_tokens=logits)
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=m, accepted=accepted, inner=inner)
 
     @property
@@ -212,8 +257,9 @@ class HiSpec(Method):
 
     def decode_window(self, w: DecodeWindow) -> WindowOutcome:
         """The window's steps, equal to :meth:`step` one step at a time: the sampling runs step by
-        step in plain Python on each member's counter-based uniforms (drawn ahead in blocks), and
-        the cost of every step is evaluated at the end as arrays.
+        step on each member's counter-based uniforms, with each step's shape, in one pass
+        (:func:`simspec.simulator.kernels.hispec_window`), and the cost of every step is evaluated
+        at the end as arrays.
 
         Every member consumes :attr:`draw_width` uniforms per step (inner iteration t reads
         t·N_d.., the full verification N_i·N_d..), but how many inner iterations a step runs
@@ -227,133 +273,47 @@ class HiSpec(Method):
         acc: HiSpecAcceptance = self.acceptance  # type: ignore[assignment]
         n, steps, nd, ni = w.idx.shape[0], w.n_steps, self.nd, self.ni
         kk = int(w.k.max()) if n else 0
-        p_d = acc.draft_probs(acc.alpha_draft(w.alpha, w.class_idx), w.class_idx, nd).tolist()
-        p_f = acc.position_probs(w.alpha, w.class_idx, max(kk, 1)).tolist()
-        k, rem, ctx = w.k.tolist(), w.remaining.tolist(), w.ctx_tokens.tolist()
-        # each member's uniforms from its next draw on, drawn a block at a time
-        base, ctr0 = w.rng_base, w.draws
-        wd = self.draw_width  # uniforms per member and step (draws_per_step)
-        block = min(steps, 32) * wd
-        bufs: list[list[float]] = [[] for _ in range(n)]
-        off = [0] * n
-
-        def take(i: int, count: int) -> tuple[list[float], int]:
-            """Member i's next ``count`` uniforms: (its buffer, where they start in it)."""
-            buf, o = bufs[i], off[i]
-            if o + count > len(buf):
-                start = ctr0[i] + np.uint64(len(buf))
-                buf.extend(counter_uniforms(base[i], start + np.arange(max(block, count), dtype=np.uint64)).tolist())
-            off[i] = o + count
-            return buf, o
-
-        rows_k: list[list[int]] = []
-        rows_m: list[list[int]] = []
-        rows_a: list[list[int]] = []
-        rows_c: list[list[int]] = []
-        rows_r: list[list[int]] = []
-        rows_act: list[list[bool]] = []
-        # per inner iteration of a member: key step·N_i + iteration, its drafts d and its context
-        it_key: list[int] = []
-        it_d: list[int] = []
-        it_ctx: list[int] = []
-        full_b: list[int] = []
-        full_m: list[int] = []
-        full_ctx: list[int] = []
-        alive = list(range(n))
-        for s in range(steps):
-            ks_s, m_s, u_s = {}, {}, {}
-            for i in alive:
-                ks = min(k[i], rem[i] - 1)
-                target = min(ni, ks)
-                m = t = 0
-                pdi = p_d[i]
-                u, o0 = take(i, wd)
-                u_s[i] = (u, o0 + ni * nd)
-                while m < target:
-                    d = min(nd, ks - m)
-                    o = o0 + t * nd
-                    agreed = 0
-                    while agreed < d and u[o + agreed] < pdi[agreed]:
-                        agreed += 1
-                    it_key.append(s * ni + t)
-                    it_d.append(d)
-                    it_ctx.append(ctx[i] + m)
-                    m += min(agreed + 1, d)
-                    t += 1
-                ks_s[i], m_s[i] = ks, m
-            r_k, r_m, r_a, r_c, r_r, r_act = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n, [False] * n
-            m_tot = ctx_tot = 0
-            for i in alive:
-                m = m_s[i]
-                accepted = 0
-                u, o = u_s[i]
-                pfi = p_f[i]
-                while accepted < m and u[o + accepted] < pfi[accepted]:
-                    accepted += 1
-                committed = min(accepted + 1, rem[i])
-                r_k[i], r_m[i], r_a[i], r_c[i] = ks_s[i], m, accepted, committed
-                r_r[i] = wd
-                r_act[i] = True
-                m_tot += m
-                ctx_tot += ctx[i]
-                rem[i] -= committed
-                ctx[i] += committed
-            full_b.append(len(alive))
-            full_m.append(m_tot)
-            full_ctx.append(ctx_tot)
-            rows_k.append(r_k)
-            rows_m.append(r_m)
-            rows_a.append(r_a)
-            rows_c.append(r_c)
-            rows_r.append(r_r)
-            rows_act.append(r_act)
-            left = [i for i in alive if rem[i] > 0]
-            if len(left) < len(alive) and (not w.through or not left):
-                break
-            alive = left
-        s_n = len(rows_k)
-        act = np.array(rows_act, dtype=bool)
+        p_d = acc.draft_probs(acc.alpha_draft(w.alpha, w.class_idx), w.class_idx, nd)
+        p_f = acc.position_probs(w.alpha, w.class_idx, max(kk, 1))
+        if p_d.shape[1] < nd or p_f.shape[1] < min(max(kk, 1), self.k_max):
+            return super().decode_window(w)  # beyond the acceptance positions: step by step
+        # the sampling and each step's shape, step by step in one pass (simulator/kernels.py)
+        (s_n, act, k_out, drafted, accepted, committed, fed, draws, n_it, it_b, it_tok, it_ctx, r_cnt, r_ctx,
+         full_b, full_m, full_ctx) = kernels.hispec_window(p_d, p_f, w.rng_base, w.draws, w.k, w.remaining,
+                                                          w.ctx_tokens, steps, bool(w.through), nd, ni,
+                                                          self.draw_width)
         all_act = bool(act.all())
-        k_out = np.array(rows_k, dtype=np.int64)
-        accepted = np.array(rows_a, dtype=np.int64)
-        ms = self._window_ms(s_n, it_key, it_d, it_ctx, full_b, full_m, full_ctx)
-        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_out, drafted=np.array(rows_m, dtype=np.int64),
-                             accepted=accepted, position_accepts=accepted,
-                             committed=np.array(rows_c, dtype=np.int64),
-                             fed_tokens=np.where(act, k_out + 1, 0), draws=np.array(rows_r, dtype=np.uint64),
+        ms = self._window_ms(s_n, n_it, it_b, it_tok, it_ctx, r_cnt, r_ctx, full_b, full_m, full_ctx)
+        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_out, drafted=drafted, accepted=accepted,
+                             position_accepts=accepted, committed=committed, fed_tokens=fed, draws=draws,
                              active=None if all_act else act)
 
-    def _window_ms(self, s_n: int, it_key: list[int], it_d: list[int], it_ctx: list[int],
-                   full_b: list[int], full_m: list[int], full_ctx: list[int]) -> np.ndarray:
-        """Compute time (ms, no overhead) of each of ``s_n`` decode-only steps from their inner
-        iterations (one entry per member and iteration: key step·N_i + iteration, the member's
-        drafts d and its context) and their full
-        verifications (batch size, buffer tokens, context tokens): :meth:`step`'s arithmetic with
-        all steps' passes evaluated as arrays per stage; a pass a step does not run costs 0."""
+    def _window_ms(self, s_n: int, n_it: int, it_b: np.ndarray, it_tok: np.ndarray, it_ctx: np.ndarray,
+                   r_cnt: np.ndarray, r_ctx: np.ndarray, full_b: np.ndarray, full_m: np.ndarray,
+                   full_ctx: np.ndarray) -> np.ndarray:
+        """Compute time (ms, no overhead) of each of ``s_n`` decode-only steps from the shapes of
+        their inner iterations (``n_it`` in all; per (step, iteration) the members, their drafts
+        and their context; per (step, iteration, drafting round j) the members with d > j and
+        their context) and their full verifications (batch size, buffer tokens, context tokens),
+        as :func:`simspec.simulator.kernels.hispec_window` returns them: :meth:`step`'s
+        arithmetic with all steps' passes evaluated as arrays per stage; a pass a step does not
+        run costs 0."""
         c, nd, ni = self.cost, self.nd, self.ni
         ld, li = self.draft_exit, self.inter_exit
-        b = np.asarray(full_b, dtype=np.float64)
-        m_sum = np.asarray(full_m, dtype=np.float64)
-        ctx_sum = np.asarray(full_ctx, dtype=np.float64)
+        b = full_b.astype(np.float64)
+        m_sum = full_m.astype(np.float64)
+        ctx_sum = full_ctx.astype(np.float64)
         fed = m_sum + b
         parts = [(0, li, b, b, ctx_sum + m_sum, True, False, False, None),
                  (li, self.num_layers, b, fed, ctx_sum, False, False, True, fed)]
         ms = np.zeros(s_n)
-        if it_key:
-            key = np.asarray(it_key, dtype=np.int64)
-            d = np.asarray(it_d, dtype=np.int64)
-            cx = np.asarray(it_ctx, dtype=np.float64)
-            n_it = s_n * ni
-            b_i = np.bincount(key, minlength=n_it).astype(np.float64)
-            tok_i = np.bincount(key, weights=d.astype(np.float64), minlength=n_it)
-            kv_i = np.bincount(key, weights=cx, minlength=n_it)
-            # drafting round j runs the members with d > j: counts of d = 1..N_d, summed from the top
-            key2 = key * nd + (d - 1)
-            cnt = np.bincount(key2, minlength=n_it * nd).reshape(s_n, ni, nd)[:, :, ::-1].cumsum(axis=2)[:, :, ::-1]
-            csum = np.bincount(key2, weights=cx, minlength=n_it * nd).reshape(s_n, ni, nd)
-            csum = csum[:, :, ::-1].cumsum(axis=2)[:, :, ::-1]
-            b_r = cnt.astype(np.float64)
-            kv_r = np.where(cnt > 0, csum + np.arange(nd)[None, None, :] * b_r, 0.0)
+        if n_it:
+            b_i = it_b.ravel().astype(np.float64)
+            tok_i = it_tok.ravel().astype(np.float64)
+            kv_i = it_ctx.ravel().astype(np.float64)
+            # drafting round j runs the members with d > j
+            b_r = r_cnt.astype(np.float64)
+            kv_r = np.where(r_cnt > 0, r_ctx + np.arange(nd)[None, None, :] * r_cnt, 0).astype(np.float64)
             full_1, full_2, inter, rounds = slices_ms(c, parts + [
                 (ld, li, b_i, tok_i, kv_i, False, False, True, None),
                 (0, ld, b_r, b_r, kv_r, True, False, True, None)])

@@ -31,8 +31,8 @@ from simspec.errors import ConfigError
 from simspec.profile import Profile
 from simspec.simulator.acceptance_early_exit import KangarooAcceptance, kangaroo_expectations
 from simspec.simulator.cost import CostModel
-from simspec.rng import counter_uniforms
-from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, WindowOutcome,
+from simspec.simulator import kernels
+from simspec.simulator.methods.base import (BatchStep, DecodeWindow, Method, StepOutcome, StepRandom, WindowOutcome,
                                             register_method)
 
 DEFAULT_ALPHA = 0.7  # estimate used by policies before an acceptance model is bound
@@ -115,6 +115,13 @@ def draft_rounds_ms(cost: CostModel, drafts: np.ndarray, ctx: np.ndarray, exit_l
         cnt = np.bincount(drafts, minlength=dmax + 1)[::-1].cumsum()[::-1]
         csum = np.bincount(drafts, weights=ctx, minlength=dmax + 1)[::-1].cumsum()[::-1]
         cnt_ge, ctx_ge = cnt.tolist(), csum.tolist()
+    return rounds_ms(cost, dmax, cnt_ge, ctx_ge, exit_layer, adapter, prefill_b, prefill_tokens)
+
+
+def rounds_ms(cost: CostModel, dmax: int, cnt_ge: list, ctx_ge: list, exit_layer: int, adapter: bool,
+              prefill_b: int = 0, prefill_tokens: float = 0.0) -> float:
+    """:func:`draft_rounds_ms` from its counts: rounds j = 0..``dmax``, ``cnt_ge[j]`` requests
+    with drafts ≥ j holding ``ctx_ge[j]`` context tokens in all (at round 0)."""
     ms = 0.0
     for j in range(dmax + 1):
         b = cnt_ge[j]
@@ -186,23 +193,23 @@ def early_exit_step_ms(cost: CostModel, batch: BatchStep, drafts: np.ndarray, ex
     the decode members (prefill prompts in round 0), then layers exit..N−1 over ``drafts + 1``
     tokens per decode member and the prompt of each prefill member, and the LM head over the
     decode members' tokens and each prompt's last position."""
-    pre = batch.prefill
-    dec = ~pre
     n = batch.idx.shape[0]
-    n_pre = int(np.count_nonzero(pre))
-    pre_tokens = float(batch.fed_tokens[pre].sum()) if n_pre else 0.0
+    # the step's integer sums in one pass (simulator/kernels.py)
+    n_pre, pre_tok, dmax, cnt_ge, ctx_ge, deep_dec, ctx_all = kernels.early_exit_step_sums(
+        drafts, batch.prefill, batch.fed_tokens, batch.ctx_tokens)
+    n_pre = int(n_pre)
+    pre_tokens = float(pre_tok) if n_pre else 0.0
+    ms = rounds_ms(cost, int(dmax), cnt_ge.tolist(), [float(x) for x in ctx_ge.tolist()], exit_layer, adapter, n_pre,
+                   pre_tokens)
     if n_pre == n:
-        ms = draft_rounds_ms(cost, drafts[:0], batch.ctx_tokens[:0], exit_layer, adapter, n_pre, pre_tokens)
         deep_tokens = pre_tokens
     elif n_pre:
-        ms = draft_rounds_ms(cost, drafts[dec], batch.ctx_tokens[dec], exit_layer, adapter, n_pre, pre_tokens)
-        deep_tokens = pre_tokens + float((drafts[dec] + 1).sum())
+        deep_tokens = pre_tokens + float(deep_dec)
     else:
-        ms = draft_rounds_ms(cost, drafts, batch.ctx_tokens, exit_layer, adapter)
-        deep_tokens = float((drafts + 1).sum())
+        deep_tokens = float(deep_dec)
     # logits: every verified position of a decode member, the last position of a prefill
     logits = deep_tokens - pre_tokens + n_pre
-    ms += cost.slice_ms(exit_layer, num_layers, n, deep_tokens, float(batch.ctx_tokens.sum()), lm_head=True,
+    ms += cost.slice_ms(exit_layer, num_layers, n, deep_tokens, float(ctx_all), lm_head=True,
                         logits_tokens=logits)
     return ms
 
@@ -261,7 +268,18 @@ class Kangaroo(Method):
     # --- per step ------------------------------------------------------------------------------
     def step(self, rng: np.random.Generator, batch: BatchStep) -> StepOutcome:
         cap = np.minimum(batch.k, self.gamma)
-        if cap.size and int(cap.max()) > 0:
+        acc = self.acceptance
+        if cap.size and int(cap.max()) > 0 and type(rng) is StepRandom and type(acc) is KangarooAcceptance:
+            # sample_drafts at width γ on the engine's counter-based draws, in one pass (kernels.py)
+            wd = self.gamma
+            probs = acc.position_probs(batch.alpha, batch.class_idx, wd)
+            early = bool(acc.stops_early)
+            if probs.shape[1] < wd:  # γ beyond the acceptance positions: numpy's error, as before
+                return self._numpy_step(rng, batch, cap)
+            drafts, accepted = kernels.kangaroo_step_draws(probs, acc.conf_acc, acc.conf_rej, batch.class_idx, early,
+                                                           rng.base, rng.start + rng.used, cap, wd)
+            rng.used += np.uint64(wd * (2 if early else 1))
+        elif cap.size and int(cap.max()) > 0:
             drafts, accepted = self.acceptance.sample_drafts(rng, batch.alpha, batch.class_idx, cap,
                                                              width=self.gamma)
         else:
@@ -270,23 +288,23 @@ class Kangaroo(Method):
         ms = early_exit_step_ms(self.cost, batch, drafts, self.exit_layer, self.num_layers, adapter=True)
         return StepOutcome(step_ms=self.cost.finish(ms), drafted=drafts, accepted=accepted)
 
+    def _numpy_step(self, rng, batch: BatchStep, cap: np.ndarray) -> StepOutcome:
+        drafts, accepted = self.acceptance.sample_drafts(rng, batch.alpha, batch.class_idx, cap, width=self.gamma)
+        ms = early_exit_step_ms(self.cost, batch, drafts, self.exit_layer, self.num_layers, adapter=True)
+        return StepOutcome(step_ms=self.cost.finish(ms), drafted=drafts, accepted=accepted)
+
     def decode_window(self, w: DecodeWindow) -> WindowOutcome:
-        """All the window's steps vectorised, equal to :meth:`step` one step at a time.
+        """The window's steps, equal to :meth:`step` one step at a time.
 
-        Draws: a step with batch cap ``kmax`` (the largest ``min(k, remaining − 1, γ)`` of the
-        members still running; 0: no draws) has every running member draw ``kmax`` uniforms for the
-        accepted prefix and, when the acceptance model ``stops_early``, ``kmax`` more for the
-        confidence stop (:meth:`KangarooAcceptance.sample_drafts`): ``u`` uniforms per step. The
-        window is evaluated in segments of constant ``kmax``: from a segment's first step s0 (where
-        member i's next draw is ``c_i``), step s0 + s uses draws ``c_i + s·u + j`` (prefix) and
-        ``c_i + s·u + kmax + j`` (stop), for every remaining step at once; the segment ends before
-        the first step whose ``kmax`` differs (members' caps shrink near completion) and the next
-        one starts there.
-
-        Capping a member's drafts at remaining − 1 never changes the tokens a step commits
-        (``min(accepted + 1, remaining)`` either way), so the completion step and every step's
-        context follow from cumulative sums of the uncapped outcome. The cost of all steps is
-        evaluated as (steps, rounds) arrays and summed round by round in :func:`draft_rounds_ms`'s
+        Draws: every running member draws ``u`` uniforms per step whatever it drafts
+        (:attr:`draws_per_step`: γ for the accepted prefix and, when the acceptance model
+        ``stops_early``, γ more for the confidence stop, as :meth:`KangarooAcceptance.sample_drafts`
+        at width γ), so step s of member i reads draws ``c_i + s·u + j`` (prefix) and ``c_i + s·u +
+        γ + j`` (stop); a step whose batch cap (the largest ``min(k, remaining − 1, γ)`` of its
+        members) is 0 samples nothing and commits one token per member. The sampling and each
+        step's shape (per member and drafting round) run step by step in one pass
+        (:func:`simspec.simulator.kernels.kangaroo_window`); the cost of all steps is evaluated
+        at the end as (steps, rounds) arrays and summed round by round in :func:`draft_rounds_ms`'s
         order, so each step's duration (ms) is bit-identical to :meth:`step`'s."""
         n, steps = w.idx.shape[0], w.n_steps
         acc: KangarooAcceptance = self.acceptance  # type: ignore[assignment]
@@ -294,123 +312,46 @@ class Kangaroo(Method):
         kk = int(cap_full.max()) if n else 0
         early = bool(acc.stops_early)
         wd = self.gamma  # uniforms per step for the prefix (and as many for the stop): a fixed width
+        per = wd * (2 if early else 1)  # uniforms each running member draws per step (draws_per_step)
         if kk:
-            p_all = acc.position_probs(w.alpha, w.class_idx, wd)
-            if early:
-                conf_a = acc.conf_acc[w.class_idx, :wd][None]
-                conf_r = acc.conf_rej[w.class_idx, :wd][None]
-        base = w.rng_base[None, :, None]
-        ctr = w.draws.copy()
-        rem = w.remaining.copy()
-        ctx = w.ctx_tokens.copy()
-        alive = np.ones(n, dtype=bool)
-        segs: list[tuple] = []
-        s0 = 0
-        while True:
-            rem_alive = rem[alive]
-            # each running member commits at least one token per step
-            left = min(steps - s0, int(rem_alive.max() if w.through else rem_alive.min()))
-            kmax = int(np.minimum(cap_full, rem - 1)[alive].max())
-            per = wd * (2 if early else 1)  # uniforms each running member draws per step (draws_per_step)
-            if kmax:
-                pos_u = np.arange(wd, dtype=np.uint64)
-                c0 = (ctr[None, :] + np.arange(left, dtype=np.uint64)[:, None] * np.uint64(per))[:, :, None]
-                prefix = np.cumprod(counter_uniforms(base, c0 + pos_u) < p_all[None, :, :wd], axis=2).astype(bool)
-                p_len = prefix.sum(axis=2)  # accepted prefix over all wd positions
-                if early:
-                    pc = np.where(prefix, conf_a[:, :, :wd], conf_r[:, :, :wd])
-                    low = counter_uniforms(base, c0 + (pos_u + np.uint64(wd))) >= pc
-                    first_low = np.where(low.any(axis=2), low.argmax(axis=2) + 1, wd)
-                    d_full = np.minimum(first_low, cap_full[None, :])
-                else:
-                    d_full = np.broadcast_to(cap_full[None, :], (left, n))
-                commit = np.minimum(p_len, d_full) + 1
-            else:
-                p_len = d_full = np.zeros((left, n), dtype=np.int64)
-                commit = np.ones((left, n), dtype=np.int64)
-            csum = np.cumsum(commit, axis=0)
-            done = csum >= rem[None, :]
-            done_step = np.where(alive, np.where(done.any(axis=0), done.argmax(axis=0), left), -1)
-            ds = done_step[alive]
-            last = min(left, int(ds.max() if w.through else ds.min()) + 1)
-            act = np.arange(last)[:, None] <= done_step[None, :]  # member running at the step
-            before = (csum - commit)[:last]
-            rem_s = rem[None, :] - before
-            kmax_s = np.where(act, np.minimum(cap_full[None, :], rem_s - 1), -1).max(axis=1)
-            changed = kmax_s != kmax
-            if changed.any():  # never at the segment's first step
-                last = int(changed.argmax())
-                act, before, rem_s = act[:last], before[:last], rem_s[:last]
-            segs.append((p_len[:last], d_full[:last], act, rem_s, ctx[None, :] + before, np.full(last, per)))
-            got = np.where(act, commit[:last], 0).sum(axis=0)
-            rem = rem - got
-            ctx = ctx + got
-            ctr = ctr + np.uint64(per * last)
-            s0 += last
-            finished = alive & (rem <= 0)
-            alive &= ~finished
-            if s0 >= steps or not alive.any() or (not w.through and finished.any()):
-                break
-        if len(segs) == 1:
-            p_len, d_full, act, rem_s, ctx_s, per_s = segs[0]
+            probs = acc.position_probs(w.alpha, w.class_idx, wd)
+            if probs.shape[1] < wd:  # γ beyond the acceptance positions: step by step (numpy's error)
+                return super().decode_window(w)
         else:
-            p_len, d_full, act, rem_s, ctx_s, per_s = (np.concatenate(x) for x in zip(*segs))
+            probs = np.zeros((n, wd))
+        # sampling and each step's shape in one pass (simulator/kernels.py)
+        (s_n, act, drafts, accepted, k_s, committed, fed, draws, ctx_s, cnt_ge, ctx_ge,
+         dmax) = kernels.kangaroo_window(probs, np.arange(n), acc.conf_acc, acc.conf_rej, w.class_idx, early,
+                                         w.rng_base, w.draws, w.k, cap_full, w.remaining, w.ctx_tokens, steps,
+                                         bool(w.through), wd, per)
         all_act = bool(act.all())
-        drafts = np.minimum(d_full, np.minimum(cap_full[None, :], rem_s - 1))
-        accepted = np.minimum(p_len, drafts)
-        k_s = np.minimum(w.k[None, :], rem_s - 1)
-        committed = accepted + 1
-        fed = k_s + 1
-        draws = np.repeat(per_s.astype(np.uint64)[:, None], n, axis=1)
-        if not all_act:
-            drafts = np.where(act, drafts, 0)
-            accepted = np.where(act, accepted, 0)
-            committed = np.where(act, committed, 0)
-            k_s = np.where(act, k_s, 0)
-            fed = np.where(act, fed, 0)
-            ctx_s = np.where(act, ctx_s, 0)
-            draws[~act] = 0
-        ms = self._window_ms(drafts, ctx_s, act, all_act)
-        accepted = accepted.astype(np.int64)
-        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_s.astype(np.int64), drafted=drafts.astype(np.int64),
-                             accepted=accepted, position_accepts=accepted, committed=committed.astype(np.int64),
-                             fed_tokens=fed.astype(np.int64), draws=draws, active=None if all_act else act)
+        ms = self._window_ms(drafts, ctx_s, act, all_act, cnt_ge, ctx_ge, dmax)
+        return WindowOutcome(step_ms=self.cost.finish(ms), k=k_s, drafted=drafts, accepted=accepted,
+                             position_accepts=accepted, committed=committed, fed_tokens=fed, draws=draws,
+                             active=None if all_act else act)
 
-    def _window_ms(self, drafts: np.ndarray, ctx: np.ndarray, act: np.ndarray, all_act: bool) -> np.ndarray:
+    def _window_ms(self, drafts: np.ndarray, ctx: np.ndarray, act: np.ndarray, all_act: bool, cnt_ge: np.ndarray,
+                   ctx_ge: np.ndarray, dmax: np.ndarray) -> np.ndarray:
         """Compute time (ms, no overhead) of each step of a decode-only window: ``drafts``/``ctx``
-        (steps, members), zero where a member is not running (``act``). The arithmetic of
-        :func:`early_exit_step_ms` per step, with every drafting round j of every step in one
-        (steps, rounds) evaluation per stage; a round a step does not run costs exactly 0."""
+        (steps, members), zero where a member is not running (``act``); ``cnt_ge``/``ctx_ge``
+        (steps, rounds): the running members with drafts ≥ j and their context (tokens);
+        ``dmax``: each step's largest drafts. The arithmetic of :func:`early_exit_step_ms` per
+        step, with every drafting round j of every step in one (steps, rounds) evaluation per
+        stage; a round a step does not run costs exactly 0."""
         c = self.cost
         s_n, n = drafts.shape
         if s_n == 0:
             return np.zeros(0)
-        d = np.where(act, drafts, -1) if not all_act else drafts
-        dmax = d.max(axis=1)  # (steps,): rounds 0..dmax run
         nj = int(dmax.max()) + 1
-        # per step and round j: members (and their context) with drafts >= j
-        key = (np.arange(s_n)[:, None] * (nj + 1) + d + 1).ravel()  # value + 1: -1 (idle) -> bin 0
-        cnt = np.bincount(key, minlength=s_n * (nj + 1)).reshape(s_n, nj + 1)[:, ::-1].cumsum(axis=1)[:, ::-1]
-        csum = np.bincount(key, weights=ctx.ravel(), minlength=s_n * (nj + 1)).reshape(s_n, nj + 1)
-        csum = csum[:, ::-1].cumsum(axis=1)[:, ::-1]
-        cnt_ge, ctx_ge = cnt[:, 1:], csum[:, 1:]  # column j: drafts >= j
-        jj = np.arange(nj)
-        runs = jj[None, :] <= dmax[:, None]
-        b = np.where(runs, cnt_ge, 0).astype(np.float64)
-        kv = np.where(runs, ctx_ge + jj[None, :] * b, 0.0)
-        # the adapter and LM head of round j run for drafts > j (none in a step's last round)
-        bh = np.zeros_like(b)
-        bh[:, :-1] = np.where(jj[None, :-1] < dmax[:, None], cnt_ge[:, 1:], 0)
-        kvh = np.zeros_like(kv)
-        kvh[:, :-1] = np.where(bh[:, :-1] > 0, ctx_ge[:, 1:] + jj[None, :-1] * bh[:, :-1], 0.0)
-        nb = act.sum(axis=1).astype(np.float64) if not all_act else np.full(s_n, float(n))
-        deep = (drafts + act).sum(axis=1).astype(np.float64)
+        # per (step, round): b, kv (drafts >= j), bh, kvh (drafts > j; none in a step's last
+        # round); per step the batch, the verified tokens and the context (simulator/kernels.py)
+        b, kv, bh, kvh, nb, deep, ctx_sum = kernels.kangaroo_window_rounds(act, drafts, ctx, cnt_ge, ctx_ge, dmax)
         ex = self.exit_layer
         shallow, adapter, head, verify = slices_ms(c, [
             (0, ex, b, b, kv, True, False, False, None),  # slice_ms(0, ℓ, ..., embed=True)
             (0, 0, bh, bh, kvh, False, True, False, None),  # stage_ms("adapter", ...)
             (0, 0, bh, bh, kvh, False, False, True, None),  # stage_ms("lm_head", ...): an early-exit head
-            (ex, self.num_layers, nb, deep, ctx.sum(axis=1).astype(np.float64), False, False, True, deep)])
+            (ex, self.num_layers, nb, deep, ctx_sum, False, False, True, deep)])
         ms = np.zeros(s_n)
         for j in range(nj):
             ms = ms + shallow[:, j]
