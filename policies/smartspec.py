@@ -141,6 +141,9 @@ class SmartSpec(SpecLenPolicy):
         self.k = self.k_max  # reserve the most until the first decision
         self.reserved = self.k
         self.window = -1
+        #: the latest choice depended on free KV and tokens left (some member asked for drafts beyond
+        #: its reservation): both change every step, so the choice holds for one step only
+        self._kv_bound = False
         self.n_decisions = 0
         self.last_decision_step = -1
 
@@ -165,6 +168,8 @@ class SmartSpec(SpecLenPolicy):
         return self._kv_clip(idx, k, res, kv_free_tokens)
 
     def horizon_steps(self, step_index: int) -> int:
+        if self._kv_bound:
+            return 1
         h = self.interval - step_index % self.interval
         if self.probe > 0:  # a probe step (step % P == P − 1) runs on its own
             h = min(h, (self.probe - 1 - step_index % self.probe) or 1)
@@ -249,6 +254,7 @@ class SmartSpec(SpecLenPolicy):
     def _kv_clip(self, idx, k, res, kv_free_tokens) -> np.ndarray:
         """Lower the lowest-priority members to their reservation until the extra drafts fit."""
         extra = np.maximum(np.minimum(k, self._remaining(idx) - 1) - res, 0)
+        self._kv_bound = bool(extra.any())
         if int(extra.sum()) > kv_free_tokens:
             over = np.cumsum(extra) > kv_free_tokens
             k = np.where(over, np.minimum(k, res), k)

@@ -95,3 +95,28 @@ def test_policy_invariants(policy, method, sc):
     pd.testing.assert_frame_equal(res.requests, one.requests, check_exact=True)
     pd.testing.assert_frame_equal(res.steps, one.steps, check_exact=True)
     assert res.summary == one.summary
+
+
+def test_fast_path_equals_one_step_when_smartspec_is_kv_bound():
+    """Regression (found by the property test above): SmartSpec lowers a member's k to its
+    reservation when the extra drafts do not fit the free KV, and that choice can flip from one
+    step to the next (free KV and tokens left change every step). A window used the first step's
+    choice for all its steps (eagle3 + smartspec-per-request + LAPS-SD by time, 320 KV tokens:
+    two requests finished 8 ms apart); the policy now holds a KV-bound choice for one step."""
+    arrival = np.array([0.0] * 9 + [0.28125, 0.34375] + [0.40625] * 6)
+    prompt = [71, 89, 121, 1, 110, 1, 1, 1, 80, 1, 16, 192, 1, 112, 73, 1, 166]
+    output = [19, 35, 18, 1, 67, 1, 1, 13, 26, 1, 1, 47, 1, 1, 45, 1, 27]
+    classes = ["default", "default", "code", "default", "code", "default", "default", "code", "default",
+               "default", "default", "code", "code", "code", "code", "code", "default"]
+    trace = make_trace(arrival, prompt, output, classes)
+    cfg = RunConfig(scheduler=ComponentSpec.parse("laps-sd:service=time,q_ms=30,merge=ahead,m=2,w=3", "p"),
+                    method=ComponentSpec.parse(METHOD_SPECS.get("eagle3", "eagle3"), "s"),
+                    spec_len=ComponentSpec.parse("smartspec-per-request", "l"), replicas=1, max_batch_size=4,
+                    kv_budget_tokens=320, max_batched_tokens=None, preempt_mode="recompute", seed=1,
+                    allow_extrapolation=True, batching="vllm", block_size=16)
+    profile = load_profile(PROFILE)
+    res = simulate(cfg, trace, profile, audit=True)
+    one = simulate(replace(cfg, window_steps=1), trace, profile)
+    pd.testing.assert_frame_equal(res.requests, one.requests, check_exact=True)
+    pd.testing.assert_frame_equal(res.steps, one.steps, check_exact=True)
+    assert res.summary == one.summary
