@@ -322,6 +322,7 @@ class Replica:
         out = cl.method.decode_window(win)
         s_n = out.n_steps
         starts, ends, busy_after = kernels.window_clock(now, self.busy_s, np.asarray(out.step_ms, dtype=np.float64))
+        lead_pre = pre if lead else np.zeros(idx.size, dtype=bool)  # newcomers' step 0 is a prompt chunk
         # KV: blocks each member holds after each step (step 0 was allocated by the scheduler)
         held0 = t.kv_blocks[idx]
         held = None
@@ -330,9 +331,9 @@ class Replica:
             # member's largest reservation (one compiled pass: simulator/kernels.py)
             act0 = out.active
             s_kv, held, slots_max = kernels.window_kv(
-                out.committed, out.k, act0 if act0 is not None else _NO_ACTIVE, act0 is not None, rem0, ctx0,
+                out.committed, out.k, act0 if act0 is not None else kernels.NO_MASK, act0 is not None, rem0, ctx0,
                 held0, self._k_reserve, self.spec_len.k_reserve(), former.bs, former.free_blocks,
-                pre if lead else _no_lead(idx.size), ends, cl.next_arrival_for(self.rid))
+                lead_pre, ends, cl.next_arrival_for(self.rid))
             s_n = int(s_kv)
             if s_n < out.n_steps:
                 out = _trim(out, s_n)
@@ -350,8 +351,8 @@ class Replica:
             idx, np.asarray(out.committed, dtype=i64), np.asarray(out.drafted, dtype=i64),
             np.asarray(out.accepted, dtype=i64), np.asarray(out.position_accepts, dtype=i64),
             np.asarray(out.draws, dtype=np.uint64), np.asarray(out.fed_tokens, dtype=i64),
-            np.asarray(out.k, dtype=i64), act if act is not None else _NO_ACTIVE, act is not None,
-            held if held is not None else _NO_HELD, held is not None, pre if lead else _no_lead(idx.size),
+            np.asarray(out.k, dtype=i64), act if act is not None else kernels.NO_MASK, act is not None,
+            held if held is not None else _NO_HELD, held is not None, lead_pre,
             t.generated, t.steps, t.decode_steps, t.drafted, t.accepted, t.position_accepts, t.draws,
             t.output_tokens)
         if lead:  # the prompt chunks of the first step, as _mixed_step books them
@@ -455,12 +456,7 @@ class Replica:
             self.audit_max_kv_tokens = max(self.audit_max_kv_tokens, used)
 
 
-_NO_ACTIVE = np.ones((1, 1), dtype=bool)
 _NO_HELD = np.zeros((1, 1), dtype=np.int64)
-
-
-def _no_lead(n: int) -> np.ndarray:
-    return np.zeros(n, dtype=bool)
 
 
 def _trim(out, n: int):

@@ -28,7 +28,6 @@ from simspec.policies.base import StepRecord, WindowRecord
 from simspec.simulator import kernels
 
 _CONSOLIDATE_AT = 1 << 20  # buffered entries before merging equal values
-_NO_ACTIVE = np.ones((1, 1), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class ItlLog:
         minus the previous step's end). One compiled pass (simulator/kernels.py)."""
         act = rec.active
         values, counts = kernels.itl_window_gaps(self.last_token_s, rec.idx, rec.committed,
-                                                 act if act is not None else _NO_ACTIVE, act is not None,
+                                                 act if act is not None else kernels.NO_MASK, act is not None,
                                                  np.asarray(rec.end_s, dtype=np.float64))
         self._add(values, counts)
 

@@ -42,6 +42,10 @@ from simspec.rng import _G2, _INV53, _M1, _M2  # SplitMix64's constants (one def
 #: (below it the plain kernels finish before numba would have loaded: ~0.5 s)
 JIT_MIN_REQUESTS = 200
 
+#: the placeholder a kernel's optional 2-D mask argument takes when its ``has_*`` flag is False
+#: (numba needs an array of the right type there)
+NO_MASK = np.ones((1, 1), dtype=np.bool_)
+
 _KERNELS: dict[str, types.FunctionType] = {}  # name -> plain function
 _COMPILED: dict[str, object] | None = None
 MODE = "plain"  # the mode of the module's kernel attributes now
@@ -377,13 +381,7 @@ def vllm_running_asks(order, computed, prefill_target, generated, output_tokens,
         fed_cut += fed[m]
     granted = -1
     if cut >= 0 and need_sum <= free_blocks:
-        for m in range(cut):
-            i = out_order[m]
-            kv_blocks[i] += need[m]
-            if slots[m] > kv_tokens[i]:
-                kv_tokens[i] = slots[m]
-            kv_resident[i] = True
-        granted = need_sum
+        granted = grant_blocks(out_order[:cut], slots, need, kv_blocks, kv_tokens, kv_resident)
     return out_order, fed, k, slots, pre, need, cut, granted, fed_cut
 
 

@@ -109,10 +109,6 @@ class DraftModel(Method):
 
     lead_step = True
 
-    @staticmethod
-    def _no_lead(n: int) -> np.ndarray:
-        return np.zeros(n, dtype=np.bool_)
-
     @property
     def draws_per_step(self) -> int:  # type: ignore[override]
         """Every decode step consumes k_max uniforms per member (the first k are used)."""
@@ -127,7 +123,7 @@ class DraftModel(Method):
         kk = int(w.k.max()) if n else 0
         rem0 = w.remaining
         lead = w.lead
-        pre = lead.prefill if lead is not None else self._no_lead(n)
+        pre = lead.prefill if lead is not None else np.zeros(n, dtype=np.bool_)
         probs = getattr(self, "_probs", None)
         if kk > 0 and probs is not None:
             rows = w.idx
