@@ -201,7 +201,9 @@ def plot_scatter(pr: pd.DataFrame, path: str | Path, title: str = "") -> None:
     ax.set_ylim(lo, hi)
     ax.set_xlabel("real end-to-end latency (s)")
     ax.set_ylabel("simulated end-to-end latency (s)")
-    ax.set_title(title, fontsize=9)
+    import textwrap
+
+    ax.set_title(textwrap.fill(title, 64), fontsize=9)  # long method strings wrap instead of clipping
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
