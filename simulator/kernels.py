@@ -111,10 +111,20 @@ def compiled() -> dict[str, object]:
             if guard and sys.modules.get(key, 0) is None:
                 del sys.modules[key]
         out = {}
+        # kernels registered from other modules (simulator/fastlane.py) run over a copy of their own
+        # module's globals; every namespace then sees every kernel compiled (numba resolves a
+        # called kernel when it first compiles its caller, after this loop)
+        spaces = {__name__: g}
         for name, fn in _KERNELS.items():
-            f2 = types.FunctionType(fn.__code__, g, name, fn.__defaults__, fn.__closure__)
+            gm = spaces.get(fn.__module__)
+            if gm is None:
+                gm = spaces[fn.__module__] = dict(fn.__globals__)
+            f2 = types.FunctionType(fn.__code__, gm, name, fn.__defaults__, fn.__closure__)
             f2.__qualname__, f2.__module__, f2.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
-            out[name] = g[name] = njit(cache=True, nogil=True)(f2)
+            out[name] = njit(cache=True, nogil=True)(f2)
+        for gm in spaces.values():
+            gm.update(out)
+            gm["_uniform"] = g["_uniform"]
         _COMPILED = out
     return _COMPILED
 

@@ -16,7 +16,7 @@ from simspec.rng import request_bases, request_keys, stream, stream_key
 from simspec.simulator.acceptance import resolve_classes
 from simspec.simulator.config import DEFAULT_MAX_BATCHED_TOKENS, RunConfig
 from simspec.simulator.cost import CostModel
-from simspec.simulator import kernels
+from simspec.simulator import fastlane, kernels
 from simspec.simulator.engine import Capacity, Cluster
 from simspec.simulator.methods import get_method_class
 from simspec.simulator.metrics import requests_frame, steps_frame, summary
@@ -35,6 +35,9 @@ class RunResult:
     summary: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     audit: dict[str, Any] | None = None
+    #: how the run was simulated: ``"fast lane"`` (simulator/fastlane.py) or ``"simpy"`` (with the
+    #: reason the fast lane did not apply); outputs do not depend on it
+    engine: str = "simpy"
 
 
 def resolve_capacity(config: RunConfig, profile: Profile) -> Capacity:
@@ -210,14 +213,26 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
         from tqdm import tqdm
 
         pbar = tqdm(total=len(table), unit="req", desc="replay", delay=2.0, mininterval=0.5, leave=False)
-    cluster = Cluster(table, method, scheduler, lambda ctx: spec_len_cls(spec_len_params, ctx), capacity,
-                      config.replicas, config.router, config.preempt_mode, config.seed,
-                      on_complete=pbar.update if pbar is not None else None, batching=config.batching,
-                      window_steps=config.window_steps, audit=audit, max_concurrency=config.max_concurrency)
-    for r in cluster.replicas:  # before the first step: what the step log keeps (config.steps_log)
-        r.log = StepLog(mode=config.steps_log, every=config.steps_log_every)
+    # the fast lane (one compiled loop per replica) where it applies, else the SimPy cluster; the
+    # outputs are the same either way (simulator/fastlane.py)
+    lane = None
+    why = "audit mode" if audit else fastlane.eligible(config, method, config.replicas)
+    if why is None:
+        lane, why = fastlane.run(config, table, method, capacity, probe, cost, config.replicas)
     try:
-        cluster.run()
+        if lane is not None:
+            logs, busy, itl = lane.logs, lane.busy_s, lane.itl
+            if pbar is not None:
+                pbar.update(len(table))
+        else:
+            cluster = Cluster(table, method, scheduler, lambda ctx: spec_len_cls(spec_len_params, ctx), capacity,
+                              config.replicas, config.router, config.preempt_mode, config.seed,
+                              on_complete=pbar.update if pbar is not None else None, batching=config.batching,
+                              window_steps=config.window_steps, audit=audit, max_concurrency=config.max_concurrency)
+            for r in cluster.replicas:  # before the first step: what the step log keeps (config.steps_log)
+                r.log = StepLog(mode=config.steps_log, every=config.steps_log_every)
+            cluster.run()
+            logs, busy, itl = [r.log for r in cluster.replicas], [r.busy_s for r in cluster.replicas], cluster.itl
     finally:
         if pbar is not None:
             pbar.close()
@@ -226,10 +241,10 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
         raise RuntimeError(f"simulation ended with {unfinished.size} unfinished request(s), first "
                            f"{table.request_id[unfinished[0]]}: a policy never scheduled it")
     requests = requests_frame(table, scheduler.extra_columns())
-    steps = steps_frame([r.log for r in cluster.replicas])
-    summ = summary(requests, steps, [r.busy_s for r in cluster.replicas], config.slo_ttft_ms, config.slo_tpot_ms,
-                   cluster.itl.samples(), n_steps=sum(r.log.n_steps for r in cluster.replicas),
-                   batch_size_sum=sum(r.log.batch_size_sum for r in cluster.replicas))
+    steps = steps_frame(logs)
+    summ = summary(requests, steps, busy, config.slo_ttft_ms, config.slo_tpot_ms,
+                   itl.samples(), n_steps=sum(lg.n_steps for lg in logs),
+                   batch_size_sum=sum(lg.batch_size_sum for lg in logs))
     summ["profile_source"] = profile.source
     cfg = {
         "simspec_version": __version__,
@@ -242,7 +257,8 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
         "profile": {"name": profile.name, "path": profile.path, "sha256": profile.sha256, "source": profile.source},
         "trace": {"source": trace.source, "n_requests": len(trace)},
     }
-    res = RunResult(config=cfg, requests=requests, steps=steps, summary=summ, notes=notes)
+    res = RunResult(config=cfg, requests=requests, steps=steps, summary=summ, notes=notes,
+                    engine="fast lane" if lane is not None else f"simpy ({why})")
     if audit:
         res.audit = {"max_kv_tokens": [r.audit_max_kv_tokens for r in cluster.replicas],
                      "kv_capacity_tokens": capacity.kv_blocks * capacity.block_size}

@@ -7,6 +7,8 @@
 # PROFILE: the latency + acceptance profile [smollm2-135m-cpu-fp32-1thread-b8-spec.json here; build it
 # with make_profile.py]. The per-step overhead is fitted per method on validation_calib (FCFS) and the
 # fitted profile validated on the held-out validation_small under FCFS and LAPS-SD.
+# MAX_OTHER: if set, passed as --max-other-cores (e.g. 0.1: refuse runs where other processes kept
+# more than 0.1 cores busy on average; what a 5 % figure needs on this memory-bound model).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 D=${1:-$REPO/docs/validation/batched}
@@ -19,7 +21,8 @@ AD=$REPO/simspec/data/adapters/smollm2-135m
 DRAFT=(--method draft:k=4,draft_layers=5)
 KANG=(--method kangaroo:exit=2,gamma=6,eta=0.6 --adapter "$AD")
 HISP=(--method hispec:draft_exit=4,inter_exit=8,nd=2,ni=4 --adapter "$AD")
-COMMON=(--force --threads 1 --max-batch 4 --no-progress)
+GATE=(); [ -n "${MAX_OTHER:-}" ] && GATE=(--max-other-cores "$MAX_OTHER")
+COMMON=("${GATE[@]}" --force --threads 1 --max-batch 4 --no-progress)
 FCFS=(--policy fcfs --batching vllm)
 LAPS=(--policy laps-sd --batching preemptive)
 CAL=traces/data/validation_calib.csv

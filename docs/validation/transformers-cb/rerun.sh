@@ -5,6 +5,8 @@
 #   docs/validation/transformers-cb/rerun.sh [OUT_DIR]
 # PROFILE: the latency profile [smollm2-135m-cpu-fp32-1thread.json here]; GRID: if set and PROFILE
 # does not exist yet, calibrate it first on that grid (1 thread, embed/layer/lm_head).
+# MAX_OTHER: if set, passed as --max-other-cores (e.g. 0.1: refuse runs where other processes kept
+# more than 0.1 cores busy on average; what a 5 % figure needs on this memory-bound model).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 D=${1:-$REPO/docs/validation/transformers-cb}
@@ -14,7 +16,8 @@ DEADLINE=${DEADLINE:-$(( $(date +%s) + 3600 ))}
 P=${PROFILE:-$REPO/docs/validation/transformers-cb/smollm2-135m-cpu-fp32-1thread.json}
 FIT=$D/$(basename "${P%.json}")-cb-overhead.json
 mkdir -p "$D"
-COMMON=(--force --engine transformers-cb --threads 1 --time-scale 0.5 --max-batch 8 --max-batch-tokens 512 --page-size 32 --num-blocks 512)
+GATE=(); [ -n "${MAX_OTHER:-}" ] && GATE=(--max-other-cores "$MAX_OTHER")
+COMMON=("${GATE[@]}" --force --engine transformers-cb --threads 1 --time-scale 0.5 --max-batch 8 --max-batch-tokens 512 --page-size 32 --num-blocks 512)
 wait_quiet() {
   while :; do
     [ "$(date +%s)" -ge "$DEADLINE" ] && { echo "deadline reached"; exit 1; }

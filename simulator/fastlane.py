@@ -1,0 +1,721 @@
+"""The fast lane: a whole replica's run as one compiled loop, for the most common configuration.
+
+What it covers (:func:`eligible`): ``--batching vllm``, the ``fcfs`` scheduler, the ``fixed``
+speculation length, the ``none`` and ``draft`` methods, open-loop arrivals, round-robin routing
+(or one replica) — there every replica sees a known list of arrivals and runs independently of
+the others, and every decision of a step (vLLM's running and waiting passes, k, the step's cost,
+acceptance, bookkeeping) is a function of the replica's own state. :func:`run` then simulates
+each replica in one call of a compiled kernel (numba; :mod:`simspec.simulator.kernels`) instead of
+a SimPy process with one event per step or window: no Python per step, arrival or completion.
+
+It is the same model, not an approximation: the loop is one step per iteration, exactly the
+engine's one-step semantics (``window_steps=1``), written with the engine's own kernels (the
+running pass and its block grants, the step's gather, k clipping, draft acceptance draws and the
+table bookkeeping) and a compiled copy of the cost model's scalar arithmetic (stage evaluation,
+``target_ms``, the draft passes, ``finish``) in the same operation order. Outputs are
+byte-identical to the SimPy engine's (requests, steps, summary, ITL samples) —
+``tests/test_fastlane.py`` checks that on many configurations.
+
+Where the engine would do something the lane does not model, the lane stops and the run falls
+back to the SimPy engine from the start (the request table is restored first), so the answer never
+depends on the lane: a KV allocation that fails in the running pass (preemption), a whole prompt
+over the token budget without chunked prefill (vLLM's one-at-a-time pass), an empty batch (the
+engine raises its own error), or an arrival within a few ulps of a step's end (which side of the
+step it lands on depends on SimPy's event order). ``SIMSPEC_FASTLANE=0`` turns the lane off,
+``1`` uses it even with the plain (uncompiled) kernels; the default uses it when the kernels are
+compiled.
+
+Arrival times: the SimPy arrival process wakes at ``now + (arrival − now)`` after the previous
+arrival, which can differ from ``arrival_s`` by an ulp; an idle replica's clock starts from that
+time, so the lane computes the same values (:func:`fire_times`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from simspec.simulator import kernels
+from simspec.simulator.kernels import (clip_k, draft_accept, draft_step_sums, grant_blocks, jit, mixed_k_fed,
+                                       mixed_prepare, mixed_step_progress, vllm_running_asks)
+
+# stage slots of the compiled cost model
+LAYER, LM_HEAD, EMBED, TARGET_STEP, DRAFT_STEP = range(5)
+_STAGE_NAMES = ("layer", "lm_head", "embed", "target_step", "draft_step")
+_KIND_LINEAR, _KIND_GRID = 0, 1
+
+# return codes of lane_replica
+OK, BAIL_PREEMPT, BAIL_NO_CHUNK, BAIL_EMPTY, BAIL_TIE = range(5)
+BAIL_WHY = {BAIL_PREEMPT: "a KV allocation failed (preemption)",
+            BAIL_NO_CHUNK: "a whole prompt over the token budget without chunked prefill",
+            BAIL_EMPTY: "no request could be scheduled",
+            BAIL_TIE: "an arrival within a few ulps of a step's end"}
+
+#: log modes (StepLog's ``full``, ``sampled``, ``none``)
+_LOG_MODE = {"full": 0, "sampled": 1, "none": 2}
+
+_FLOAT_COLS = ("start_s", "end_s", "step_ms")
+_INT_COLS = ("step", "batch_size", "prefills", "k_max", "drafted", "accepted", "committed", "fed_tokens",
+             "kv_tokens_used", "queue_len")
+
+
+# ------------------------------------------------------------------------------ eligibility
+def eligible(config, method, n_replicas: int) -> str | None:
+    """Why ``config`` cannot run in the fast lane (a short phrase), or None when it can."""
+    env = os.environ.get("SIMSPEC_FASTLANE", "auto").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return "SIMSPEC_FASTLANE=0"
+    if env not in ("1", "true", "yes", "on") and kernels.MODE != "compiled":
+        return "kernels not compiled"
+    if config.batching != "vllm":
+        return f"batching {config.batching}"
+    if config.scheduler.name != "fcfs":
+        return f"scheduler {config.scheduler.name}"
+    if config.spec_len.name != "fixed":
+        return f"spec-len {config.spec_len.name}"
+    if method.name not in ("none", "draft"):
+        return f"method {method.name}"
+    if config.max_concurrency is not None:
+        return "closed loop (--max-concurrency)"
+    if n_replicas > 1 and config.router != "round-robin":
+        return f"router {config.router}"
+    return None
+
+
+# ------------------------------------------------------------------------------ cost model pack
+@dataclass
+class CostPack:
+    """The cost model of one profile as flat arrays for the compiled loop (stage slots
+    :data:`LAYER` .. :data:`DRAFT_STEP`; ``kind`` −1 where the profile has no such stage)."""
+
+    kind: np.ndarray  # int64[5]: 0 linear, 1 grid, -1 absent
+    scaled: np.ndarray  # bool[5]: a ``scaled`` stage (factor × its base)
+    factor: np.ndarray  # float64[5]
+    coef: np.ndarray  # float64[5, 4]: c0, c_b, c_t, c_kv (linear)
+    c_spec: np.ndarray  # float64[5]: the linear fit's speculation term (0 where none)
+    grids: tuple  # 5 × (batch axis, tokens axis, context axis, flat table)
+    forward_overhead: np.ndarray  # float64[3]: target, draft, early_exit
+    overhead: np.ndarray  # float64[2]: fraction, fixed_ms
+    whole_model: bool
+    num_layers: int
+
+
+def pack_cost(cost) -> CostPack:
+    """Flatten :class:`~simspec.simulator.cost.CostModel`'s stages for the lane."""
+    stages = cost.profile.stages
+    kind = np.full(5, -1, dtype=np.int64)
+    scaled = np.zeros(5, dtype=np.bool_)
+    factor = np.ones(5)
+    coef = np.zeros((5, 4))
+    c_spec = np.zeros(5)
+    empty = np.zeros(1)
+    grids = []
+    for s, name in enumerate(_STAGE_NAMES):
+        doc = stages.get(name)
+        grid = (empty, empty, empty, empty)
+        if doc is not None:
+            base = doc
+            if doc.get("kind") == "scaled":
+                scaled[s] = True
+                factor[s] = float(doc["factor"])
+                base = stages[doc["of"]]
+            if base.get("kind") == "linear":
+                kind[s] = _KIND_LINEAR
+                coef[s] = [float(base["coef"][k]) for k in ("c0", "c_b", "c_t", "c_kv")]
+            elif base.get("kind") == "grid":
+                kind[s] = _KIND_GRID
+                ax = base["axes"]
+                grid = (np.asarray([float(v) for v in ax["batch_size"]]),
+                        np.asarray([float(v) for v in ax["tokens_per_request"]]),
+                        np.asarray([float(v) for v in ax["context_tokens"]]),
+                        np.asarray(base["ms"], dtype=np.float64).ravel())
+            else:  # pragma: no cover - CostModel rejects other kinds first
+                raise ValueError(f"stage {name}: kind {base.get('kind')!r}")
+            c_spec[s] = cost.c_spec.get(name, 0.0)
+        grids.append(grid)
+    fo = cost.forward_overhead
+    return CostPack(kind=kind, scaled=scaled, factor=factor, coef=coef, c_spec=c_spec, grids=tuple(grids),
+                    forward_overhead=np.array([fo["target"], fo["draft"], fo["early_exit"]], dtype=np.float64),
+                    overhead=np.array([cost.overhead_fraction, cost.overhead_fixed_ms], dtype=np.float64),
+                    whole_model=bool(cost.whole_model), num_layers=int(cost.num_layers or 0))
+
+
+# ------------------------------------------------------------------------------ compiled cost
+@jit
+def _axis_weights(axis, x):
+    """:func:`simspec.simulator.latency_models.grid_axis_weights` (bisect_right, clamped)."""
+    n = axis.shape[0]
+    if n == 1:
+        return 0, 0, 0.0
+    i = np.searchsorted(axis, x, side="right") - 1
+    if i < 0:
+        i = 0
+    elif i > n - 2:
+        i = n - 2
+    a0 = axis[i]
+    return i, i + 1, (x - a0) / (axis[i + 1] - a0)
+
+
+@jit
+def stage_fn(kind, scaled, factor, coef, grids, s, batch_size, batched_tokens, kv_tokens):
+    """Stage ``s``'s latency model at one shape (ms), as the closure of
+    :func:`~simspec.simulator.latency_models.compile_stage` computes it on Python numbers."""
+    if kind[s] == 0:
+        c = coef[s]
+        ms = c[0] + c[1] * batch_size + c[2] * batched_tokens + c[3] * kv_tokens
+        ms = ms if ms > 0.0 else 0.0
+    else:
+        if batch_size <= 0:
+            ms = 0.0
+        else:
+            ab, at, ac, flat = grids[s]
+            n_t = at.shape[0]
+            n_c = ac.shape[0]
+            t = batched_tokens / batch_size
+            cx = kv_tokens / batch_size
+            b0, b1, wb = _axis_weights(ab, batch_size)
+            t0, t1, wt = _axis_weights(at, t)
+            c0, c1, wc = _axis_weights(ac, cx)
+            r00 = (b0 * n_t + t0) * n_c
+            r01 = (b0 * n_t + t1) * n_c
+            r10 = (b1 * n_t + t0) * n_c
+            r11 = (b1 * n_t + t1) * n_c
+            v00 = flat[r00 + c0] + wc * (flat[r00 + c1] - flat[r00 + c0])
+            v01 = flat[r01 + c0] + wc * (flat[r01 + c1] - flat[r01 + c0])
+            v10 = flat[r10 + c0] + wc * (flat[r10 + c1] - flat[r10 + c0])
+            v11 = flat[r11 + c0] + wc * (flat[r11 + c1] - flat[r11 + c0])
+            v0 = v00 + wt * (v01 - v00)
+            v1 = v10 + wt * (v11 - v10)
+            ms = v0 + wb * (v1 - v0)
+            ms = ms if ms > 0.0 else 0.0
+    if scaled[s]:
+        ms = factor[s] * ms
+    return ms
+
+
+@jit
+def stage_compute(kind, scaled, factor, coef, c_spec, grids, s, batch_size, batched_tokens, kv_tokens, speculating):
+    """:meth:`CostModel.stage_compute_ms` on numbers: 0 for an empty batch, the speculation term,
+    never negative (``max(ms, 0.0)``)."""
+    if batch_size <= 0:
+        return 0.0
+    ms = stage_fn(kind, scaled, factor, coef, grids, s, batch_size, batched_tokens, kv_tokens)
+    if speculating:
+        ms += c_spec[s]
+    return 0.0 if 0.0 > ms else ms
+
+
+@jit
+def target_ms(kind, scaled, factor, coef, c_spec, grids, fwd, whole_model, num_layers, batch_size, batched_tokens,
+              kv_tokens, speculating, logits_tokens):
+    """:meth:`CostModel.target_ms` on numbers (one full target forward, its per-forward overhead
+    included)."""
+    if batch_size <= 0:
+        return 0.0
+    if whole_model:
+        ms = stage_fn(kind, scaled, factor, coef, grids, 3, batch_size, batched_tokens, kv_tokens)
+        if speculating:
+            ms += c_spec[3]
+        return (0.0 if 0.0 > ms else ms) + fwd[0]
+    ms = stage_fn(kind, scaled, factor, coef, grids, 0, batch_size, batched_tokens, kv_tokens)
+    ms = num_layers * (ms if ms > 0.0 else 0.0)
+    head = stage_fn(kind, scaled, factor, coef, grids, 1, batch_size, logits_tokens, kv_tokens)
+    ms += head if head > 0.0 else 0.0
+    if kind[2] >= 0:
+        e = stage_fn(kind, scaled, factor, coef, grids, 2, batch_size, batched_tokens, kv_tokens)
+        ms += e if e > 0.0 else 0.0
+    return ms + fwd[0]
+
+
+@jit
+def draft_pass_ms(kind, scaled, factor, coef, c_spec, grids, fwd, draft_layers, batch_size, batched_tokens,
+                  kv_tokens, logits_tokens):
+    """:func:`simspec.simulator.methods.draft.draft_model_pass_ms` on numbers: the profile's
+    ``draft_step`` (with the draft per-forward overhead), else the target's first ``draft_layers``
+    layers + LM head over ``logits_tokens`` (an early-exit head: its overhead) + embedding."""
+    if batch_size <= 0:
+        return 0.0
+    if kind[4] >= 0:
+        ms = stage_compute(kind, scaled, factor, coef, c_spec, grids, 4, batch_size, batched_tokens, kv_tokens,
+                           False)
+        if fwd[1] != 0.0:
+            ms = ms + fwd[1]
+        return ms
+    if draft_layers <= 0:
+        ms = 0.0
+    else:
+        ms = draft_layers * stage_compute(kind, scaled, factor, coef, c_spec, grids, 0, batch_size, batched_tokens,
+                                          kv_tokens, False)
+    head = stage_compute(kind, scaled, factor, coef, c_spec, grids, 1, batch_size, logits_tokens, kv_tokens, False)
+    if fwd[2] != 0.0:
+        head = head + fwd[2]
+    ms += head
+    if kind[2] >= 0:
+        ms += stage_compute(kind, scaled, factor, coef, c_spec, grids, 2, batch_size, batched_tokens, kv_tokens,
+                            False)
+    return ms
+
+
+# ------------------------------------------------------------------------------ arrivals
+@jit
+def fire_times(arrival_s):
+    """When SimPy's arrival process handles each request: it sleeps ``arrival − now`` after the
+    previous one (no sleep for an arrival not later than now), so it wakes at ``now + (arrival −
+    now)`` — ``arrival_s`` itself up to rounding."""
+    n = arrival_s.shape[0]
+    out = np.empty(n, dtype=np.float64)
+    now = 0.0
+    for i in range(n):
+        a = arrival_s[i]
+        if a > now:
+            now = now + (a - now)
+        out[i] = now
+    return out
+
+
+# ------------------------------------------------------------------------------ growable buffers
+@jit
+def _grow_f(a, n):
+    b = np.empty((a.shape[0], max(2 * a.shape[1], n)), dtype=a.dtype)
+    b[:, : a.shape[1]] = a
+    return b
+
+
+@jit
+def _grow_i(a, n):
+    b = np.empty((a.shape[0], max(2 * a.shape[1], n)), dtype=a.dtype)
+    b[:, : a.shape[1]] = a
+    return b
+
+
+@jit
+def _grow_1f(a, n):
+    b = np.empty(max(2 * a.shape[0], n), dtype=a.dtype)
+    b[: a.shape[0]] = a
+    return b
+
+
+@jit
+def _grow_1i(a, n):
+    b = np.empty(max(2 * a.shape[0], n), dtype=a.dtype)
+    b[: a.shape[0]] = a
+    return b
+
+
+# ------------------------------------------------------------------------------ the replica loop
+@jit
+def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, block_size, budget0, threshold,
+                 chunked, swap, k_res, method_draft, draws_per_step, probs, has_probs, draft_layers, per_step_draft,
+                 kind, scaled, factor, coef, c_spec, grids, fwd, whole_model, num_layers, overhead,
+                 log_mode, log_every,
+                 computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks, kv_tokens, kv_resident,
+                 start_s, first_token_s, completion_s, steps_col, decode_steps, drafted_col, accepted_col,
+                 positions_col, draws_col, rng_base, alpha, class_idx, pauses, preemptions, recomputes,
+                 recomputed_tokens, last_token_s):
+    """Replay one replica's requests ``reqs`` (table rows in arrival order; ``fire_s`` their SimPy
+    arrival times) one step per iteration, exactly as :class:`~simspec.simulator.engine.Replica`
+    does under the lane's configuration (see the module docstring), updating the table columns in
+    place. Returns ``(status, busy_s, n_steps, batch_size_sum, fcols, icols, n_rows, itl_values,
+    itl_counts, n_itl)``: ``status`` :data:`OK` or a ``BAIL_*`` code; the step log's kept rows
+    (float columns start, end, step_ms; int columns as :data:`_INT_COLS`); the ITL samples
+    (seconds, with counts)."""
+    nreq = reqs.shape[0]
+    fcols = np.empty((3, 1024), dtype=np.float64)
+    icols = np.empty((10, 1024), dtype=np.int64)
+    n_rows = 0
+    itl_v = np.empty(1024, dtype=np.float64)
+    itl_c = np.empty(1024, dtype=np.int64)
+    n_itl = 0
+    running = np.empty(max_batch + 1, dtype=np.int64)
+    adm_fed = np.empty(max_batch + 1, dtype=np.int64)
+    pq = np.empty(nreq + 1, dtype=np.int64)  # preempted requests waiting, in row order
+    n_pq = 0
+    n_run = 0
+    w_head = 0  # new arrivals waiting: reqs[w_head:w_tail] (after the preempted ones in pq)
+    w_tail = 0
+    free = total_blocks
+    clock = 0.0
+    busy = 0.0
+    step_index = 0
+    bsum = 0
+    frac = overhead[0]
+    fixed_ms = overhead[1]
+    no_used = np.zeros(0, dtype=np.uint64)
+    while True:
+        if n_run == 0 and w_head == w_tail and n_pq == 0:
+            if w_tail == nreq:
+                break
+            # idle: woken by the next arrival; every arrival handled at that instant is pending
+            clock = fire_s[w_tail]
+            while w_tail < nreq and fire_s[w_tail] <= clock:
+                w_tail += 1
+        now = clock
+        preempted = False
+        # ---- schedule: vLLM's running pass (FCFS order = admission order), then the waiting pass
+        budget = budget0
+        if n_run > 0:
+            order, fed_r, k_r, slots_r, pre_r, need_r, cut, granted, fed_cut = vllm_running_asks(
+                running[:n_run].copy(), computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks,
+                k_res, threshold, budget, chunked, block_size, free, kv_tokens, kv_resident)
+            live_end = n_run  # order[:live_end] still running (victims come off the end)
+            if granted >= 0:
+                free -= granted
+                budget -= fed_cut
+                n_sched = cut
+            elif cut < 0:
+                return BAIL_NO_CHUNK, busy, step_index, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl
+            elif swap:
+                return BAIL_PREEMPT, busy, step_index, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl
+            else:
+                # KV short: BatchFormer._grant_preempting — grant in priority order; a failed
+                # allocation preempts the lowest-priority running request (recompute) and retries
+                fr = free
+                pos = 0
+                while pos < cut and pos < live_end:
+                    nd = need_r[pos]
+                    if nd > fr:
+                        stop = False
+                        while nd > fr:
+                            live_end -= 1
+                            v = order[live_end]
+                            preempted = True
+                            fr += kv_blocks[v]
+                            # BatchFormer.preempt(v), recompute mode
+                            free += kv_blocks[v]
+                            kv_blocks[v] = 0
+                            kv_tokens[v] = 0
+                            kv_resident[v] = False
+                            preemptions[v] += 1
+                            if computed[v] < prefill_target[v]:
+                                lost = computed[v]
+                            else:
+                                lost = prompt_tokens[v] + generated[v]
+                            recomputes[v] += 1
+                            recomputed_tokens[v] += lost
+                            prefill_target[v] = prompt_tokens[v] + generated[v]
+                            computed[v] = 0
+                            w = 0
+                            for q in range(n_run):
+                                if running[q] != v:
+                                    running[w] = running[q]
+                                    w += 1
+                            n_run = w
+                            # back to the waiting list, in arrival (row) order
+                            q = n_pq
+                            while q > 0 and pq[q - 1] > v:
+                                pq[q] = pq[q - 1]
+                                q -= 1
+                            pq[q] = v
+                            n_pq += 1
+                            if live_end == pos:
+                                stop = True
+                                break
+                        if stop:
+                            break
+                    fr -= nd
+                    pos += 1
+                n_sched = pos
+                free -= grant_blocks(order[:pos], slots_r, need_r, kv_blocks, kv_tokens, kv_resident)
+                for m in range(pos):
+                    budget -= fed_r[m]
+        else:
+            order = running[:0].copy()
+            fed_r = order
+            k_r = order
+            pre_r = np.zeros(0, dtype=np.bool_)
+            n_sched = 0
+            live_end = 0
+        # waiting pass (skipped in a step that preempted): preempted requests first (they arrived
+        # before anything never admitted), then new arrivals, in arrival order
+        n_adm = 0
+        if not preempted and (n_pq > 0 or w_head < w_tail) and n_run < max_batch and budget > 0:
+            slots_left = max_batch - n_run
+            while n_adm < n_pq + (w_tail - w_head):
+                if slots_left == 0 or budget <= 0:
+                    break
+                i = pq[n_adm] if n_adm < n_pq else reqs[w_head + n_adm - n_pq]
+                c = computed[i]
+                tgt = prefill_target[i]
+                left = tgt - c
+                chunk = min(left, threshold)
+                if chunk > budget:
+                    if not chunked:
+                        break
+                    chunk = budget
+                slots = c + chunk + (1 if chunk == left else 0)
+                nb = -(-slots // block_size) - kv_blocks[i]
+                need = nb if nb > 0 else 0
+                floor = watermark_blocks if free < total_blocks else 0
+                if free - need < floor:
+                    break
+                kv_blocks[i] += need
+                free -= need
+                if slots > kv_tokens[i]:
+                    kv_tokens[i] = slots
+                kv_resident[i] = True
+                running[n_run] = i
+                adm_fed[n_adm] = chunk
+                n_run += 1
+                n_adm += 1
+                budget -= chunk
+                slots_left -= 1
+        n = n_sched + n_adm
+        if n == 0:
+            return BAIL_EMPTY, busy, step_index, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl
+        idx = np.empty(n, dtype=np.int64)
+        pre = np.empty(n, dtype=np.bool_)
+        plan_fed = np.empty(n, dtype=np.int64)
+        k_reserved = np.empty(n, dtype=np.int64)
+        for m in range(n_sched):
+            idx[m] = order[m]
+            pre[m] = pre_r[m]
+            plan_fed[m] = fed_r[m]
+            k_reserved[m] = k_r[m]
+        for a in range(n_adm):
+            i = running[n_run - n_adm + a]
+            m = n_sched + a
+            idx[m] = i
+            pre[m] = computed[i] < prefill_target[i]
+            plan_fed[m] = adm_fed[a]
+            k_reserved[m] = 0
+        # admitted: a prefix of the waiting list
+        from_pq = n_adm if n_adm < n_pq else n_pq
+        if from_pq > 0:
+            for q in range(n_pq - from_pq):
+                pq[q] = pq[q + from_pq]
+            n_pq -= from_pq
+        w_head += n_adm - from_pq
+        # pauses: running requests left out of the step (token budget, or after a preemption)
+        for q in range(n_sched, live_end):
+            pauses[order[q]] += 1
+        # ---- the step (Replica._mixed_step; a decode-only step books the same)
+        (gen, rem, ctx, base, dr, al, ci, dec_pos, dec_idx, dec_kres, dec_ctx, dec_rem,
+         dec_ctx_sum) = mixed_prepare(idx, pre, k_reserved, generated, output_tokens, prompt_tokens, computed, rng_base,
+                                      draws_col, alpha, class_idx)
+        n_dec = dec_pos.shape[0]
+        k_pol = np.full(n_dec, k_res, dtype=np.int64)
+        k_dec, any_extra = clip_k(k_pol, dec_rem, dec_kres)
+        if any_extra:
+            # Replica._choose_k: drafts beyond the reservation, within the budget left and free KV
+            cum_e = 0
+            cum_b = 0
+            kk2 = k_dec.copy()
+            for d in range(n_dec):
+                i = dec_idx[d]
+                e = k_dec[d] - dec_kres[d]
+                cum_e += e if e > 0 else 0
+                sl = dec_ctx[d] + 1 + k_dec[d]
+                nb = -(-sl // block_size) - kv_blocks[i]
+                cum_b += nb if nb > 0 else 0
+                if cum_e > budget or cum_b > free:
+                    kk2[d] = min(k_dec[d], dec_kres[d])
+            for d in range(n_dec):
+                if kk2[d] > dec_kres[d]:
+                    i = dec_idx[d]
+                    sl = dec_ctx[d] + 1 + kk2[d]
+                    nb = -(-sl // block_size) - kv_blocks[i]
+                    need = nb if nb > 0 else 0
+                    kv_blocks[i] += need
+                    free -= need
+                    if sl > kv_tokens[i]:
+                        kv_tokens[i] = sl
+                    kv_resident[i] = True
+            k_dec = kk2
+        k, fed = mixed_k_fed(pre, plan_fed, dec_pos, k_dec)
+        # cost (the method's step(); the same arithmetic as on Python numbers)
+        kmax, kmin, n_pre, fed_all_i, fed_pre_i, ctx_all_i, sel_count, sel_ctx, pass_count, pass_ctx = \
+            draft_step_sums(k, pre, fed, ctx)
+        fed_all = float(fed_all_i)
+        if n_pre > 0:
+            fed_pre = float(fed_pre_i)
+            logits = fed_all - fed_pre + float(n_pre)
+        else:
+            fed_pre = 0.0
+            logits = fed_all
+        speculating = method_draft and kmax > 0
+        ms = target_ms(kind, scaled, factor, coef, c_spec, grids, fwd, whole_model, num_layers, n, fed_all,
+                       float(ctx_all_i), speculating, logits)
+        if method_draft:
+            if n_pre > 0:
+                ms += draft_pass_ms(kind, scaled, factor, coef, c_spec, grids, fwd, draft_layers, n_pre, fed_pre,
+                                    0.0, float(n_pre))
+            if speculating and per_step_draft:
+                ms += draft_pass_ms(kind, scaled, factor, coef, c_spec, grids, fwd, draft_layers, sel_count,
+                                    sel_count, float(sel_ctx), float(sel_count))
+            elif speculating:
+                for j in range(kmax):
+                    b = pass_count[j]
+                    ms += draft_pass_ms(kind, scaled, factor, coef, c_spec, grids, fwd, draft_layers, b, b,
+                                        float(pass_ctx[j]) + j * b, float(b))
+        if speculating and has_probs:
+            out_acc, out_pos = draft_accept(probs, idx, base, dr, k, kmax)
+        else:
+            out_acc = np.zeros(n, dtype=np.int64)
+            out_pos = out_acc
+        step_ms = ms * (1.0 + frac) + fixed_ms
+        step_s = step_ms / 1000.0
+        end = now + step_s
+        (drafted, accepted, pos_acc, committed, finished, n_committed, first_prompt, k_max, drafted_sum,
+         accepted_sum, fed_sum) = mixed_step_progress(
+            idx, pre, plan_fed, k, out_acc, out_pos, rem, gen, now, end, computed, prefill_target, generated,
+            output_tokens, prompt_tokens, steps_col, decode_steps, drafted_col, accepted_col, positions_col, start_s,
+            first_token_s, k, fed, draws_col, draws_per_step, no_used)
+        busy += step_s
+        kv_used = (total_blocks - free) * block_size
+        # completions: free their blocks, drop them from the running list (order kept)
+        any_done = False
+        for m in range(n):
+            if finished[m]:
+                i = idx[m]
+                any_done = True
+                completion_s[i] = end
+                computed[i] = prefill_target[i]
+                free += kv_blocks[i]
+                kv_blocks[i] = 0
+                kv_resident[i] = False
+        if any_done:
+            w = 0
+            for q in range(n_run):
+                i = running[q]
+                if np.isnan(completion_s[i]):
+                    running[w] = i
+                    w += 1
+            n_run = w
+        # ITL: every member that committed tokens got a chunk at the step's end
+        for m in range(n):
+            if committed[m] > 0:
+                i = idx[m]
+                prev = last_token_s[i]
+                if not np.isnan(prev):
+                    g = end - prev
+                    if n_itl > 0 and itl_v[n_itl - 1] == g:
+                        itl_c[n_itl - 1] += 1
+                    else:
+                        if n_itl == itl_v.shape[0]:
+                            itl_v = _grow_1f(itl_v, n_itl + 1)
+                            itl_c = _grow_1i(itl_c, n_itl + 1)
+                        itl_v[n_itl] = g
+                        itl_c[n_itl] = 1
+                        n_itl += 1
+                last_token_s[i] = end
+        # the step log
+        bsum += n
+        if log_mode == 0 or (log_mode == 1 and step_index % log_every == 0):
+            if n_rows == fcols.shape[1]:
+                fcols = _grow_f(fcols, n_rows + 1)
+                icols = _grow_i(icols, n_rows + 1)
+            fcols[0, n_rows] = now
+            fcols[1, n_rows] = end
+            fcols[2, n_rows] = step_ms
+            icols[0, n_rows] = step_index
+            icols[1, n_rows] = n
+            icols[2, n_rows] = n_pre
+            icols[3, n_rows] = k_max
+            icols[4, n_rows] = drafted_sum
+            icols[5, n_rows] = accepted_sum
+            icols[6, n_rows] = n_committed
+            icols[7, n_rows] = fed_sum
+            icols[8, n_rows] = kv_used
+            icols[9, n_rows] = n_pq + w_tail - w_head
+            n_rows += 1
+        step_index += 1
+        clock = end
+        # arrivals handled before the replica wakes at the step's end join at the next iteration
+        tol = 1e-14 * (end if end > 1.0 else 1.0)
+        while w_tail < nreq:
+            f = fire_s[w_tail]
+            if f < end - tol:
+                w_tail += 1
+            elif f <= end + tol:
+                return BAIL_TIE, busy, step_index, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl
+            else:
+                break
+    return OK, busy, step_index, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl
+
+
+# ------------------------------------------------------------------------------ driver
+@dataclass
+class LaneResult:
+    """What the engine's cluster would have left behind: per replica its step log and busy time,
+    and the ITL samples of all requests."""
+
+    logs: list
+    busy_s: list[float]
+    itl: object
+
+
+_MUTABLE = ("generated", "kv_resident", "in_batch", "start_s", "first_token_s", "completion_s", "steps",
+            "decode_steps", "drafted", "accepted", "preemptions", "recomputes", "replica", "position_accepts",
+            "prefill_target", "computed", "kv_tokens", "kv_blocks", "pauses", "recomputed_tokens", "draws")
+
+
+def run(config, table, method, capacity, spec_len, cost, n_replicas: int):
+    """Run every replica in the lane. Returns a :class:`LaneResult`, or ``(None, why)`` when a
+    replica bailed out (the table is then as it was before the call)."""
+    from simspec.simulator.itl import ItlLog
+    from simspec.simulator.steplog import StepLog
+
+    saved = {c: getattr(table, c).copy() for c in _MUTABLE}
+    pack = pack_cost(cost)
+    n = len(table)
+    fire = fire_times(np.ascontiguousarray(table.arrival_s, dtype=np.float64))
+    bs = capacity.block_size
+    total_blocks = capacity.kv_budget_tokens // bs
+    watermark_blocks = int(capacity.watermark * total_blocks)
+    budget0 = capacity.max_batched_tokens if capacity.max_batched_tokens is not None else 1 << 62
+    threshold = capacity.long_prefill_token_threshold or (1 << 62)
+    is_draft = method.name == "draft"
+    probs = getattr(method, "_probs", None) if is_draft else None
+    has_probs = probs is not None
+    if probs is None:
+        probs = np.zeros((1, 1))
+    dps = int(method.draws_per_step or 0)
+    draft_layers = int(getattr(method, "draft_layers", 0) or 0)
+    per_step = bool(getattr(method, "per_step", False))
+    log_mode = _LOG_MODE[config.steps_log]
+    every = int(config.steps_log_every) if config.steps_log == "sampled" else 1
+    last_token = np.full(n, np.nan)
+    impl = kernels.compiled() if kernels.MODE == "compiled" else kernels.plain()
+    t = table
+    logs, busy, values, counts = [], [], [], []
+    for r in range(n_replicas):
+        reqs = np.arange(r, n, n_replicas, dtype=np.int64)
+        t.replica[reqs] = r
+        res = impl["lane_replica"](
+            reqs, fire[reqs], r, int(capacity.max_batch_size), int(total_blocks), int(watermark_blocks), int(bs),
+            int(budget0), int(threshold), bool(capacity.chunked_prefill), config.preempt_mode == "swap",
+            int(spec_len.k_reserve()), is_draft, dps,
+            probs, has_probs, draft_layers, per_step,
+            pack.kind, pack.scaled, pack.factor, pack.coef, pack.c_spec, pack.grids, pack.forward_overhead,
+            pack.whole_model, pack.num_layers, pack.overhead, log_mode, every,
+            t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.kv_blocks, t.kv_tokens,
+            t.kv_resident, t.start_s, t.first_token_s, t.completion_s, t.steps, t.decode_steps, t.drafted,
+            t.accepted, t.position_accepts, t.draws, t.rng_base, t.alpha, t.class_idx, t.pauses, t.preemptions,
+            t.recomputes, t.recomputed_tokens, last_token)
+        status, busy_s, n_steps, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl = res
+        if status != OK:
+            for c, a in saved.items():
+                getattr(table, c)[:] = a
+            return None, f"replica {r}: {BAIL_WHY[int(status)]} at step {int(n_steps)}"
+        log = StepLog(mode=config.steps_log, every=every)
+        m = int(n_rows)
+        cols = {"replica": np.full(m, r, dtype=np.int64)}
+        for j, c in enumerate(_FLOAT_COLS):
+            cols[c] = fcols[j, :m].copy()
+        for j, c in enumerate(_INT_COLS):
+            cols[c] = icols[j, :m].copy()
+        cols["policy_value"] = np.full(m, spec_len.log_value())
+        log.cols = {c: cols[c] for c in log.cols}
+        log.n = m
+        log.n_steps = int(n_steps)
+        log.batch_size_sum = int(bsum)
+        logs.append(log)
+        busy.append(float(busy_s))
+        values.append(itl_v[: int(n_itl)].copy())
+        counts.append(itl_c[: int(n_itl)].copy())
+    itl = ItlLog(0)
+    for v, c in zip(values, counts):
+        itl._add(v, c)
+    return LaneResult(logs=logs, busy_s=busy, itl=itl), None

@@ -1,0 +1,227 @@
+"""The fast lane (simulator/fastlane.py) gives byte-identical outputs to the SimPy engine on every
+configuration it takes, bails out (and the engine then runs) where it does not model the engine,
+and takes exactly the configurations it says it takes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from simspec.profile import load_profile
+from simspec.simulator import fastlane, kernels
+from simspec.simulator.config import ComponentSpec, RunConfig
+from simspec.simulator.cost import CostModel
+from simspec.simulator.run import simulate
+from tests.conftest import check_invariants, make_trace
+
+
+def _cfg(method="draft:k=3", spec_len="fixed", **kw) -> RunConfig:
+    base = dict(scheduler=ComponentSpec.parse("fcfs", "p"), method=ComponentSpec.parse(method, "s"),
+                spec_len=ComponentSpec.parse(spec_len, "l"), allow_extrapolation=True)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _both(monkeypatch, cfg, trace, profile, jit="1"):
+    """The run through the fast lane and through the SimPy engine (same process, same kernels)."""
+    monkeypatch.setenv("SIMSPEC_JIT", jit)
+    monkeypatch.setenv("SIMSPEC_FASTLANE", "1")
+    lane = simulate(cfg, trace, profile)
+    monkeypatch.setenv("SIMSPEC_FASTLANE", "0")
+    ref = simulate(cfg, trace, profile)
+    assert ref.engine.startswith("simpy")
+    return lane, ref
+
+
+def _same(a, b):
+    pd.testing.assert_frame_equal(a.requests, b.requests, check_exact=True)
+    pd.testing.assert_frame_equal(a.steps, b.steps, check_exact=True)
+    assert a.summary == b.summary
+
+
+def _trace(n=60, seed=0, rate=8.0, prompt=(8, 400), output=(1, 120), tie_every=0):
+    rng = np.random.default_rng(seed)
+    arr = np.cumsum(rng.exponential(1.0 / rate, n))
+    if tie_every:  # groups of requests arriving at the same instant
+        arr = arr[(np.arange(n) // tie_every) * tie_every]
+    classes = rng.choice(["default", "code"], n).tolist()
+    return make_trace(arr, rng.integers(*prompt, n), rng.integers(*output, n), classes)
+
+
+CASES = {
+    # profile, config overrides
+    "draft layer-level analytic, 2 replicas": ("vicuna7b-a100-analytic", dict(replicas=2)),
+    "draft k=0": ("vicuna7b-a100-analytic", dict(method=ComponentSpec.parse("draft:k=0", "s"))),
+    "fixed k below the method's": ("vicuna7b-a100-analytic", dict(spec_len=ComponentSpec.parse("fixed:k=1", "l"))),
+    "none": ("vicuna7b-a100-analytic", dict(method=ComponentSpec.parse("none", "s"), replicas=3)),
+    "token budget cuts (pauses), small batch": ("vicuna7b-a100-analytic", dict(max_batched_tokens=64,
+                                                                                 max_batch_size=3)),
+    "no chunked prefill": ("vicuna7b-a100-analytic", dict(chunked_prefill=False, max_batched_tokens=1024)),
+    "long prefill threshold": ("vicuna7b-a100-analytic", dict(long_prefill_token_threshold=40)),
+    "published per-step draft (whole model)": ("llama70b-4xh100-smartspec", dict(replicas=2)),
+    "measured CPU profile, draft_layers": ("smollm2-135m-cpu-fp32",
+                                           dict(method=ComponentSpec.parse("draft:k=4,draft_layers=5", "s"))),
+    "measured CPU profile, none, sampled log": ("smollm2-135m-cpu-fp32",
+                                                dict(method=ComponentSpec.parse("none", "s"), steps_log="sampled",
+                                                     steps_log_every=7)),
+    "no step log": ("vicuna7b-a100-analytic", dict(steps_log="none", replicas=2)),
+    "block size 1, watermark": ("vicuna7b-a100-analytic", dict(block_size=1, watermark=0.2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lane_equals_engine(monkeypatch, case):
+    name, over = CASES[case]
+    profile = load_profile(name)
+    trace = _trace(n=80, seed=len(case), tie_every=3 if "2 replicas" in case else 0)
+    cfg = replace(_cfg(), **over)
+    lane, ref = _both(monkeypatch, cfg, trace, profile)
+    assert lane.engine == "fast lane"
+    _same(lane, ref)
+    if cfg.steps_log == "full":  # the invariants sum the step log
+            check_invariants(lane, len(trace), lane.config["capacity"]["max_batch_size"],
+                         lane.config["capacity"]["kv_budget_tokens"], lane.config["capacity"]["max_batched_tokens"])
+
+
+def test_lane_plain_kernels_equal_compiled(monkeypatch):
+    """The lane's loop as plain Python gives the same outputs as compiled (and as the engine)."""
+    profile = load_profile("vicuna7b-a100-analytic")
+    trace = _trace(n=25, seed=3)
+    cfg = _cfg(replicas=2, max_batched_tokens=96)
+    plain, ref = _both(monkeypatch, cfg, trace, profile, jit="0")
+    assert kernels.MODE == "plain" and plain.engine == "fast lane"
+    _same(plain, ref)
+    comp, _ = _both(monkeypatch, cfg, trace, profile, jit="1")
+    _same(comp, plain)
+
+
+def test_lane_preempts_like_the_engine(monkeypatch):
+    """KV too small for the batch: the running pass preempts (recompute) the latest admitted
+    requests, which re-prefill when readmitted — in the lane exactly as in the engine."""
+    profile = load_profile("vicuna7b-a100-analytic")
+    trace = _trace(n=40, seed=5, rate=50.0, prompt=(100, 300), output=(50, 200))
+    cfg = _cfg(kv_budget_tokens=1024, block_size=16, replicas=2)
+    lane, ref = _both(monkeypatch, cfg, trace, profile)
+    assert lane.engine == "fast lane"
+    assert int(lane.requests["preemptions"].sum()) > 0 and int(lane.requests["recomputed_tokens"].sum()) > 0
+    _same(lane, ref)
+
+
+def test_lane_bails_on_swap_preemption_and_the_engine_runs(monkeypatch):
+    """Swap preemption is not in the lane: it stops, and the engine runs from a clean table."""
+    profile = load_profile("vicuna7b-a100-analytic")
+    trace = _trace(n=40, seed=5, rate=50.0, prompt=(100, 300), output=(50, 200))
+    cfg = _cfg(kv_budget_tokens=1024, block_size=16, preempt_mode="swap")
+    lane, ref = _both(monkeypatch, cfg, trace, profile)
+    assert lane.engine.startswith("simpy (replica 0: a KV allocation failed (preemption)")
+    assert int(lane.requests["preemptions"].sum()) > 0
+    _same(lane, ref)
+
+
+def test_lane_bails_on_an_arrival_at_a_step_end(monkeypatch):
+    """An arrival exactly at a step's end: which side it lands on is SimPy's event order, so the
+    lane leaves it to the engine."""
+    doc_profile = load_profile("vicuna7b-a100-analytic")
+    cfg = _cfg(method="none")
+    monkeypatch.setenv("SIMSPEC_FASTLANE", "0")
+    one = simulate(cfg, make_trace([0.5], [50], [20]), doc_profile)
+    # a second request arriving exactly when the first request's first step ends
+    end0 = float(one.steps["end_s"].iloc[0])
+    t2 = make_trace([0.5, end0], [50, 50], [20, 20])
+    lane, ref2 = _both(monkeypatch, cfg, t2, doc_profile)
+    assert lane.engine.startswith("simpy (replica 0: an arrival within a few ulps")
+    _same(lane, ref2)
+
+
+def test_eligibility(monkeypatch):
+    profile = load_profile("vicuna7b-a100-analytic")
+    method = type("M", (), {"name": "draft"})()
+    monkeypatch.setenv("SIMSPEC_FASTLANE", "1")
+    assert fastlane.eligible(_cfg(), method, 1) is None
+    assert fastlane.eligible(_cfg(replicas=4, router="round-robin"), method, 4) is None
+    assert fastlane.eligible(_cfg(router="least-outstanding"), method, 2) == "router least-outstanding"
+    assert fastlane.eligible(_cfg(router="least-outstanding"), method, 1) is None
+    assert fastlane.eligible(_cfg(batching="preemptive"), method, 1) == "batching preemptive"
+    assert fastlane.eligible(_cfg(scheduler=ComponentSpec.parse("srpt", "p")), method, 1) == "scheduler srpt"
+    assert fastlane.eligible(_cfg(spec_len="smartspec"), method, 1) == "spec-len smartspec"
+    assert fastlane.eligible(_cfg(max_concurrency=4), method, 1).startswith("closed loop")
+    assert fastlane.eligible(_cfg(), type("M", (), {"name": "kangaroo"})(), 1) == "method kangaroo"
+    monkeypatch.setenv("SIMSPEC_FASTLANE", "0")
+    assert fastlane.eligible(_cfg(), method, 1) == "SIMSPEC_FASTLANE=0"
+    # audit mode recounts KV after every engine step: always the engine
+    monkeypatch.setenv("SIMSPEC_FASTLANE", "1")
+    res = simulate(_cfg(), _trace(n=5), profile, audit=True)
+    assert res.engine == "simpy (audit mode)"
+
+
+def test_compiled_cost_equals_cost_model():
+    """The lane's compiled cost functions give CostModel's numbers bit for bit (grid, linear,
+    scaled stages; layer-level and whole-model profiles)."""
+    from simspec.simulator.methods.draft import draft_model_pass_ms
+
+    k = kernels.compiled()
+    rng = np.random.default_rng(0)
+    for name in ("vicuna7b-a100-analytic", "llama70b-4xh100-smartspec", "smollm2-135m-cpu-fp32",
+                 "llama2-70b-h100x4-analytic"):
+        cost = CostModel(load_profile(name))
+        p = fastlane.pack_cost(cost)
+        for _ in range(300):
+            b = int(rng.integers(0, 300))
+            t = float(rng.integers(0, 5000))
+            kv = float(rng.integers(0, 500000))
+            lt = float(rng.integers(0, 3000))
+            spec = bool(rng.integers(0, 2))
+            want = cost.target_ms(b, t, kv, spec, logits_tokens=lt)
+            got = k["target_ms"](p.kind, p.scaled, p.factor, p.coef, p.c_spec, p.grids, p.forward_overhead,
+                                    p.whole_model, p.num_layers, b, t, kv, spec, lt)
+            assert got == want, (name, b, t, kv)
+            layers = 0 if cost.has("draft_step") else 3
+            want = draft_model_pass_ms(cost, layers, b, t, kv, lt)
+            got = k["draft_pass_ms"](p.kind, p.scaled, p.factor, p.coef, p.c_spec, p.grids, p.forward_overhead,
+                                        layers, b, t, kv, lt)
+            assert got == want, (name, b, t, kv)
+
+
+@st.composite
+def scenarios(draw):
+    n = draw(st.integers(1, 25))
+    gaps = draw(st.lists(st.sampled_from([0.0, 0.001, 0.01, 0.05, 0.2, 1.0]), min_size=n, max_size=n))
+    prompt = draw(st.lists(st.integers(1, 300), min_size=n, max_size=n))
+    output = draw(st.lists(st.integers(1, 60), min_size=n, max_size=n))
+    method = draw(st.sampled_from(["none", "draft:k=3", "draft:k=5", "draft:k=0"]))
+    replicas = draw(st.integers(1, 3))
+    max_batch = draw(st.integers(1, 8))
+    block = draw(st.sampled_from([1, 16]))
+    need = max(p + o + 16 for p, o in zip(prompt, output)) + draw(st.sampled_from([0, 64, 400, 5000]))
+    kv = -(-need // block) * block
+    mbt = draw(st.sampled_from([None, 32, 128, 400]))
+    chunked = draw(st.booleans()) or mbt is None
+    seed = draw(st.integers(0, 3))
+    preempt = draw(st.sampled_from(["recompute", "recompute", "swap"]))
+    return np.cumsum(gaps), prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture],
+          derandomize=True)
+@given(sc=scenarios())
+def test_lane_equals_engine_property(monkeypatch, sc):
+    """Random traces, capacities and budgets: the lane (or its bail-out) equals the engine."""
+    arrival, prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt = sc
+    trace = make_trace(arrival, prompt, output)
+    cfg = _cfg(method=method, replicas=replicas, max_batch_size=max_batch, kv_budget_tokens=kv,
+               max_batched_tokens=mbt, block_size=block, chunked_prefill=chunked, seed=seed, preempt_mode=preempt)
+    profile = load_profile("vicuna7b-a100-analytic")
+    try:
+        lane, ref = _both(monkeypatch, cfg, trace, profile)
+    except Exception as exc:  # a configuration the engine refuses is refused the same way by both
+        monkeypatch.setenv("SIMSPEC_FASTLANE", "0")
+        with pytest.raises(type(exc)):
+            simulate(cfg, trace, profile)
+        return
+    _same(lane, ref)
