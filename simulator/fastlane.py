@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from simspec.simulator import kernels
-from simspec.simulator.kernels import (clip_k, draft_accept, draft_step_sums, grant_blocks, jit, mixed_k_fed,
-                                       mixed_prepare, mixed_step_progress, vllm_running_asks)
+from simspec.simulator.kernels import (draft_accept_into, grant_blocks, jit, mixed_step_progress_into,
+                                       vllm_running_asks_into)
 
 # stage slots of the compiled cost model
 LAYER, LM_HEAD, EMBED, TARGET_STEP, DRAFT_STEP = range(5)
@@ -320,7 +320,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     place. Returns ``(status, busy_s, n_steps, batch_size_sum, fcols, icols, n_rows, itl_values,
     itl_counts, n_itl)``: ``status`` :data:`OK` or a ``BAIL_*`` code; the step log's kept rows
     (float columns start, end, step_ms; int columns as :data:`_INT_COLS`); the ITL samples
-    (seconds, with counts)."""
+    (seconds, with counts). Per-member work uses buffers allocated once (no allocation per step)."""
     nreq = reqs.shape[0]
     fcols = np.empty((3, 1024), dtype=np.float64)
     icols = np.empty((10, 1024), dtype=np.int64)
@@ -328,13 +328,42 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     itl_v = np.empty(1024, dtype=np.float64)
     itl_c = np.empty(1024, dtype=np.int64)
     n_itl = 0
-    running = np.empty(max_batch + 1, dtype=np.int64)
-    adm_fed = np.empty(max_batch + 1, dtype=np.int64)
+    mb = max_batch + 1
+    running = np.empty(mb, dtype=np.int64)  # admitted requests holding KV, in admission order
+    n_run = 0
     pq = np.empty(nreq + 1, dtype=np.int64)  # preempted requests waiting, in row order
     n_pq = 0
-    n_run = 0
     w_head = 0  # new arrivals waiting: reqs[w_head:w_tail] (after the preempted ones in pq)
     w_tail = 0
+    # the running pass' outputs (vllm_running_asks_into), and the step's members
+    order = np.empty(mb, dtype=np.int64)
+    fed_r = np.empty(mb, dtype=np.int64)
+    k_r = np.empty(mb, dtype=np.int64)
+    slots_r = np.empty(mb, dtype=np.int64)
+    pre_r = np.empty(mb, dtype=np.bool_)
+    need_r = np.empty(mb, dtype=np.int64)
+    idx = np.empty(mb, dtype=np.int64)
+    pre = np.empty(mb, dtype=np.bool_)
+    plan_fed = np.empty(mb, dtype=np.int64)
+    k_resv = np.empty(mb, dtype=np.int64)
+    gen = np.empty(mb, dtype=np.int64)
+    rem = np.empty(mb, dtype=np.int64)
+    ctx = np.empty(mb, dtype=np.int64)
+    base = np.empty(mb, dtype=np.uint64)
+    dr = np.empty(mb, dtype=np.uint64)
+    k = np.empty(mb, dtype=np.int64)
+    fed = np.empty(mb, dtype=np.int64)
+    out_acc = np.zeros(mb, dtype=np.int64)
+    out_pos = np.zeros(mb, dtype=np.int64)
+    drafted = np.empty(mb, dtype=np.int64)
+    accepted = np.empty(mb, dtype=np.int64)
+    pos_acc = np.empty(mb, dtype=np.int64)
+    committed = np.empty(mb, dtype=np.int64)
+    finished = np.empty(mb, dtype=np.bool_)
+    kcap = k_res + 1
+    pass_count = np.zeros(kcap, dtype=np.int64)
+    pass_ctx = np.zeros(kcap, dtype=np.int64)
+    no_used = np.zeros(1, dtype=np.uint64)
     free = total_blocks
     clock = 0.0
     busy = 0.0
@@ -342,7 +371,6 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     bsum = 0
     frac = overhead[0]
     fixed_ms = overhead[1]
-    no_used = np.zeros(0, dtype=np.uint64)
     while True:
         if n_run == 0 and w_head == w_tail and n_pq == 0:
             if w_tail == nreq:
@@ -355,11 +383,13 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         preempted = False
         # ---- schedule: vLLM's running pass (FCFS order = admission order), then the waiting pass
         budget = budget0
+        n_sched = 0
+        live_end = n_run  # order[:live_end] still running (victims come off the end)
         if n_run > 0:
-            order, fed_r, k_r, slots_r, pre_r, need_r, cut, granted, fed_cut = vllm_running_asks(
-                running[:n_run].copy(), computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks,
-                k_res, threshold, budget, chunked, block_size, free, kv_tokens, kv_resident)
-            live_end = n_run  # order[:live_end] still running (victims come off the end)
+            cut, granted, fed_cut = vllm_running_asks_into(
+                running, n_run, computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks, k_res,
+                threshold, budget, chunked, block_size, free, kv_tokens, kv_resident, order, fed_r, k_r, slots_r, pre_r,
+                need_r)
             if granted >= 0:
                 free -= granted
                 budget -= fed_cut
@@ -420,13 +450,11 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                 free -= grant_blocks(order[:pos], slots_r, need_r, kv_blocks, kv_tokens, kv_resident)
                 for m in range(pos):
                     budget -= fed_r[m]
-        else:
-            order = running[:0].copy()
-            fed_r = order
-            k_r = order
-            pre_r = np.zeros(0, dtype=np.bool_)
-            n_sched = 0
-            live_end = 0
+        for m in range(n_sched):
+            idx[m] = order[m]
+            pre[m] = pre_r[m]
+            plan_fed[m] = fed_r[m]
+            k_resv[m] = k_r[m]
         # waiting pass (skipped in a step that preempted): preempted requests first (they arrived
         # before anything never admitted), then new arrivals, in arrival order
         n_adm = 0
@@ -456,7 +484,11 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                     kv_tokens[i] = slots
                 kv_resident[i] = True
                 running[n_run] = i
-                adm_fed[n_adm] = chunk
+                m = n_sched + n_adm
+                idx[m] = i
+                pre[m] = c < tgt
+                plan_fed[m] = chunk
+                k_resv[m] = 0
                 n_run += 1
                 n_adm += 1
                 budget -= chunk
@@ -464,22 +496,6 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         n = n_sched + n_adm
         if n == 0:
             return BAIL_EMPTY, busy, step_index, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl
-        idx = np.empty(n, dtype=np.int64)
-        pre = np.empty(n, dtype=np.bool_)
-        plan_fed = np.empty(n, dtype=np.int64)
-        k_reserved = np.empty(n, dtype=np.int64)
-        for m in range(n_sched):
-            idx[m] = order[m]
-            pre[m] = pre_r[m]
-            plan_fed[m] = fed_r[m]
-            k_reserved[m] = k_r[m]
-        for a in range(n_adm):
-            i = running[n_run - n_adm + a]
-            m = n_sched + a
-            idx[m] = i
-            pre[m] = computed[i] < prefill_target[i]
-            plan_fed[m] = adm_fed[a]
-            k_reserved[m] = 0
         # admitted: a prefix of the waiting list
         from_pq = n_adm if n_adm < n_pq else n_pq
         if from_pq > 0:
@@ -490,31 +506,53 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         # pauses: running requests left out of the step (token budget, or after a preemption)
         for q in range(n_sched, live_end):
             pauses[order[q]] += 1
-        # ---- the step (Replica._mixed_step; a decode-only step books the same)
-        (gen, rem, ctx, base, dr, al, ci, dec_pos, dec_idx, dec_kres, dec_ctx, dec_rem,
-         dec_ctx_sum) = mixed_prepare(idx, pre, k_reserved, generated, output_tokens, prompt_tokens, computed, rng_base,
-                                      draws_col, alpha, class_idx)
-        n_dec = dec_pos.shape[0]
-        k_pol = np.full(n_dec, k_res, dtype=np.int64)
-        k_dec, any_extra = clip_k(k_pol, dec_rem, dec_kres)
+        # ---- the step (Replica._mixed_step; a decode-only step books the same). The members'
+        # state (kernels.mixed_prepare), k (Replica._choose_k: the fixed k within 0..left-1, and
+        # within the reservation unless the extra drafts fit the budget left and free KV), tokens
+        # fed (kernels.mixed_k_fed) and the sums the step is costed on (kernels.draft_step_sums)
+        any_extra = False
+        for m in range(n):
+            i = idx[m]
+            g = generated[i]
+            gen[m] = g
+            rem[m] = output_tokens[i] - g
+            base[m] = rng_base[i]
+            dr[m] = draws_col[i]
+            if pre[m]:
+                ctx[m] = computed[i]
+                k[m] = 0
+            else:
+                ctx[m] = prompt_tokens[i] + g
+                km = k_res if k_res > 0 else 0
+                if km > rem[m] - 1:
+                    km = rem[m] - 1
+                k[m] = km
+                if km > k_resv[m]:
+                    any_extra = True
         if any_extra:
-            # Replica._choose_k: drafts beyond the reservation, within the budget left and free KV
             cum_e = 0
             cum_b = 0
-            kk2 = k_dec.copy()
-            for d in range(n_dec):
-                i = dec_idx[d]
-                e = k_dec[d] - dec_kres[d]
+            for m in range(n):
+                if pre[m]:
+                    continue
+                i = idx[m]
+                e = k[m] - k_resv[m]
                 cum_e += e if e > 0 else 0
-                sl = dec_ctx[d] + 1 + k_dec[d]
+                sl = ctx[m] + 1 + k[m]
                 nb = -(-sl // block_size) - kv_blocks[i]
                 cum_b += nb if nb > 0 else 0
                 if cum_e > budget or cum_b > free:
-                    kk2[d] = min(k_dec[d], dec_kres[d])
-            for d in range(n_dec):
-                if kk2[d] > dec_kres[d]:
-                    i = dec_idx[d]
-                    sl = dec_ctx[d] + 1 + kk2[d]
+                    finished[m] = True  # (scratch: this member keeps its reservation)
+                else:
+                    finished[m] = False
+            for m in range(n):
+                if pre[m]:
+                    continue
+                if finished[m]:
+                    k[m] = min(k[m], k_resv[m])
+                elif k[m] > k_resv[m]:
+                    i = idx[m]
+                    sl = ctx[m] + 1 + k[m]
                     nb = -(-sl // block_size) - kv_blocks[i]
                     need = nb if nb > 0 else 0
                     kv_blocks[i] += need
@@ -522,11 +560,39 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                     if sl > kv_tokens[i]:
                         kv_tokens[i] = sl
                     kv_resident[i] = True
-            k_dec = kk2
-        k, fed = mixed_k_fed(pre, plan_fed, dec_pos, k_dec)
+        kmax = 0
+        kmin = 0
+        n_pre = 0
+        fed_all_i = 0
+        fed_pre_i = 0
+        ctx_all_i = 0
+        sel_count = 0
+        sel_ctx = 0
+        for m in range(n):
+            km = k[m]
+            fm = plan_fed[m] if pre[m] else km + 1
+            fed[m] = fm
+            if m == 0 or km > kmax:
+                kmax = km
+            if m == 0 or km < kmin:
+                kmin = km
+            fed_all_i += fm
+            ctx_all_i += ctx[m]
+            if pre[m]:
+                n_pre += 1
+                fed_pre_i += fm
+            if km > 0:
+                sel_count += 1
+                sel_ctx += ctx[m]
+        if kmax > 0 and not per_step_draft:
+            for j in range(kmax):
+                pass_count[j] = 0
+                pass_ctx[j] = 0
+            for m in range(n):
+                for j in range(k[m]):
+                    pass_count[j] += 1
+                    pass_ctx[j] += ctx[m]
         # cost (the method's step(); the same arithmetic as on Python numbers)
-        kmax, kmin, n_pre, fed_all_i, fed_pre_i, ctx_all_i, sel_count, sel_ctx, pass_count, pass_ctx = \
-            draft_step_sums(k, pre, fed, ctx)
         fed_all = float(fed_all_i)
         if n_pre > 0:
             fed_pre = float(fed_pre_i)
@@ -550,18 +616,19 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                     ms += draft_pass_ms(kind, scaled, factor, coef, c_spec, grids, fwd, draft_layers, b, b,
                                         float(pass_ctx[j]) + j * b, float(b))
         if speculating and has_probs:
-            out_acc, out_pos = draft_accept(probs, idx, base, dr, k, kmax)
+            draft_accept_into(probs, idx, base, dr, k, kmax, n, out_acc, out_pos)
         else:
-            out_acc = np.zeros(n, dtype=np.int64)
-            out_pos = out_acc
+            for m in range(n):
+                out_acc[m] = 0
+                out_pos[m] = 0
         step_ms = ms * (1.0 + frac) + fixed_ms
         step_s = step_ms / 1000.0
         end = now + step_s
-        (drafted, accepted, pos_acc, committed, finished, n_committed, first_prompt, k_max, drafted_sum,
-         accepted_sum, fed_sum) = mixed_step_progress(
+        n_committed, first_prompt, k_max, drafted_sum, accepted_sum, fed_sum = mixed_step_progress_into(
             idx, pre, plan_fed, k, out_acc, out_pos, rem, gen, now, end, computed, prefill_target, generated,
             output_tokens, prompt_tokens, steps_col, decode_steps, drafted_col, accepted_col, positions_col, start_s,
-            first_token_s, k, fed, draws_col, draws_per_step, no_used)
+            first_token_s, k, fed, draws_col, draws_per_step, no_used, n, drafted, accepted, pos_acc, committed,
+            finished)
         busy += step_s
         kv_used = (total_blocks - free) * block_size
         # completions: free their blocks, drop them from the running list (order kept)

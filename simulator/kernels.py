@@ -170,6 +170,13 @@ def draft_accept(probs, idx, base, ctr, k, kmax):
     n = idx.shape[0]
     accepted = np.zeros(n, dtype=np.int64)
     positions = np.zeros(n, dtype=np.int64)
+    draft_accept_into(probs, idx, base, ctr, k, kmax, n, accepted, positions)
+    return accepted, positions
+
+
+@jit
+def draft_accept_into(probs, idx, base, ctr, k, kmax, n, accepted, positions):
+    """:func:`draft_accept` for the first ``n`` members, into ``accepted`` and ``positions``."""
     for m in range(n):
         r = idx[m]
         km = k[m]
@@ -188,7 +195,6 @@ def draft_accept(probs, idx, base, ctr, k, kmax):
                 prefix = False
         accepted[m] = a
         positions[m] = p_
-    return accepted, positions
 
 
 @jit
@@ -264,10 +270,31 @@ def mixed_step_progress(idx, pre, fed_tokens, out_drafted, out_accepted, out_pos
     positions = np.zeros(n, dtype=np.int64)
     committed = np.zeros(n, dtype=np.int64)
     finished = np.zeros(n, dtype=np.bool_)
+    n_committed, first_prompt, k_max, d_sum, a_sum, f_sum = mixed_step_progress_into(
+        idx, pre, fed_tokens, out_drafted, out_accepted, out_positions, rem, gen, now_s, end_s, computed,
+        prefill_target, generated, output_tokens, prompt_tokens, steps, decode_steps, drafted_col, accepted_col,
+        positions_col, start_s, first_token_s, k, fed, draws_col, fixed_draws, used, n, drafted, accepted, positions,
+        committed, finished)
+    return (drafted, accepted, positions, committed, finished, n_committed, first_prompt, k_max, d_sum, a_sum,
+            f_sum)
+
+
+@jit
+def mixed_step_progress_into(idx, pre, fed_tokens, out_drafted, out_accepted, out_positions, rem, gen, now_s, end_s,
+                             computed, prefill_target, generated, output_tokens, prompt_tokens, steps, decode_steps,
+                             drafted_col, accepted_col, positions_col, start_s, first_token_s, k, fed, draws_col,
+                             fixed_draws, used, n, drafted, accepted, positions, committed, finished):
+    """:func:`mixed_step_progress` for the first ``n`` members, writing the per-member outputs
+    into the given arrays (zeroed here) and returning ``(n_committed, first_prompt_tokens, k_max,
+    drafted_sum, accepted_sum, fed_sum)``."""
     n_committed = 0
     first_prompt = 0
     for m in range(n):
         i = idx[m]
+        drafted[m] = 0
+        accepted[m] = 0
+        positions[m] = 0
+        committed[m] = 0
         if pre[m]:
             if np.isnan(start_s[i]):
                 start_s[i] = now_s
@@ -308,8 +335,7 @@ def mixed_step_progress(idx, pre, fed_tokens, out_drafted, out_accepted, out_pos
         d_sum += drafted[m]
         a_sum += accepted[m]
         f_sum += fed[m]
-    return (drafted, accepted, positions, committed, finished, n_committed, first_prompt, k_max, d_sum, a_sum,
-            f_sum)
+    return n_committed, first_prompt, k_max, d_sum, a_sum, f_sum
 
 
 @jit
@@ -333,6 +359,23 @@ def vllm_running_asks(order, computed, prefill_target, generated, output_tokens,
     n = order.shape[0]
     out_order = np.empty(n, dtype=np.int64)
     pre = np.empty(n, dtype=np.bool_)
+    fed = np.empty(n, dtype=np.int64)
+    k = np.empty(n, dtype=np.int64)
+    slots = np.empty(n, dtype=np.int64)
+    need = np.zeros(n, dtype=np.int64)
+    cut, granted, fed_cut = vllm_running_asks_into(
+        order, n, computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks, k_res, threshold,
+        budget, chunked, block_size, free_blocks, kv_tokens, kv_resident, out_order, fed, k, slots, pre, need)
+    return out_order, fed, k, slots, pre, need[:max(cut, 0)], cut, granted, fed_cut
+
+
+@jit
+def vllm_running_asks_into(order, n, computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks,
+                           k_res, threshold, budget, chunked, block_size, free_blocks, kv_tokens, kv_resident,
+                           out_order, fed, k, slots, pre, need):
+    """:func:`vllm_running_asks` over the first ``n`` entries of ``order``, writing the
+    per-member outputs into the given arrays (``need`` for the first ``cut``); returns ``(cut,
+    granted, fed_cut)``."""
     # stable partition: decodes, then prompt chunks
     w = 0
     for m in range(n):
@@ -347,9 +390,6 @@ def vllm_running_asks(order, computed, prefill_target, generated, output_tokens,
             out_order[w] = i
             pre[w] = True
             w += 1
-    fed = np.empty(n, dtype=np.int64)
-    k = np.empty(n, dtype=np.int64)
-    slots = np.empty(n, dtype=np.int64)
     cut = n
     cum = 0
     for m in range(n):
@@ -381,7 +421,6 @@ def vllm_running_asks(order, computed, prefill_target, generated, output_tokens,
             else:
                 cut = -1
         cum += fed[m]
-    need = np.zeros(max(cut, 0), dtype=np.int64)
     need_sum = 0
     fed_cut = 0
     for m in range(max(cut, 0)):
@@ -392,7 +431,7 @@ def vllm_running_asks(order, computed, prefill_target, generated, output_tokens,
     granted = -1
     if cut >= 0 and need_sum <= free_blocks:
         granted = grant_blocks(out_order[:cut], slots, need, kv_blocks, kv_tokens, kv_resident)
-    return out_order, fed, k, slots, pre, need, cut, granted, fed_cut
+    return cut, granted, fed_cut
 
 
 @jit
