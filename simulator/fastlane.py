@@ -85,176 +85,185 @@ def eligible(config, method, n_replicas: int) -> str | None:
 
 
 # ------------------------------------------------------------------------------ cost model pack
+#: per-stage fields of :attr:`CostPack.ints` (stride 10) and :attr:`CostPack.floats` (stride 8)
+_I_STRIDE, _F_STRIDE = 10, 8
+#: where the global fields sit: ints — whole_model, num_layers; floats — forward overheads
+#: (target, draft, early_exit), then the overhead fraction and fixed ms; grid data from _F_DATA on
+_I_WHOLE, _I_LAYERS = 50, 51
+_F_FWD, _F_OVERHEAD, _F_DATA = 40, 43, 48
+
+
 @dataclass
 class CostPack:
-    """The cost model of one profile as flat arrays for the compiled loop (stage slots
-    :data:`LAYER` .. :data:`DRAFT_STEP`; ``kind`` −1 where the profile has no such stage)."""
+    """The cost model of one profile as two flat arrays for the compiled loop (two array
+    arguments per call: a tuple of per-stage arrays, passed by value, cost more than the
+    arithmetic). Stage slots :data:`LAYER` .. :data:`DRAFT_STEP`; per stage s, ``ints[10 s ..]``:
+    kind (0 linear, 1 grid, −1 absent), scaled, the grid's three axis lengths, the offsets of its
+    axes and table in ``floats``; ``floats[8 s ..]``: the scaled stage's factor, c0, c_b, c_t,
+    c_kv, c_spec."""
 
-    kind: np.ndarray  # int64[5]: 0 linear, 1 grid, -1 absent
-    scaled: np.ndarray  # bool[5]: a ``scaled`` stage (factor × its base)
-    factor: np.ndarray  # float64[5]
-    coef: np.ndarray  # float64[5, 4]: c0, c_b, c_t, c_kv (linear)
-    c_spec: np.ndarray  # float64[5]: the linear fit's speculation term (0 where none)
-    grids: tuple  # 5 × (batch axis, tokens axis, context axis, flat table)
-    forward_overhead: np.ndarray  # float64[3]: target, draft, early_exit
-    overhead: np.ndarray  # float64[2]: fraction, fixed_ms
-    whole_model: bool
-    num_layers: int
+    ints: np.ndarray
+    floats: np.ndarray
 
 
 def pack_cost(cost) -> CostPack:
     """Flatten :class:`~simspec.simulator.cost.CostModel`'s stages for the lane."""
     stages = cost.profile.stages
-    kind = np.full(5, -1, dtype=np.int64)
-    scaled = np.zeros(5, dtype=np.bool_)
-    factor = np.ones(5)
-    coef = np.zeros((5, 4))
-    c_spec = np.zeros(5)
-    empty = np.zeros(1)
-    grids = []
+    ints = np.zeros(_I_LAYERS + 1, dtype=np.int64)
+    head = np.zeros(_F_DATA)
+    data: list[float] = []
     for s, name in enumerate(_STAGE_NAMES):
+        io, fo = s * _I_STRIDE, s * _F_STRIDE
+        ints[io] = -1
+        head[fo] = 1.0
         doc = stages.get(name)
-        grid = (empty, empty, empty, empty)
-        if doc is not None:
-            base = doc
-            if doc.get("kind") == "scaled":
-                scaled[s] = True
-                factor[s] = float(doc["factor"])
-                base = stages[doc["of"]]
-            if base.get("kind") == "linear":
-                kind[s] = _KIND_LINEAR
-                coef[s] = [float(base["coef"][k]) for k in ("c0", "c_b", "c_t", "c_kv")]
-            elif base.get("kind") == "grid":
-                kind[s] = _KIND_GRID
-                ax = base["axes"]
-                grid = (np.asarray([float(v) for v in ax["batch_size"]]),
-                        np.asarray([float(v) for v in ax["tokens_per_request"]]),
-                        np.asarray([float(v) for v in ax["context_tokens"]]),
-                        np.asarray(base["ms"], dtype=np.float64).ravel())
-            else:  # pragma: no cover - CostModel rejects other kinds first
-                raise ValueError(f"stage {name}: kind {base.get('kind')!r}")
-            c_spec[s] = cost.c_spec.get(name, 0.0)
-        grids.append(grid)
+        if doc is None:
+            continue
+        base = doc
+        if doc.get("kind") == "scaled":
+            ints[io + 1] = 1
+            head[fo] = float(doc["factor"])
+            base = stages[doc["of"]]
+        if base.get("kind") == "linear":
+            ints[io] = _KIND_LINEAR
+            head[fo + 1: fo + 5] = [float(base["coef"][k]) for k in ("c0", "c_b", "c_t", "c_kv")]
+        elif base.get("kind") == "grid":
+            ints[io] = _KIND_GRID
+            ax = base["axes"]
+            for j, axis in enumerate(("batch_size", "tokens_per_request", "context_tokens")):
+                vals = [float(v) for v in ax[axis]]
+                ints[io + 2 + j] = len(vals)
+                ints[io + 5 + j] = _F_DATA + len(data)
+                data.extend(vals)
+            ints[io + 8] = _F_DATA + len(data)
+            data.extend(np.asarray(base["ms"], dtype=np.float64).ravel().tolist())
+        else:  # pragma: no cover - CostModel rejects other kinds first
+            raise ValueError(f"stage {name}: kind {base.get('kind')!r}")
+        head[fo + 5] = cost.c_spec.get(name, 0.0)
     fo = cost.forward_overhead
-    return CostPack(kind=kind, scaled=scaled, factor=factor, coef=coef, c_spec=c_spec, grids=tuple(grids),
-                    forward_overhead=np.array([fo["target"], fo["draft"], fo["early_exit"]], dtype=np.float64),
-                    overhead=np.array([cost.overhead_fraction, cost.overhead_fixed_ms], dtype=np.float64),
-                    whole_model=bool(cost.whole_model), num_layers=int(cost.num_layers or 0))
+    head[_F_FWD: _F_FWD + 3] = [fo["target"], fo["draft"], fo["early_exit"]]
+    head[_F_OVERHEAD: _F_OVERHEAD + 2] = [cost.overhead_fraction, cost.overhead_fixed_ms]
+    ints[_I_WHOLE] = 1 if cost.whole_model else 0
+    ints[_I_LAYERS] = int(cost.num_layers or 0)
+    return CostPack(ints=ints, floats=np.concatenate([head, np.asarray(data, dtype=np.float64)]))
 
 
 # ------------------------------------------------------------------------------ compiled cost
 @jit
-def _axis_weights(axis, x):
-    """:func:`simspec.simulator.latency_models.grid_axis_weights` (bisect_right, clamped)."""
-    n = axis.shape[0]
+def _axis_weights(cpf, off, n, x):
+    """:func:`simspec.simulator.latency_models.grid_axis_weights` on the axis ``cpf[off:off+n]``
+    (bisect_right, clamped to the outermost segments)."""
     if n == 1:
         return 0, 0, 0.0
-    i = np.searchsorted(axis, x, side="right") - 1
+    lo = 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if x < cpf[off + mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    i = lo - 1
     if i < 0:
         i = 0
     elif i > n - 2:
         i = n - 2
-    a0 = axis[i]
-    return i, i + 1, (x - a0) / (axis[i + 1] - a0)
+    a0 = cpf[off + i]
+    return i, i + 1, (x - a0) / (cpf[off + i + 1] - a0)
 
 
 @jit
-def stage_fn(kind, scaled, factor, coef, grids, s, batch_size, batched_tokens, kv_tokens):
+def stage_fn(cpi, cpf, s, batch_size, batched_tokens, kv_tokens):
     """Stage ``s``'s latency model at one shape (ms), as the closure of
     :func:`~simspec.simulator.latency_models.compile_stage` computes it on Python numbers."""
-    if kind[s] == 0:
-        c = coef[s]
-        ms = c[0] + c[1] * batch_size + c[2] * batched_tokens + c[3] * kv_tokens
+    io = s * 10
+    fo = s * 8
+    if cpi[io] == 0:
+        ms = cpf[fo + 1] + cpf[fo + 2] * batch_size + cpf[fo + 3] * batched_tokens + cpf[fo + 4] * kv_tokens
         ms = ms if ms > 0.0 else 0.0
+    elif batch_size <= 0:
+        ms = 0.0
     else:
-        if batch_size <= 0:
-            ms = 0.0
-        else:
-            ab, at, ac, flat = grids[s]
-            n_t = at.shape[0]
-            n_c = ac.shape[0]
-            t = batched_tokens / batch_size
-            cx = kv_tokens / batch_size
-            b0, b1, wb = _axis_weights(ab, batch_size)
-            t0, t1, wt = _axis_weights(at, t)
-            c0, c1, wc = _axis_weights(ac, cx)
-            r00 = (b0 * n_t + t0) * n_c
-            r01 = (b0 * n_t + t1) * n_c
-            r10 = (b1 * n_t + t0) * n_c
-            r11 = (b1 * n_t + t1) * n_c
-            v00 = flat[r00 + c0] + wc * (flat[r00 + c1] - flat[r00 + c0])
-            v01 = flat[r01 + c0] + wc * (flat[r01 + c1] - flat[r01 + c0])
-            v10 = flat[r10 + c0] + wc * (flat[r10 + c1] - flat[r10 + c0])
-            v11 = flat[r11 + c0] + wc * (flat[r11 + c1] - flat[r11 + c0])
-            v0 = v00 + wt * (v01 - v00)
-            v1 = v10 + wt * (v11 - v10)
-            ms = v0 + wb * (v1 - v0)
-            ms = ms if ms > 0.0 else 0.0
-    if scaled[s]:
-        ms = factor[s] * ms
+        n_t = cpi[io + 3]
+        n_c = cpi[io + 4]
+        tab = cpi[io + 8]
+        t = batched_tokens / batch_size
+        cx = kv_tokens / batch_size
+        b0, b1, wb = _axis_weights(cpf, cpi[io + 5], cpi[io + 2], batch_size)
+        t0, t1, wt = _axis_weights(cpf, cpi[io + 6], n_t, t)
+        c0, c1, wc = _axis_weights(cpf, cpi[io + 7], n_c, cx)
+        r00 = tab + (b0 * n_t + t0) * n_c
+        r01 = tab + (b0 * n_t + t1) * n_c
+        r10 = tab + (b1 * n_t + t0) * n_c
+        r11 = tab + (b1 * n_t + t1) * n_c
+        v00 = cpf[r00 + c0] + wc * (cpf[r00 + c1] - cpf[r00 + c0])
+        v01 = cpf[r01 + c0] + wc * (cpf[r01 + c1] - cpf[r01 + c0])
+        v10 = cpf[r10 + c0] + wc * (cpf[r10 + c1] - cpf[r10 + c0])
+        v11 = cpf[r11 + c0] + wc * (cpf[r11 + c1] - cpf[r11 + c0])
+        v0 = v00 + wt * (v01 - v00)
+        v1 = v10 + wt * (v11 - v10)
+        ms = v0 + wb * (v1 - v0)
+        ms = ms if ms > 0.0 else 0.0
+    if cpi[io + 1] != 0:
+        ms = cpf[fo] * ms
     return ms
 
 
 @jit
-def stage_compute(kind, scaled, factor, coef, c_spec, grids, s, batch_size, batched_tokens, kv_tokens, speculating):
+def stage_compute(cpi, cpf, s, batch_size, batched_tokens, kv_tokens, speculating):
     """:meth:`CostModel.stage_compute_ms` on numbers: 0 for an empty batch, the speculation term,
     never negative (``max(ms, 0.0)``)."""
     if batch_size <= 0:
         return 0.0
-    ms = stage_fn(kind, scaled, factor, coef, grids, s, batch_size, batched_tokens, kv_tokens)
+    ms = stage_fn(cpi, cpf, s, batch_size, batched_tokens, kv_tokens)
     if speculating:
-        ms += c_spec[s]
+        ms += cpf[s * 8 + 5]
     return 0.0 if 0.0 > ms else ms
 
 
 @jit
-def target_ms(kind, scaled, factor, coef, c_spec, grids, fwd, whole_model, num_layers, batch_size, batched_tokens,
-              kv_tokens, speculating, logits_tokens):
+def target_ms(cpi, cpf, batch_size, batched_tokens, kv_tokens, speculating, logits_tokens):
     """:meth:`CostModel.target_ms` on numbers (one full target forward, its per-forward overhead
     included)."""
     if batch_size <= 0:
         return 0.0
-    if whole_model:
-        ms = stage_fn(kind, scaled, factor, coef, grids, 3, batch_size, batched_tokens, kv_tokens)
+    if cpi[50] != 0:  # a whole-model profile: target_step
+        ms = stage_fn(cpi, cpf, 3, batch_size, batched_tokens, kv_tokens)
         if speculating:
-            ms += c_spec[3]
-        return (0.0 if 0.0 > ms else ms) + fwd[0]
-    ms = stage_fn(kind, scaled, factor, coef, grids, 0, batch_size, batched_tokens, kv_tokens)
-    ms = num_layers * (ms if ms > 0.0 else 0.0)
-    head = stage_fn(kind, scaled, factor, coef, grids, 1, batch_size, logits_tokens, kv_tokens)
+            ms += cpf[3 * 8 + 5]
+        return (0.0 if 0.0 > ms else ms) + cpf[40]
+    ms = stage_fn(cpi, cpf, 0, batch_size, batched_tokens, kv_tokens)
+    ms = cpi[51] * (ms if ms > 0.0 else 0.0)
+    head = stage_fn(cpi, cpf, 1, batch_size, logits_tokens, kv_tokens)
     ms += head if head > 0.0 else 0.0
-    if kind[2] >= 0:
-        e = stage_fn(kind, scaled, factor, coef, grids, 2, batch_size, batched_tokens, kv_tokens)
+    if cpi[2 * 10] >= 0:
+        e = stage_fn(cpi, cpf, 2, batch_size, batched_tokens, kv_tokens)
         ms += e if e > 0.0 else 0.0
-    return ms + fwd[0]
+    return ms + cpf[40]
 
 
 @jit
-def draft_pass_ms(kind, scaled, factor, coef, c_spec, grids, fwd, draft_layers, batch_size, batched_tokens,
-                  kv_tokens, logits_tokens):
+def draft_pass_ms(cpi, cpf, draft_layers, batch_size, batched_tokens, kv_tokens, logits_tokens):
     """:func:`simspec.simulator.methods.draft.draft_model_pass_ms` on numbers: the profile's
     ``draft_step`` (with the draft per-forward overhead), else the target's first ``draft_layers``
     layers + LM head over ``logits_tokens`` (an early-exit head: its overhead) + embedding."""
     if batch_size <= 0:
         return 0.0
-    if kind[4] >= 0:
-        ms = stage_compute(kind, scaled, factor, coef, c_spec, grids, 4, batch_size, batched_tokens, kv_tokens,
-                           False)
-        if fwd[1] != 0.0:
-            ms = ms + fwd[1]
+    if cpi[4 * 10] >= 0:
+        ms = stage_compute(cpi, cpf, 4, batch_size, batched_tokens, kv_tokens, False)
+        if cpf[41] != 0.0:
+            ms = ms + cpf[41]
         return ms
     if draft_layers <= 0:
         ms = 0.0
     else:
-        ms = draft_layers * stage_compute(kind, scaled, factor, coef, c_spec, grids, 0, batch_size, batched_tokens,
-                                          kv_tokens, False)
-    head = stage_compute(kind, scaled, factor, coef, c_spec, grids, 1, batch_size, logits_tokens, kv_tokens, False)
-    if fwd[2] != 0.0:
-        head = head + fwd[2]
+        ms = draft_layers * stage_compute(cpi, cpf, 0, batch_size, batched_tokens, kv_tokens, False)
+    head = stage_compute(cpi, cpf, 1, batch_size, logits_tokens, kv_tokens, False)
+    if cpf[42] != 0.0:
+        head = head + cpf[42]
     ms += head
-    if kind[2] >= 0:
-        ms += stage_compute(kind, scaled, factor, coef, c_spec, grids, 2, batch_size, batched_tokens, kv_tokens,
-                            False)
+    if cpi[2 * 10] >= 0:
+        ms += stage_compute(cpi, cpf, 2, batch_size, batched_tokens, kv_tokens, False)
     return ms
 
 
@@ -308,8 +317,7 @@ def _grow_1i(a, n):
 @jit
 def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, block_size, budget0, threshold,
                  chunked, swap, k_res, method_draft, draws_per_step, probs, has_probs, draft_layers, per_step_draft,
-                 kind, scaled, factor, coef, c_spec, grids, fwd, whole_model, num_layers, overhead,
-                 log_mode, log_every,
+                 cpi, cpf, log_mode, log_every,
                  computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks, kv_tokens, kv_resident,
                  start_s, first_token_s, completion_s, steps_col, decode_steps, drafted_col, accepted_col,
                  positions_col, draws_col, rng_base, alpha, class_idx, pauses, preemptions, recomputes,
@@ -369,8 +377,8 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     busy = 0.0
     step_index = 0
     bsum = 0
-    frac = overhead[0]
-    fixed_ms = overhead[1]
+    frac = cpf[43]
+    fixed_ms = cpf[44]
     while True:
         if n_run == 0 and w_head == w_tail and n_pq == 0:
             if w_tail == nreq:
@@ -601,20 +609,16 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             fed_pre = 0.0
             logits = fed_all
         speculating = method_draft and kmax > 0
-        ms = target_ms(kind, scaled, factor, coef, c_spec, grids, fwd, whole_model, num_layers, n, fed_all,
-                       float(ctx_all_i), speculating, logits)
+        ms = target_ms(cpi, cpf, n, fed_all, float(ctx_all_i), speculating, logits)
         if method_draft:
             if n_pre > 0:
-                ms += draft_pass_ms(kind, scaled, factor, coef, c_spec, grids, fwd, draft_layers, n_pre, fed_pre,
-                                    0.0, float(n_pre))
+                ms += draft_pass_ms(cpi, cpf, draft_layers, n_pre, fed_pre, 0.0, float(n_pre))
             if speculating and per_step_draft:
-                ms += draft_pass_ms(kind, scaled, factor, coef, c_spec, grids, fwd, draft_layers, sel_count,
-                                    sel_count, float(sel_ctx), float(sel_count))
+                ms += draft_pass_ms(cpi, cpf, draft_layers, sel_count, sel_count, float(sel_ctx), float(sel_count))
             elif speculating:
                 for j in range(kmax):
                     b = pass_count[j]
-                    ms += draft_pass_ms(kind, scaled, factor, coef, c_spec, grids, fwd, draft_layers, b, b,
-                                        float(pass_ctx[j]) + j * b, float(b))
+                    ms += draft_pass_ms(cpi, cpf, draft_layers, b, b, float(pass_ctx[j]) + j * b, float(b))
         if speculating and has_probs:
             draft_accept_into(probs, idx, base, dr, k, kmax, n, out_acc, out_pos)
         else:
@@ -755,8 +759,7 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int):
             int(budget0), int(threshold), bool(capacity.chunked_prefill), config.preempt_mode == "swap",
             int(spec_len.k_reserve()), is_draft, dps,
             probs, has_probs, draft_layers, per_step,
-            pack.kind, pack.scaled, pack.factor, pack.coef, pack.c_spec, pack.grids, pack.forward_overhead,
-            pack.whole_model, pack.num_layers, pack.overhead, log_mode, every,
+            pack.ints, pack.floats, log_mode, every,
             t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.kv_blocks, t.kv_tokens,
             t.kv_resident, t.start_s, t.first_token_s, t.completion_s, t.steps, t.decode_steps, t.drafted,
             t.accepted, t.position_accepts, t.draws, t.rng_base, t.alpha, t.class_idx, t.pauses, t.preemptions,
