@@ -224,7 +224,8 @@ def stage_compute(cpi, cpf, s, batch_size, batched_tokens, kv_tokens, speculatin
 @jit
 def target_ms(cpi, cpf, batch_size, batched_tokens, kv_tokens, speculating, logits_tokens):
     """:meth:`CostModel.target_ms` on numbers (one full target forward, its per-forward overhead
-    included)."""
+    included). The lane passes every shape as a float (one compiled signature): the engine's ints
+    convert exactly, and Python's int-float arithmetic converts them the same way."""
     if batch_size <= 0:
         return 0.0
     if cpi[50] != 0:  # a whole-model profile: target_step
@@ -609,16 +610,18 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             fed_pre = 0.0
             logits = fed_all
         speculating = method_draft and kmax > 0
-        ms = target_ms(cpi, cpf, n, fed_all, float(ctx_all_i), speculating, logits)
+        ms = target_ms(cpi, cpf, float(n), fed_all, float(ctx_all_i), speculating, logits)
         if method_draft:
             if n_pre > 0:
-                ms += draft_pass_ms(cpi, cpf, draft_layers, n_pre, fed_pre, 0.0, float(n_pre))
+                ms += draft_pass_ms(cpi, cpf, draft_layers, float(n_pre), fed_pre, 0.0, float(n_pre))
             if speculating and per_step_draft:
-                ms += draft_pass_ms(cpi, cpf, draft_layers, sel_count, sel_count, float(sel_ctx), float(sel_count))
+                ms += draft_pass_ms(cpi, cpf, draft_layers, float(sel_count), float(sel_count), float(sel_ctx),
+                                    float(sel_count))
             elif speculating:
                 for j in range(kmax):
                     b = pass_count[j]
-                    ms += draft_pass_ms(cpi, cpf, draft_layers, b, b, float(pass_ctx[j]) + j * b, float(b))
+                    ms += draft_pass_ms(cpi, cpf, draft_layers, float(b), float(b), float(pass_ctx[j]) + j * b,
+                                        float(b))
         if speculating and has_probs:
             draft_accept_into(probs, idx, base, dr, k, kmax, n, out_acc, out_pos)
         else:

@@ -177,11 +177,11 @@ def test_compiled_cost_equals_cost_model():
             lt = float(rng.integers(0, 3000))
             spec = bool(rng.integers(0, 2))
             want = cost.target_ms(b, t, kv, spec, logits_tokens=lt)
-            got = k["target_ms"](p.ints, p.floats, b, t, kv, spec, lt)
+            got = k["target_ms"](p.ints, p.floats, float(b), t, kv, spec, lt)
             assert got == want, (name, b, t, kv)
             layers = 0 if cost.has("draft_step") else 3
             want = draft_model_pass_ms(cost, layers, b, t, kv, lt)
-            got = k["draft_pass_ms"](p.ints, p.floats, layers, b, t, kv, lt)
+            got = k["draft_pass_ms"](p.ints, p.floats, layers, float(b), t, kv, lt)
             assert got == want, (name, b, t, kv)
 
 
