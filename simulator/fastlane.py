@@ -9,19 +9,22 @@ each replica in one call of a compiled kernel (numba; :mod:`simspec.simulator.ke
 a SimPy process with one event per step or window: no Python per step, arrival or completion.
 
 It is the same model, not an approximation: the loop is one step per iteration, exactly the
-engine's one-step semantics (``window_steps=1``), written with the engine's own kernels (the
-running pass and its block grants, the step's gather, k clipping, draft acceptance draws and the
-table bookkeeping) and a compiled copy of the cost model's scalar arithmetic (stage evaluation,
-``target_ms``, the draft passes, ``finish``) in the same operation order. Outputs are
-byte-identical to the SimPy engine's (requests, steps, summary, ITL samples) —
-``tests/test_fastlane.py`` checks that on many configurations.
+engine's one-step semantics (``window_steps=1``), written with the engine's own kernels where they
+exist (the running pass and its block grants, draft acceptance draws, the step's table
+bookkeeping: their ``_into`` forms), vLLM's preemption loop (recompute) as
+:meth:`BatchFormer._grant_preempting` runs it, the member gather, k clipping and step sums of
+``kernels.mixed_prepare`` / ``clip_k`` / ``mixed_k_fed`` / ``draft_step_sums`` inline, and a
+compiled copy of the cost model's scalar arithmetic (stage evaluation, ``target_ms``, the draft
+passes, ``finish``) in the same operation order. Outputs are byte-identical to the SimPy engine's
+(requests, steps, summary, ITL samples) — ``tests/test_fastlane.py`` checks that on many
+configurations.
 
 Where the engine would do something the lane does not model, the lane stops and the run falls
 back to the SimPy engine from the start (the request table is restored first), so the answer never
-depends on the lane: a KV allocation that fails in the running pass (preemption), a whole prompt
-over the token budget without chunked prefill (vLLM's one-at-a-time pass), an empty batch (the
-engine raises its own error), or an arrival within a few ulps of a step's end (which side of the
-step it lands on depends on SimPy's event order). ``SIMSPEC_FASTLANE=0`` turns the lane off,
+depends on the lane: swap preemption, a whole prompt over the token budget without chunked
+prefill (vLLM's one-at-a-time pass), an empty batch (the engine raises its own error), or an
+arrival within a few ulps of a step's end (which side of the step it lands on depends on SimPy's
+event order). ``SIMSPEC_FASTLANE=0`` turns the lane off,
 ``1`` uses it even with the plain (uncompiled) kernels; the default uses it when the kernels are
 compiled.
 
@@ -48,7 +51,7 @@ _KIND_LINEAR, _KIND_GRID = 0, 1
 
 # return codes of lane_replica
 OK, BAIL_PREEMPT, BAIL_NO_CHUNK, BAIL_EMPTY, BAIL_TIE = range(5)
-BAIL_WHY = {BAIL_PREEMPT: "a KV allocation failed (preemption)",
+BAIL_WHY = {BAIL_PREEMPT: "a KV allocation failed (preemption) under --preempt-mode swap",
             BAIL_NO_CHUNK: "a whole prompt over the token budget without chunked prefill",
             BAIL_EMPTY: "no request could be scheduled",
             BAIL_TIE: "an arrival within a few ulps of a step's end"}
@@ -726,8 +729,9 @@ _MUTABLE = ("generated", "kv_resident", "in_batch", "start_s", "first_token_s", 
 
 
 def run(config, table, method, capacity, spec_len, cost, n_replicas: int):
-    """Run every replica in the lane. Returns a :class:`LaneResult`, or ``(None, why)`` when a
-    replica bailed out (the table is then as it was before the call)."""
+    """Run every replica in the lane. Returns ``(LaneResult, None)``, or ``(None, why)`` when a
+    replica bailed out (the table is then as it was before the call: its mutable columns are
+    saved first and written back)."""
     from simspec.simulator.itl import ItlLog
     from simspec.simulator.steplog import StepLog
 

@@ -118,7 +118,7 @@ def test_lane_bails_on_swap_preemption_and_the_engine_runs(monkeypatch):
     trace = _trace(n=40, seed=5, rate=50.0, prompt=(100, 300), output=(50, 200))
     cfg = _cfg(kv_budget_tokens=1024, block_size=16, preempt_mode="swap")
     lane, ref = _both(monkeypatch, cfg, trace, profile)
-    assert lane.engine.startswith("simpy (replica 0: a KV allocation failed (preemption)")
+    assert lane.engine.startswith("simpy (replica 0: a KV allocation failed (preemption) under --preempt-mode swap")
     assert int(lane.requests["preemptions"].sum()) > 0
     _same(lane, ref)
 
