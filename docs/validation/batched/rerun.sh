@@ -8,7 +8,8 @@
 # with make_profile.py]. The per-step overhead is fitted per method on validation_calib (FCFS) and the
 # fitted profile validated on the held-out validation_small under FCFS and LAPS-SD.
 # MAX_OTHER: if set, passed as --max-other-cores (e.g. 0.1: refuse runs where other processes kept
-# more than 0.1 cores busy on average; what a 5 % figure needs on this memory-bound model).
+# more than 0.1 cores busy on average). The 4 December reruns at 0.1 showed that this machine's own
+# run-to-run drift (4-23 % per-request MAPE between identical runs) remains: docs/validation/README.md.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 D=${1:-$REPO/docs/validation/batched}

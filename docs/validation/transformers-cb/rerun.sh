@@ -6,7 +6,8 @@
 # PROFILE: the latency profile [smollm2-135m-cpu-fp32-1thread.json here]; GRID: if set and PROFILE
 # does not exist yet, calibrate it first on that grid (1 thread, embed/layer/lm_head).
 # MAX_OTHER: if set, passed as --max-other-cores (e.g. 0.1: refuse runs where other processes kept
-# more than 0.1 cores busy on average; what a 5 % figure needs on this memory-bound model).
+# more than 0.1 cores busy on average). The 4 December reruns at 0.1 showed that this machine's own
+# run-to-run drift (4-23 % per-request MAPE between identical runs) remains: docs/validation/README.md.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 D=${1:-$REPO/docs/validation/transformers-cb}
