@@ -50,16 +50,17 @@ _STAGE_NAMES = ("layer", "lm_head", "embed", "target_step", "draft_step")
 _KIND_LINEAR, _KIND_GRID = 0, 1
 
 # return codes of lane_replica
-OK, BAIL_PREEMPT, BAIL_NO_CHUNK, BAIL_EMPTY, BAIL_TIE = range(5)
+OK, BAIL_PREEMPT, BAIL_NO_CHUNK, BAIL_EMPTY, BAIL_TIE, BAIL_TIE_GOODPUT = range(6)
 BAIL_WHY = {BAIL_PREEMPT: "a KV allocation failed (preemption) under --preempt-mode swap",
             BAIL_NO_CHUNK: "a whole prompt over the token budget without chunked prefill",
             BAIL_EMPTY: "no request could be scheduled",
-            BAIL_TIE: "an arrival within a few ulps of a step's end"}
+            BAIL_TIE: "an arrival within a few ulps of a step's end",
+            BAIL_TIE_GOODPUT: "a SmartSpec decision between goodputs within 1e-12 of each other"}
 
 #: log modes (StepLog's ``full``, ``sampled``, ``none``)
 _LOG_MODE = {"full": 0, "sampled": 1, "none": 2}
 
-_FLOAT_COLS = ("start_s", "end_s", "step_ms")
+_FLOAT_COLS = ("start_s", "end_s", "step_ms", "policy_value")
 _INT_COLS = ("step", "batch_size", "prefills", "k_max", "drafted", "accepted", "committed", "fed_tokens",
              "kv_tokens_used", "queue_len")
 
@@ -76,7 +77,7 @@ def eligible(config, method, n_replicas: int) -> str | None:
         return f"batching {config.batching}"
     if config.scheduler.name != "fcfs":
         return f"scheduler {config.scheduler.name}"
-    if config.spec_len.name != "fixed":
+    if config.spec_len.name not in ("fixed", "smartspec"):
         return f"spec-len {config.spec_len.name}"
     if method.name not in ("none", "draft"):
         return f"method {method.name}"
@@ -271,6 +272,60 @@ def draft_pass_ms(cpi, cpf, draft_layers, batch_size, batched_tokens, kv_tokens,
     return ms
 
 
+@jit
+def expected_step_ms(cpi, cpf, draft_layers, per_step_draft, batch_size, kv_tokens, k):
+    """:meth:`Method.expected_step_ms` of ``draft`` (:meth:`DraftModel.stage_estimates_ms`): a
+    decode step of ``batch_size`` requests at uniform ``k``, overhead included (ms)."""
+    draft = draft_pass_ms(cpi, cpf, draft_layers, batch_size, batch_size, kv_tokens, batch_size)
+    if per_step_draft:
+        draft = draft / k if k > 0 else 0.0
+    t = batch_size * (k + 1)
+    verify = target_ms(cpi, cpf, batch_size, t, kv_tokens, k > 0, t)
+    return (k * draft + verify) * (1.0 + cpf[43]) + cpf[44]
+
+
+@jit
+def smartspec_decide(cpi, cpf, draft_layers, per_step_draft, batch_size, kv_tokens, kv_free_tokens, alpha, k_max,
+                     bonus, n, pre, res, left, good):
+    """SmartSpec's decision (``SmartSpec._decide`` and ``choose_by_goodput``) for the decode
+    members (``pre`` False among the first ``n``; ``res``: drafts reserved, ``left``: tokens left
+    − 1): the end of the leading run of k = 1..k_max whose goodput (expected tokens ``B·Σ_{j≤k}
+    α̂^j`` per expected step ms, 0 where the extra drafts exceed the free KV; goodput(0) ×
+    ``bonus``) strictly improves. Returns −1 when two compared goodputs are within 1e-12 of each
+    other (relative): the engine computes α̂^j with numpy's power, which on some CPUs differs from
+    the C library's in the last bit, so such a comparison is left to the engine."""
+    a = alpha
+    if a < 0.0:
+        a = 0.0
+    elif a > 1.0:
+        a = 1.0
+    tok = 0.0
+    for j in range(k_max + 1):
+        tok += a ** float(j)
+        extra = 0
+        for m in range(n):
+            if not pre[m]:
+                e = min(j, left[m]) - res[m]
+                extra += e if e > 0 else 0
+        if extra <= kv_free_tokens:
+            good[j] = (batch_size * tok) / expected_step_ms(cpi, cpf, draft_layers, per_step_draft, batch_size,
+                                                              kv_tokens, j)
+        else:
+            good[j] = 0.0
+    good[0] *= bonus
+    k = 0
+    for j in range(1, k_max + 1):
+        x = good[j]
+        y = good[j - 1]
+        if x != 0.0 and y != 0.0 and abs(x - y) <= 1e-12 * max(abs(x), abs(y)):
+            return -1
+        if x > y:
+            k = j
+        else:
+            break
+    return k
+
+
 # ------------------------------------------------------------------------------ arrivals
 @jit
 def fire_times(arrival_s):
@@ -320,8 +375,8 @@ def _grow_1i(a, n):
 # ------------------------------------------------------------------------------ the replica loop
 @jit
 def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, block_size, budget0, threshold,
-                 chunked, swap, k_res, method_draft, draws_per_step, probs, has_probs, draft_layers, per_step_draft,
-                 cpi, cpf, log_mode, log_every,
+                 chunked, swap, k_fixed, method_k, smartspec, ss, method_draft, draws_per_step, probs, has_probs,
+                 draft_layers, per_step_draft, cpi, cpf, log_mode, log_every,
                  computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks, kv_tokens, kv_resident,
                  start_s, first_token_s, completion_s, steps_col, decode_steps, drafted_col, accepted_col,
                  positions_col, draws_col, rng_base, alpha, class_idx, pauses, preemptions, recomputes,
@@ -334,7 +389,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     (float columns start, end, step_ms; int columns as :data:`_INT_COLS`); the ITL samples
     (seconds, with counts). Per-member work uses buffers allocated once (no allocation per step)."""
     nreq = reqs.shape[0]
-    fcols = np.empty((3, 1024), dtype=np.float64)
+    fcols = np.empty((4, 1024), dtype=np.float64)
     icols = np.empty((10, 1024), dtype=np.int64)
     n_rows = 0
     itl_v = np.empty(1024, dtype=np.float64)
@@ -372,9 +427,26 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     pos_acc = np.empty(mb, dtype=np.int64)
     committed = np.empty(mb, dtype=np.int64)
     finished = np.empty(mb, dtype=np.bool_)
-    kcap = k_res + 1
+    kcap = method_k + 1
     pass_count = np.zeros(kcap, dtype=np.int64)
     pass_ctx = np.zeros(kcap, dtype=np.int64)
+    # SmartSpec (global) state, as policies/smartspec.py keeps it: its k (k_max until the first
+    # decision), the window of its latest decision, α̂ and the cumulative counters behind it
+    ss_interval = int(ss[0])
+    ss_bonus = ss[1]
+    ss_kmax = int(ss[2])
+    ss_probe = int(ss[3])
+    ss_ema = ss[4] != 0.0
+    ss_decay = ss[5]
+    alpha_hat = ss[6]
+    ss_k = ss_kmax
+    ss_window = -1
+    ss_drafted = 0
+    ss_accepted = 0
+    kpol = np.empty(mb, dtype=np.int64)
+    res_m = np.empty(mb, dtype=np.int64)
+    left_m = np.empty(mb, dtype=np.int64)
+    good = np.empty(kcap, dtype=np.float64)
     no_used = np.zeros(1, dtype=np.uint64)
     free = total_blocks
     clock = 0.0
@@ -393,6 +465,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                 w_tail += 1
         now = clock
         preempted = False
+        k_res = ss_k if smartspec else k_fixed  # SpecLenPolicy.k_reserve()
         # ---- schedule: vLLM's running pass (FCFS order = admission order), then the waiting pass
         budget = budget0
         n_sched = 0
@@ -523,6 +596,8 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         # within the reservation unless the extra drafts fit the budget left and free KV), tokens
         # fed (kernels.mixed_k_fed) and the sums the step is costed on (kernels.draft_step_sums)
         any_extra = False
+        n_dec = 0
+        dec_ctx_sum = 0
         for m in range(n):
             i = idx[m]
             g = generated[i]
@@ -532,10 +607,52 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             dr[m] = draws_col[i]
             if pre[m]:
                 ctx[m] = computed[i]
-                k[m] = 0
             else:
                 ctx[m] = prompt_tokens[i] + g
-                km = k_res if k_res > 0 else 0
+                dec_ctx_sum += ctx[m]
+                n_dec += 1
+            kpol[m] = k_fixed
+        if smartspec and n_dec > 0:
+            # SmartSpec.choose_k over the decode members: a decision at a new window of
+            # `interval` steps, the probe, and the KV clip to the free KV
+            kfree = free * block_size
+            for m in range(n):
+                if not pre[m]:
+                    lm = rem[m] if rem[m] > 1 else 1
+                    left_m[m] = lm - 1
+                    res_m[m] = min(k_res, lm - 1)  # the reservation (SmartSpec._reservation)
+            window = step_index // ss_interval
+            if window != ss_window:
+                ss_window = window
+                if ss_kmax == 0:
+                    ss_k = 0
+                else:
+                    ss_k = smartspec_decide(cpi, cpf, draft_layers, per_step_draft, float(n_dec), float(dec_ctx_sum),
+                                            kfree, alpha_hat, ss_kmax, ss_bonus, n, pre, res_m, left_m, good)
+                    if ss_k < 0:
+                        return BAIL_TIE_GOODPUT, busy, step_index, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl
+            kp = ss_k
+            if ss_k == 0 and ss_probe > 0 and step_index % ss_probe == ss_probe - 1:
+                kp = min(1, ss_kmax)
+            tot = 0
+            for m in range(n):
+                if not pre[m]:
+                    e = min(kp, left_m[m]) - res_m[m]
+                    tot += e if e > 0 else 0
+            cum = 0
+            for m in range(n):
+                if not pre[m]:
+                    kpol[m] = kp
+                    if tot > kfree:
+                        e = min(kp, left_m[m]) - res_m[m]
+                        cum += e if e > 0 else 0
+                        if cum > kfree:
+                            kpol[m] = min(kp, res_m[m])
+        for m in range(n):
+            if pre[m]:
+                k[m] = 0
+            else:
+                km = kpol[m] if kpol[m] > 0 else 0
                 if km > rem[m] - 1:
                     km = rem[m] - 1
                 k[m] = km
@@ -641,6 +758,19 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             finished)
         busy += step_s
         kv_used = (total_blocks - free) * block_size
+        # the speculation-length policy observes the step (SmartSpec.observe: α̂ from the decode
+        # members' drafted and accepted positions)
+        if smartspec and drafted_sum > 0:
+            pa = 0
+            for m in range(n):
+                if not pre[m]:
+                    pa += pos_acc[m]
+            if ss_ema:
+                alpha_hat = ss_decay * alpha_hat + (1.0 - ss_decay) * (pa / drafted_sum)
+            else:
+                ss_drafted += drafted_sum
+                ss_accepted += pa
+                alpha_hat = ss_accepted / ss_drafted
         # completions: free their blocks, drop them from the running list (order kept)
         any_done = False
         for m in range(n):
@@ -686,6 +816,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             fcols[0, n_rows] = now
             fcols[1, n_rows] = end
             fcols[2, n_rows] = step_ms
+            fcols[3, n_rows] = alpha_hat if smartspec else np.nan
             icols[0, n_rows] = step_index
             icols[1, n_rows] = n
             icols[2, n_rows] = n_pre
@@ -756,6 +887,14 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int):
     every = int(config.steps_log_every) if config.steps_log == "sampled" else 1
     last_token = np.full(n, np.nan)
     impl = kernels.compiled() if kernels.MODE == "compiled" else kernels.plain()
+    smartspec = config.spec_len.name == "smartspec"
+    if smartspec:  # a fresh policy per replica, as the engine builds them: its parameters
+        ss = np.array([spec_len.interval, spec_len.bonus, spec_len.k_max, spec_len.probe, 1.0 if spec_len.ema else 0.0,
+                       spec_len.decay, spec_len.alpha0], dtype=np.float64)
+        k_fixed = 0
+    else:
+        ss = np.zeros(7)
+        k_fixed = int(spec_len.k_reserve())
     t = table
     logs, busy, values, counts = [], [], [], []
     for r in range(n_replicas):
@@ -764,7 +903,7 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int):
         res = impl["lane_replica"](
             reqs, fire[reqs], r, int(capacity.max_batch_size), int(total_blocks), int(watermark_blocks), int(bs),
             int(budget0), int(threshold), bool(capacity.chunked_prefill), config.preempt_mode == "swap",
-            int(spec_len.k_reserve()), is_draft, dps,
+            k_fixed, int(method.k_max), smartspec, ss, is_draft, dps,
             probs, has_probs, draft_layers, per_step,
             pack.ints, pack.floats, log_mode, every,
             t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.kv_blocks, t.kv_tokens,
@@ -783,7 +922,6 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int):
             cols[c] = fcols[j, :m].copy()
         for j, c in enumerate(_INT_COLS):
             cols[c] = icols[j, :m].copy()
-        cols["policy_value"] = np.full(m, spec_len.log_value())
         log.cols = {c: cols[c] for c in log.cols}
         log.n = m
         log.n_steps = int(n_steps)

@@ -70,6 +70,14 @@ CASES = {
                                                 dict(method=ComponentSpec.parse("none", "s"), steps_log="sampled",
                                                      steps_log_every=7)),
     "no step log": ("vicuna7b-a100-analytic", dict(steps_log="none", replicas=2)),
+    "smartspec": ("vicuna7b-a100-analytic", dict(spec_len=ComponentSpec.parse("smartspec", "l"), replicas=2)),
+    "smartspec ema, probe, short interval, k_max 3": (
+        "vicuna7b-a100-analytic", dict(spec_len=ComponentSpec.parse(
+            "smartspec:estimator=ema,probe=3,interval=4,k_max=3,alpha0=0.2,bonus=1.3", "l"))),
+    "smartspec, published per-step draft, KV-tight": ("llama70b-4xh100-smartspec", dict(
+        spec_len=ComponentSpec.parse("smartspec:interval=5", "l"), kv_budget_tokens=2048, max_batched_tokens=256)),
+    "smartspec, measured CPU profile, none": ("smollm2-135m-cpu-fp32", dict(
+        method=ComponentSpec.parse("none", "s"), spec_len=ComponentSpec.parse("smartspec", "l"))),
     "block size 1, watermark": ("vicuna7b-a100-analytic", dict(block_size=1, watermark=0.2)),
 }
 
@@ -148,7 +156,8 @@ def test_eligibility(monkeypatch):
     assert fastlane.eligible(_cfg(router="least-outstanding"), method, 1) is None
     assert fastlane.eligible(_cfg(batching="preemptive"), method, 1) == "batching preemptive"
     assert fastlane.eligible(_cfg(scheduler=ComponentSpec.parse("srpt", "p")), method, 1) == "scheduler srpt"
-    assert fastlane.eligible(_cfg(spec_len="smartspec"), method, 1) == "spec-len smartspec"
+    assert fastlane.eligible(_cfg(spec_len="smartspec"), method, 1) is None
+    assert fastlane.eligible(_cfg(spec_len="smartspec-per-request"), method, 1) == "spec-len smartspec-per-request"
     assert fastlane.eligible(_cfg(max_concurrency=4), method, 1).startswith("closed loop")
     assert fastlane.eligible(_cfg(), type("M", (), {"name": "kangaroo"})(), 1) == "method kangaroo"
     monkeypatch.setenv("SIMSPEC_FASTLANE", "0")
@@ -192,6 +201,8 @@ def scenarios(draw):
     prompt = draw(st.lists(st.integers(1, 300), min_size=n, max_size=n))
     output = draw(st.lists(st.integers(1, 60), min_size=n, max_size=n))
     method = draw(st.sampled_from(["none", "draft:k=3", "draft:k=5", "draft:k=0"]))
+    spec_len = draw(st.sampled_from(["fixed", "fixed", "smartspec", "smartspec:interval=3,probe=2",
+                                     "smartspec:estimator=ema,interval=1,alpha0=0.3"]))
     replicas = draw(st.integers(1, 3))
     max_batch = draw(st.integers(1, 8))
     block = draw(st.sampled_from([1, 16]))
@@ -201,7 +212,8 @@ def scenarios(draw):
     chunked = draw(st.booleans()) or mbt is None
     seed = draw(st.integers(0, 3))
     preempt = draw(st.sampled_from(["recompute", "recompute", "swap"]))
-    return np.cumsum(gaps), prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt
+    return (np.cumsum(gaps), prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt,
+            spec_len)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -210,9 +222,9 @@ def scenarios(draw):
 @given(sc=scenarios())
 def test_lane_equals_engine_property(monkeypatch, sc):
     """Random traces, capacities and budgets: the lane (or its bail-out) equals the engine."""
-    arrival, prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt = sc
+    arrival, prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt, spec_len = sc
     trace = make_trace(arrival, prompt, output)
-    cfg = _cfg(method=method, replicas=replicas, max_batch_size=max_batch, kv_budget_tokens=kv,
+    cfg = _cfg(method=method, spec_len=spec_len, replicas=replicas, max_batch_size=max_batch, kv_budget_tokens=kv,
                max_batched_tokens=mbt, block_size=block, chunked_prefill=chunked, seed=seed, preempt_mode=preempt)
     profile = load_profile("vicuna7b-a100-analytic")
     try:
