@@ -1,10 +1,11 @@
 """The fast lane: a whole replica's run as one compiled loop, for the most common configuration.
 
-What it covers (:func:`eligible`): ``--batching vllm``, the ``fcfs`` scheduler, the ``fixed``
-speculation length, the ``none`` and ``draft`` methods, open-loop arrivals, round-robin routing
-(or one replica) — there every replica sees a known list of arrivals and runs independently of
-the others, and every decision of a step (vLLM's running and waiting passes, k, the step's cost,
-acceptance, bookkeeping) is a function of the replica's own state. :func:`run` then simulates
+What it covers (:func:`eligible`): ``--batching vllm``, the ``fcfs`` scheduler, the ``fixed`` or
+``smartspec`` (global) speculation length, the ``none`` and ``draft`` methods, open-loop
+arrivals, round-robin routing (or one replica) — there every replica sees a known list of
+arrivals and runs independently of the others, and every decision of a step (vLLM's running and
+waiting passes, k, the step's cost, acceptance, bookkeeping) is a function of the replica's own
+state. :func:`run` then simulates
 each replica in one call of a compiled kernel (numba; :mod:`simspec.simulator.kernels`) instead of
 a SimPy process with one event per step or window: no Python per step, arrival or completion.
 
@@ -22,9 +23,11 @@ configurations.
 Where the engine would do something the lane does not model, the lane stops and the run falls
 back to the SimPy engine from the start (the request table is restored first), so the answer never
 depends on the lane: swap preemption, a whole prompt over the token budget without chunked
-prefill (vLLM's one-at-a-time pass), an empty batch (the engine raises its own error), or an
+prefill (vLLM's one-at-a-time pass), an empty batch (the engine raises its own error), an
 arrival within a few ulps of a step's end (which side of the step it lands on depends on SimPy's
-event order). ``SIMSPEC_FASTLANE=0`` turns the lane off,
+event order), or a SmartSpec decision between two goodputs within 1e-12 of each other (the policy
+computes α̂^j with numpy's power, whose SIMD kernels differ from the C library's ``pow`` in the
+last bit on ~2 % of inputs on this machine's AVX-512 CPU). ``SIMSPEC_FASTLANE=0`` turns the lane off,
 ``1`` uses it even with the plain (uncompiled) kernels; the default uses it when the kernels are
 compiled.
 
