@@ -235,3 +235,22 @@ def test_lane_equals_engine_property(monkeypatch, sc):
             simulate(cfg, trace, profile)
         return
     _same(lane, ref)
+
+
+def test_smartspec_decision_near_a_goodput_tie_is_left_to_the_engine():
+    """Two compared goodputs within 1e-12: the lane's α̂^j (C library pow) and the policy's (numpy's
+    power, SIMD on some CPUs) may differ in the last bit, so the lane returns −1 (bail out)."""
+    k = kernels.compiled()
+    p = fastlane.pack_cost(CostModel(load_profile("vicuna7b-a100-analytic")))
+    B, kv, alpha = 4.0, 4000.0, 0.6
+    pre = np.zeros(4, dtype=bool)
+    res = np.full(4, 3, dtype=np.int64)
+    left = np.full(4, 50, dtype=np.int64)
+    step = [k["expected_step_ms"](p.ints, p.floats, 0, False, B, kv, j) for j in range(2)]
+    g0, g1 = B * 1.0 / step[0], B * (1.0 + alpha) / step[1]
+    args = (p.ints, p.floats, 0, False, B, kv, 10**9, alpha, 3)
+    tie = k["smartspec_decide"](*args, g1 / g0, 4, pre, res, left, np.empty(4))  # bonus puts goodput(0) on goodput(1)
+    assert tie == -1
+    # away from ties it decides: a large bonus keeps k = 0, none keeps the improvements
+    assert k["smartspec_decide"](*args, 100.0, 4, pre, res, left, np.empty(4)) == 0
+    assert k["smartspec_decide"](*args, 0.01, 4, pre, res, left, np.empty(4)) >= 1
