@@ -78,7 +78,7 @@ def eligible(config, method, n_replicas: int) -> str | None:
         return "kernels not compiled"
     if config.batching != "vllm":
         return f"batching {config.batching}"
-    if config.scheduler.name != "fcfs":
+    if config.scheduler.name not in ("fcfs", "las", "laps-sd"):
         return f"scheduler {config.scheduler.name}"
     if config.spec_len.name not in ("fixed", "smartspec"):
         return f"spec-len {config.spec_len.name}"
@@ -329,6 +329,162 @@ def smartspec_decide(cpi, cpf, draft_layers, per_step_draft, batch_size, kv_toke
     return k
 
 
+# ------------------------------------------------------------------------------ schedulers (LAS, LAPS-SD)
+#: scheduler kinds of the lane
+SCHED_FCFS, SCHED_LAS, SCHED_LAPS = 0, 1, 2
+
+
+@jit
+def stage_estimates(cpi, cpf, method_draft, draft_layers, per_step_draft, batch_size, kv_tokens, k):
+    """``method.stage_estimates_ms(B, kv, k)``: (draft ms per draft token, verify ms), no overhead."""
+    draft = 0.0
+    if method_draft:
+        draft = draft_pass_ms(cpi, cpf, draft_layers, batch_size, batch_size, kv_tokens, batch_size)
+        if per_step_draft:
+            draft = draft / k if k > 0 else 0.0
+    t = batch_size * (k + 1)
+    verify = target_ms(cpi, cpf, batch_size, t, kv_tokens, k > 0, t)
+    return draft, verify
+
+
+@jit
+def mlq_order(active, sched_kind, by_arrival, time_service, merge_ahead, max_batch, queue, attained, queue_end,
+              served, perceptible, spec_len, drafted_sum, accepted_sum, predicted, in_batch, prompt_tokens, cpi, cpf,
+              method_draft, draft_layers, per_step_draft):
+    """``MultiLevelQueues.order`` / ``LAPSSD.order`` of ``active`` (the scheduler's priority order;
+    stable sorts, so ties keep ``active``'s order)."""
+    na = active.shape[0]
+    any_perc = False
+    if sched_kind == 2:
+        for a in range(na):
+            if perceptible[active[a]]:
+                any_perc = True
+                break
+    if not any_perc:
+        if by_arrival:
+            qk = np.empty(na, dtype=np.int64)
+            for a in range(na):
+                qk[a] = queue[active[a]]
+            return active[np.argsort(qk, kind="mergesort")]
+        ak = np.empty(na, dtype=np.float64)
+        for a in range(na):
+            ak[a] = attained[active[a]]
+        return active[np.argsort(ak, kind="mergesort")]
+    # LAPSSD.batch_shape: the active requests of the replica's last batch (else the first ones)
+    bn = 0
+    kv_i = 0
+    for a in range(na):
+        i = active[a]
+        if in_batch[i]:
+            bn += 1
+            kv_i += prompt_tokens[i] + served[i]
+    if bn == 0:
+        bn = max(1, min(na, max_batch))
+        for a in range(bn):
+            i = active[a]
+            kv_i += prompt_tokens[i] + served[i]
+    bsz = float(bn)
+    kv = float(kv_i)
+    nmax = 0
+    for a in range(na):
+        i = active[a]
+        if perceptible[i] and spec_len[i] > nmax:
+            nmax = spec_len[i]
+    cost = np.zeros(nmax + 1)
+    seen = np.zeros(nmax + 1, dtype=np.bool_)
+    for a in range(na):
+        i = active[a]
+        if perceptible[i]:
+            seen[spec_len[i]] = True
+    for nv in range(nmax + 1):
+        if seen[nv]:
+            d, v = stage_estimates(cpi, cpf, method_draft, draft_layers, per_step_draft, bsz, kv, nv)
+            cost[nv] = nv * d + v
+    key = np.empty(na, dtype=np.float64)
+    qg = np.empty(na, dtype=np.int64)
+    for a in range(na):
+        i = active[a]
+        key[a] = 0.0 if by_arrival else attained[i]
+        qg[a] = 3 * queue[i] + 1
+        if perceptible[i]:
+            rem = predicted[i] - served[i]
+            if rem < 1.0:
+                rem = 1.0
+            dsum = drafted_sum[i]
+            acc = accepted_sum[i] / dsum if dsum > 0 else 0.0
+            n = spec_len[i]
+            t_est = rem * cost[n] / (n * acc + 1.0)
+            key[a] = t_est
+            if merge_ahead:
+                qg[a] -= 1
+            else:
+                left = queue_end[queue[i]] - attained[i]
+                need = t_est if time_service else rem
+                qg[a] += -1 if need <= left else 1
+    o = np.argsort(key, kind="mergesort")
+    qo = np.empty(na, dtype=np.int64)
+    for a in range(na):
+        qo[a] = qg[o[a]]
+    o2 = np.argsort(qo, kind="mergesort")
+    out = np.empty(na, dtype=np.int64)
+    for a in range(na):
+        out[a] = active[o[o2[a]]]
+    return out
+
+
+@jit
+def mlq_observe(sched_kind, time_service, idx, pre, plan_fed, committed, drafted, accepted, n, step_ms, end_s,
+                thresholds, attained, served, queue, queue_changes, spec_len, drafted_sum, accepted_sum, acc_steps,
+                history, perceptible, perceptible_at_s, m_steps, eps32):
+    """``MultiLevelQueues.observe`` (+ ``LAPSSD.observe``) of one step's first ``n`` members."""
+    nthr = thresholds.shape[0]
+    w = history.shape[1]
+    for m in range(n):
+        i = idx[m]
+        served[i] += committed[m]
+        if time_service:
+            attained[i] += step_ms
+        else:
+            attained[i] += plan_fed[m] if pre[m] else committed[m]
+        # searchsorted(thresholds, attained, side="right")
+        a = attained[i]
+        q = 0
+        while q < nthr and thresholds[q] <= a:
+            q += 1
+        queue_changes[i] += q - queue[i]
+        queue[i] = q
+    if sched_kind != 2:
+        return
+    for m in range(n):
+        if pre[m]:
+            continue
+        i = idx[m]
+        spec_len[i] = drafted[m]
+        if drafted[m] <= 0:
+            continue
+        drafted_sum[i] += drafted[m]
+        accepted_sum[i] += accepted[m]
+        c = acc_steps[i]
+        history[i, c % w] = np.float32(accepted_sum[i] / drafted_sum[i])
+        c += 1
+        acc_steps[i] = c
+        if c >= m_steps and not perceptible[i]:
+            hi = np.float32(-np.inf)
+            lo = np.float32(np.inf)
+            seen = False
+            for j in range(w):
+                x = history[i, j]
+                if not np.isnan(x):
+                    seen = True
+                    if x > hi:
+                        hi = x
+                    if x < lo:
+                        lo = x
+            if seen and np.float32(hi - lo) < eps32:
+                perceptible[i] = True
+                perceptible_at_s[i] = end_s
+
+
 # ------------------------------------------------------------------------------ arrivals
 @jit
 def fire_times(arrival_s):
@@ -380,6 +536,9 @@ def _grow_1i(a, n):
 def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, block_size, budget0, threshold,
                  chunked, swap, k_fixed, method_k, smartspec, ss, method_draft, draws_per_step, probs, has_probs,
                  draft_layers, per_step_draft, cpi, cpf, log_mode, log_every,
+                 sched_kind, by_arrival, time_service, merge_ahead, thresholds, queue_end, m_steps, eps32, attained,
+                 served, queue, queue_changes, spec_len, lp_drafted, lp_accepted, acc_steps, history, perceptible,
+                 perceptible_at_s, predicted, in_batch, mark,
                  computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks, kv_tokens, kv_resident,
                  start_s, first_token_s, completion_s, steps_col, decode_steps, drafted_col, accepted_col,
                  positions_col, draws_col, rng_base, alpha, class_idx, pauses, preemptions, recomputes,
@@ -401,10 +560,15 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     mb = max_batch + 1
     running = np.empty(mb, dtype=np.int64)  # admitted requests holding KV, in admission order
     n_run = 0
-    pq = np.empty(nreq + 1, dtype=np.int64)  # preempted requests waiting, in row order
-    n_pq = 0
-    w_head = 0  # new arrivals waiting: reqs[w_head:w_tail] (after the preempted ones in pq)
-    w_tail = 0
+    # the waiting list: wb[wh:wt], in row (= arrival) order — new arrivals appended, preempted
+    # requests inserted in place; FCFS admits a prefix, the other schedulers any subset
+    wcap = nreq + mb + 1
+    wb = np.empty(wcap, dtype=np.int64)
+    wh = 0
+    wt = 0
+    nxt = 0  # reqs[nxt:] have not arrived (been handled by the arrival process) yet
+    last_batch = np.empty(mb, dtype=np.int64)  # unfinished members of the latest step (in_batch)
+    n_last = 0
     # the running pass' outputs (vllm_running_asks_into), and the step's members
     order = np.empty(mb, dtype=np.int64)
     fed_r = np.empty(mb, dtype=np.int64)
@@ -459,13 +623,15 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     frac = cpf[43]
     fixed_ms = cpf[44]
     while True:
-        if n_run == 0 and w_head == w_tail and n_pq == 0:
-            if w_tail == nreq:
+        if n_run == 0 and wh == wt:
+            if nxt == nreq:
                 break
             # idle: woken by the next arrival; every arrival handled at that instant is pending
-            clock = fire_s[w_tail]
-            while w_tail < nreq and fire_s[w_tail] <= clock:
-                w_tail += 1
+            clock = fire_s[nxt]
+            while nxt < nreq and fire_s[nxt] <= clock:
+                wb[wt] = reqs[nxt]
+                wt += 1
+                nxt += 1
         now = clock
         preempted = False
         k_res = ss_k if smartspec else k_fixed  # SpecLenPolicy.k_reserve()
@@ -474,8 +640,15 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         n_sched = 0
         live_end = n_run  # order[:live_end] still running (victims come off the end)
         if n_run > 0:
+            if sched_kind != 0 and n_run > 1:
+                run_order = mlq_order(running[:n_run], sched_kind, by_arrival, time_service, merge_ahead, max_batch,
+                                      queue, attained, queue_end, served, perceptible, spec_len, lp_drafted,
+                                      lp_accepted, predicted, in_batch, prompt_tokens, cpi, cpf, method_draft,
+                                      draft_layers, per_step_draft)
+            else:
+                run_order = running[:n_run].copy()
             cut, granted, fed_cut = vllm_running_asks_into(
-                running, n_run, computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks, k_res,
+                run_order, n_run, computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks, k_res,
                 threshold, budget, chunked, block_size, free, kv_tokens, kv_resident, order, fed_r, k_r, slots_r, pre_r,
                 need_r)
             if granted >= 0:
@@ -521,12 +694,17 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                                     w += 1
                             n_run = w
                             # back to the waiting list, in arrival (row) order
-                            q = n_pq
-                            while q > 0 and pq[q - 1] > v:
-                                pq[q] = pq[q - 1]
+                            if wt == wcap:
+                                for q in range(wt - wh):
+                                    wb[q] = wb[wh + q]
+                                wt -= wh
+                                wh = 0
+                            q = wt
+                            while q > wh and wb[q - 1] > v:
+                                wb[q] = wb[q - 1]
                                 q -= 1
-                            pq[q] = v
-                            n_pq += 1
+                            wb[q] = v
+                            wt += 1
                             if live_end == pos:
                                 stop = True
                                 break
@@ -546,12 +724,19 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         # waiting pass (skipped in a step that preempted): preempted requests first (they arrived
         # before anything never admitted), then new arrivals, in arrival order
         n_adm = 0
-        if not preempted and (n_pq > 0 or w_head < w_tail) and n_run < max_batch and budget > 0:
+        if not preempted and wh < wt and n_run < max_batch and budget > 0:
             slots_left = max_batch - n_run
-            while n_adm < n_pq + (w_tail - w_head):
+            if sched_kind != 0 and wt - wh > 1:
+                worder = mlq_order(wb[wh:wt], sched_kind, by_arrival, time_service, merge_ahead, max_batch, queue,
+                                   attained, queue_end, served, perceptible, spec_len, lp_drafted, lp_accepted,
+                                   predicted, in_batch, prompt_tokens, cpi, cpf, method_draft, draft_layers,
+                                   per_step_draft)
+            else:
+                worder = wb[wh:wt]
+            while n_adm < wt - wh:
                 if slots_left == 0 or budget <= 0:
                     break
-                i = pq[n_adm] if n_adm < n_pq else reqs[w_head + n_adm - n_pq]
+                i = worder[n_adm]
                 c = computed[i]
                 tgt = prefill_target[i]
                 left = tgt - c
@@ -584,13 +769,21 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         n = n_sched + n_adm
         if n == 0:
             return BAIL_EMPTY, busy, step_index, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl
-        # admitted: a prefix of the waiting list
-        from_pq = n_adm if n_adm < n_pq else n_pq
-        if from_pq > 0:
-            for q in range(n_pq - from_pq):
-                pq[q] = pq[q + from_pq]
-            n_pq -= from_pq
-        w_head += n_adm - from_pq
+        # the admitted leave the waiting list (FCFS: a prefix; otherwise kept in arrival order)
+        if n_adm > 0:
+            if sched_kind == 0 or wt - wh == 1:
+                wh += n_adm
+            else:
+                for a in range(n_adm):
+                    mark[running[n_run - n_adm + a]] = True
+                w = wh
+                for q in range(wh, wt):
+                    if not mark[wb[q]]:
+                        wb[w] = wb[q]
+                        w += 1
+                wt = w
+                for a in range(n_adm):
+                    mark[running[n_run - n_adm + a]] = False
         # pauses: running requests left out of the step (token budget, or after a preemption)
         for q in range(n_sched, live_end):
             pauses[order[q]] += 1
@@ -793,6 +986,21 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                     running[w] = i
                     w += 1
             n_run = w
+        # the scheduler observes the step (LAS / LAPS-SD), and the replica marks its batch
+        # (Replica._mark_batch: in_batch = the unfinished members of this step; LAPS-SD reads it)
+        if sched_kind != 0:
+            mlq_observe(sched_kind, time_service, idx, pre, plan_fed, committed, drafted, accepted, n, step_ms, end,
+                        thresholds, attained, served, queue, queue_changes, spec_len, lp_drafted, lp_accepted,
+                        acc_steps, history, perceptible, perceptible_at_s, m_steps, eps32)
+            for q in range(n_last):
+                in_batch[last_batch[q]] = False
+            n_last = 0
+            for m in range(n):
+                i = idx[m]
+                if np.isnan(completion_s[i]):
+                    in_batch[i] = True
+                    last_batch[n_last] = i
+                    n_last += 1
         # ITL: every member that committed tokens got a chunk at the step's end
         for m in range(n):
             if committed[m] > 0:
@@ -829,16 +1037,23 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             icols[6, n_rows] = n_committed
             icols[7, n_rows] = fed_sum
             icols[8, n_rows] = kv_used
-            icols[9, n_rows] = n_pq + w_tail - w_head
+            icols[9, n_rows] = wt - wh
             n_rows += 1
         step_index += 1
         clock = end
         # arrivals handled before the replica wakes at the step's end join at the next iteration
         tol = 1e-14 * (end if end > 1.0 else 1.0)
-        while w_tail < nreq:
-            f = fire_s[w_tail]
+        while nxt < nreq:
+            f = fire_s[nxt]
             if f < end - tol:
-                w_tail += 1
+                if wt == wcap:
+                    for q in range(wt - wh):
+                        wb[q] = wb[wh + q]
+                    wt -= wh
+                    wh = 0
+                wb[wt] = reqs[nxt]
+                wt += 1
+                nxt += 1
             elif f <= end + tol:
                 return BAIL_TIE, busy, step_index, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl
             else:
@@ -862,7 +1077,32 @@ _MUTABLE = ("generated", "kv_resident", "in_batch", "start_s", "first_token_s", 
             "prefill_target", "computed", "kv_tokens", "kv_blocks", "pauses", "recomputed_tokens", "draws")
 
 
-def run(config, table, method, capacity, spec_len, cost, n_replicas: int):
+def _scheduler_state(config, scheduler, n: int) -> tuple:
+    """The scheduler's kind, parameters and state arrays for the lane (mutated in place, so its
+    ``extra_columns`` are the run's); placeholders for FCFS."""
+    name = config.scheduler.name
+    if name == "fcfs":
+        f, i, b = np.zeros(1), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.bool_)
+        return (SCHED_FCFS, True, False, False, f, f, 1, np.float32(0.0), f, i, i, i, i, i, i, i,
+                np.zeros((1, 1), dtype=np.float32), b, f, f)
+    sc = scheduler
+    laps = name == "laps-sd"
+    i1, b1 = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.bool_)
+    return (SCHED_LAPS if laps else SCHED_LAS, bool(sc.by_arrival), bool(sc.time_service),
+            bool(getattr(sc, "merge_ahead", False)), np.asarray(sc.thresholds, dtype=np.float64),
+            np.asarray(sc.queue_end, dtype=np.float64), int(getattr(sc, "m", 1)),
+            np.float32(getattr(sc, "eps", 0.0)), sc.attained, sc.served_tokens, sc.queue, sc.queue_changes,
+            sc.spec_len if laps else i1, sc.drafted_sum if laps else i1, sc.accepted_sum if laps else i1,
+            sc.acc_steps if laps else i1, sc.history if laps else np.zeros((1, 1), dtype=np.float32),
+            sc.perceptible if laps else b1, sc.perceptible_at_s if laps else np.zeros(1),
+            sc.predicted if laps else np.zeros(1))
+
+
+_SCHED_ARRAYS = ("attained", "served_tokens", "queue", "queue_changes", "spec_len", "drafted_sum", "accepted_sum",
+                 "acc_steps", "history", "perceptible", "perceptible_at_s")
+
+
+def run(config, table, method, capacity, spec_len, cost, n_replicas: int, scheduler=None):
     """Run every replica in the lane. Returns ``(LaneResult, None)``, or ``(None, why)`` when a
     replica bailed out (the table is then as it was before the call: its mutable columns are
     saved first and written back)."""
@@ -870,6 +1110,9 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int):
     from simspec.simulator.steplog import StepLog
 
     saved = {c: getattr(table, c).copy() for c in _MUTABLE}
+    saved_sched = {a: getattr(scheduler, a).copy() for a in _SCHED_ARRAYS if hasattr(scheduler, a)}
+    sched_state = _scheduler_state(config, scheduler, len(table))
+    mark = np.zeros(len(table), dtype=np.bool_)
     pack = pack_cost(cost)
     n = len(table)
     fire = fire_times(np.ascontiguousarray(table.arrival_s, dtype=np.float64))
@@ -908,7 +1151,7 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int):
             int(budget0), int(threshold), bool(capacity.chunked_prefill), config.preempt_mode == "swap",
             k_fixed, int(method.k_max), smartspec, ss, is_draft, dps,
             probs, has_probs, draft_layers, per_step,
-            pack.ints, pack.floats, log_mode, every,
+            pack.ints, pack.floats, log_mode, every, *sched_state, t.in_batch, mark,
             t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.kv_blocks, t.kv_tokens,
             t.kv_resident, t.start_s, t.first_token_s, t.completion_s, t.steps, t.decode_steps, t.drafted,
             t.accepted, t.position_accepts, t.draws, t.rng_base, t.alpha, t.class_idx, t.pauses, t.preemptions,
@@ -917,6 +1160,8 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int):
         if status != OK:
             for c, a in saved.items():
                 getattr(table, c)[:] = a
+            for c, a in saved_sched.items():
+                getattr(scheduler, c)[...] = a
             return None, f"replica {r}: {BAIL_WHY[int(status)]} at step {int(n_steps)}"
         log = StepLog(mode=config.steps_log, every=every)
         m = int(n_rows)

@@ -218,7 +218,7 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
     lane = None
     why = "audit mode" if audit else fastlane.eligible(config, method, config.replicas)
     if why is None:
-        lane, why = fastlane.run(config, table, method, capacity, probe, cost, config.replicas)
+        lane, why = fastlane.run(config, table, method, capacity, probe, cost, config.replicas, scheduler)
     try:
         if lane is not None:
             logs, busy, itl = lane.logs, lane.busy_s, lane.itl

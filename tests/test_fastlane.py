@@ -76,6 +76,18 @@ CASES = {
             "smartspec:estimator=ema,probe=3,interval=4,k_max=3,alpha0=0.2,bonus=1.3", "l"))),
     "smartspec, published per-step draft, KV-tight": ("llama70b-4xh100-smartspec", dict(
         spec_len=ComponentSpec.parse("smartspec:interval=5", "l"), kv_budget_tokens=2048, max_batched_tokens=256)),
+    "laps-sd": ("vicuna7b-a100-analytic", dict(scheduler=ComponentSpec.parse("laps-sd", "p"), replicas=2,
+                                               max_batch_size=4)),
+    "laps-sd by time, merge ahead, lognormal predictor, KV-tight": ("vicuna7b-a100-analytic", dict(
+        scheduler=ComponentSpec.parse("laps-sd:service=time,q_ms=30,merge=ahead,m=2,w=3,predictor=lognormal", "p"),
+        kv_budget_tokens=2048, max_batch_size=6)),
+    "laps-sd, queues=2, class-mean, eps 0.2, smartspec": ("llama70b-4xh100-smartspec", dict(
+        scheduler=ComponentSpec.parse("laps-sd:queues=2,q=4,predictor=class-mean,eps=0.2", "p"),
+        spec_len=ComponentSpec.parse("smartspec:interval=4", "l"), max_batch_size=5)),
+    "las within attained": ("vicuna7b-a100-analytic", dict(
+        scheduler=ComponentSpec.parse("las:within=attained", "p"), max_batch_size=3, max_batched_tokens=128)),
+    "las by time": ("vicuna7b-a100-analytic", dict(scheduler=ComponentSpec.parse("las:service=time,q_ms=30", "p"),
+                                                   max_batch_size=4)),
     "smartspec, measured CPU profile, none": ("smollm2-135m-cpu-fp32", dict(
         method=ComponentSpec.parse("none", "s"), spec_len=ComponentSpec.parse("smartspec", "l"))),
     "block size 1, watermark": ("vicuna7b-a100-analytic", dict(block_size=1, watermark=0.2)),
@@ -212,19 +224,21 @@ def scenarios(draw):
     chunked = draw(st.booleans()) or mbt is None
     seed = draw(st.integers(0, 3))
     preempt = draw(st.sampled_from(["recompute", "recompute", "swap"]))
+    sched = draw(st.sampled_from(["fcfs", "fcfs", "las", "las:within=attained,queues=3,q=8", "laps-sd",
+                                  "laps-sd:service=time,q_ms=20,m=2,w=3,eps=0.3", "laps-sd:merge=ahead,queues=2,q=8,m=1"]))
     return (np.cumsum(gaps), prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt,
-            spec_len)
+            spec_len, sched)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture],
           derandomize=True)
 @given(sc=scenarios())
 def test_lane_equals_engine_property(monkeypatch, sc):
     """Random traces, capacities and budgets: the lane (or its bail-out) equals the engine."""
-    arrival, prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt, spec_len = sc
+    arrival, prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt, spec_len, sched = sc
     trace = make_trace(arrival, prompt, output)
-    cfg = _cfg(method=method, spec_len=spec_len, replicas=replicas, max_batch_size=max_batch, kv_budget_tokens=kv,
+    cfg = _cfg(method=method, spec_len=spec_len, replicas=replicas, scheduler=ComponentSpec.parse(sched, "p"), max_batch_size=max_batch, kv_budget_tokens=kv,
                max_batched_tokens=mbt, block_size=block, chunked_prefill=chunked, seed=seed, preempt_mode=preempt)
     profile = load_profile("vicuna7b-a100-analytic")
     try:
