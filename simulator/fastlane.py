@@ -78,7 +78,7 @@ def eligible(config, method, n_replicas: int) -> str | None:
         return "kernels not compiled"
     if config.batching != "vllm":
         return f"batching {config.batching}"
-    if config.scheduler.name not in ("fcfs", "las", "laps-sd"):
+    if config.scheduler.name not in ("fcfs", "las", "laps-sd", "srpt"):
         return f"scheduler {config.scheduler.name}"
     if config.spec_len.name not in ("fixed", "smartspec"):
         return f"spec-len {config.spec_len.name}"
@@ -331,7 +331,7 @@ def smartspec_decide(cpi, cpf, draft_layers, per_step_draft, batch_size, kv_toke
 
 # ------------------------------------------------------------------------------ schedulers (LAS, LAPS-SD)
 #: scheduler kinds of the lane
-SCHED_FCFS, SCHED_LAS, SCHED_LAPS = 0, 1, 2
+SCHED_FCFS, SCHED_LAS, SCHED_LAPS, SCHED_SRPT = 0, 1, 2, 3
 
 
 @jit
@@ -350,10 +350,23 @@ def stage_estimates(cpi, cpf, method_draft, draft_layers, per_step_draft, batch_
 @jit
 def mlq_order(active, sched_kind, by_arrival, time_service, merge_ahead, max_batch, queue, attained, queue_end,
               served, perceptible, spec_len, drafted_sum, accepted_sum, predicted, in_batch, prompt_tokens, cpi, cpf,
-              method_draft, draft_layers, per_step_draft):
-    """``MultiLevelQueues.order`` / ``LAPSSD.order`` of ``active`` (the scheduler's priority order;
-    stable sorts, so ties keep ``active``'s order)."""
+              method_draft, draft_layers, per_step_draft, generated):
+    """``MultiLevelQueues.order`` / ``LAPSSD.order`` / ``SRPT.order`` of ``active`` (the scheduler's
+    priority order; stable sorts, so ties keep ``active``'s order — SRPT's by request row)."""
     na = active.shape[0]
+    if sched_kind == 3:
+        # SRPT: lexsort((active, max(predicted − generated, 1))): by key, ties by row
+        o = np.argsort(active, kind="mergesort")
+        kk = np.empty(na, dtype=np.float64)
+        for a in range(na):
+            i = active[o[a]]
+            r = predicted[i] - generated[i]
+            kk[a] = r if r > 1.0 else 1.0
+        o2 = np.argsort(kk, kind="mergesort")
+        out = np.empty(na, dtype=np.int64)
+        for a in range(na):
+            out[a] = active[o[o2[a]]]
+        return out
     any_perc = False
     if sched_kind == 2:
         for a in range(na):
@@ -644,7 +657,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                 run_order = mlq_order(running[:n_run], sched_kind, by_arrival, time_service, merge_ahead, max_batch,
                                       queue, attained, queue_end, served, perceptible, spec_len, lp_drafted,
                                       lp_accepted, predicted, in_batch, prompt_tokens, cpi, cpf, method_draft,
-                                      draft_layers, per_step_draft)
+                                      draft_layers, per_step_draft, generated)
             else:
                 run_order = running[:n_run].copy()
             cut, granted, fed_cut = vllm_running_asks_into(
@@ -730,7 +743,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                 worder = mlq_order(wb[wh:wt], sched_kind, by_arrival, time_service, merge_ahead, max_batch, queue,
                                    attained, queue_end, served, perceptible, spec_len, lp_drafted, lp_accepted,
                                    predicted, in_batch, prompt_tokens, cpi, cpf, method_draft, draft_layers,
-                                   per_step_draft)
+                                   per_step_draft, generated)
             else:
                 worder = wb[wh:wt]
             while n_adm < wt - wh:
@@ -988,7 +1001,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             n_run = w
         # the scheduler observes the step (LAS / LAPS-SD), and the replica marks its batch
         # (Replica._mark_batch: in_batch = the unfinished members of this step; LAPS-SD reads it)
-        if sched_kind != 0:
+        if sched_kind == 1 or sched_kind == 2:
             mlq_observe(sched_kind, time_service, idx, pre, plan_fed, committed, drafted, accepted, n, step_ms, end,
                         thresholds, attained, served, queue, queue_changes, spec_len, lp_drafted, lp_accepted,
                         acc_steps, history, perceptible, perceptible_at_s, m_steps, eps32)
@@ -1086,6 +1099,10 @@ def _scheduler_state(config, scheduler, n: int) -> tuple:
         return (SCHED_FCFS, True, False, False, f, f, 1, np.float32(0.0), f, i, i, i, i, i, i, i,
                 np.zeros((1, 1), dtype=np.float32), b, f, f)
     sc = scheduler
+    if name == "srpt":
+        f, i, b = np.zeros(1), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.bool_)
+        return (SCHED_SRPT, True, False, False, f, f, 1, np.float32(0.0), f, i, i, i, i, i, i, i,
+                np.zeros((1, 1), dtype=np.float32), b, f, np.asarray(sc.predicted, dtype=np.float64))
     laps = name == "laps-sd"
     i1, b1 = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.bool_)
     return (SCHED_LAPS if laps else SCHED_LAS, bool(sc.by_arrival), bool(sc.time_service),

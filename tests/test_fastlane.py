@@ -86,6 +86,10 @@ CASES = {
         spec_len=ComponentSpec.parse("smartspec:interval=4", "l"), max_batch_size=5)),
     "las within attained": ("vicuna7b-a100-analytic", dict(
         scheduler=ComponentSpec.parse("las:within=attained", "p"), max_batch_size=3, max_batched_tokens=128)),
+    "srpt, lognormal predictor": ("vicuna7b-a100-analytic", dict(
+        scheduler=ComponentSpec.parse("srpt:predictor=lognormal,sigma=1.0", "p"), max_batch_size=3, replicas=2)),
+    "srpt, KV-tight (preemption by SRPT order)": ("vicuna7b-a100-analytic", dict(
+        scheduler=ComponentSpec.parse("srpt", "p"), kv_budget_tokens=1536)),
     "las by time": ("vicuna7b-a100-analytic", dict(scheduler=ComponentSpec.parse("las:service=time,q_ms=30", "p"),
                                                    max_batch_size=4)),
     "smartspec, measured CPU profile, none": ("smollm2-135m-cpu-fp32", dict(
@@ -167,7 +171,9 @@ def test_eligibility(monkeypatch):
     assert fastlane.eligible(_cfg(router="least-outstanding"), method, 2) == "router least-outstanding"
     assert fastlane.eligible(_cfg(router="least-outstanding"), method, 1) is None
     assert fastlane.eligible(_cfg(batching="preemptive"), method, 1) == "batching preemptive"
-    assert fastlane.eligible(_cfg(scheduler=ComponentSpec.parse("srpt", "p")), method, 1) == "scheduler srpt"
+    assert fastlane.eligible(_cfg(scheduler=ComponentSpec.parse("srpt", "p")), method, 1) is None
+    assert fastlane.eligible(_cfg(scheduler=ComponentSpec.parse("laps-sd", "p"), batching="preemptive"), method,
+                             1) == "batching preemptive"
     assert fastlane.eligible(_cfg(spec_len="smartspec"), method, 1) is None
     assert fastlane.eligible(_cfg(spec_len="smartspec-per-request"), method, 1) == "spec-len smartspec-per-request"
     assert fastlane.eligible(_cfg(max_concurrency=4), method, 1).startswith("closed loop")
@@ -224,7 +230,7 @@ def scenarios(draw):
     chunked = draw(st.booleans()) or mbt is None
     seed = draw(st.integers(0, 3))
     preempt = draw(st.sampled_from(["recompute", "recompute", "swap"]))
-    sched = draw(st.sampled_from(["fcfs", "fcfs", "las", "las:within=attained,queues=3,q=8", "laps-sd",
+    sched = draw(st.sampled_from(["fcfs", "fcfs", "srpt", "srpt:predictor=class-mean", "las", "las:within=attained,queues=3,q=8", "laps-sd",
                                   "laps-sd:service=time,q_ms=20,m=2,w=3,eps=0.3", "laps-sd:merge=ahead,queues=2,q=8,m=1"]))
     return (np.cumsum(gaps), prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt,
             spec_len, sched)
