@@ -1,8 +1,9 @@
 """The fast lane: a whole replica's run as one compiled loop, for the most common configuration.
 
-What it covers (:func:`eligible`): ``--batching vllm``, the ``fcfs`` scheduler, the ``fixed`` or
-``smartspec`` (global) speculation length, the ``none`` and ``draft`` methods, open-loop
-arrivals, round-robin routing (or one replica) — there every replica sees a known list of
+What it covers (:func:`eligible`): ``--batching vllm``, the ``fcfs``, ``srpt``, ``las`` and
+``laps-sd`` schedulers (their ordering and, for LAS / LAPS-SD, their observations: attained
+service, queues, the stability test), the ``fixed`` or ``smartspec`` (global) speculation length,
+the ``none`` and ``draft`` methods, open-loop arrivals, round-robin routing (or one replica) — there every replica sees a known list of
 arrivals and runs independently of the others, and every decision of a step (vLLM's running and
 waiting passes, k, the step's cost, acceptance, bookkeeping) is a function of the replica's own
 state. :func:`run` then simulates
