@@ -563,7 +563,8 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     place. Returns ``(status, busy_s, n_steps, batch_size_sum, fcols, icols, n_rows, itl_values,
     itl_counts, n_itl)``: ``status`` :data:`OK` or a ``BAIL_*`` code; the step log's kept rows
     (float columns start, end, step_ms; int columns as :data:`_INT_COLS`); the ITL samples
-    (seconds, with counts). Per-member work uses buffers allocated once (no allocation per step)."""
+    (seconds, with counts). Per-member work uses buffers allocated once (FCFS with fixed k allocates
+    nothing per step; a priority scheduler's order allocates its sort keys)."""
     nreq = reqs.shape[0]
     fcols = np.empty((4, 1024), dtype=np.float64)
     icols = np.empty((10, 1024), dtype=np.int64)
