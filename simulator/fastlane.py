@@ -1161,7 +1161,8 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int, schedu
         ss = np.zeros(7)
         k_fixed = int(spec_len.k_reserve())
     t = table
-    logs, busy, values, counts = [], [], [], []
+    logs, busy = [], []
+    itl = ItlLog(0)  # each replica's samples are added (and consolidated) as it finishes
     for r in range(n_replicas):
         reqs = np.arange(r, n, n_replicas, dtype=np.int64)
         t.replica[reqs] = r
@@ -1195,9 +1196,6 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int, schedu
         log.batch_size_sum = int(bsum)
         logs.append(log)
         busy.append(float(busy_s))
-        values.append(itl_v[: int(n_itl)].copy())
-        counts.append(itl_c[: int(n_itl)].copy())
-    itl = ItlLog(0)
-    for v, c in zip(values, counts):
-        itl._add(v, c)
+        itl._add(itl_v[: int(n_itl)].copy(), itl_c[: int(n_itl)].copy())
+        del res, fcols, icols, itl_v, itl_c  # the replica's growable buffers
     return LaneResult(logs=logs, busy_s=busy, itl=itl), None

@@ -57,8 +57,10 @@ def requests_frame(t: RequestTable, extra: dict[str, np.ndarray]) -> pd.DataFram
     return pd.DataFrame(cols, copy=False)  # the table's arrays as they are: no second copy of every column
 
 
-def steps_frame(logs: list) -> pd.DataFrame:
-    """All replicas' step logs (:class:`~simspec.simulator.steplog.StepLog`), ordered by start time."""
+def steps_frame(logs: list, consume: bool = False) -> pd.DataFrame:
+    """All replicas' step logs (:class:`~simspec.simulator.steplog.StepLog`), ordered by start time.
+    ``consume``: free each log column as soon as it is copied into the frame (the logs keep their
+    step counters but no rows), so a long run's log is held about once, not twice."""
     parts = [log.columns() for log in logs]
     if not parts or not sum(len(p["step"]) for p in parts):
         return pd.DataFrame({c: np.concatenate([p[c] for p in parts]) if parts else np.empty(0)
@@ -67,7 +69,17 @@ def steps_frame(logs: list) -> pd.DataFrame:
     # the log (sorting a DataFrame would hold the concatenated, the sorted and the frame's copies)
     order = np.lexsort((np.concatenate([p["replica"] for p in parts]),
                         np.concatenate([p["start_s"] for p in parts])))
-    return pd.DataFrame({c: np.concatenate([p[c] for p in parts])[order] for c in STEP_COLUMNS}, copy=False)
+    cols = {}
+    for c in STEP_COLUMNS:
+        cols[c] = np.concatenate([p[c] for p in parts])[order]
+        if consume:
+            for p, log in zip(parts, logs):
+                del p[c]
+                log.cols[c] = log.cols[c][:0].copy()
+    if consume:
+        for log in logs:
+            log.n = 0
+    return pd.DataFrame(cols, copy=False)
 
 
 def _stats(x: np.ndarray, prefix: str, scale: float = 1.0) -> dict[str, float | None]:

@@ -241,7 +241,7 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
         raise RuntimeError(f"simulation ended with {unfinished.size} unfinished request(s), first "
                            f"{table.request_id[unfinished[0]]}: a policy never scheduled it")
     requests = requests_frame(table, scheduler.extra_columns())
-    steps = steps_frame(logs)
+    steps = steps_frame(logs, consume=True)  # the logs' rows move into the steps table
     summ = summary(requests, steps, busy, config.slo_ttft_ms, config.slo_tpot_ms,
                    itl.samples(), n_steps=sum(lg.n_steps for lg in logs),
                    batch_size_sum=sum(lg.batch_size_sum for lg in logs))

@@ -152,3 +152,25 @@ def test_sweep_grid_takes_steps_log_and_keeps_default_ids():
     assert len({plain.runs[0].run_id, *(r.run_id for r in none.runs)}) == 3
     with pytest.raises(ConfigError, match="steps_log"):
         expand_grid({"base": {**base, "steps_log": "all"}, "axes": {"seed": [0]}})
+
+
+def test_steps_frame_consume_moves_the_rows_and_keeps_the_counters():
+    """``steps_frame(logs, consume=True)`` (what ``simulate`` uses, so a long run's log is held
+    about once) gives the same frame as copying, and leaves each log's step counters but no rows."""
+    from simspec.simulator.metrics import steps_frame
+
+    def logs():
+        out = []
+        for r in range(3):
+            lg = StepLog(capacity=2)
+            for s in range(5 + r):
+                lg.append_one(r, s, 0.1 * s + 0.01 * r, 0.1 * s + 0.05, 40.0, 2, 0, 3, 6, 4, 6, 8, 512, 1, float("nan"))
+            out.append(lg)
+        return out
+
+    ref = steps_frame(logs())
+    moved_from = logs()
+    got = steps_frame(moved_from, consume=True)
+    pd.testing.assert_frame_equal(got, ref, check_exact=True)
+    assert [lg.n for lg in moved_from] == [0, 0, 0]
+    assert [lg.n_steps for lg in moved_from] == [5, 6, 7] and all(lg.columns()["step"].size == 0 for lg in moved_from)
