@@ -137,18 +137,9 @@ class BatchFormer:
     def preempt(self, v: int) -> None:
         """Free request ``v``'s KV (vLLM's preemption): recompute on resume, or swap it out."""
         t = self.t
-        self.free_blocks += int(t.kv_blocks[v])
-        t.kv_blocks[v] = 0
-        t.kv_tokens[v] = 0  # off the GPU either way: a swapped request re-allocates on resume
-        t.kv_resident[v] = False
-        t.preemptions[v] += 1
-        if not self.swap:
-            lost = int(t.computed[v]) if t.computed[v] < t.prefill_target[v] else int(t.prompt_tokens[v] + t.generated[v])
-            t.recomputes[v] += 1
-            t.recomputed_tokens[v] += lost
-            t.prefill_target[v] = t.prompt_tokens[v] + t.generated[v]
-            t.computed[v] = 0
-            t.kv_tokens[v] = 0
+        self.free_blocks += int(kernels.preempt_kv(int(v), self.swap, t.kv_blocks, t.kv_tokens, t.kv_resident,
+                                                   t.preemptions, t.recomputes, t.recomputed_tokens,
+                                                   t.prefill_target, t.computed, t.prompt_tokens, t.generated))
         self.running = self.running[self.running != v]
         self.add_waiting(np.array([v], dtype=np.int64))
 
@@ -255,32 +246,11 @@ class BatchFormer:
         loop. Victims are preempted here; the first members returned are granted by the caller.
         A victim is never a member granted before it (victims come off the end), so the asks of the
         members before the failure do not change; a member that preempts itself stops the pass."""
-        t = self.t
-        need_l = need.tolist()
-        order_l = order.tolist()
-        live_end = len(order_l)  # members order[:live_end] are still running
-        free = self.free_blocks
-        pos = 0
-        preempted = False
-        n = len(need_l)
-        while pos < n and pos < live_end:
-            nd = need_l[pos]
-            if nd > free:
-                stop = False
-                while nd > free:
-                    live_end -= 1
-                    v = order_l[live_end]
-                    preempted = True
-                    free += int(t.kv_blocks[v])
-                    self.preempt(v)
-                    if live_end == pos:
-                        stop = True
-                        break
-                if stop:
-                    break
-            free -= nd
-            pos += 1
-        return pos, preempted
+        n = order.shape[0]
+        granted, live_end = kernels.preemption_plan(order, need, need.shape[0], n, self.free_blocks, self.t.kv_blocks)
+        for v in order[live_end:][::-1].tolist():  # the lowest priority first, as the loop preempts them
+            self.preempt(v)
+        return granted, live_end < n
 
     def _running_pass(self, order: np.ndarray, k_res: int, budget: int):
         """The running pass one request at a time (token budget or KV short): chunks shrink to the

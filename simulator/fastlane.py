@@ -3,11 +3,11 @@
 What it covers (:func:`eligible`): ``--batching vllm``, the ``fcfs``, ``srpt``, ``las`` and
 ``laps-sd`` schedulers (their ordering and, for LAS / LAPS-SD, their observations: attained
 service, queues, the stability test), the ``fixed`` or ``smartspec`` (global) speculation length,
-the ``none`` and ``draft`` methods, open-loop arrivals, round-robin routing (or one replica) — there every replica sees a known list of
-arrivals and runs independently of the others, and every decision of a step (vLLM's running and
-waiting passes, k, the step's cost, acceptance, bookkeeping) is a function of the replica's own
-state. :func:`run` then simulates
-each replica in one call of a compiled kernel (numba; :mod:`simspec.simulator.kernels`) instead of
+the ``none`` and ``draft`` methods, open-loop arrivals, round-robin routing (or one replica) —
+there every replica sees a known list of arrivals and runs independently of the others, and every
+decision of a step (vLLM's running and waiting passes, k, the step's cost, acceptance,
+bookkeeping) is a function of the replica's own state. :func:`run` then simulates each replica in
+one call of a compiled kernel (numba; :mod:`simspec.simulator.kernels`) instead of
 a SimPy process with one event per step or window: no Python per step, arrival or completion.
 
 It is the same model, not an approximation: the loop is one step per iteration, exactly the
@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from simspec.simulator import kernels
-from simspec.simulator.kernels import (draft_accept_into, grant_blocks, jit, mixed_step_progress_into,
-                                       vllm_running_asks_into)
+from simspec.simulator.kernels import (draft_accept_into, gather_members_into, grant_blocks, jit,
+                                       mixed_step_progress_into, preempt_kv, preemption_plan, vllm_running_asks_into)
 from simspec.simulator.lane_cost import CostPack, draft_pass_ms, pack_cost, target_ms  # noqa: F401 (re-exported)
 from simspec.simulator.lane_policies import (_SCHED_ARRAYS, _scheduler_state, mlq_observe, mlq_order,
                                              smartspec_decide)
@@ -109,31 +109,31 @@ def fire_times(arrival_s):
 
 # ------------------------------------------------------------------------------ growable buffers
 @jit
-def _grow_f(a, n):
+def _grow_cols(a, n):
+    """``a`` (rows × columns) with room for at least ``n`` columns (doubling), its contents kept."""
     b = np.empty((a.shape[0], max(2 * a.shape[1], n)), dtype=a.dtype)
     b[:, : a.shape[1]] = a
     return b
 
 
 @jit
-def _grow_i(a, n):
-    b = np.empty((a.shape[0], max(2 * a.shape[1], n)), dtype=a.dtype)
-    b[:, : a.shape[1]] = a
-    return b
-
-
-@jit
-def _grow_1f(a, n):
+def _grow(a, n):
+    """``a`` with room for at least ``n`` entries (doubling), its contents kept."""
     b = np.empty(max(2 * a.shape[0], n), dtype=a.dtype)
     b[: a.shape[0]] = a
     return b
 
 
 @jit
-def _grow_1i(a, n):
-    b = np.empty(max(2 * a.shape[0], n), dtype=a.dtype)
-    b[: a.shape[0]] = a
-    return b
+def _waiting_room(wb, wh, wt):
+    """Room for one more entry at the end of the waiting list ``wb[wh:wt]``: when the buffer is
+    full, the list moves to its start. Returns the new ``(wh, wt)``."""
+    if wt == wb.shape[0]:
+        for q in range(wt - wh):
+            wb[q] = wb[wh + q]
+        wt -= wh
+        wh = 0
+    return wh, wt
 
 
 # ------------------------------------------------------------------------------ the replica loop
@@ -266,58 +266,28 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             elif swap:
                 return BAIL_PREEMPT, busy, step_index, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl
             else:
-                # KV short: BatchFormer._grant_preempting — grant in priority order; a failed
-                # allocation preempts the lowest-priority running request (recompute) and retries
-                fr = free
-                pos = 0
-                while pos < cut and pos < live_end:
-                    nd = need_r[pos]
-                    if nd > fr:
-                        stop = False
-                        while nd > fr:
-                            live_end -= 1
-                            v = order[live_end]
-                            preempted = True
-                            fr += kv_blocks[v]
-                            # BatchFormer.preempt(v), recompute mode
-                            free += kv_blocks[v]
-                            kv_blocks[v] = 0
-                            kv_tokens[v] = 0
-                            kv_resident[v] = False
-                            preemptions[v] += 1
-                            if computed[v] < prefill_target[v]:
-                                lost = computed[v]
-                            else:
-                                lost = prompt_tokens[v] + generated[v]
-                            recomputes[v] += 1
-                            recomputed_tokens[v] += lost
-                            prefill_target[v] = prompt_tokens[v] + generated[v]
-                            computed[v] = 0
-                            w = 0
-                            for q in range(n_run):
-                                if running[q] != v:
-                                    running[w] = running[q]
-                                    w += 1
-                            n_run = w
-                            # back to the waiting list, in arrival (row) order
-                            if wt == wcap:
-                                for q in range(wt - wh):
-                                    wb[q] = wb[wh + q]
-                                wt -= wh
-                                wh = 0
-                            q = wt
-                            while q > wh and wb[q - 1] > v:
-                                wb[q] = wb[q - 1]
-                                q -= 1
-                            wb[q] = v
-                            wt += 1
-                            if live_end == pos:
-                                stop = True
-                                break
-                        if stop:
-                            break
-                    fr -= nd
-                    pos += 1
+                # KV short: vLLM's preemption loop (BatchFormer._grant_preempting), recompute mode
+                pos, new_end = preemption_plan(order, need_r, cut, live_end, free, kv_blocks)
+                for q in range(live_end - 1, new_end - 1, -1):  # the victims, lowest priority first
+                    v = order[q]
+                    preempted = True
+                    free += preempt_kv(v, False, kv_blocks, kv_tokens, kv_resident, preemptions, recomputes,
+                                       recomputed_tokens, prefill_target, computed, prompt_tokens, generated)
+                    w = 0
+                    for r in range(n_run):
+                        if running[r] != v:
+                            running[w] = running[r]
+                            w += 1
+                    n_run = w
+                    # back to the waiting list, in arrival (row) order
+                    wh, wt = _waiting_room(wb, wh, wt)
+                    r = wt
+                    while r > wh and wb[r - 1] > v:
+                        wb[r] = wb[r - 1]
+                        r -= 1
+                    wb[r] = v
+                    wt += 1
+                live_end = new_end
                 n_sched = pos
                 free -= grant_blocks(order[:pos], slots_r, need_r, kv_blocks, kv_tokens, kv_resident)
                 for m in range(pos):
@@ -393,26 +363,15 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         # pauses: running requests left out of the step (token budget, or after a preemption)
         for q in range(n_sched, live_end):
             pauses[order[q]] += 1
-        # ---- the step (Replica._mixed_step; a decode-only step books the same). The members'
-        # state (kernels.mixed_prepare), k (Replica._choose_k: the fixed k within 0..left-1, and
-        # within the reservation unless the extra drafts fit the budget left and free KV), tokens
-        # fed (kernels.mixed_k_fed) and the sums the step is costed on (kernels.draft_step_sums)
+        # ---- the step (Replica._mixed_step; a decode-only step books the same): the members' state
+        # (kernels.gather_members_into, mixed_prepare's gather), k (Replica._choose_k: the policy's
+        # k within 0..left-1, and within the reservation unless the extra drafts fit the budget
+        # left and free KV), tokens fed (kernels.mixed_k_fed) and the sums the step is costed on
+        # (kernels.draft_step_sums)
         any_extra = False
-        n_dec = 0
-        dec_ctx_sum = 0
+        n_dec, dec_ctx_sum = gather_members_into(idx, pre, n, generated, output_tokens, prompt_tokens, computed,
+                                                 rng_base, draws_col, gen, rem, ctx, base, dr)
         for m in range(n):
-            i = idx[m]
-            g = generated[i]
-            gen[m] = g
-            rem[m] = output_tokens[i] - g
-            base[m] = rng_base[i]
-            dr[m] = draws_col[i]
-            if pre[m]:
-                ctx[m] = computed[i]
-            else:
-                ctx[m] = prompt_tokens[i] + g
-                dec_ctx_sum += ctx[m]
-                n_dec += 1
             kpol[m] = k_fixed
         if smartspec and n_dec > 0:
             # SmartSpec.choose_k over the decode members: a decision at a new window of
@@ -618,8 +577,8 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                         itl_c[n_itl - 1] += 1
                     else:
                         if n_itl == itl_v.shape[0]:
-                            itl_v = _grow_1f(itl_v, n_itl + 1)
-                            itl_c = _grow_1i(itl_c, n_itl + 1)
+                            itl_v = _grow(itl_v, n_itl + 1)
+                            itl_c = _grow(itl_c, n_itl + 1)
                         itl_v[n_itl] = g
                         itl_c[n_itl] = 1
                         n_itl += 1
@@ -628,8 +587,8 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         bsum += n
         if log_mode == 0 or (log_mode == 1 and step_index % log_every == 0):
             if n_rows == fcols.shape[1]:
-                fcols = _grow_f(fcols, n_rows + 1)
-                icols = _grow_i(icols, n_rows + 1)
+                fcols = _grow_cols(fcols, n_rows + 1)
+                icols = _grow_cols(icols, n_rows + 1)
             fcols[0, n_rows] = now
             fcols[1, n_rows] = end
             fcols[2, n_rows] = step_ms
@@ -652,11 +611,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         while nxt < nreq:
             f = fire_s[nxt]
             if f < end - tol:
-                if wt == wcap:
-                    for q in range(wt - wh):
-                        wb[q] = wb[wh + q]
-                    wt -= wh
-                    wh = 0
+                wh, wt = _waiting_room(wb, wh, wt)
                 wb[wt] = reqs[nxt]
                 wt += 1
                 nxt += 1
@@ -692,7 +647,7 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int, schedu
 
     saved = {c: getattr(table, c).copy() for c in _MUTABLE}
     saved_sched = {a: getattr(scheduler, a).copy() for a in _SCHED_ARRAYS if hasattr(scheduler, a)}
-    sched_state = _scheduler_state(config, scheduler, len(table))
+    sched_state = _scheduler_state(config, scheduler)
     mark = np.zeros(len(table), dtype=np.bool_)
     pack = pack_cost(cost)
     n = len(table)

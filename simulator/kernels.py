@@ -450,6 +450,56 @@ def grant_blocks(idx, slots, need, kv_blocks, kv_tokens, kv_resident):
 
 
 @jit
+def preemption_plan(order, need, cut, live_end, free_blocks, kv_blocks):
+    """vLLM's running pass when the KV is short (:meth:`BatchFormer._grant_preempting`): members
+    ``order[:cut]`` get ``need`` more blocks each in priority order; when one does not fit, the
+    lowest-priority running request (the last of ``order[:live_end]``) is preempted, its blocks
+    freed, and the allocation retried; a member that preempts itself stops the pass. Nothing is
+    modified. Returns ``(granted, live_end_after)``: the first ``granted`` members get their
+    blocks; ``order[live_end_after:live_end]`` are the victims, preempted from the end."""
+    free = free_blocks
+    pos = 0
+    while pos < cut and pos < live_end:
+        nd = need[pos]
+        if nd > free:
+            stop = False
+            while nd > free:
+                live_end -= 1
+                free += kv_blocks[order[live_end]]
+                if live_end == pos:
+                    stop = True
+                    break
+            if stop:
+                break
+        free -= nd
+        pos += 1
+    return pos, live_end
+
+
+@jit
+def preempt_kv(v, swap, kv_blocks, kv_tokens, kv_resident, preemptions, recomputes, recomputed_tokens,
+               prefill_target, computed, prompt_tokens, generated):
+    """The table side of preempting request ``v`` (:meth:`BatchFormer.preempt`): its KV freed
+    (blocks and slots), one preemption counted, and in recompute mode (not ``swap``) the tokens it
+    must prefill again (its prompt and what it generated). Returns the blocks freed."""
+    freed = kv_blocks[v]
+    kv_blocks[v] = 0
+    kv_tokens[v] = 0  # off the GPU either way: a swapped request re-allocates on resume
+    kv_resident[v] = False
+    preemptions[v] += 1
+    if not swap:
+        if computed[v] < prefill_target[v]:
+            lost = computed[v]
+        else:
+            lost = prompt_tokens[v] + generated[v]
+        recomputes[v] += 1
+        recomputed_tokens[v] += lost
+        prefill_target[v] = prompt_tokens[v] + generated[v]
+        computed[v] = 0
+    return freed
+
+
+@jit
 def itl_chunk_gaps(last_token_s, idx, committed, end_s):
     """Members ``idx`` with ``committed > 0`` received a chunk at ``end_s``: returns the gaps
     (seconds) since each one's previous chunk (members with one before, in member order) and sets
@@ -748,17 +798,36 @@ def mixed_prepare(idx, pre, k_reserved, generated, output_tokens, prompt_tokens,
     dr = np.empty(n, dtype=np.uint64)
     al = np.empty(n, dtype=np.float64)
     ci = np.empty(n, dtype=np.int64)
-    n_dec = 0
-    for m in range(n):
-        if not pre[m]:
-            n_dec += 1
+    n_dec, ctx_sum = gather_members_into(idx, pre, n, generated, output_tokens, prompt_tokens, computed, rng_base,
+                                         draws, gen, rem, ctx, base, dr)
     dec_pos = np.empty(n_dec, dtype=np.int64)
     dec_idx = np.empty(n_dec, dtype=np.int64)
     dec_kres = np.empty(n_dec, dtype=np.int64)
     dec_ctx = np.empty(n_dec, dtype=np.int64)
     dec_rem = np.empty(n_dec, dtype=np.int64)
-    ctx_sum = 0
     d = 0
+    for m in range(n):
+        i = idx[m]
+        al[m] = alpha[i]
+        ci[m] = class_idx[i]
+        if not pre[m]:
+            dec_pos[d] = m
+            dec_idx[d] = i
+            dec_kres[d] = k_reserved[m]
+            dec_ctx[d] = ctx[m]
+            dec_rem[d] = rem[m]
+            d += 1
+    return gen, rem, ctx, base, dr, al, ci, dec_pos, dec_idx, dec_kres, dec_ctx, dec_rem, ctx_sum
+
+
+@jit
+def gather_members_into(idx, pre, n, generated, output_tokens, prompt_tokens, computed, rng_base, draws, gen, rem,
+                        ctx, base, dr):
+    """The per-member part of :func:`mixed_prepare` for the first ``n`` members, into the given
+    arrays (tokens generated and left, context, random stream); returns ``(decode members, the
+    sum of their contexts)``."""
+    n_dec = 0
+    ctx_sum = 0
     for m in range(n):
         i = idx[m]
         g = generated[i]
@@ -766,21 +835,14 @@ def mixed_prepare(idx, pre, k_reserved, generated, output_tokens, prompt_tokens,
         rem[m] = output_tokens[i] - g
         base[m] = rng_base[i]
         dr[m] = draws[i]
-        al[m] = alpha[i]
-        ci[m] = class_idx[i]
         if pre[m]:
             ctx[m] = computed[i]
         else:
             c = prompt_tokens[i] + g
             ctx[m] = c
-            dec_pos[d] = m
-            dec_idx[d] = i
-            dec_kres[d] = k_reserved[m]
-            dec_ctx[d] = c
-            dec_rem[d] = rem[m]
             ctx_sum += c
-            d += 1
-    return gen, rem, ctx, base, dr, al, ci, dec_pos, dec_idx, dec_kres, dec_ctx, dec_rem, ctx_sum
+            n_dec += 1
+    return n_dec, ctx_sum
 
 
 @jit

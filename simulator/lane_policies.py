@@ -237,29 +237,29 @@ def mlq_observe(sched_kind, time_service, idx, pre, plan_fed, committed, drafted
                 perceptible_at_s[i] = end_s
 
 
-def _scheduler_state(config, scheduler, n: int) -> tuple:
-    """The scheduler's kind, parameters and state arrays for the lane (mutated in place, so its
-    ``extra_columns`` are the run's); placeholders for FCFS."""
-    name = config.scheduler.name
-    if name == "fcfs":
-        f, i, b = np.zeros(1), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.bool_)
-        return (SCHED_FCFS, True, False, False, f, f, 1, np.float32(0.0), f, i, i, i, i, i, i, i,
-                np.zeros((1, 1), dtype=np.float32), b, f, f)
-    sc = scheduler
+def _scheduler_state(config, scheduler) -> tuple:
+    """The scheduler's kind, parameters and state arrays for the lane, in ``lane_replica``'s
+    argument order (its own arrays, mutated in place, so its ``extra_columns`` are the run's);
+    one-element placeholders where a scheduler has no such state (FCFS has none)."""
+    f, i, b = np.zeros(1), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.bool_)
+    st = dict(kind=SCHED_FCFS, by_arrival=True, time_service=False, merge_ahead=False, thresholds=f, queue_end=f,
+              m=1, eps=np.float32(0.0), attained=f, served=i, queue=i, queue_changes=i, spec_len=i, drafted_sum=i,
+              accepted_sum=i, acc_steps=i, history=np.zeros((1, 1), dtype=np.float32), perceptible=b,
+              perceptible_at_s=f, predicted=f)
+    name, sc = config.scheduler.name, scheduler
     if name == "srpt":
-        f, i, b = np.zeros(1), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.bool_)
-        return (SCHED_SRPT, True, False, False, f, f, 1, np.float32(0.0), f, i, i, i, i, i, i, i,
-                np.zeros((1, 1), dtype=np.float32), b, f, np.asarray(sc.predicted, dtype=np.float64))
-    laps = name == "laps-sd"
-    i1, b1 = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.bool_)
-    return (SCHED_LAPS if laps else SCHED_LAS, bool(sc.by_arrival), bool(sc.time_service),
-            bool(getattr(sc, "merge_ahead", False)), np.asarray(sc.thresholds, dtype=np.float64),
-            np.asarray(sc.queue_end, dtype=np.float64), int(getattr(sc, "m", 1)),
-            np.float32(getattr(sc, "eps", 0.0)), sc.attained, sc.served_tokens, sc.queue, sc.queue_changes,
-            sc.spec_len if laps else i1, sc.drafted_sum if laps else i1, sc.accepted_sum if laps else i1,
-            sc.acc_steps if laps else i1, sc.history if laps else np.zeros((1, 1), dtype=np.float32),
-            sc.perceptible if laps else b1, sc.perceptible_at_s if laps else np.zeros(1),
-            sc.predicted if laps else np.zeros(1))
+        st.update(kind=SCHED_SRPT, predicted=np.asarray(sc.predicted, dtype=np.float64))
+    elif name in ("las", "laps-sd"):  # the multi-level queues
+        st.update(kind=SCHED_LAS, by_arrival=bool(sc.by_arrival), time_service=bool(sc.time_service),
+                  thresholds=np.asarray(sc.thresholds, dtype=np.float64),
+                  queue_end=np.asarray(sc.queue_end, dtype=np.float64), attained=sc.attained, served=sc.served_tokens,
+                  queue=sc.queue, queue_changes=sc.queue_changes)
+        if name == "laps-sd":  # and the stability test, the remaining-time estimate
+            st.update(kind=SCHED_LAPS, merge_ahead=bool(sc.merge_ahead), m=int(sc.m), eps=np.float32(sc.eps),
+                      spec_len=sc.spec_len, drafted_sum=sc.drafted_sum, accepted_sum=sc.accepted_sum,
+                      acc_steps=sc.acc_steps, history=sc.history, perceptible=sc.perceptible,
+                      perceptible_at_s=sc.perceptible_at_s, predicted=sc.predicted)
+    return tuple(st.values())
 
 
 _SCHED_ARRAYS = ("attained", "served_tokens", "queue", "queue_changes", "spec_len", "drafted_sum", "accepted_sum",

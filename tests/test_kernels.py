@@ -296,6 +296,67 @@ def test_grant_blocks():
         assert b.tolist() == [3, 2, 6] and tk.tolist() == [33, 20, 70] and r.tolist() == [True, False, True]
 
 
+def _ref_preemption(order, need, free, kv_blocks):
+    """The loop BatchFormer._grant_preempting ran before ``preemption_plan`` (one at a time)."""
+    live_end, pos, victims = len(order), 0, []
+    while pos < len(need) and pos < live_end:
+        nd = int(need[pos])
+        if nd > free:
+            stop = False
+            while nd > free:
+                live_end -= 1
+                v = int(order[live_end])
+                free += int(kv_blocks[v])
+                victims.append(v)
+                if live_end == pos:
+                    stop = True
+                    break
+            if stop:
+                break
+        free -= nd
+        pos += 1
+    return pos, victims
+
+
+@settings(max_examples=80, deadline=None)
+@given(SEEDS)
+def test_preemption_plan_equals_the_loop(seed):
+    rng = np.random.default_rng(seed)
+    n_req = 30
+    kv_blocks = rng.integers(0, 12, n_req).astype(np.int64)
+    n = int(rng.integers(1, 15))
+    order = rng.choice(n_req, n, replace=False).astype(np.int64)
+    cut = int(rng.integers(0, n + 1))
+    need = rng.integers(0, 10, cut).astype(np.int64)
+    free = int(rng.integers(0, 25))
+    pos, victims = _ref_preemption(order, need, free, kv_blocks)
+    for fn in _both("preemption_plan"):
+        got_pos, live_end = fn(order, need, cut, n, free, kv_blocks)
+        assert int(got_pos) == pos
+        assert order[int(live_end):][::-1].tolist() == victims  # preempted from the end
+
+
+def test_preempt_kv_recompute_and_swap():
+    for fn in _both("preempt_kv"):
+        for swap in (False, True):
+            cols = dict(kv_blocks=np.array([3, 4]), kv_tokens=np.array([40, 60]), kv_resident=np.array([True, True]),
+                        preemptions=np.array([0, 1]), recomputes=np.array([0, 0]), recomputed=np.array([0, 5]),
+                        target=np.array([30, 50]), computed=np.array([30, 20]), prompt=np.array([30, 50]),
+                        gen=np.array([7, 0]))
+            c = {k: v.astype(bool) if v.dtype == bool else v.astype(np.int64) for k, v in cols.items()}
+            for v in (0, 1):  # v 0 decoding (prompt + generated lost), v 1 mid-prefill (its chunks lost)
+                freed = fn(v, swap, c["kv_blocks"], c["kv_tokens"], c["kv_resident"], c["preemptions"],
+                           c["recomputes"], c["recomputed"], c["target"], c["computed"], c["prompt"], c["gen"])
+                assert int(freed) == [3, 4][v]
+            assert c["kv_blocks"].tolist() == [0, 0] and c["kv_tokens"].tolist() == [0, 0]
+            assert c["kv_resident"].tolist() == [False, False] and c["preemptions"].tolist() == [1, 2]
+            if swap:
+                assert c["recomputes"].tolist() == [0, 0] and c["computed"].tolist() == [30, 20]
+            else:
+                assert c["recomputes"].tolist() == [1, 1] and c["recomputed"].tolist() == [37, 25]
+                assert c["target"].tolist() == [37, 50] and c["computed"].tolist() == [0, 0]
+
+
 # ------------------------------------------------------------------------------ window KV
 def _ref_window_kv(committed, k_steps, active, rem0, ctx0, held0, kr0, kr, bs, free, pre, ends, nxt):
     n_steps = committed.shape[0]
