@@ -31,6 +31,14 @@ CASES = {
                                   "--spec", "kangaroo", "--replicas", "4"],
     "analytic fcfs hispec x4": ["--profile", "vicuna7b-a100-analytic", "--allow-extrapolation", "--policy", "fcfs",
                                 "--spec", "hispec", "--replicas", "4"],
+    # the same on a trace with prompts past the analytic profile's KV capacity (the Mooncake
+    # conversation trace: 120k-token prompts): a 256k-token KV budget per replica, a what-if
+    **{f"analytic kv256k fcfs {m} x4": ["--profile", "vicuna7b-a100-analytic", "--allow-extrapolation",
+                                         "--kv-budget-tokens", "262144", "--policy", "fcfs", "--spec", m,
+                                         "--replicas", "4"] for m in ("draft:k=4", "kangaroo", "hispec")},
+    **{f"analytic kv256k laps-sd {m} x4": ["--profile", "vicuna7b-a100-analytic", "--allow-extrapolation",
+                                            "--kv-budget-tokens", "262144", "--policy", "laps-sd", "--spec", m,
+                                            "--replicas", "4"] for m in ("kangaroo", "hispec")},
 }
 
 

@@ -3,7 +3,8 @@
 What it covers (:func:`eligible`): ``--batching vllm``, the ``fcfs``, ``srpt``, ``las`` and
 ``laps-sd`` schedulers (their ordering and, for LAS / LAPS-SD, their observations: attained
 service, queues, the stability test), the ``fixed`` or ``smartspec`` (global) speculation length,
-the ``none`` and ``draft`` methods, open-loop arrivals, round-robin routing (or one replica) —
+the ``none`` and ``draft`` methods (and ``kangaroo`` and ``hispec`` with a fixed speculation
+length: :mod:`simspec.simulator.lane_methods`), open-loop arrivals, round-robin routing (or one replica) —
 there every replica sees a known list of arrivals and runs independently of the others, and every
 decision of a step (vLLM's running and waiting passes, k, the step's cost, acceptance,
 bookkeeping) is a function of the replica's own state. :func:`run` then simulates each replica in
@@ -47,7 +48,10 @@ import numpy as np
 from simspec.simulator import kernels
 from simspec.simulator.kernels import (draft_accept_into, gather_members_into, grant_blocks, jit,
                                        mixed_step_progress_into, preempt_kv, preemption_plan, vllm_running_asks_into)
-from simspec.simulator.lane_cost import CostPack, draft_pass_ms, pack_cost, target_ms  # noqa: F401 (re-exported)
+from simspec.simulator.lane_cost import (F_FIXED, F_FRAC, CostPack, draft_pass_ms, pack_cost,  # noqa: F401
+                                         target_ms)
+from simspec.simulator.lane_methods import (M_DRAFT, M_KANGAROO, MI_DRAFT_LAYERS, MI_DRAWS, MI_KIND, MI_KMAX,
+                                            MI_PER_STEP, MI_WIDTH, lane_method_reason, method_pack, method_step_ms)
 from simspec.simulator.lane_policies import (_SCHED_ARRAYS, _scheduler_state, mlq_observe, mlq_order,
                                              smartspec_decide)
 
@@ -81,8 +85,13 @@ def eligible(config, method, n_replicas: int) -> str | None:
         return f"scheduler {config.scheduler.name}"
     if config.spec_len.name not in ("fixed", "smartspec"):
         return f"spec-len {config.spec_len.name}"
-    if method.name not in ("none", "draft"):
+    why = lane_method_reason(method) if method.name in ("none", "draft", "kangaroo", "hispec") else None
+    if method.name not in ("none", "draft", "kangaroo", "hispec"):
         return f"method {method.name}"
+    if why is not None:
+        return why
+    if method.name in ("kangaroo", "hispec") and config.spec_len.name == "smartspec":
+        return f"spec-len smartspec with method {method.name}"
     if config.max_concurrency is not None:
         return "closed loop (--max-concurrency)"
     if n_replicas > 1 and config.router != "round-robin":
@@ -139,8 +148,8 @@ def _waiting_room(wb, wh, wt):
 # ------------------------------------------------------------------------------ the replica loop
 @jit
 def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, block_size, budget0, threshold,
-                 chunked, swap, k_fixed, method_k, smartspec, ss, method_draft, draws_per_step, probs, has_probs,
-                 draft_layers, per_step_draft, cpi, cpf, log_mode, log_every,
+                 chunked, swap, k_fixed, smartspec, ss, mi, mf, probs, has_probs, probs_d, conf_a, conf_r, cpi, cpf,
+                 log_mode, log_every,
                  sched_kind, by_arrival, time_service, merge_ahead, thresholds, queue_end, m_steps, eps32, attained,
                  served, queue, queue_changes, spec_len, lp_drafted, lp_accepted, acc_steps, history, perceptible,
                  perceptible_at_s, predicted, in_batch, mark,
@@ -157,6 +166,13 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     (seconds, with counts). Per-member work uses buffers allocated once (FCFS with fixed k allocates
     nothing per step; a priority scheduler's order allocates its sort keys)."""
     nreq = reqs.shape[0]
+    # the method (simulator/lane_methods.py: MethodPack)
+    kind = mi[MI_KIND]
+    method_k = mi[MI_KMAX]
+    method_draft = kind == M_DRAFT
+    draws_per_step = mi[MI_DRAWS]
+    draft_layers = mi[MI_DRAFT_LAYERS]
+    per_step_draft = mi[MI_PER_STEP] != 0
     fcols = np.empty((4, 1024), dtype=np.float64)
     icols = np.empty((10, 1024), dtype=np.int64)
     n_rows = 0
@@ -200,6 +216,10 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     pos_acc = np.empty(mb, dtype=np.int64)
     committed = np.empty(mb, dtype=np.int64)
     finished = np.empty(mb, dtype=np.bool_)
+    m_drafts = np.zeros(mb, dtype=np.int64)  # an early-exit method's drafts (HiSpec: buffer) and accepted prefix
+    m_acc = np.zeros(mb, dtype=np.int64)
+    p_d = np.empty((mb, max(mi[MI_WIDTH], 1)), dtype=np.float64)  # two-level HiSpec's per-member rows
+    p_f = np.empty((mb, probs.shape[1]), dtype=np.float64)
     kcap = method_k + 1
     pass_count = np.zeros(kcap, dtype=np.int64)
     pass_ctx = np.zeros(kcap, dtype=np.int64)
@@ -226,8 +246,8 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     busy = 0.0
     step_index = 0
     bsum = 0
-    frac = cpf[43]
-    fixed_ms = cpf[44]
+    frac = cpf[F_FRAC]
+    fixed_ms = cpf[F_FIXED]
     while True:
         if n_run == 0 and wh == wt:
             if nxt == nreq:
@@ -249,8 +269,8 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             if sched_kind != 0 and n_run > 1:
                 run_order = mlq_order(running[:n_run], sched_kind, by_arrival, time_service, merge_ahead, max_batch,
                                       queue, attained, queue_end, served, perceptible, spec_len, lp_drafted,
-                                      lp_accepted, predicted, in_batch, prompt_tokens, cpi, cpf, method_draft,
-                                      draft_layers, per_step_draft, generated)
+                                      lp_accepted, predicted, in_batch, prompt_tokens, cpi, cpf, mi, mf,
+                                      generated)
             else:
                 run_order = running[:n_run].copy()
             cut, granted, fed_cut = vllm_running_asks_into(
@@ -305,8 +325,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             if sched_kind != 0 and wt - wh > 1:
                 worder = mlq_order(wb[wh:wt], sched_kind, by_arrival, time_service, merge_ahead, max_batch, queue,
                                    attained, queue_end, served, perceptible, spec_len, lp_drafted, lp_accepted,
-                                   predicted, in_batch, prompt_tokens, cpi, cpf, method_draft, draft_layers,
-                                   per_step_draft, generated)
+                                   predicted, in_batch, prompt_tokens, cpi, cpf, mi, mf, generated)
             else:
                 worder = wb[wh:wt]
             while n_adm < wt - wh:
@@ -474,7 +493,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             if km > 0:
                 sel_count += 1
                 sel_ctx += ctx[m]
-        if kmax > 0 and not per_step_draft:
+        if method_draft and kmax > 0 and not per_step_draft:
             for j in range(kmax):
                 pass_count[j] = 0
                 pass_ctx[j] = 0
@@ -491,7 +510,17 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
             fed_pre = 0.0
             logits = fed_all
         speculating = method_draft and kmax > 0
-        ms = target_ms(cpi, cpf, float(n), fed_all, float(ctx_all_i), speculating, logits)
+        out_dr = k
+        if kind >= M_KANGAROO:
+            # an early-exit method's step: its sampling and cost (simulator/lane_methods.py)
+            ms = method_step_ms(mi, cpi, cpf, n, idx, pre, fed, ctx, k, base, dr, class_idx, probs, probs_d, conf_a,
+                                conf_r, m_drafts, m_acc, p_d, p_f)
+            out_dr = m_drafts
+            for m in range(n):
+                out_acc[m] = m_acc[m]
+                out_pos[m] = m_acc[m]
+        else:
+            ms = target_ms(cpi, cpf, float(n), fed_all, float(ctx_all_i), speculating, logits)
         if method_draft:
             if n_pre > 0:
                 ms += draft_pass_ms(cpi, cpf, draft_layers, float(n_pre), fed_pre, 0.0, float(n_pre))
@@ -505,7 +534,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                                         float(b))
         if speculating and has_probs:
             draft_accept_into(probs, idx, base, dr, k, kmax, n, out_acc, out_pos)
-        else:
+        elif kind < M_KANGAROO:
             for m in range(n):
                 out_acc[m] = 0
                 out_pos[m] = 0
@@ -513,7 +542,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         step_s = step_ms / 1000.0
         end = now + step_s
         n_committed, first_prompt, k_max, drafted_sum, accepted_sum, fed_sum = mixed_step_progress_into(
-            idx, pre, plan_fed, k, out_acc, out_pos, rem, gen, now, end, computed, prefill_target, generated,
+            idx, pre, plan_fed, out_dr, out_acc, out_pos, rem, gen, now, end, computed, prefill_target, generated,
             output_tokens, prompt_tokens, steps_col, decode_steps, drafted_col, accepted_col, positions_col, start_s,
             first_token_s, k, fed, draws_col, draws_per_step, no_used, n, drafted, accepted, pos_acc, committed,
             finished)
@@ -657,14 +686,7 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int, schedu
     watermark_blocks = int(capacity.watermark * total_blocks)
     budget0 = capacity.max_batched_tokens if capacity.max_batched_tokens is not None else 1 << 62
     threshold = capacity.long_prefill_token_threshold or (1 << 62)
-    is_draft = method.name == "draft"
-    probs = getattr(method, "_probs", None) if is_draft else None
-    has_probs = probs is not None
-    if probs is None:
-        probs = np.zeros((1, 1))
-    dps = int(method.draws_per_step or 0)
-    draft_layers = int(getattr(method, "draft_layers", 0) or 0)
-    per_step = bool(getattr(method, "per_step", False))
+    mp = method_pack(method, table)
     log_mode = _LOG_MODE[config.steps_log]
     every = int(config.steps_log_every) if config.steps_log == "sampled" else 1
     last_token = np.full(n, np.nan)
@@ -686,9 +708,8 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int, schedu
         res = impl["lane_replica"](
             reqs, fire[reqs], r, int(capacity.max_batch_size), int(total_blocks), int(watermark_blocks), int(bs),
             int(budget0), int(threshold), bool(capacity.chunked_prefill), config.preempt_mode == "swap",
-            k_fixed, int(method.k_max), smartspec, ss, is_draft, dps,
-            probs, has_probs, draft_layers, per_step,
-            pack.ints, pack.floats, log_mode, every, *sched_state, t.in_batch, mark,
+            k_fixed, smartspec, ss, mp.ints, mp.floats, mp.probs, mp.has_probs, mp.probs_d, mp.conf_acc,
+            mp.conf_rej, pack.ints, pack.floats, log_mode, every, *sched_state, t.in_batch, mark,
             t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.kv_blocks, t.kv_tokens,
             t.kv_resident, t.start_s, t.first_token_s, t.completion_s, t.steps, t.decode_steps, t.drafted,
             t.accepted, t.position_accepts, t.draws, t.rng_base, t.alpha, t.class_idx, t.pauses, t.preemptions,

@@ -17,8 +17,8 @@ import numpy as np
 from simspec.simulator.kernels import jit
 
 # stage slots of the compiled cost model
-LAYER, LM_HEAD, EMBED, TARGET_STEP, DRAFT_STEP = range(5)
-_STAGE_NAMES = ("layer", "lm_head", "embed", "target_step", "draft_step")
+LAYER, LM_HEAD, EMBED, TARGET_STEP, DRAFT_STEP, ADAPTER = range(6)
+_STAGE_NAMES = ("layer", "lm_head", "embed", "target_step", "draft_step", "adapter")
 _KIND_LINEAR, _KIND_GRID = 0, 1
 
 
@@ -27,15 +27,18 @@ _KIND_LINEAR, _KIND_GRID = 0, 1
 _I_STRIDE, _F_STRIDE = 10, 8
 #: where the global fields sit: ints — whole_model, num_layers; floats — forward overheads
 #: (target, draft, early_exit), then the overhead fraction and fixed ms; grid data from _F_DATA on
-_I_WHOLE, _I_LAYERS = 50, 51
-_F_FWD, _F_OVERHEAD, _F_DATA = 40, 43, 48
+_I_WHOLE, _I_LAYERS = 60, 61
+_F_FWD, _F_OVERHEAD, _F_DATA = 48, 51, 56
+#: the same as the compiled code reads them (numba freezes module globals at compile time)
+F_FWD_TARGET, F_FWD_DRAFT, F_FWD_EARLY = _F_FWD, _F_FWD + 1, _F_FWD + 2
+F_FRAC, F_FIXED = _F_OVERHEAD, _F_OVERHEAD + 1
 
 
 @dataclass
 class CostPack:
     """The cost model of one profile as two flat arrays for the compiled loop (two array
     arguments per call: a tuple of per-stage arrays, passed by value, cost more than the
-    arithmetic). Stage slots :data:`LAYER` .. :data:`DRAFT_STEP`; per stage s, ``ints[10 s ..]``:
+    arithmetic). Stage slots :data:`LAYER` .. :data:`ADAPTER`; per stage s, ``ints[10 s ..]``:
     kind (0 linear, 1 grid, −1 absent), scaled, the grid's three axis lengths, the offsets of its
     axes and table in ``floats``; ``floats[8 s ..]``: the scaled stage's factor, c0, c_b, c_t,
     c_kv, c_spec."""
@@ -166,19 +169,19 @@ def target_ms(cpi, cpf, batch_size, batched_tokens, kv_tokens, speculating, logi
     convert exactly, and Python's int-float arithmetic converts them the same way."""
     if batch_size <= 0:
         return 0.0
-    if cpi[50] != 0:  # a whole-model profile: target_step
+    if cpi[_I_WHOLE] != 0:  # a whole-model profile: target_step
         ms = stage_fn(cpi, cpf, 3, batch_size, batched_tokens, kv_tokens)
         if speculating:
             ms += cpf[3 * 8 + 5]
-        return (0.0 if 0.0 > ms else ms) + cpf[40]
+        return (0.0 if 0.0 > ms else ms) + cpf[F_FWD_TARGET]
     ms = stage_fn(cpi, cpf, 0, batch_size, batched_tokens, kv_tokens)
-    ms = cpi[51] * (ms if ms > 0.0 else 0.0)
+    ms = cpi[_I_LAYERS] * (ms if ms > 0.0 else 0.0)
     head = stage_fn(cpi, cpf, 1, batch_size, logits_tokens, kv_tokens)
     ms += head if head > 0.0 else 0.0
     if cpi[2 * 10] >= 0:
         e = stage_fn(cpi, cpf, 2, batch_size, batched_tokens, kv_tokens)
         ms += e if e > 0.0 else 0.0
-    return ms + cpf[40]
+    return ms + cpf[F_FWD_TARGET]
 
 
 @jit
@@ -190,17 +193,52 @@ def draft_pass_ms(cpi, cpf, draft_layers, batch_size, batched_tokens, kv_tokens,
         return 0.0
     if cpi[4 * 10] >= 0:
         ms = stage_compute(cpi, cpf, 4, batch_size, batched_tokens, kv_tokens, False)
-        if cpf[41] != 0.0:
-            ms = ms + cpf[41]
+        if cpf[F_FWD_DRAFT] != 0.0:
+            ms = ms + cpf[F_FWD_DRAFT]
         return ms
     if draft_layers <= 0:
         ms = 0.0
     else:
         ms = draft_layers * stage_compute(cpi, cpf, 0, batch_size, batched_tokens, kv_tokens, False)
     head = stage_compute(cpi, cpf, 1, batch_size, logits_tokens, kv_tokens, False)
-    if cpf[42] != 0.0:
-        head = head + cpf[42]
+    if cpf[F_FWD_EARLY] != 0.0:
+        head = head + cpf[F_FWD_EARLY]
     ms += head
     if cpi[2 * 10] >= 0:
         ms += stage_compute(cpi, cpf, 2, batch_size, batched_tokens, kv_tokens, False)
+    return ms
+
+
+@jit
+def slice_ms(cpi, cpf, first_layer, end_layer, batch_size, batched_tokens, kv_tokens, embed, lm_head, adapter,
+             logits_tokens):
+    """:meth:`CostModel.slice_ms` on numbers: layers ``first_layer .. end_layer−1`` (+ embedding,
+    adapter, LM head over ``logits_tokens`` with its per-forward overhead: ``target`` after the
+    last layer, else ``early_exit``), in its order of operations (layer-level profiles)."""
+    if batch_size <= 0:
+        return 0.0
+    n_layers = end_layer - first_layer
+    if n_layers <= 0:
+        ms = 0.0
+    else:
+        ms = n_layers * stage_compute(cpi, cpf, LAYER, batch_size, batched_tokens, kv_tokens, False)
+    if embed and cpi[EMBED * 10] >= 0:
+        ms = ms + stage_compute(cpi, cpf, EMBED, batch_size, batched_tokens, kv_tokens, False)
+    if adapter:
+        ms = ms + stage_compute(cpi, cpf, ADAPTER, batch_size, batched_tokens, kv_tokens, False)
+    if lm_head:
+        ms = ms + stage_compute(cpi, cpf, LM_HEAD, batch_size, logits_tokens, kv_tokens, False)
+        ov = cpf[F_FWD_TARGET] if end_layer >= cpi[_I_LAYERS] else cpf[F_FWD_EARLY]
+        if ov != 0.0:
+            ms = ms + ov
+    return ms
+
+
+@jit
+def head_ms(cpi, cpf, batch_size, batched_tokens, kv_tokens):
+    """``CostModel.stage_ms("lm_head", ...)`` on numbers: a direct LM-head call is an early-exit
+    head (its per-forward overhead when the batch is not empty)."""
+    ms = stage_compute(cpi, cpf, LM_HEAD, batch_size, batched_tokens, kv_tokens, False)
+    if cpf[F_FWD_EARLY] != 0.0:
+        ms = ms + (cpf[F_FWD_EARLY] if batch_size > 0 else 0.0)
     return ms

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from simspec.simulator.kernels import jit
-from simspec.simulator.lane_cost import draft_pass_ms, target_ms
+from simspec.simulator.lane_cost import F_FIXED, F_FRAC, draft_pass_ms, target_ms
+from simspec.simulator.lane_methods import M_DRAFT, M_KANGAROO, MI_DRAFT_LAYERS, MI_KIND, MI_PER_STEP, early_exit_estimates
 
 
 @jit
@@ -23,7 +24,7 @@ def expected_step_ms(cpi, cpf, draft_layers, per_step_draft, batch_size, kv_toke
         draft = draft / k if k > 0 else 0.0
     t = batch_size * (k + 1)
     verify = target_ms(cpi, cpf, batch_size, t, kv_tokens, k > 0, t)
-    return (k * draft + verify) * (1.0 + cpf[43]) + cpf[44]
+    return (k * draft + verify) * (1.0 + cpf[F_FRAC]) + cpf[F_FIXED]
 
 
 @jit
@@ -74,12 +75,15 @@ SCHED_FCFS, SCHED_LAS, SCHED_LAPS, SCHED_SRPT = 0, 1, 2, 3
 
 
 @jit
-def stage_estimates(cpi, cpf, method_draft, draft_layers, per_step_draft, batch_size, kv_tokens, k):
-    """``method.stage_estimates_ms(B, kv, k)``: (draft ms per draft token, verify ms), no overhead."""
+def stage_estimates(cpi, cpf, mi, mf, batch_size, kv_tokens, k):
+    """``method.stage_estimates_ms(B, kv, k)`` (no overhead): ``none`` and ``draft`` (draft ms per
+    draft token, verify ms), the early-exit methods by :func:`lane_methods.early_exit_estimates`."""
+    if mi[MI_KIND] >= M_KANGAROO:
+        return early_exit_estimates(cpi, cpf, mi, mf, batch_size, kv_tokens, k)
     draft = 0.0
-    if method_draft:
-        draft = draft_pass_ms(cpi, cpf, draft_layers, batch_size, batch_size, kv_tokens, batch_size)
-        if per_step_draft:
+    if mi[MI_KIND] == M_DRAFT:
+        draft = draft_pass_ms(cpi, cpf, mi[MI_DRAFT_LAYERS], batch_size, batch_size, kv_tokens, batch_size)
+        if mi[MI_PER_STEP] != 0:
             draft = draft / k if k > 0 else 0.0
     t = batch_size * (k + 1)
     verify = target_ms(cpi, cpf, batch_size, t, kv_tokens, k > 0, t)
@@ -89,7 +93,7 @@ def stage_estimates(cpi, cpf, method_draft, draft_layers, per_step_draft, batch_
 @jit
 def mlq_order(active, sched_kind, by_arrival, time_service, merge_ahead, max_batch, queue, attained, queue_end,
               served, perceptible, spec_len, drafted_sum, accepted_sum, predicted, in_batch, prompt_tokens, cpi, cpf,
-              method_draft, draft_layers, per_step_draft, generated):
+              mi, mf, generated):
     """``MultiLevelQueues.order`` / ``LAPSSD.order`` / ``SRPT.order`` of ``active`` (the scheduler's
     priority order; stable sorts, so ties keep ``active``'s order — SRPT's by request row)."""
     na = active.shape[0]
@@ -150,7 +154,7 @@ def mlq_order(active, sched_kind, by_arrival, time_service, merge_ahead, max_bat
             seen[spec_len[i]] = True
     for nv in range(nmax + 1):
         if seen[nv]:
-            d, v = stage_estimates(cpi, cpf, method_draft, draft_layers, per_step_draft, bsz, kv, nv)
+            d, v = stage_estimates(cpi, cpf, mi, mf, bsz, kv, nv)
             cost[nv] = nv * d + v
     key = np.empty(na, dtype=np.float64)
     qg = np.empty(na, dtype=np.int64)

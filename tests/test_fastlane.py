@@ -95,6 +95,33 @@ CASES = {
     "smartspec, measured CPU profile, none": ("smollm2-135m-cpu-fp32", dict(
         method=ComponentSpec.parse("none", "s"), spec_len=ComponentSpec.parse("smartspec", "l"))),
     "block size 1, watermark": ("vicuna7b-a100-analytic", dict(block_size=1, watermark=0.2)),
+    # the early-exit methods (simulator/lane_methods.py)
+    "kangaroo, 2 replicas": ("vicuna7b-a100-analytic", dict(method=ComponentSpec.parse("kangaroo", "s"), replicas=2)),
+    "kangaroo measured CPU profile, gamma 3, eta 0.3, token budget": ("smollm2-135m-cpu-fp32", dict(
+        method=ComponentSpec.parse("kangaroo:gamma=3,eta=0.3", "s"), max_batched_tokens=96)),
+    "kangaroo without the confidence stop (eta 0), fixed k 2": ("vicuna7b-a100-analytic", dict(
+        method=ComponentSpec.parse("kangaroo:eta=0", "s"), spec_len=ComponentSpec.parse("fixed:k=2", "l"))),
+    "kangaroo laps-sd, KV-tight (preemption)": ("vicuna7b-a100-analytic", dict(
+        method=ComponentSpec.parse("kangaroo", "s"), scheduler=ComponentSpec.parse("laps-sd:m=2,w=3", "p"),
+        kv_budget_tokens=2048, max_batch_size=6)),
+    "kangaroo las by time, eager profile": ("vicuna7b-a100-eager-analytic", dict(
+        method=ComponentSpec.parse("kangaroo:exit=3", "s"), scheduler=ComponentSpec.parse("las:service=time,q_ms=30", "p"),
+        max_batch_size=4)),
+    "hispec two-level, 2 replicas": ("vicuna7b-a100-analytic", dict(method=ComponentSpec.parse("hispec", "s"),
+                                                                    replicas=2)),
+    "hispec nd 3, ni 2, fixed k 3, no chunked prefill": ("vicuna7b-a100-analytic", dict(
+        method=ComponentSpec.parse("hispec:nd=3,ni=2", "s"), spec_len=ComponentSpec.parse("fixed:k=3", "l"),
+        chunked_prefill=False, max_batched_tokens=1024)),
+    "hispec single-level (inter_exit = N)": ("vicuna7b-a100-analytic", dict(
+        method=ComponentSpec.parse("hispec:inter_exit=32", "s"), max_batched_tokens=128)),
+    "hispec measured CPU profile, laps-sd, time service": ("smollm2-135m-cpu-fp32", dict(
+        method=ComponentSpec.parse("hispec", "s"),
+        scheduler=ComponentSpec.parse("laps-sd:service=time,q_ms=30,m=2,w=3", "p"), max_batch_size=5)),
+    "hispec single-level laps-sd, srpt KV-tight": ("vicuna7b-a100-analytic", dict(
+        method=ComponentSpec.parse("hispec:inter_exit=32,nd=3", "s"), scheduler=ComponentSpec.parse("laps-sd", "p"),
+        kv_budget_tokens=1536, max_batch_size=5)),
+    "hispec srpt, published 70B analytic profile": ("llama2-70b-h100x4-analytic", dict(
+        method=ComponentSpec.parse("hispec", "s"), scheduler=ComponentSpec.parse("srpt", "p"), replicas=2)),
 }
 
 
@@ -177,7 +204,17 @@ def test_eligibility(monkeypatch):
     assert fastlane.eligible(_cfg(spec_len="smartspec"), method, 1) is None
     assert fastlane.eligible(_cfg(spec_len="smartspec-per-request"), method, 1) == "spec-len smartspec-per-request"
     assert fastlane.eligible(_cfg(max_concurrency=4), method, 1).startswith("closed loop")
-    assert fastlane.eligible(_cfg(), type("M", (), {"name": "kangaroo"})(), 1) == "method kangaroo"
+    assert fastlane.eligible(_cfg(), type("M", (), {"name": "medusa"})(), 1) == "method medusa"
+    # the early-exit methods: any scheduler, fixed k; SmartSpec's estimates for them are not compiled
+    cost = CostModel(profile)
+    for spec in ("kangaroo", "hispec", "hispec:inter_exit=32"):
+        m = _bound(spec, profile, cost)
+        assert fastlane.eligible(_cfg(method=spec, scheduler=ComponentSpec.parse("laps-sd", "p")), m, 1) is None
+        assert fastlane.eligible(_cfg(method=spec, spec_len="smartspec"), m, 1) == \
+            f"spec-len smartspec with method {m.name}"
+    m = _bound("kangaroo", profile, cost)
+    m.acceptance = object.__new__(type("Forced", (type(m.acceptance),), {}))  # a substituted model
+    assert fastlane.eligible(_cfg(method="kangaroo"), m, 1) == "method kangaroo with a substituted acceptance model"
     monkeypatch.setenv("SIMSPEC_FASTLANE", "0")
     assert fastlane.eligible(_cfg(), method, 1) == "SIMSPEC_FASTLANE=0"
     # audit mode recounts KV after every engine step: always the engine
@@ -212,13 +249,62 @@ def test_compiled_cost_equals_cost_model():
             assert got == want, (name, b, t, kv)
 
 
+def _bound(spec, profile, cost):
+    """A method bound to its profile's acceptance (as ``simulate`` builds it)."""
+    from simspec.simulator.methods import get_method_class
+    from simspec.simulator.run import resolve_classes
+
+    c = ComponentSpec.parse(spec, "s")
+    m = get_method_class(c.name)(dict(c.params), profile, cost)
+    entries, _ = resolve_classes(profile, m.name, ["default"])
+    m.bind_acceptance(m.build_acceptance(entries))
+    return m
+
+
+def test_compiled_early_exit_costs_equal_the_methods():
+    """The lane's slice/head costs equal CostModel's, and its Kangaroo/HiSpec estimates (LAPS-SD)
+    the methods' ``stage_estimates_ms``, bit for bit."""
+    from simspec.simulator import lane_methods
+
+    k = kernels.compiled()
+    rng = np.random.default_rng(1)
+    for name in ("vicuna7b-a100-analytic", "smollm2-135m-cpu-fp32", "llama2-70b-h100x4-analytic"):
+        profile = load_profile(name)
+        cost = CostModel(profile)
+        p = fastlane.pack_cost(cost)
+        nl = cost.num_layers
+        for _ in range(300):
+            b = int(rng.integers(0, 300))
+            t = float(rng.integers(0, 5000))
+            kv = float(rng.integers(0, 500000))
+            lt = float(rng.integers(0, 3000))
+            first = int(rng.integers(0, nl))
+            end = int(rng.integers(first, nl + 1))
+            embed, head, adapter = (bool(x) for x in rng.integers(0, 2, 3))
+            want = cost.slice_ms(first, end, b, t, kv, embed=embed, lm_head=head, adapter=adapter, logits_tokens=lt)
+            got = k["slice_ms"](p.ints, p.floats, first, end, float(b), t, kv, embed, head, adapter, lt)
+            assert got == want, (name, first, end, b, t, kv)
+            assert k["head_ms"](p.ints, p.floats, float(b), t, kv) == cost.stage_ms("lm_head", b, t, kv)
+        for spec in ("kangaroo", "kangaroo:exit=5", "hispec", "hispec:nd=3,ni=2", f"hispec:inter_exit={nl}"):
+            m = _bound(spec, profile, cost)
+            mp = lane_methods.method_pack(m, type("T", (), {"alpha": np.array([0.7]),
+                                                            "class_idx": np.array([0])})())
+            for _ in range(40):
+                b = int(rng.integers(1, 64))
+                kv = float(rng.integers(0, 100000))
+                kk = int(rng.integers(0, m.k_max + 1))
+                got = k["early_exit_estimates"](p.ints, p.floats, mp.ints, mp.floats, float(b), kv, kk)
+                assert tuple(got) == tuple(m.stage_estimates_ms(b, kv, kk)), (name, spec, b, kv, kk)
+
+
 @st.composite
 def scenarios(draw):
     n = draw(st.integers(1, 25))
     gaps = draw(st.lists(st.sampled_from([0.0, 0.001, 0.01, 0.05, 0.2, 1.0]), min_size=n, max_size=n))
     prompt = draw(st.lists(st.integers(1, 300), min_size=n, max_size=n))
     output = draw(st.lists(st.integers(1, 60), min_size=n, max_size=n))
-    method = draw(st.sampled_from(["none", "draft:k=3", "draft:k=5", "draft:k=0"]))
+    method = draw(st.sampled_from(["none", "draft:k=3", "draft:k=5", "draft:k=0", "kangaroo", "kangaroo:gamma=3,eta=0.4",
+                                   "hispec", "hispec:nd=3,ni=2", "hispec:inter_exit=32,nd=3"]))
     spec_len = draw(st.sampled_from(["fixed", "fixed", "smartspec", "smartspec:interval=3,probe=2",
                                      "smartspec:estimator=ema,interval=1,alpha0=0.3"]))
     replicas = draw(st.integers(1, 3))
