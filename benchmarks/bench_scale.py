@@ -56,7 +56,9 @@ def timed(name, fn):  # wrap a post-processing step of simulate() to time it
             return fn(*a, **k)
         finally:
             phase[name] = phase.get(name, 0.0) + time.perf_counter() - t0
+            hwm_after[name] = hwm_mib()
     return wrapper
+hwm_after = {}  # peak RSS (MiB) when each phase has run: where the peak is reached
 
 for name in ("requests_frame", "steps_frame", "summary"):
     setattr(run_mod, name, timed(name, getattr(run_mod, name)))
@@ -71,13 +73,15 @@ cfg = RunConfig(scheduler=ComponentSpec.parse(opts["policy"], "policy"),
 t0 = time.perf_counter()
 res = run_mod.simulate(cfg, trace, load_profile(opts["profile"]))
 t_sim = time.perf_counter() - t0
+hwm_after["simulate"] = hwm_mib()
 t0 = time.perf_counter()
 write_run(res, out_dir, overwrite=True)
+hwm_after["write"] = hwm_mib()
 t_write = time.perf_counter() - t0
 post = sum(phase.values())
 print(json.dumps({"imports_s": t_imports, "load_s": t_load, "engine_s": t_sim - post, "post_s": phase,
                   "write_s": t_write, "wall_s": time.perf_counter() - t_start, "peak_rss_mib": hwm_mib(),
-                  "rss_after_load_mib": hwm_load, "steps": res.summary["steps"],
+                  "rss_after_load_mib": hwm_load, "peak_rss_after_mib": hwm_after, "steps": res.summary["steps"],
                   "request_steps": res.summary["request_steps"], "mean_batch": res.summary["mean_batch_size"],
                   "steps_rows": int(len(res.steps))}))
 """
@@ -192,7 +196,8 @@ def main() -> None:
         print(f"{n:,} requests, {args.replicas} replicas, {rate:g} req/s, {args.spec}, {args.policy}, "
               f"--steps-log {args.steps_log}: wall {m['wall_s']:.1f} s (imports {m['imports_s']:.1f}, load trace "
               f"{m['load_s']:.2f}, engine {sim_s:.1f}, {post}, write {m['write_s']:.2f}); peak RSS "
-              f"{m['peak_rss_mib']:,.0f} MiB (after loading the trace {m['rss_after_load_mib']:,.0f}); "
+              f"{m['peak_rss_mib']:,.0f} MiB (after loading the trace {m['rss_after_load_mib']:,.0f}; peak so far after "
+              f"{', '.join(f'{k} {v:,.0f}' for k, v in m['peak_rss_after_mib'].items())}); "
               f"{m['steps']:,} steps (mean batch {m['mean_batch']:.1f}), {m['request_steps']:,} request-steps, "
               f"{m['request_steps'] / sim_s:,.0f} request-steps/s of engine time, "
               f"{m['steps_rows']:,} steps.parquet rows; load average "

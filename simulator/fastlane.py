@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simspec.memory import release_free_memory
 from simspec.simulator import kernels
 from simspec.simulator.kernels import (draft_accept_into, gather_members_into, grant_blocks, jit,
                                        mixed_step_progress_into, preempt_kv, preemption_plan, vllm_running_asks_into)
@@ -736,4 +737,5 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int, schedu
         busy.append(float(busy_s))
         itl._add(itl_v[: int(n_itl)].copy(), itl_c[: int(n_itl)].copy())
         del res, fcols, icols, itl_v, itl_c  # the replica's growable buffers
+        release_free_memory()  # ... and their pages (simspec/memory.py)
     return LaneResult(logs=logs, busy_s=busy, itl=itl), None

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from simspec.memory import release_free_memory
 from simspec.simulator.engine import STEP_COLUMNS
 from simspec.simulator.itl import ItlSamples
 from simspec.simulator.state import RequestTable
@@ -76,6 +77,7 @@ def steps_frame(logs: list, consume: bool = False) -> pd.DataFrame:
             for p, log in zip(parts, logs):
                 del p[c]
                 log.cols[c] = log.cols[c][:0].copy()
+            release_free_memory()  # the freed log column's pages (simspec/memory.py)
     if consume:
         for log in logs:
             log.n = 0

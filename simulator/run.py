@@ -16,6 +16,7 @@ from simspec.rng import request_bases, request_keys, stream, stream_key
 from simspec.simulator.acceptance import resolve_classes
 from simspec.simulator.config import DEFAULT_MAX_BATCHED_TOKENS, RunConfig
 from simspec.simulator.cost import CostModel
+from simspec.memory import release_free_memory
 from simspec.simulator import fastlane, kernels
 from simspec.simulator.engine import Capacity, Cluster
 from simspec.simulator.methods import get_method_class
@@ -236,6 +237,7 @@ def simulate(config: RunConfig, trace: Trace, profile: Profile, progress: bool =
     finally:
         if pbar is not None:
             pbar.close()
+    release_free_memory()  # what the engine freed (the lane's table backup, its buffers): simspec/memory.py
     unfinished = np.flatnonzero(np.isnan(table.completion_s))
     if unfinished.size:
         raise RuntimeError(f"simulation ended with {unfinished.size} unfinished request(s), first "
