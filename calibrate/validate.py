@@ -34,6 +34,7 @@ fixed_ms`` over a run's steps (both ≥ 0), written into a profile copy's ``late
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -355,6 +356,37 @@ def heldout_latency(lm: Any, cost: Any, grid: dict[str, Any] | None, repeats: in
             "max_abs_err_pct": float(np.max(errs)) if errs else None,
             "note": "model = profile latency stages composed as a layer-level replay charges a full target "
                     "step (no overhead term); measured = median wall time of a real forward"}
+
+
+def speed_probe(lm: Any, cost: Any, repeats: int = 5) -> dict[str, Any]:
+    """The machine's speed now, relative to the latency model: the median over a fixed set of
+    whole target forwards (:func:`heldout_latency`'s shapes, batch 1) of measured / model time.
+    1.0 = as fast as the profile's grid was measured; timed right before and after a validation
+    run, it tells how fast the machine ran then (this shared CPU drifts by ±10 % between runs of
+    the same work: docs/validation/README.md)."""
+    doc = heldout_latency(lm, cost, None, repeats=repeats)
+    ratios = [p["measured_ms"] / p["model_ms"] for p in doc["points"] if p["model_ms"] > 0]
+    return {"speed": float(np.median(ratios)), "ratios": [round(r, 4) for r in ratios],
+            "shapes": [(p["tokens"], p["context_tokens"]) for p in doc["points"]]}
+
+
+def speed_scaled_profile(profile: Any, factor: float) -> Any:
+    """``profile`` with every step ``factor`` times as long: the per-step overhead rescaled so that
+    ``finish(ms) = factor · (ms · (1 + fraction) + fixed_ms)`` (per-forward overheads are inside
+    ``ms``, so they scale too). For a what-if replay at a measured machine speed."""
+    import copy
+    import hashlib
+
+    from simspec.profile import Profile
+
+    doc = copy.deepcopy(profile.doc)
+    ov = dict(doc["latency"].get("overhead") or {})
+    frac, fixed = float(ov.get("fraction", 0.0)), float(ov.get("fixed_ms", 0.0))
+    ov["fraction"] = factor * (1.0 + frac) - 1.0
+    ov["fixed_ms"] = factor * fixed
+    doc["latency"]["overhead"] = ov
+    sha = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    return Profile(doc=doc, path=profile.path, sha256=sha)
 
 
 def tokens_per_decode_step(requests: pd.DataFrame) -> float | None:

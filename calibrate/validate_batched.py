@@ -34,6 +34,7 @@ CPUs busy than the run leaves free, is refused (one-line error, exit 2, nothing 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -326,11 +327,14 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
                            time_scale: float = 1.0, seed: int = 0, dtype: str | None = None,
                            threads: int | None = None, fit_overhead_to: str | None = None,
                            allow_overload: bool = False, progress: bool = True, echo: Any = print,
-                           force: bool = False, max_other_cores: float | None = None) -> dict[str, Any]:
+                           force: bool = False, max_other_cores: float | None = None,
+                           speed_reference: bool = True) -> dict[str, Any]:
     """The whole of ``simspec validate --max-batch B`` (B > 1) or ``--forced-acceptance``: checks, real
     run, simulated run, report (``validation.json`` etc., as :func:`validate.run_validation`, plus
     ``sim_steps.csv`` and, when forced, ``forced_pattern.csv``). Returns the ``validation.json``
-    document."""
+    document. ``speed_reference``: time :func:`validate.speed_probe` right before and after the real
+    run; the report then also gives the errors of a replay at that speed relative to the speed
+    recorded when the profile's overhead was fitted (``--fit-overhead`` records it)."""
     from pathlib import Path
 
     from simspec import __version__
@@ -340,7 +344,7 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
     if fit_overhead_to:
         check_output_file(fit_overhead_to, force=True, what="--fit-overhead")
     from simspec.calibrate.validate import SPEC_METHODS, fit_overhead, prompt_ids_for_trace, scale_trace, \
-        tokens_per_decode_step
+        speed_probe, speed_scaled_profile, tokens_per_decode_step
     from simspec.calibrate.validate_cb import LoadSampler, load_now, other_cores_limit, overload_verdict
     from simspec.forced_acceptance import forced_pattern
     from simspec.policies import get_scheduler_class
@@ -402,6 +406,7 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
 
     generate_batch(warm, [p[:32] or [1] for p in prompt_ids[:2]], 4, admit_every=2)
     del warm
+    probe_before = speed_probe(lm, cost) if speed_reference else None
     cpus = load_now()["cpus"]
     load_before = load_now()
     sampler = LoadSampler().start()
@@ -421,6 +426,7 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
             bar.close()
     load_during = sampler.stop()
     load_after = load_now()
+    probe_after = speed_probe(lm, cost) if speed_reference else None
     echo(f"real run done in {real.wall_s:.1f} s; load 1m before {load_before['loadavg_1m']}, max during "
          f"{load_during['max_1m']}, after {load_after['loadavg_1m']} ({cpus} CPUs); other processes used "
          f"{load_during['other_processes_cores_mean']} cores on average")
@@ -456,6 +462,29 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
                 "serving thread in runner.step (1 torch thread: all its compute; time spent waiting for a "
                 "CPU under contention excluded, cache contention not)",
     }}
+    speed_run = None
+    if speed_reference:
+        # the machine's speed around the run (geometric mean of the probes before and after), and a
+        # replay at that speed relative to the speed the profile's overhead was fitted at
+        speed_run = math.sqrt(probe_before["speed"] * probe_after["speed"])
+        sr: dict[str, Any] = {"probe_before": probe_before, "probe_after": probe_after, "speed_run": speed_run,
+                              "note": "speed = median over fixed batch-1 target forwards of measured / model time, "
+                                      "timed right before and after the real run; speed_calib = the same at the "
+                                      "run that fitted the profile's overhead (--fit-overhead records it); the "
+                                      "speed-referenced replay is the simulated run with every step "
+                                      "speed_run / speed_calib times as long (a diagnostic of machine drift, "
+                                      "not the simulator's prediction)"}
+        speed_calib = (profile.meta.get("overhead_calibration") or {}).get("speed_reference")
+        if isinstance(speed_calib, (int, float)) and speed_calib > 0:
+            factor = speed_run / float(speed_calib)
+            ref = simulate(config, trace, speed_scaled_profile(profile, factor))
+            from simspec.validation_report import compare
+
+            e = compare(real.requests, ref.requests)
+            sr.update(speed_calib=float(speed_calib), factor=factor, errors={
+                "latency_mape_pct": e["latency_mape_pct"], "latency_mean_err_pct": e["latency"]["mean"]["err_pct"],
+                "latency_p99_err_pct": e["latency"]["p99"]["err_pct"], "ttft_mape_pct": e["ttft_mape_pct"]})
+        held["speed_reference"] = sr
     model_tps, real_tps = tokens_per_decode_step(sim.requests), tokens_per_decode_step(real.requests)
     held["acceptance_model"] = {
         "model_tokens_per_step": model_tps, "real_tokens_per_step": real_tps,
@@ -490,6 +519,7 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
             "trace": str(trace_arg), "time_scale": time_scale, "spec": str(mspec), "policy": str(sspec),
             "batch": asdict(settings), "seed": seed, "n_steps": fitted["n_steps"],
             "rms_residual_ms": round(fitted["rms_residual_ms"], 4), "machine_load_during": load_during,
+            **({"speed_reference": round(speed_run, 6)} if speed_run is not None else {}),
             "simspec_version": __version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "caution": "validate on a different trace than this one"}})
         held["overhead_fit"] = {**fitted, "written_to": str(dst)}
@@ -532,6 +562,16 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
     if pattern is not None:
         fa = held["forced_acceptance"]
         echo(f"forced acceptance: {fa['identical']}/{fa['requests']} requests accepted identically")
+    sr = held.get("speed_reference")
+    if sr is not None:
+        line = (f"machine speed vs the profile: {sr['probe_before']['speed']:.3f} before, "
+                f"{sr['probe_after']['speed']:.3f} after the run")
+        if "errors" in sr:
+            e = sr["errors"]
+            line += (f"; at the overhead fit {sr['speed_calib']:.3f}; replayed {sr['factor']:.3f}x slower: latency "
+                     f"MAPE {e['latency_mape_pct']:.1f}%, mean {e['latency_mean_err_pct']:+.1f}%, "
+                     f"p99 {e['latency_p99_err_pct']:+.1f}% (speed-referenced diagnostic)")
+        echo(line)
     for x in notes:
         echo(f"note: {x}")
     return doc

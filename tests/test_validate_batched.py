@@ -112,9 +112,57 @@ def test_batched_validation_end_to_end(tmp_path, method, policy, batching, force
         assert "forced_acceptance" not in doc["heldout"] and not (out / "forced_pattern.csv").exists()
     fitted = json.loads((tmp_path / "fitted.json").read_text())
     assert fitted["meta"]["overhead_calibration"]["batch"]["max_batch"] == batch
+    sr = doc["heldout"]["speed_reference"]  # the machine's speed around the run, recorded with the fit
+    assert sr["probe_before"]["speed"] > 0 and sr["probe_after"]["speed"] > 0
+    assert fitted["meta"]["overhead_calibration"]["speed_reference"] == pytest.approx(sr["speed_run"], rel=1e-5)
+    assert "errors" not in sr  # the input profile had no recorded speed
     if method.startswith("hispec") and "inter_exit=30" not in method:  # two-level: inner iterations were costed
         assert steps["drafted"].sum() > 0
         if forced:
             assert pat["inner"].notna().any()
             for _, row in pat[pat["drafts"] > 0].iterrows():
                 assert sum(int(x) for x in str(row["inner"]).split("+")) == row["drafts"]
+
+
+def test_speed_scaled_profile_scales_every_step():
+    """A replay with the profile scaled by f has every step f times as long (per-step and
+    per-forward overheads included), and the same schedule when nothing queues."""
+    from simspec.calibrate.validate import speed_scaled_profile
+    from simspec.profile import load_profile
+    from simspec.simulator.config import ComponentSpec, RunConfig
+    from simspec.simulator.cost import CostModel
+    from simspec.simulator.run import simulate
+    from tests.conftest import make_trace
+
+    prof = load_profile("smollm2-135m-cpu-fp32")
+    scaled = speed_scaled_profile(prof, 1.25)
+    a, b = CostModel(prof), CostModel(scaled)
+    for ms in (0.0, 3.0, 17.5):
+        assert b.finish(ms) == pytest.approx(1.25 * a.finish(ms), rel=1e-12)
+    cfg = RunConfig(scheduler=ComponentSpec.parse("fcfs", "p"), method=ComponentSpec.parse("kangaroo", "s"),
+                    spec_len=ComponentSpec.parse("fixed", "l"))
+    trace = make_trace([0.0], [40], [12])
+    r1, r2 = simulate(cfg, trace, prof), simulate(cfg, trace, scaled)
+    assert r1.steps["step_ms"].to_numpy() * 1.25 == pytest.approx(r2.steps["step_ms"].to_numpy(), rel=1e-12)
+    assert prof.overhead != scaled.overhead and prof.sha256 != scaled.sha256
+
+
+@pytest.mark.torch
+def test_speed_referenced_replay_when_the_profile_records_its_fit_speed(tmp_path):
+    """A profile whose overhead fit recorded the machine's speed: the report adds a replay at the
+    run's speed relative to it (factor = speed_run / speed_calib), with its own errors."""
+    pytest.importorskip("torch")
+    prof = _spec_profile(tmp_path / "p.json")
+    doc = json.loads(prof.read_text())
+    doc["meta"]["overhead_calibration"] = {"speed_reference": 0.5}
+    prof.write_text(json.dumps(doc))
+    out = tmp_path / "report"
+    args = ["validate", str(_tiny_trace(tmp_path / "t.csv")), "--profile", str(prof), "--method",
+            "draft:k=2,draft_layers=4", "--max-batch", "2", "--device", "cpu", "--dtype", "fp32", "--threads", "1",
+            "--out", str(out), "--allow-overload", "--no-progress"]
+    assert _cli(args) == 0
+    sr = json.loads((out / "validation.json").read_text())["heldout"]["speed_reference"]
+    assert sr["speed_calib"] == 0.5 and sr["factor"] == pytest.approx(sr["speed_run"] / 0.5)
+    assert set(sr["errors"]) == {"latency_mape_pct", "latency_mean_err_pct", "latency_p99_err_pct", "ttft_mape_pct"}
+    assert _cli(args + ["--no-speed-reference", "--force"]) == 0  # the probes off: no section
+    assert "speed_reference" not in json.loads((out / "validation.json").read_text())["heldout"]

@@ -74,11 +74,15 @@ import click
               help="transformers-cb and simspec batched: refuse to report a CPU run during which other processes "
                    "kept more than this many cores busy on average (default: the cores the run's threads leave "
                    "free, at least 0.5; use ~0.1 for a run that backs a 5 %% figure).")
+@click.option("--speed-reference/--no-speed-reference", default=True, show_default=True,
+              help="simspec batched: time fixed target forwards right before and after the real run (the machine's "
+                   "speed vs the profile), record it with --fit-overhead, and also report a replay at the run's "
+                   "speed relative to the fit's (a diagnostic of machine drift).")
 @click.option("--force", is_flag=True, help="Replace --out if it is a simspec output directory.")
 def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, threads, out_dir, time_scale, seed,
              fit_overhead_to, no_heldout, force, engine, random_config, page_size, num_blocks, max_batch_tokens,
              max_requests_per_batch, engine_scheduler, engine_cuda_graphs, max_requests, allow_overload, batching,
-             forced_acceptance, progress, max_other_cores):
+             forced_acceptance, progress, max_other_cores, speed_reference):
     """Measure the simulator against real execution of TRACE and report its error.
 
     Serves TRACE with the real runners (arrivals on the wall clock, the policy's order at every
@@ -118,7 +122,8 @@ def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, 
                                profile_arg=profile_arg, device=device, out_dir=out_dir, settings=settings,
                                time_scale=time_scale, seed=seed, dtype=dtype, threads=threads,
                                fit_overhead_to=fit_overhead_to, allow_overload=allow_overload, progress=progress,
-                               echo=click.echo, force=force, max_other_cores=max_other_cores)
+                               echo=click.echo, force=force, max_other_cores=max_other_cores,
+                               speed_reference=speed_reference)
         return
     if batching or max_batch_tokens or allow_overload or max_other_cores is not None:
         raise ConfigError("--batching / --max-batch-tokens / --allow-overload / --max-other-cores: only with "
