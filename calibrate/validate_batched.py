@@ -328,7 +328,7 @@ def run_batched_validation(trace_arg: str, *, model: str, method: str, adapter: 
                            threads: int | None = None, fit_overhead_to: str | None = None,
                            allow_overload: bool = False, progress: bool = True, echo: Any = print,
                            force: bool = False, max_other_cores: float | None = None,
-                           speed_reference: bool = True) -> dict[str, Any]:
+                           speed_reference: bool = False) -> dict[str, Any]:
     """The whole of ``simspec validate --max-batch B`` (B > 1) or ``--forced-acceptance``: checks, real
     run, simulated run, report (``validation.json`` etc., as :func:`validate.run_validation`, plus
     ``sim_steps.csv`` and, when forced, ``forced_pattern.csv``). Returns the ``validation.json``

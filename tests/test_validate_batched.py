@@ -79,7 +79,8 @@ def test_batched_validation_end_to_end(tmp_path, method, policy, batching, force
     method, _, with_adapter = method.partition("+")
     args = ["validate", str(trace), "--profile", str(prof), "--method", method, "--policy", policy,
             "--max-batch", str(batch), "--batching", batching, "--device", "cpu", "--dtype", "fp32", "--threads", "1",
-            "--out", str(out), "--allow-overload", "--no-progress", "--fit-overhead", str(tmp_path / "fitted.json")]
+            "--out", str(out), "--allow-overload", "--no-progress", "--fit-overhead", str(tmp_path / "fitted.json"),
+            "--speed-reference"]
     if with_adapter:
         args += ["--adapter", str(ADAPTER)]
     if forced:
@@ -160,9 +161,9 @@ def test_speed_referenced_replay_when_the_profile_records_its_fit_speed(tmp_path
     args = ["validate", str(_tiny_trace(tmp_path / "t.csv")), "--profile", str(prof), "--method",
             "draft:k=2,draft_layers=4", "--max-batch", "2", "--device", "cpu", "--dtype", "fp32", "--threads", "1",
             "--out", str(out), "--allow-overload", "--no-progress"]
-    assert _cli(args) == 0
+    assert _cli(args + ["--speed-reference"]) == 0
     sr = json.loads((out / "validation.json").read_text())["heldout"]["speed_reference"]
     assert sr["speed_calib"] == 0.5 and sr["factor"] == pytest.approx(sr["speed_run"] / 0.5)
     assert set(sr["errors"]) == {"latency_mape_pct", "latency_mean_err_pct", "latency_p99_err_pct", "ttft_mape_pct"}
-    assert _cli(args + ["--no-speed-reference", "--force"]) == 0  # the probes off: no section
+    assert _cli(args + ["--force"]) == 0  # without the probes (the default): no section
     assert "speed_reference" not in json.loads((out / "validation.json").read_text())["heldout"]

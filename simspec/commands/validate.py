@@ -74,10 +74,11 @@ import click
               help="transformers-cb and simspec batched: refuse to report a CPU run during which other processes "
                    "kept more than this many cores busy on average (default: the cores the run's threads leave "
                    "free, at least 0.5; use ~0.1 for a run that backs a 5 %% figure).")
-@click.option("--speed-reference/--no-speed-reference", default=True, show_default=True,
-              help="simspec batched: time fixed target forwards right before and after the real run (the machine's "
-                   "speed vs the profile), record it with --fit-overhead, and also report a replay at the run's "
-                   "speed relative to the fit's (a diagnostic of machine drift).")
+@click.option("--speed-reference", is_flag=True,
+              help="simspec batched: time fixed batch-1 target forwards right before and after the real run (the "
+                   "machine's speed vs the profile), record it with --fit-overhead, and also report a replay at the "
+                   "run's speed relative to the fit's (a diagnostic of machine drift; on this CPU it did not track "
+                   "the runs' own step times: docs/validation/README.md).")
 @click.option("--force", is_flag=True, help="Replace --out if it is a simspec output directory.")
 def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, threads, out_dir, time_scale, seed,
              fit_overhead_to, no_heldout, force, engine, random_config, page_size, num_blocks, max_batch_tokens,
