@@ -139,11 +139,12 @@ def test_lane_equals_engine(monkeypatch, case):
                          lane.config["capacity"]["kv_budget_tokens"], lane.config["capacity"]["max_batched_tokens"])
 
 
-def test_lane_plain_kernels_equal_compiled(monkeypatch):
+@pytest.mark.parametrize("method", ["draft:k=3", "kangaroo", "hispec"])
+def test_lane_plain_kernels_equal_compiled(monkeypatch, method):
     """The lane's loop as plain Python gives the same outputs as compiled (and as the engine)."""
     profile = load_profile("vicuna7b-a100-analytic")
     trace = _trace(n=25, seed=3)
-    cfg = _cfg(replicas=2, max_batched_tokens=96)
+    cfg = _cfg(method=method, replicas=2, max_batched_tokens=96)
     plain, ref = _both(monkeypatch, cfg, trace, profile, jit="0")
     assert kernels.MODE == "plain" and plain.engine == "fast lane"
     _same(plain, ref)
