@@ -23,6 +23,11 @@ CASES = {
     "laps-sd draft:k=4 x4": ["--policy", "laps-sd", "--spec", "draft:k=4", "--replicas", "4"],
     "fcfs draft smartspec x4": ["--policy", "fcfs", "--spec", "draft:k=4", "--spec-len", "smartspec",
                                 "--replicas", "4"],
+    # paper-style batching: the scheduler picks the batch every step
+    "laps-sd draft:k=4 preemptive x4": ["--policy", "laps-sd", "--spec", "draft:k=4", "--batching", "preemptive",
+                                        "--replicas", "4"],
+    "srpt draft:k=4 preemptive x4": ["--policy", "srpt", "--spec", "draft:k=4", "--batching", "preemptive",
+                                     "--replicas", "4"],
     # methods that need a layer-level profile: the analytic Vicuna-7B one (prompts past its grid
     # are extrapolated, the same for every install)
     "analytic fcfs draft:k=4 x4": ["--profile", "vicuna7b-a100-analytic", "--allow-extrapolation", "--policy", "fcfs",

@@ -53,6 +53,7 @@ from simspec.simulator.lane_cost import (F_FIXED, F_FRAC, CostPack, draft_pass_m
                                          target_ms)
 from simspec.simulator.lane_methods import (M_DRAFT, M_KANGAROO, MI_DRAFT_LAYERS, MI_DRAWS, MI_KIND, MI_KMAX,
                                             MI_PER_STEP, MI_WIDTH, lane_method_reason, method_pack, method_step_ms)
+from simspec.simulator.lane_preemptive import PLAN_OK, preemptive_plan
 from simspec.simulator.lane_policies import (_SCHED_ARRAYS, _scheduler_state, mlq_observe, mlq_order,
                                              smartspec_decide)
 
@@ -80,7 +81,7 @@ def eligible(config, method, n_replicas: int) -> str | None:
         return "SIMSPEC_FASTLANE=0"
     if env not in ("1", "true", "yes", "on") and kernels.MODE != "compiled":
         return "kernels not compiled"
-    if config.batching != "vllm":
+    if config.batching not in ("vllm", "preemptive"):
         return f"batching {config.batching}"
     if config.scheduler.name not in ("fcfs", "las", "laps-sd", "srpt"):
         return f"scheduler {config.scheduler.name}"
@@ -149,11 +150,11 @@ def _waiting_room(wb, wh, wt):
 # ------------------------------------------------------------------------------ the replica loop
 @jit
 def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, block_size, budget0, threshold,
-                 chunked, swap, k_fixed, smartspec, ss, mi, mf, probs, has_probs, probs_d, conf_a, conf_r, cpi, cpf,
-                 log_mode, log_every,
+                 chunked, swap, preemptive, k_fixed, smartspec, ss, mi, mf, probs, has_probs, probs_d, conf_a, conf_r,
+                 cpi, cpf, log_mode, log_every,
                  sched_kind, by_arrival, time_service, merge_ahead, thresholds, queue_end, m_steps, eps32, attained,
                  served, queue, queue_changes, spec_len, lp_drafted, lp_accepted, acc_steps, history, perceptible,
-                 perceptible_at_s, predicted, in_batch, mark,
+                 perceptible_at_s, predicted, in_batch, mark, rank,
                  computed, prefill_target, generated, output_tokens, prompt_tokens, kv_blocks, kv_tokens, kv_resident,
                  start_s, first_token_s, completion_s, steps_col, decode_steps, drafted_col, accepted_col,
                  positions_col, draws_col, rng_base, alpha, class_idx, pauses, preemptions, recomputes,
@@ -181,7 +182,9 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     itl_c = np.empty(1024, dtype=np.int64)
     n_itl = 0
     mb = max_batch + 1
-    running = np.empty(mb, dtype=np.int64)  # admitted requests holding KV, in admission order
+    # admitted requests holding KV, in admission order (vllm) / every resident, in row order
+    # (preemptive: residents paused out of the batch keep their KV, so there can be more than a batch)
+    running = np.empty(nreq + mb if preemptive else mb, dtype=np.int64)
     n_run = 0
     # the waiting list: wb[wh:wt], in row (= arrival) order — new arrivals appended, preempted
     # requests inserted in place; FCFS admits a prefix, the other schedulers any subset
@@ -242,6 +245,15 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
     left_m = np.empty(mb, dtype=np.int64)
     good = np.empty(kcap, dtype=np.float64)
     no_used = np.zeros(1, dtype=np.uint64)
+    # preemptive batching's scratch (simulator/lane_preemptive.py): the active requests, their
+    # order (residents only for the retry), the batch's candidates and residents, paused residents
+    pcap = nreq + 1 if preemptive else 1
+    act = np.empty(pcap, dtype=np.int64)
+    act_res = np.empty(pcap, dtype=np.int64)
+    paused_b = np.empty(pcap, dtype=np.int64)
+    sel_b = np.empty(mb, dtype=np.int64)
+    resident_b = np.empty(mb, dtype=np.bool_)
+    live_b = np.empty((mb, 5), dtype=np.int64)
     free = total_blocks
     clock = 0.0
     busy = 0.0
@@ -262,11 +274,79 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
         now = clock
         preempted = False
         k_res = ss_k if smartspec else k_fixed  # SpecLenPolicy.k_reserve()
-        # ---- schedule: vLLM's running pass (FCFS order = admission order), then the waiting pass
+        # ---- schedule: vLLM's running pass (FCFS order = admission order), then the waiting pass;
+        # or (preemptive) the top of the scheduler's order over every active request
         budget = budget0
         n_sched = 0
         live_end = n_run  # order[:live_end] still running (victims come off the end)
-        if n_run > 0:
+        if preemptive:
+            # BatchFormer.schedule_preemptive: active = running ∪ waiting, in row order
+            na = 0
+            a = 0
+            b = wh
+            while a < n_run or b < wt:
+                if b >= wt or (a < n_run and running[a] < wb[b]):
+                    act[na] = running[a]
+                    a += 1
+                else:
+                    act[na] = wb[b]
+                    b += 1
+                na += 1
+            for attempt in range(2):
+                if sched_kind != 0 and na > 1:
+                    p_order = mlq_order(act[:na], sched_kind, by_arrival, time_service, merge_ahead, max_batch,
+                                        queue, attained, queue_end, served, perceptible, spec_len, lp_drafted,
+                                        lp_accepted, predicted, in_batch, prompt_tokens, cpi, cpf, mi, mf, generated)
+                else:
+                    p_order = act[:na]
+                if attempt == 1:  # nothing could run: the highest-priority requests that hold KV
+                    nr = 0
+                    for q in range(p_order.shape[0]):
+                        if kv_blocks[p_order[q]] > 0:
+                            act_res[nr] = p_order[q]
+                            nr += 1
+                    p_order = act_res[:nr]
+                status, n_sched, budget, free, pre_flag = preemptive_plan(
+                    p_order, max_batch, budget0, k_res, threshold, chunked, block_size, free, total_blocks,
+                    watermark_blocks, swap, computed, prefill_target, generated, output_tokens, prompt_tokens,
+                    kv_blocks, kv_tokens, kv_resident, preemptions, recomputes, recomputed_tokens, rank, mark, idx, pre,
+                    plan_fed, k_resv, sel_b, resident_b, live_b, paused_b)
+                if pre_flag:
+                    preempted = True
+                if status != PLAN_OK:
+                    return BAIL_PREEMPT, busy, step_index, bsum, fcols, icols, n_rows, itl_v, itl_c, n_itl
+                if n_sched > 0 or attempt == 1:
+                    break
+                any_kv = False
+                for q in range(na):
+                    if kv_blocks[act[q]] > 0:
+                        any_kv = True
+                        break
+                if not any_kv:
+                    break
+            # residents = the requests holding KV; everyone else waits (both in row order)
+            n_run = 0
+            wh = 0
+            wt = 0
+            for q in range(na):
+                i = act[q]
+                if kv_blocks[i] > 0:
+                    running[n_run] = i
+                    n_run += 1
+                else:
+                    wb[wt] = i
+                    wt += 1
+            # pauses: residents left out of the batch (Replica._count_pauses)
+            if n_run > n_sched:
+                for m in range(n_sched):
+                    mark[idx[m]] = True
+                for q in range(n_run):
+                    if not mark[running[q]]:
+                        pauses[running[q]] += 1
+                for m in range(n_sched):
+                    mark[idx[m]] = False
+            live_end = 0
+        elif n_run > 0:
             if sched_kind != 0 and n_run > 1:
                 run_order = mlq_order(running[:n_run], sched_kind, by_arrival, time_service, merge_ahead, max_batch,
                                       queue, attained, queue_end, served, perceptible, spec_len, lp_drafted,
@@ -313,15 +393,16 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                 free -= grant_blocks(order[:pos], slots_r, need_r, kv_blocks, kv_tokens, kv_resident)
                 for m in range(pos):
                     budget -= fed_r[m]
-        for m in range(n_sched):
-            idx[m] = order[m]
-            pre[m] = pre_r[m]
-            plan_fed[m] = fed_r[m]
-            k_resv[m] = k_r[m]
+        if not preemptive:
+            for m in range(n_sched):
+                idx[m] = order[m]
+                pre[m] = pre_r[m]
+                plan_fed[m] = fed_r[m]
+                k_resv[m] = k_r[m]
         # waiting pass (skipped in a step that preempted): preempted requests first (they arrived
         # before anything never admitted), then new arrivals, in arrival order
         n_adm = 0
-        if not preempted and wh < wt and n_run < max_batch and budget > 0:
+        if not preemptive and not preempted and wh < wt and n_run < max_batch and budget > 0:
             slots_left = max_batch - n_run
             if sched_kind != 0 and wt - wh > 1:
                 worder = mlq_order(wb[wh:wt], sched_kind, by_arrival, time_service, merge_ahead, max_batch, queue,
@@ -679,6 +760,7 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int, schedu
     saved_sched = {a: getattr(scheduler, a).copy() for a in _SCHED_ARRAYS if hasattr(scheduler, a)}
     sched_state = _scheduler_state(config, scheduler)
     mark = np.zeros(len(table), dtype=np.bool_)
+    rank = np.zeros(len(table), dtype=np.int64)  # preemptive batching: each request's place in the order
     pack = pack_cost(cost)
     n = len(table)
     fire = fire_times(np.ascontiguousarray(table.arrival_s, dtype=np.float64))
@@ -709,8 +791,8 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int, schedu
         res = impl["lane_replica"](
             reqs, fire[reqs], r, int(capacity.max_batch_size), int(total_blocks), int(watermark_blocks), int(bs),
             int(budget0), int(threshold), bool(capacity.chunked_prefill), config.preempt_mode == "swap",
-            k_fixed, smartspec, ss, mp.ints, mp.floats, mp.probs, mp.has_probs, mp.probs_d, mp.conf_acc,
-            mp.conf_rej, pack.ints, pack.floats, log_mode, every, *sched_state, t.in_batch, mark,
+            config.batching == "preemptive", k_fixed, smartspec, ss, mp.ints, mp.floats, mp.probs, mp.has_probs, mp.probs_d, mp.conf_acc,
+            mp.conf_rej, pack.ints, pack.floats, log_mode, every, *sched_state, t.in_batch, mark, rank,
             t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.kv_blocks, t.kv_tokens,
             t.kv_resident, t.start_s, t.first_token_s, t.completion_s, t.steps, t.decode_steps, t.drafted,
             t.accepted, t.position_accepts, t.draws, t.rng_base, t.alpha, t.class_idx, t.pauses, t.preemptions,

@@ -122,6 +122,21 @@ CASES = {
         kv_budget_tokens=1536, max_batch_size=5)),
     "hispec srpt, published 70B analytic profile": ("llama2-70b-h100x4-analytic", dict(
         method=ComponentSpec.parse("hispec", "s"), scheduler=ComponentSpec.parse("srpt", "p"), replicas=2)),
+    # preemptive batching (simulator/lane_preemptive.py)
+    "preemptive laps-sd, 2 replicas": ("vicuna7b-a100-analytic", dict(
+        batching="preemptive", scheduler=ComponentSpec.parse("laps-sd", "p"), replicas=2, max_batch_size=4)),
+    "preemptive srpt, small batch and budget (pauses)": ("vicuna7b-a100-analytic", dict(
+        batching="preemptive", scheduler=ComponentSpec.parse("srpt", "p"), max_batch_size=3,
+        max_batched_tokens=64)),
+    "preemptive las, kangaroo, no chunked prefill": ("vicuna7b-a100-analytic", dict(
+        batching="preemptive", scheduler=ComponentSpec.parse("las", "p"), method=ComponentSpec.parse("kangaroo", "s"),
+        chunked_prefill=False, max_batched_tokens=1024, max_batch_size=4)),
+    "preemptive fcfs, smartspec, measured CPU profile": ("smollm2-135m-cpu-fp32", dict(
+        batching="preemptive", spec_len=ComponentSpec.parse("smartspec:interval=4", "l"), max_batch_size=5,
+        method=ComponentSpec.parse("draft:k=4,draft_layers=5", "s"))),
+    "preemptive laps-sd, hispec, long prefill threshold, watermark": ("vicuna7b-a100-analytic", dict(
+        batching="preemptive", scheduler=ComponentSpec.parse("laps-sd:m=2,w=3", "p"),
+        method=ComponentSpec.parse("hispec", "s"), long_prefill_token_threshold=40, watermark=0.1, max_batch_size=5)),
 }
 
 
@@ -139,12 +154,14 @@ def test_lane_equals_engine(monkeypatch, case):
                          lane.config["capacity"]["kv_budget_tokens"], lane.config["capacity"]["max_batched_tokens"])
 
 
-@pytest.mark.parametrize("method", ["draft:k=3", "kangaroo", "hispec"])
-def test_lane_plain_kernels_equal_compiled(monkeypatch, method):
+@pytest.mark.parametrize("method, batching", [("draft:k=3", "vllm"), ("kangaroo", "vllm"), ("hispec", "vllm"),
+                                              ("draft:k=3", "preemptive")])
+def test_lane_plain_kernels_equal_compiled(monkeypatch, method, batching):
     """The lane's loop as plain Python gives the same outputs as compiled (and as the engine)."""
     profile = load_profile("vicuna7b-a100-analytic")
     trace = _trace(n=25, seed=3)
-    cfg = _cfg(method=method, replicas=2, max_batched_tokens=96)
+    cfg = _cfg(method=method, replicas=2, max_batched_tokens=96, batching=batching, max_batch_size=4,
+               scheduler=ComponentSpec.parse("laps-sd" if batching == "preemptive" else "fcfs", "p"))
     plain, ref = _both(monkeypatch, cfg, trace, profile, jit="0")
     assert kernels.MODE == "plain" and plain.engine == "fast lane"
     _same(plain, ref)
@@ -152,12 +169,17 @@ def test_lane_plain_kernels_equal_compiled(monkeypatch, method):
     _same(comp, plain)
 
 
-def test_lane_preempts_like_the_engine(monkeypatch):
+@pytest.mark.parametrize("batching, sched", [("vllm", "fcfs"), ("preemptive", "fcfs"), ("preemptive", "laps-sd"),
+                                             ("preemptive", "srpt")])
+def test_lane_preempts_like_the_engine(monkeypatch, batching, sched):
     """KV too small for the batch: the running pass preempts (recompute) the latest admitted
-    requests, which re-prefill when readmitted — in the lane exactly as in the engine."""
+    requests (preemptive batching: paused residents, then the batch's tail), which re-prefill
+    when readmitted — in the lane exactly as in the engine."""
     profile = load_profile("vicuna7b-a100-analytic")
     trace = _trace(n=40, seed=5, rate=50.0, prompt=(100, 300), output=(50, 200))
-    cfg = _cfg(kv_budget_tokens=1024, block_size=16, replicas=2)
+    cfg = _cfg(kv_budget_tokens=768 if batching == "preemptive" else 1024, block_size=16, replicas=2,
+               batching=batching, scheduler=ComponentSpec.parse(sched, "p"),
+               max_batch_size=4 if batching == "preemptive" else 256)
     lane, ref = _both(monkeypatch, cfg, trace, profile)
     assert lane.engine == "fast lane"
     assert int(lane.requests["preemptions"].sum()) > 0 and int(lane.requests["recomputed_tokens"].sum()) > 0
@@ -198,10 +220,10 @@ def test_eligibility(monkeypatch):
     assert fastlane.eligible(_cfg(replicas=4, router="round-robin"), method, 4) is None
     assert fastlane.eligible(_cfg(router="least-outstanding"), method, 2) == "router least-outstanding"
     assert fastlane.eligible(_cfg(router="least-outstanding"), method, 1) is None
-    assert fastlane.eligible(_cfg(batching="preemptive"), method, 1) == "batching preemptive"
+    assert fastlane.eligible(_cfg(batching="preemptive"), method, 1) is None
     assert fastlane.eligible(_cfg(scheduler=ComponentSpec.parse("srpt", "p")), method, 1) is None
     assert fastlane.eligible(_cfg(scheduler=ComponentSpec.parse("laps-sd", "p"), batching="preemptive"), method,
-                             1) == "batching preemptive"
+                             1) is None
     assert fastlane.eligible(_cfg(spec_len="smartspec"), method, 1) is None
     assert fastlane.eligible(_cfg(spec_len="smartspec-per-request"), method, 1) == "spec-len smartspec-per-request"
     assert fastlane.eligible(_cfg(max_concurrency=4), method, 1).startswith("closed loop")
@@ -317,10 +339,11 @@ def scenarios(draw):
     chunked = draw(st.booleans()) or mbt is None
     seed = draw(st.integers(0, 3))
     preempt = draw(st.sampled_from(["recompute", "recompute", "swap"]))
+    batching = draw(st.sampled_from(["vllm", "vllm", "preemptive"]))
     sched = draw(st.sampled_from(["fcfs", "fcfs", "srpt", "srpt:predictor=class-mean", "las", "las:within=attained,queues=3,q=8", "laps-sd",
                                   "laps-sd:service=time,q_ms=20,m=2,w=3,eps=0.3", "laps-sd:merge=ahead,queues=2,q=8,m=1"]))
     return (np.cumsum(gaps), prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt,
-            spec_len, sched)
+            spec_len, sched, batching)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -329,10 +352,11 @@ def scenarios(draw):
 @given(sc=scenarios())
 def test_lane_equals_engine_property(monkeypatch, sc):
     """Random traces, capacities and budgets: the lane (or its bail-out) equals the engine."""
-    arrival, prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt, spec_len, sched = sc
+    arrival, prompt, output, method, replicas, max_batch, block, kv, mbt, chunked, seed, preempt, spec_len, sched, batching = sc
     trace = make_trace(arrival, prompt, output)
     cfg = _cfg(method=method, spec_len=spec_len, replicas=replicas, scheduler=ComponentSpec.parse(sched, "p"), max_batch_size=max_batch, kv_budget_tokens=kv,
-               max_batched_tokens=mbt, block_size=block, chunked_prefill=chunked, seed=seed, preempt_mode=preempt)
+               max_batched_tokens=mbt, block_size=block, chunked_prefill=chunked, seed=seed, preempt_mode=preempt,
+               batching=batching)
     profile = load_profile("vicuna7b-a100-analytic")
     try:
         lane, ref = _both(monkeypatch, cfg, trace, profile)
