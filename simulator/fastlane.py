@@ -1,6 +1,7 @@
 """The fast lane: a whole replica's run as one compiled loop, for the most common configuration.
 
-What it covers (:func:`eligible`): ``--batching vllm``, the ``fcfs``, ``srpt``, ``las`` and
+What it covers (:func:`eligible`): ``--batching vllm`` or ``preemptive``
+(:mod:`simspec.simulator.lane_preemptive`), the ``fcfs``, ``srpt``, ``las`` and
 ``laps-sd`` schedulers (their ordering and, for LAS / LAPS-SD, their observations: attained
 service, queues, the stability test), the ``fixed`` or ``smartspec`` (global) speculation length,
 the ``none`` and ``draft`` methods (and ``kangaroo`` and ``hispec`` with a fixed speculation
