@@ -9,9 +9,14 @@ Each kernel is written once, as plain Python over numpy arrays, and runs in one 
 chosen per run by :func:`select` (``simulate()`` calls it):
 
 - **compiled** — numba's ``njit(cache=True)`` of the same source; the machine code is cached
-  beside this module (``__pycache__``; numba falls back to a per-user cache where that is not
-  writable), so only the first run on a machine compiles (~10 s); later processes pay ~0.5 s to
-  import numba and load the kernels, once. Used for runs of at least :data:`JIT_MIN_REQUESTS`
+  in a directory named after a digest of every kernel module's source (:func:`cache_dir`:
+  ``simulator/__pycache__/simspec-kernels-<digest>``, else under ``NUMBA_CACHE_DIR`` or a per-user
+  cache), so only the first run on a machine compiles (~10 s, ~30 s with the fast lane); later
+  processes pay ~0.5 s to import numba and load the kernels, once. (numba's own cache check looks
+  at each function's own source file only, but a compiled kernel carries the code of the kernels
+  it calls from other files — the fast lane's loop calls kernels of five modules — so an edit to a
+  callee alone would leave a stale caller in numba's cache; the digest makes any edit start a fresh
+  directory.) Used for runs of at least :data:`JIT_MIN_REQUESTS`
   requests, and for every run once a process has loaded them.
 - **plain** — the functions as written, run by the interpreter: no start-up cost but 5–20×
   slower per step than compiled (per-element Python loops; ~3 ms per request on a synthetic
@@ -30,9 +35,11 @@ switches them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 
@@ -88,45 +95,116 @@ def numba_available() -> bool:
     return True
 
 
+def _kernel_source_files() -> list[Path]:
+    """The source files whose code or constants the compiled kernels hold: every module that
+    registered a kernel, and :mod:`simspec.rng` (its SplitMix64 constants are frozen in)."""
+    mods = {fn.__module__ for fn in _KERNELS.values()} | {__name__, "simspec.rng"}
+    return sorted(Path(sys.modules[m].__file__) for m in mods if getattr(sys.modules.get(m), "__file__", None))
+
+
+def source_digest(files: list[Path]) -> str:
+    """A digest of ``files``' names and contents (16 hex digits)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+_PREFIX = "simspec-kernels-"
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernels are cached: ``simspec-kernels-<digest of the kernel sources>``
+    under ``NUMBA_CACHE_DIR`` when set, else beside this module (``__pycache__``) when writable,
+    else under the user's cache directory."""
+    from numba.core import config
+
+    name = _PREFIX + source_digest(_kernel_source_files())
+    if config.CACHE_DIR:
+        return Path(config.CACHE_DIR) / name
+    here = Path(__file__).resolve().parent / "__pycache__"
+    try:
+        here.mkdir(exist_ok=True)
+        if os.access(here, os.W_OK):
+            return here / name
+    except OSError:
+        pass
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "simspec" / name
+
+
+def _drop_stale_caches(current: Path) -> None:
+    """Remove the kernel caches of other sources beside ``current`` (in-tree only: a directory
+    under NUMBA_CACHE_DIR or the user's cache may be shared with other checkouts)."""
+    import shutil
+
+    parent = current.parent
+    if parent != Path(__file__).resolve().parent / "__pycache__":
+        return
+    for d in parent.glob(_PREFIX + "*"):
+        if d != current and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def compiled() -> dict[str, object]:
     """The compiled kernels (compiling or loading them from the on-disk cache on first use)."""
     global _COMPILED
     if _COMPILED is None:
         from numba import njit
+        from numba.core import config
 
-        g = dict(globals())
-        g["_uniform"] = njit(cache=True, nogil=True)(_uniform_u64)
-        # numba sets up its CPU target on the first compiled call, and registering its BLAS-backed
-        # functions (np.dot, np.linalg) imports scipy.linalg: ~0.3-0.6 s of start-up for functions
-        # no kernel here uses. Make that one import fail while the target loads (numba then skips
-        # BLAS: a kernel calling np.dot would not compile), and undo it: scipy.linalg imports as
-        # usual afterwards (tests/test_kernels.py checks).
-        key = "scipy.linalg.cython_blas"
-        guard = key not in sys.modules
-        if guard:
-            sys.modules[key] = None  # type: ignore[assignment]
+        where = cache_dir()
+        _drop_stale_caches(where)
+        # numba's cache locator reads CACHE_DIR when a dispatcher is made: point it at the
+        # digest-named directory for the kernels only, then restore the user's setting
+        saved_dir = config.CACHE_DIR
+        config.CACHE_DIR = str(where)
+
         try:
-            g["_uniform"](np.uint64(1), np.uint64(2))
+            out = _compile_all(njit)
         finally:
-            if guard and sys.modules.get(key, 0) is None:
-                del sys.modules[key]
-        out = {}
-        # kernels registered from other modules (simulator/fastlane.py) run over a copy of their own
-        # module's globals; every namespace then sees every kernel compiled (numba resolves a
-        # called kernel when it first compiles its caller, after this loop)
-        spaces = {__name__: g}
-        for name, fn in _KERNELS.items():
-            gm = spaces.get(fn.__module__)
-            if gm is None:
-                gm = spaces[fn.__module__] = dict(fn.__globals__)
-            f2 = types.FunctionType(fn.__code__, gm, name, fn.__defaults__, fn.__closure__)
-            f2.__qualname__, f2.__module__, f2.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
-            out[name] = njit(cache=True, nogil=True)(f2)
-        for gm in spaces.values():
-            gm.update(out)
-            gm["_uniform"] = g["_uniform"]
+            config.CACHE_DIR = saved_dir
         _COMPILED = out
     return _COMPILED
+
+
+def _compile_all(njit) -> dict[str, object]:
+    """Dispatchers for every registered kernel (and ``_uniform``), each over its own module's
+    globals with every other kernel compiled."""
+    g = dict(globals())
+    g["_uniform"] = njit(cache=True, nogil=True)(_uniform_u64)
+    # numba sets up its CPU target on the first compiled call, and registering its BLAS-backed
+    # functions (np.dot, np.linalg) imports scipy.linalg: ~0.3-0.6 s of start-up for functions
+    # no kernel here uses. Make that one import fail while the target loads (numba then skips
+    # BLAS: a kernel calling np.dot would not compile), and undo it: scipy.linalg imports as
+    # usual afterwards (tests/test_kernels.py checks).
+    key = "scipy.linalg.cython_blas"
+    guard = key not in sys.modules
+    if guard:
+        sys.modules[key] = None  # type: ignore[assignment]
+    try:
+        g["_uniform"](np.uint64(1), np.uint64(2))
+    finally:
+        if guard and sys.modules.get(key, 0) is None:
+            del sys.modules[key]
+    out = {}
+    # kernels registered from other modules (simulator/fastlane.py) run over a copy of their own
+    # module's globals; every namespace then sees every kernel compiled (numba resolves a
+    # called kernel when it first compiles its caller, after this loop)
+    spaces = {__name__: g}
+    for name, fn in _KERNELS.items():
+        gm = spaces.get(fn.__module__)
+        if gm is None:
+            gm = spaces[fn.__module__] = dict(fn.__globals__)
+        f2 = types.FunctionType(fn.__code__, gm, name, fn.__defaults__, fn.__closure__)
+        f2.__qualname__, f2.__module__, f2.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+        out[name] = njit(cache=True, nogil=True)(f2)
+    for gm in spaces.values():
+        gm.update(out)
+        gm["_uniform"] = g["_uniform"]
+    return out
 
 
 def plain() -> dict[str, types.FunctionType]:

@@ -1238,3 +1238,26 @@ def test_early_exit_step_sums_equals_numpy(seed):
             with _kernel_mode(mode):
                 got = early_exit_step_ms(m.cost, batch, drafts, m.exit_layer, m.num_layers, adapter)
             assert np.float64(got).tobytes() == np.float64(want).tobytes()
+
+
+def test_compiled_kernels_cache_is_keyed_on_every_kernel_source(tmp_path):
+    """numba checks only a function's own file, but a compiled kernel carries the kernels it calls
+    from other modules (the fast lane calls five): the cache directory is named after a digest of
+    all kernel sources, so an edit to any of them starts a fresh one."""
+    from pathlib import Path
+
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    d0 = K.source_digest([a, b])
+    b.write_text("y = 3\n")  # a callee's file changes, the caller's does not
+    assert K.source_digest([a, b]) != d0
+    files = {p.name for p in K._kernel_source_files()}
+    assert {"kernels.py", "fastlane.py", "lane_methods.py", "lane_preemptive.py", "lane_policies.py",
+            "lane_cost.py", "rng.py"} <= files
+    where = K.cache_dir()
+    assert where.name == "simspec-kernels-" + K.source_digest(K._kernel_source_files())
+    if K.numba_available():
+        k = K.compiled()
+        assert Path(k["lane_replica"]._cache._cache_path).is_relative_to(where)
+        assert Path(k["draft_accept"]._cache._cache_path).is_relative_to(where)
