@@ -48,13 +48,14 @@ import numpy as np
 
 from simspec.memory import release_free_memory
 from simspec.simulator import kernels
-from simspec.simulator.kernels import (draft_accept_into, gather_members_into, grant_blocks, jit,
-                                       mixed_step_progress_into, preempt_kv, preemption_plan, vllm_running_asks_into)
+from simspec.simulator.kernels import (blocks_needed, draft_accept_into, gather_members_into, grant_blocks, grant_one,
+                                       jit, mixed_step_progress_into, preempt_kv, preemption_plan,
+                                       vllm_running_asks_into)
 from simspec.simulator.lane_cost import (F_FIXED, F_FRAC, CostPack, draft_pass_ms, pack_cost,  # noqa: F401
                                          target_ms)
 from simspec.simulator.lane_methods import (M_DRAFT, M_KANGAROO, MI_DRAFT_LAYERS, MI_DRAWS, MI_KIND, MI_KMAX,
                                             MI_PER_STEP, MI_WIDTH, lane_method_reason, method_pack, method_step_ms)
-from simspec.simulator.lane_preemptive import PLAN_OK, preemptive_plan
+from simspec.simulator.lane_preemptive import PLAN_OK, preemptive_plan, request_ask
 from simspec.simulator.lane_policies import (_SCHED_ARRAYS, _scheduler_state, mlq_observe, mlq_order,
                                              smartspec_decide)
 
@@ -415,34 +416,25 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                 if slots_left == 0 or budget <= 0:
                     break
                 i = worder[n_adm]
-                c = computed[i]
-                tgt = prefill_target[i]
-                left = tgt - c
-                chunk = min(left, threshold)
-                if chunk > budget:
-                    if not chunked:
-                        break
-                    chunk = budget
-                slots = c + chunk + (1 if chunk == left else 0)
-                nb = -(-slots // block_size) - kv_blocks[i]
-                need = nb if nb > 0 else 0
+                ok, fed_i, k_i, slots, pre_i = request_ask(i, k_res, budget, threshold, chunked, computed,
+                                                           prefill_target, generated, output_tokens, prompt_tokens)
+                if not ok:
+                    break
+                need = blocks_needed(i, slots, block_size, kv_blocks)
                 floor = watermark_blocks if free < total_blocks else 0
                 if free - need < floor:
                     break
-                kv_blocks[i] += need
+                grant_one(i, slots, need, kv_blocks, kv_tokens, kv_resident)
                 free -= need
-                if slots > kv_tokens[i]:
-                    kv_tokens[i] = slots
-                kv_resident[i] = True
                 running[n_run] = i
                 m = n_sched + n_adm
                 idx[m] = i
-                pre[m] = c < tgt
-                plan_fed[m] = chunk
-                k_resv[m] = 0
+                pre[m] = pre_i
+                plan_fed[m] = fed_i
+                k_resv[m] = k_i
                 n_run += 1
                 n_adm += 1
-                budget -= chunk
+                budget -= fed_i
                 slots_left -= 1
         n = n_sched + n_adm
         if n == 0:
@@ -530,9 +522,7 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                 i = idx[m]
                 e = k[m] - k_resv[m]
                 cum_e += e if e > 0 else 0
-                sl = ctx[m] + 1 + k[m]
-                nb = -(-sl // block_size) - kv_blocks[i]
-                cum_b += nb if nb > 0 else 0
+                cum_b += blocks_needed(i, ctx[m] + 1 + k[m], block_size, kv_blocks)
                 if cum_e > budget or cum_b > free:
                     finished[m] = True  # (scratch: this member keeps its reservation)
                 else:
@@ -545,13 +535,9 @@ def lane_replica(reqs, fire_s, rid, max_batch, total_blocks, watermark_blocks, b
                 elif k[m] > k_resv[m]:
                     i = idx[m]
                     sl = ctx[m] + 1 + k[m]
-                    nb = -(-sl // block_size) - kv_blocks[i]
-                    need = nb if nb > 0 else 0
-                    kv_blocks[i] += need
+                    need = blocks_needed(i, sl, block_size, kv_blocks)
+                    grant_one(i, sl, need, kv_blocks, kv_tokens, kv_resident)
                     free -= need
-                    if sl > kv_tokens[i]:
-                        kv_tokens[i] = sl
-                    kv_resident[i] = True
         kmax = 0
         kmin = 0
         n_pre = 0
@@ -792,8 +778,9 @@ def run(config, table, method, capacity, spec_len, cost, n_replicas: int, schedu
         res = impl["lane_replica"](
             reqs, fire[reqs], r, int(capacity.max_batch_size), int(total_blocks), int(watermark_blocks), int(bs),
             int(budget0), int(threshold), bool(capacity.chunked_prefill), config.preempt_mode == "swap",
-            config.batching == "preemptive", k_fixed, smartspec, ss, mp.ints, mp.floats, mp.probs, mp.has_probs, mp.probs_d, mp.conf_acc,
-            mp.conf_rej, pack.ints, pack.floats, log_mode, every, *sched_state, t.in_batch, mark, rank,
+            config.batching == "preemptive", k_fixed, smartspec, ss, mp.ints, mp.floats, mp.probs, mp.has_probs,
+            mp.probs_d, mp.conf_acc, mp.conf_rej, pack.ints, pack.floats, log_mode, every, *sched_state, t.in_batch,
+            mark, rank,
             t.computed, t.prefill_target, t.generated, t.output_tokens, t.prompt_tokens, t.kv_blocks, t.kv_tokens,
             t.kv_resident, t.start_s, t.first_token_s, t.completion_s, t.steps, t.decode_steps, t.drafted,
             t.accepted, t.position_accepts, t.draws, t.rng_base, t.alpha, t.class_idx, t.pauses, t.preemptions,

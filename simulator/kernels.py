@@ -502,8 +502,7 @@ def vllm_running_asks_into(order, n, computed, prefill_target, generated, output
     need_sum = 0
     fed_cut = 0
     for m in range(max(cut, 0)):
-        nb = -(-slots[m] // block_size) - kv_blocks[out_order[m]]
-        need[m] = nb if nb > 0 else 0
+        need[m] = blocks_needed(out_order[m], slots[m], block_size, kv_blocks)
         need_sum += need[m]
         fed_cut += fed[m]
     granted = -1
@@ -513,17 +512,30 @@ def vllm_running_asks_into(order, n, computed, prefill_target, generated, output
 
 
 @jit
+def blocks_needed(i, slots, block_size, kv_blocks):
+    """``BatchFormer._allocate``: the KV blocks request ``i`` still needs to hold ``slots`` tokens."""
+    nb = -(-slots // block_size) - kv_blocks[i]
+    return nb if nb > 0 else 0
+
+
+@jit
+def grant_one(i, slots, need, kv_blocks, kv_tokens, kv_resident):
+    """``BatchFormer._grant``: give request ``i`` ``need`` more KV blocks, raise its allocated
+    slots to ``slots`` and mark it resident (the caller takes ``need`` off the free blocks)."""
+    kv_blocks[i] += need
+    if slots > kv_tokens[i]:
+        kv_tokens[i] = slots
+    kv_resident[i] = True
+
+
+@jit
 def grant_blocks(idx, slots, need, kv_blocks, kv_tokens, kv_resident):
     """Give members ``idx`` their ``need`` more KV blocks, raise their allocated slots to ``slots``
     and mark them resident; returns the blocks granted."""
     total = 0
     for m in range(idx.shape[0]):
-        i = idx[m]
-        kv_blocks[i] += need[m]
+        grant_one(idx[m], slots[m], need[m], kv_blocks, kv_tokens, kv_resident)
         total += need[m]
-        if slots[m] > kv_tokens[i]:
-            kv_tokens[i] = slots[m]
-        kv_resident[i] = True
     return total
 
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from simspec.simulator.kernels import jit
 from simspec.simulator.lane_cost import F_FIXED, F_FRAC, draft_pass_ms, target_ms
-from simspec.simulator.lane_methods import M_DRAFT, M_KANGAROO, MI_DRAFT_LAYERS, MI_KIND, MI_PER_STEP, early_exit_estimates
+from simspec.simulator.lane_methods import (M_DRAFT, M_KANGAROO, MI_DRAFT_LAYERS, MI_KIND, MI_PER_STEP,
+                                            early_exit_estimates)
 
 
 @jit

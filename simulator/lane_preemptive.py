@@ -11,21 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from simspec.simulator.kernels import jit, preempt_kv
+from simspec.simulator.kernels import blocks_needed, grant_one, jit, preempt_kv
 
 #: return codes of :func:`preemptive_plan`
 PLAN_OK, PLAN_SWAP = 0, 1
 
 
 @jit
-def _blocks_needed(i, slots, block_size, kv_blocks):
-    """``BatchFormer._allocate``: blocks request ``i`` still needs to hold ``slots`` tokens."""
-    nb = -(-slots // block_size) - kv_blocks[i]
-    return nb if nb > 0 else 0
-
-
-@jit
-def _ask(i, k_res, budget, threshold, chunked, computed, prefill_target, generated, output_tokens, prompt_tokens):
+def request_ask(i, k_res, budget, threshold, chunked, computed, prefill_target, generated, output_tokens,
+                prompt_tokens):
     """``BatchFormer._ask``: ``(ok, fed, drafts, slots, prefill)`` — request ``i``'s next prompt
     chunk (shrunk to the budget when chunking) or a decode with up to ``k_res`` drafts; ``ok``
     False when nothing fits."""
@@ -78,7 +72,7 @@ def preemptive_plan(order, max_batch, budget0, k_res, threshold, chunked, block_
                     rem = output_tokens[i] - generated[i]
                     e = min(k_res, rem - 1, budget - 1)
                     slots = prompt_tokens[i] + generated[i] + 1 + (e if e > 0 else 0)
-                ok = free - _blocks_needed(i, slots, block_size, kv_blocks) >= floor
+                ok = free - blocks_needed(i, slots, block_size, kv_blocks) >= floor
             if ok:
                 sel[n_sel] = i
                 n_sel += 1
@@ -102,8 +96,8 @@ def preemptive_plan(order, max_batch, budget0, k_res, threshold, chunked, block_
                 continue
             if budget <= 0:
                 break
-            ok, fed_i, k_i, slots, pre_i = _ask(i, k_res, budget, threshold, chunked, computed, prefill_target,
-                                                generated, output_tokens, prompt_tokens)
+            ok, fed_i, k_i, slots, pre_i = request_ask(i, k_res, budget, threshold, chunked, computed,
+                                                       prefill_target, generated, output_tokens, prompt_tokens)
             if not ok:
                 continue
             live[n_live, 0] = i
@@ -133,7 +127,7 @@ def preemptive_plan(order, max_batch, budget0, k_res, threshold, chunked, block_
     while pos < n_live:
         i = live[pos, 0]
         slots = live[pos, 1]
-        need = _blocks_needed(i, slots, block_size, kv_blocks)
+        need = blocks_needed(i, slots, block_size, kv_blocks)
         gone = False
         while need > free:
             preempted = True
@@ -163,12 +157,8 @@ def preemptive_plan(order, max_batch, budget0, k_res, threshold, chunked, block_
                 break
         if gone:
             break
-        # BatchFormer._grant
-        kv_blocks[i] += need
+        grant_one(i, slots, need, kv_blocks, kv_tokens, kv_resident)
         free -= need
-        if slots > kv_tokens[i]:
-            kv_tokens[i] = slots
-        kv_resident[i] = True
         idx[n_mem] = i
         pre[n_mem] = live[pos, 4] != 0
         plan_fed[n_mem] = live[pos, 2]
@@ -182,19 +172,16 @@ def preemptive_plan(order, max_batch, budget0, k_res, threshold, chunked, block_
         if budget <= 0:
             break
         i = sel[s]
-        ok, fed_i, k_i, slots, pre_i = _ask(i, k_res, budget, threshold, chunked, computed, prefill_target,
-                                            generated, output_tokens, prompt_tokens)
+        ok, fed_i, k_i, slots, pre_i = request_ask(i, k_res, budget, threshold, chunked, computed, prefill_target,
+                                                   generated, output_tokens, prompt_tokens)
         if not ok:
             continue
-        need = _blocks_needed(i, slots, block_size, kv_blocks)
+        need = blocks_needed(i, slots, block_size, kv_blocks)
         floor = watermark_blocks if free < total_blocks else 0
         if free - need < floor:
             continue
-        kv_blocks[i] += need
+        grant_one(i, slots, need, kv_blocks, kv_tokens, kv_resident)
         free -= need
-        if slots > kv_tokens[i]:
-            kv_tokens[i] = slots
-        kv_resident[i] = True
         idx[n_mem] = i
         pre[n_mem] = pre_i
         plan_fed[n_mem] = fed_i
