@@ -51,6 +51,8 @@ def test_stricter_load_gate_refuses_what_the_default_allows():
     (["--max-batch", "3", "--max-batch-tokens", "40"], "--max-batch-tokens 40: a step of 3 requests"),
     (["--max-batch", "2", "--method", "draft:k=2"], "give draft_layers=L"),
     (["--engine", "transformers-cb", "--forced-acceptance"], "--batching / --forced-acceptance: only with"),
+    (["--speed-reference"], "--speed-reference: only with --engine simspec and --max-batch > 1"),
+    (["--engine", "transformers-cb", "--speed-reference"], "--speed-reference: only with --engine simspec"),
 ])
 def test_bad_batched_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
     prof = _spec_profile(tmp_path / "p.json")

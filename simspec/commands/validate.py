@@ -93,6 +93,9 @@ def validate(trace, model, method, adapter, policy, profile_arg, device, dtype, 
     """
     from simspec.errors import ConfigError
 
+    if speed_reference and (engine == "transformers-cb" or ((max_requests_per_batch or 1) <= 1
+                                                             and not forced_acceptance)):
+        raise ConfigError("--speed-reference: only with --engine simspec and --max-batch > 1 or --forced-acceptance")
     if engine == "transformers-cb":
         from simspec.calibrate.validate_cb import EngineSettings, run_engine_validation
 
